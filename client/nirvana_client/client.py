@@ -1,0 +1,90 @@
+"""Typed client for the `nirvana` Triton model over gRPC or HTTP (tritonclient only)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Protocol = Literal["grpc", "http"]
+MODEL = "nirvana"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    cache_mode: str | None = None  # auto | bypass | refresh
+    tenant: str | None = None
+
+
+@dataclass
+class GenerateResult:
+    image: np.ndarray  # uint8 [H, W, 3]
+    cache_hit: bool
+    skipped_steps: int
+    similarity: float
+    latency_ms: float
+
+
+class NirvanaClient:
+    """`NirvanaClient("127.0.0.1:8001", "grpc").generate("a red fox")`."""
+
+    def __init__(self, url: str, protocol: Protocol = "grpc", model: str = MODEL, timeout_s: float = 600.0) -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        elif protocol == "http":
+            import tritonclient.http as tc
+        else:
+            raise ValueError(f"protocol={protocol!r}: must be grpc or http")
+        self._tc, self.protocol, self.model, self.timeout_s = tc, protocol, model, timeout_s
+        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        self._client = tc.InferenceServerClient(url=url, **kwargs)
+
+    def ready(self) -> bool:
+        return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
+
+    def _input(self, name: str, value: object, datatype: str, np_type: type) -> object:
+        array = np.array([value], dtype=np_type)
+        tensor = self._tc.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    def build_inputs(self, prompt: str, options: GenerateOptions) -> list:
+        inputs = [self._input("PROMPT", prompt.encode(), "BYTES", np.object_)]
+        optional = [
+            ("NEGATIVE_PROMPT", options.negative_prompt, "BYTES", np.object_),
+            ("SEED", options.seed, "INT64", np.int64),
+            ("NUM_INFERENCE_STEPS", options.steps, "INT32", np.int32),
+            ("GUIDANCE_SCALE", options.guidance, "FP32", np.float32),
+            ("CACHE_MODE", options.cache_mode, "BYTES", np.object_),
+            ("TENANT", options.tenant, "BYTES", np.object_),
+        ]
+        for name, value, datatype, np_type in optional:
+            if value is not None:
+                value = value.encode() if isinstance(value, str) else value
+                inputs.append(self._input(name, value, datatype, np_type))
+        return inputs
+
+    def generate(self, prompt: str, options: GenerateOptions | None = None) -> GenerateResult:
+        outputs = [self._tc.InferRequestedOutput(n) for n in ("IMAGE", "CACHE_HIT", "SKIPPED_STEPS", "SIMILARITY")]
+        start = time.perf_counter()
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s)}
+        result = self._client.infer(
+            self.model, self.build_inputs(prompt, options or GenerateOptions()), outputs=outputs, **kwargs
+        )
+        latency_ms = (time.perf_counter() - start) * 1e3
+        return GenerateResult(
+            image=result.as_numpy("IMAGE"),
+            cache_hit=bool(result.as_numpy("CACHE_HIT").reshape(-1)[0]),
+            skipped_steps=int(result.as_numpy("SKIPPED_STEPS").reshape(-1)[0]),
+            similarity=float(result.as_numpy("SIMILARITY").reshape(-1)[0]),
+            latency_ms=latency_ms,
+        )
+
+    def close(self) -> None:
+        self._client.close()

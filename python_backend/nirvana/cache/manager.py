@@ -1,0 +1,300 @@
+"""ApproximateCache: the cache as the request path sees it — lookup, admit, evict.
+
+Composes the parts, each one module: `index` (Milvus, store of record, write-behind), `search` (in-process
+mirror for the request path), `latents` (blob store), `policy` (LCBFU), `selection` (similarity → K) and
+`predictor` (skip retrieval for novel prompts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
+from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
+from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
+from nirvana.cache.predictor import HitPredictor
+from nirvana.cache.search import PartitionedSearch
+from nirvana.config import CacheConfig
+
+log = logging.getLogger(__name__)
+
+SHARED_TENANT = "*"  # the one partition used when tenant isolation is off
+EVICTION_SLACK = 0.02  # evict 2% below the budget so eviction (a scan of all entries) runs rarely
+
+
+@dataclass
+class Lookup:
+    """What the cache answered for one request."""
+
+    hit: bool
+    reason: str  # hit | empty | below-threshold | predicted-novel | blob-missing | blob-corrupt
+    similarity: float | None = None  # of the best match, when a search ran
+    k: int = 0  # steps skipped (0 on a miss)
+    matched_prompt: str | None = None
+    arrays: dict[str, np.ndarray] | None = None  # the ResumeState's arrays on a hit
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    admitted: int = 0
+    repaired: int = 0
+
+
+def blob_key(row_id: int, k: int) -> str:
+    return f"{row_id:016x}-k{k}"
+
+
+class ApproximateCache:
+    """Thread-safe; one instance per process (milvus-lite files cannot be shared between processes)."""
+
+    def __init__(self, config: CacheConfig, dim: int, clock: Callable[[], float] = time.time) -> None:
+        self.config, self.dim, self._clock = config, dim, clock
+        self.selector = config.selection.selector()
+        self.policy = LCBFUPolicy(config.max_entries, config.max_bytes, config.min_entries_per_prompt)
+        self.counters = CacheCounters()
+        s, p = config.search, config.predictor
+        self._search = PartitionedSearch(dim, s.exact_max_rows, s.nprobe, s.tail_max_rows)
+        self.predictor = HitPredictor(
+            enabled=p.enabled,
+            min_samples=p.min_samples,
+            refit_growth=p.refit_growth,
+            nu=p.nu,
+            max_fit_samples=p.max_fit_samples,
+            shadow_rate=p.shadow_rate,
+        )
+        self._records: dict[int, PromptRecord] = {}
+        self._entries = 0
+        self._lock = threading.RLock()
+        self._refitting = threading.Event()
+        config.dir.mkdir(parents=True, exist_ok=True)
+        self.latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
+        self.index = MilvusIndex(config.resolved_milvus_uri, config.collection, dim, config.flush_interval_s)
+        self._load_and_reconcile()
+
+    # -- startup -------------------------------------------------------------------------------------
+    def _load_and_reconcile(self) -> None:
+        """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to."""
+        wanted: set[str] = set()
+        dangling = 0
+        for record in self.index.load_all():
+            for k in list(record.entries):
+                if blob_key(record.id, k) not in self.latents:
+                    del record.entries[k]
+                    dangling += 1
+            if not record.entries:
+                self.index.delete(record.id)
+                continue
+            wanted.update(blob_key(record.id, k) for k in record.entries)
+            self._add_record(record)
+            if dangling:
+                self.index.put(record)
+        orphans = sum(self.latents.delete(key) > 0 for key in list(self.latents.keys()) if key not in wanted)
+        if dangling or orphans:
+            log.warning(
+                "cache reconciled: %d entries without a latent dropped, %d orphan latents removed", dangling, orphans
+            )
+        self.counters.repaired += dangling + orphans
+        log.info("cache open: %d prompts, %d latents, %d bytes", len(self._records), self._entries, self.total_bytes)
+        self.predictor.maybe_refit(len(self._records), self._all_vectors)
+
+    def _add_record(self, record: PromptRecord) -> None:
+        self._records[record.id] = record
+        self._entries += len(record.entries)
+        self._search.add((record.cache_key, record.tenant), record.id, record.vector)
+
+    def _all_vectors(self) -> np.ndarray:
+        with self._lock:
+            rows = [r.vector for r in self._records.values()]
+        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+    # -- request path -------------------------------------------------------------------------------
+    def tenant_partition(self, tenant: str) -> str:
+        return tenant if self.config.tenant_isolation else SHARED_TENANT
+
+    def lookup(self, vector: np.ndarray, cache_key: str, tenant: str, num_steps: int) -> Lookup:
+        """Find the best cached latent for this request, load it, and count the hit."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        novel = self.predictor.is_novel(vector)
+        if novel and not self.predictor.should_shadow():
+            return self._miss(Lookup(False, "predicted-novel", timings_ms=timings))
+        match = self._search.best((cache_key, self.tenant_partition(tenant)), vector)
+        t1 = time.perf_counter()
+        timings["search_ms"] = (t1 - t0) * 1e3
+        if match is None:
+            return self._miss(Lookup(False, "empty", timings_ms=timings))
+        with self._lock:
+            record = self._records.get(match.id)
+            k = self.selector.choose(match.similarity, record.entries, num_steps) if record else None
+        timings["select_ms"] = (time.perf_counter() - t1) * 1e3
+        if novel:  # a shadow check: the predictor said novel; was it right?
+            self.predictor.record_shadow(would_hit=k is not None)
+            return self._miss(Lookup(False, "predicted-novel", match.similarity, timings_ms=timings))
+        if record is None or k is None:
+            return self._miss(Lookup(False, "below-threshold", match.similarity, timings_ms=timings))
+        return self._load_hit(record, k, match.similarity, timings)
+
+    def _load_hit(self, record: PromptRecord, k: int, similarity: float, timings: dict[str, float]) -> Lookup:
+        t0 = time.perf_counter()
+        try:
+            blob = self.latents.get(blob_key(record.id, k))
+        except (BlobMissing, BlobCorrupt) as err:
+            reason = "blob-missing" if isinstance(err, BlobMissing) else "blob-corrupt"
+            log.warning("cached latent %s unusable (%s): served as a miss, entry removed", blob_key(record.id, k), err)
+            self._drop_entry(record.id, k)
+            self.counters.repaired += 1
+            return self._miss(Lookup(False, reason, similarity, timings_ms=timings))
+        timings["latent_load_ms"] = (time.perf_counter() - t0) * 1e3
+        with self._lock:
+            meta = record.entries.get(k)
+            if meta is not None:
+                meta.hits += 1
+                meta.last_access = self._clock()
+                self.index.put(record)
+            self.counters.hits += 1
+        return Lookup(True, "hit", similarity, k, record.prompt, blob.tensors, timings)
+
+    def _miss(self, lookup: Lookup) -> Lookup:
+        with self._lock:
+            self.counters.misses += 1
+        return lookup
+
+    # -- admission and eviction ---------------------------------------------------------------------
+    def admit(
+        self,
+        prompt: str,
+        vector: np.ndarray,
+        cache_key: str,
+        tenant: str,
+        states: dict[int, dict[str, np.ndarray]],
+        replace: bool = False,
+    ) -> int:
+        """Save a generated request's latents (K → ResumeState arrays). Returns how many were written.
+
+        Ks the prompt already has are kept unless `replace` (CACHE_MODE=refresh), which rewrites their latents
+        and keeps their hit counts.
+        """
+        tenant = self.tenant_partition(tenant)
+        row_id = record_id(cache_key, tenant, prompt)
+        with self._lock:
+            existing = self._records.get(row_id)
+            have = set(existing.entries) if existing else set()
+        ks = sorted(states) if replace else [k for k in sorted(states) if k not in have]
+        if not ks:
+            return 0
+        incoming = sum(_stored_nbytes(states[k], self.config.latent_dtype) for k in ks if k not in have)
+        try:
+            self._evict(len([k for k in ks if k not in have]), incoming)
+        except BudgetInfeasible as err:
+            log.warning("not admitting %r: %s", prompt[:80], err)
+            return 0
+        now = self._clock()
+        written = {k: self.latents.put(blob_key(row_id, k), states[k], {"k": k}) for k in ks}
+        with self._lock:
+            record = self._records.get(row_id)
+            if record is None:
+                record = PromptRecord(row_id, prompt, cache_key, tenant, np.asarray(vector, np.float32), now)
+                self._add_record(record)
+            for k, nbytes in written.items():
+                old = record.entries.get(k)
+                self._entries += old is None
+                record.entries[k] = EntryMeta(hits=old.hits if old else 0, last_access=now, nbytes=nbytes)
+            self.index.put(record)
+            self.counters.admitted += len(written)
+        self._refit_predictor()
+        return len(written)
+
+    def _refit_predictor(self) -> None:
+        """Refit the hit predictor off the request path (a fit on 4k vectors takes about a second)."""
+        if self._refitting.is_set() or not self.config.predictor.enabled:
+            return
+        self._refitting.set()
+
+        def run() -> None:
+            try:
+                self.predictor.maybe_refit(len(self._records), self._all_vectors)
+            finally:
+                self._refitting.clear()
+
+        threading.Thread(target=run, name="predictor-refit", daemon=True).start()
+
+    def _evict(self, incoming_entries: int, incoming_bytes: int) -> None:
+        if not self.policy.over_budget(self._entries + incoming_entries, self.total_bytes + incoming_bytes):
+            return
+        slack_entries = int((self.config.max_entries or 0) * EVICTION_SLACK)
+        slack_bytes = int((self.config.max_bytes or 0) * EVICTION_SLACK)
+        with self._lock:
+            stats = [
+                EntryStats(r.id, k, e.hits, e.last_access, e.nbytes)
+                for r in self._records.values()
+                for k, e in r.entries.items()
+            ]
+        try:
+            victims = self.policy.victims(stats, incoming_entries + slack_entries, incoming_bytes + slack_bytes)
+        except BudgetInfeasible:  # the slack does not fit a tiny budget: evict just enough
+            victims = self.policy.victims(stats, incoming_entries, incoming_bytes)
+        for victim in victims:
+            self._drop_entry(victim.prompt_id, victim.k)
+        with self._lock:
+            self.counters.evictions += len(victims)
+
+    def _drop_entry(self, row_id: int, k: int) -> None:
+        """Remove one latent; the prompt leaves the index with its last latent."""
+        self.latents.delete(blob_key(row_id, k))
+        with self._lock:
+            record = self._records.get(row_id)
+            if record is None or record.entries.pop(k, None) is None:
+                return
+            self._entries -= 1
+            if record.entries:
+                self.index.put(record)
+                return
+            del self._records[row_id]
+            self._search.remove(row_id)
+            self.index.delete(row_id)
+
+    # -- introspection ------------------------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return self.latents.total_bytes
+
+    @property
+    def entries(self) -> int:
+        return self._entries
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def record(self, cache_key: str, tenant: str, prompt: str) -> PromptRecord | None:
+        return self._records.get(record_id(cache_key, self.tenant_partition(tenant), prompt))
+
+    def stats(self) -> dict:
+        return {
+            "prompts": len(self._records),
+            "entries": self._entries,
+            "bytes": self.total_bytes,
+            **vars(self.counters),
+            "predictor": vars(self.predictor.stats()),
+        }
+
+    def flush(self) -> None:
+        self.index.flush()
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:
+    """Upper bound of a blob's size before compression (floats at the stored dtype)."""
+    width = np.dtype(dtype).itemsize
+    return sum(a.size * width if a.dtype.kind == "f" else a.nbytes for a in arrays.values())

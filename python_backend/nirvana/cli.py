@@ -1,0 +1,206 @@
+"""`nirvana` command line: build a tiny model, generate in-process, benchmark the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+# Before torch is imported: spinning OpenMP threads make co-located processes 50x slower (PLATFORM.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="NIRVANA approximate caching for Stable Diffusion, served by Triton.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures (and write JSON).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+CacheDir = Annotated[Path, typer.Option(help="Cache directory: milvus-lite file and latent store.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="JSON or TOML EngineConfig file.", exists=True)]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command("make-tiny-model")
+def make_tiny_model_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers-format checkpoint into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    scheduler: Annotated[
+        str, typer.Option(help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp.")
+    ] = "ddim",
+) -> None:
+    """Write a small random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
+    from nirvana.checkpoint import make_tiny_model
+
+    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler)
+    console.print(f"tiny checkpoint written to {path}")
+
+
+def _engine_config(checkpoint: Path, cache_dir: Path, config: Path | None, **overrides) -> object:
+    from nirvana.config import ConfigError, load_config
+
+    data = {"checkpoint": str(checkpoint), "cache": {"dir": str(cache_dir)}}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return load_config(data, config)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts, generated in order.")],
+    checkpoint: Annotated[Path, typer.Option(help="diffusers-format checkpoint folder.", exists=True)],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Where PNGs are written.")] = Path("out"),
+    cache_dir: CacheDir = Path(".nirvana-cache"),
+    config: ConfigFile = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str = "",
+    cache_mode: Annotated[str, typer.Option(help="auto | bypass | refresh")] = "auto",
+    tenant: str = "default",
+    scheduler: Annotated[str | None, typer.Option(help="auto, ddim, euler, euler_a, dpmpp")] = None,
+    verbose: bool = False,
+) -> None:
+    """Generate images in-process (no server) and show what the cache did for each prompt."""
+    from PIL import Image
+
+    from nirvana.pipeline import Pipeline, RequestError
+
+    _setup_logging(verbose)
+    pipe = Pipeline(_engine_config(checkpoint, cache_dir, config, scheduler=scheduler))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            try:
+                res = pipe.generate(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    seed=seed,
+                    steps=steps,
+                    guidance=guidance,
+                    cache_mode=cache_mode,
+                    tenant=tenant,
+                )
+            except RequestError as err:
+                raise typer.BadParameter(str(err)) from None
+            path = out_dir / f"{i:03d}.png"
+            Image.fromarray(res.image).save(path)
+            hit = f"HIT K={res.skipped_steps} from {res.matched_prompt!r}" if res.cache_hit else f"miss ({res.reason})"
+            sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"  # NaN: no search ran
+            console.print(f"{path}  similarity={sim}  {hit}  {res.timings_ms['total_ms']:.0f} ms")
+    finally:
+        pipe.close()
+
+
+DEMO_PROMPTS = [
+    "a red fox in the snow, photograph",
+    "photo of a red fox in snow",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a red fox in the snow, photograph",
+]
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Holds the tiny model, the cache and the images.")] = Path("demo"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Use this checkpoint instead of a tiny one.")] = None,
+    steps: int = 50,
+) -> None:
+    """Make a tiny model (unless --checkpoint) and generate a few prompts: a miss, a paraphrase hit, a repeat hit."""
+    from nirvana.checkpoint import make_tiny_model
+
+    if checkpoint is None:
+        checkpoint = work_dir / "tiny-model"
+        if not (checkpoint / "model_index.json").exists():
+            make_tiny_model(checkpoint)
+    generate(
+        DEMO_PROMPTS,
+        checkpoint=checkpoint,
+        out_dir=work_dir / "images",
+        cache_dir=work_dir / "cache",
+        config=None,
+        seed=0,
+        steps=steps,
+        guidance=None,
+        negative_prompt="",
+        cache_mode="auto",
+        tenant="default",
+        scheduler=None,
+        verbose=False,
+    )
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    entries: Annotated[int, typer.Option(help="Largest cache size measured (10k is always measured too).")] = 100_000,
+    queries: Annotated[int, typer.Option(help="Queries per size.")] = 500,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    latent_shape: Annotated[
+        str, typer.Option(help="C,H,W of the stored latents (SD 1.5 at 512x512: 4,64,64).")
+    ] = "4,64,64",
+    work_dir: Annotated[Path | None, typer.Option(help="Where the temporary caches go (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Cache-path latency (embed, search, select, latent load) and search recall at 10k and N entries."""
+    from nirvana.bench.overhead import run_overhead
+
+    _setup_logging(verbose)
+    sizes = sorted({min(10_000, entries), entries})
+    shape = tuple(int(x) for x in latent_shape.split(","))
+    report = run_overhead(sizes, queries, shape, work_dir)
+    typer.echo(json.dumps(report, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench_app.command("replay")
+def bench_replay(
+    workload: Annotated[Path, typer.Argument(help="CSV/TSV with a prompt column (e.g. diffusiondb_1k.csv).")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model made on the fly).")] = None,
+    column: Annotated[str | None, typer.Option(help="Prompt column (default: prompt or Prompt).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Replay only the first N requests.")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request (N).")] = 50,
+    sort_by: Annotated[
+        str | None, typer.Option(help="Column to sort by first (default: timestamp if present).")
+    ] = None,
+    tenant_column: Annotated[str | None, typer.Option(help="Column used as TENANT (e.g. user_name).")] = None,
+    config: ConfigFile = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Cache and model dir (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Replay a prompt workload in-process: hit rate, K histogram, fraction of UNet steps saved."""
+    from nirvana.bench.replay import run_replay
+
+    _setup_logging(verbose)
+    report = run_replay(
+        workload,
+        checkpoint=checkpoint,
+        column=column,
+        limit=limit,
+        steps=steps,
+        sort_by=sort_by,
+        tenant_column=tenant_column,
+        config_path=config,
+        work_dir=work_dir,
+    )
+    typer.echo(json.dumps(report, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    app()

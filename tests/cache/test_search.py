@@ -1,0 +1,66 @@
+"""The in-process search mirror: exact for small partitions, IVF beyond, partitions never mix."""
+
+import numpy as np
+import pytest
+
+from nirvana.cache.search import PartitionedSearch
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = 32) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _near(rng: np.random.Generator, rows: np.ndarray, noise: float = 0.05) -> np.ndarray:
+    q = rows + noise * rng.standard_normal(rows.shape).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_exact_partition_returns_true_nearest_with_cosine() -> None:
+    rng = np.random.default_rng(0)
+    rows = _unit(rng, 300)
+    search = PartitionedSearch(32, exact_max_rows=1000)
+    for i, row in enumerate(rows):
+        search.add(("key", "a"), i, row)
+    queries = _near(rng, rows[:50])
+    for q in queries:
+        match = search.best(("key", "a"), q)
+        assert match.id == int(np.argmax(rows @ q))
+        assert match.similarity == pytest.approx(float(np.max(rows @ q)), abs=1e-5)
+
+
+def test_partitions_are_isolated() -> None:
+    rng = np.random.default_rng(1)
+    rows = _unit(rng, 2)
+    search = PartitionedSearch(32)
+    search.add(("key", "tenant-a"), 1, rows[0])
+    assert search.best(("key", "tenant-b"), rows[0]) is None
+    assert search.best(("other-key", "tenant-a"), rows[0]) is None
+    assert search.best(("key", "tenant-a"), rows[0]).id == 1
+
+
+def test_ivf_partition_recall_and_removal() -> None:
+    rng = np.random.default_rng(2)
+    rows = _unit(rng, 3000)
+    search = PartitionedSearch(32, exact_max_rows=500, nprobe=16, tail_max_rows=200)
+    for i, row in enumerate(rows):
+        search.add(("k", "t"), i, row)
+    queries = _near(rng, rows[:200], noise=0.02)
+    found = [search.best(("k", "t"), q).id for q in queries]
+    exact = np.argmax(queries @ rows.T, axis=1)
+    assert np.mean(np.array(found) == exact) >= 0.99
+    for i in range(100):
+        search.remove(i)
+    assert len(search) == 2900
+    for q in queries[:100]:
+        assert search.best(("k", "t"), q).id >= 100  # removed rows are never returned
+
+
+def test_re_adding_an_id_moves_it() -> None:
+    rng = np.random.default_rng(3)
+    rows = _unit(rng, 2)
+    search = PartitionedSearch(32)
+    search.add(("k", "a"), 7, rows[0])
+    search.add(("k", "b"), 7, rows[1])
+    assert search.best(("k", "a"), rows[0]) is None
+    assert search.partition_sizes() == {("k", "a"): 0, ("k", "b"): 1}

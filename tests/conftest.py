@@ -1,0 +1,26 @@
+"""Shared fixtures: one tiny random-weight Stable Diffusion checkpoint per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads spinning on 2 cores made a UNet step 50× slower; must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path
+
+import pytest
+
+from nirvana.checkpoint import Checkpoint, load_checkpoint, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format tiny SD folder (DDIM scheduler config, 16×16×4 latent, 64×64 image), built once."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd"), seed=0, scheduler="ddim")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
+    """The tiny checkpoint loaded through the production loader (fp32, eval)."""
+    return load_checkpoint(tiny_checkpoint_dir)
