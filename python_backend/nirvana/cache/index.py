@@ -210,6 +210,9 @@ class MilvusIndex:
             return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     def close(self) -> None:
+        """Flush and release the client; safe to call twice."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._flusher.join(timeout=10)
         self.flush()

@@ -1,0 +1,103 @@
+"""The `nirvana` command line, run as a user runs it (typer's runner, same process)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from nirvana.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_shows_miss_then_paraphrase_hit(tiny_checkpoint_dir, tmp_path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red fox in the snow, photograph",
+            "photo of a red fox in snow",
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--out-dir",
+            str(tmp_path / "img"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--steps",
+            "10",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "miss (empty)" in result.output and "HIT K=" in result.output
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["000.png", "001.png"]
+
+
+def test_bad_request_is_a_clear_cli_error(tiny_checkpoint_dir, tmp_path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "x",
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--steps",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code != 0 and "NUM_INFERENCE_STEPS=0" in result.output
+
+
+def test_bench_replay_reports_hits_and_saved_steps(tiny_checkpoint_dir, tmp_path) -> None:
+    workload = tmp_path / "w.txt"
+    workload.write_text("a red fox in the snow\nphoto of a red fox in snow\na bowl of ramen\na red fox in the snow\n")
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "replay",
+            str(workload),
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--steps",
+            "10",
+            "--json",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["requests"] == 4 and report["hit_rate"] == 0.5
+    assert report["steps_saved_fraction"] == sum(int(k) * n for k, n in report["k_histogram"].items()) / 40
+    assert report["unet_steps_run"] == 40 - round(report["steps_saved_fraction"] * 40)
+
+
+def test_bench_overhead_small(tmp_path) -> None:
+    out = tmp_path / "o.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "overhead",
+            "--entries",
+            "300",
+            "--queries",
+            "30",
+            "--latent-shape",
+            "4,16,16",
+            "--json",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())["entries"]["300"]
+    assert figures["recall_at_1"] == 1.0 and figures["hit_rate"] == 1.0
+    for stage in ("embed_ms", "search_ms", "select_ms", "latent_load_ms", "cache_path_ms"):
+        assert 0 < figures[stage]["p50"] <= figures[stage]["p99"]

@@ -1,0 +1,29 @@
+"""Prompt embedders: the real MiniLM model ranks paraphrases above unrelated prompts; CLIP uses the checkpoint."""
+
+import numpy as np
+import pytest
+
+from nirvana.embed import EmbedderError, make_embedder
+
+
+def test_minilm_paraphrase_is_closer_than_unrelated() -> None:
+    emb = make_embedder("minilm")
+    v = emb.embed(["a red fox in the snow, photograph", "photo of a red fox in snow", "a bowl of ramen"])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.9 > 0.3 > v[0] @ v[2]
+    np.testing.assert_allclose(emb.embed_one("photo of a red fox in snow"), v[1], atol=1e-5)  # batch-independent
+
+
+def test_clip_embedder_uses_checkpoint_text_encoder(tiny_checkpoint) -> None:
+    emb = make_embedder("clip", tiny_checkpoint)
+    v = emb.embed(["a red fox", "a red fox", "a blue car"])
+    assert v.shape == (3, tiny_checkpoint.text_hidden_size)
+    assert v[0] @ v[1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unknown_or_unbuildable_embedder() -> None:
+    with pytest.raises(EmbedderError, match="embedder='nope'"):
+        make_embedder("nope")
+    with pytest.raises(EmbedderError, match="needs a checkpoint"):
+        make_embedder("clip")

@@ -1,0 +1,129 @@
+"""In-process end to end: tiny checkpoint + real MiniLM embedder + milvus-lite + latent directory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nirvana.config import load_config
+from nirvana.embed import make_embedder
+from nirvana.pipeline import Pipeline, RequestError
+from nirvana.runtime.torch_runtime import TorchSubModels
+
+STEPS = 20
+FOX = "a red fox in the snow, photograph"
+
+
+class CountingModels(TorchSubModels):
+    """The real torch sub-models, counting UNet calls (steps actually run)."""
+
+    unet_calls = 0
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        self.unet_calls += 1
+        return super().unet(sample, timestep, encoder_hidden_states)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return make_embedder("minilm")
+
+
+@pytest.fixture
+def make_pipe(tiny_checkpoint, embedder, tmp_path):
+    made = []
+
+    def make(**cache):
+        config = load_config(
+            {
+                "checkpoint": str(tiny_checkpoint.path),
+                "default_steps": STEPS,
+                "cache": {"dir": str(tmp_path / "cache"), "predictor": {"enabled": False}, **cache},
+            }
+        )
+        pipe = Pipeline(config, checkpoint=tiny_checkpoint, models=CountingModels(tiny_checkpoint), embedder=embedder)
+        made.append(pipe)
+        return pipe
+
+    yield make
+    for pipe in made:
+        pipe.close()
+
+
+def test_paraphrase_hits_unrelated_misses_and_reopened_cache_still_hits(make_pipe) -> None:
+    pipe = make_pipe()
+    first = pipe.generate(FOX, seed=1)
+    assert (
+        not first.cache_hit and first.reason == "empty" and first.admitted == len(pipe.cache.selector.admit_ks(STEPS))
+    )
+    assert first.image.shape == (64, 64, 3) and first.image.dtype == np.uint8 and first.image.std() > 0
+    calls = pipe.models.unet_calls
+    para = pipe.generate("photo of a red fox in snow", seed=2)
+    assert para.cache_hit and para.skipped_steps > 0 and para.matched_prompt == FOX
+    assert pipe.models.unet_calls - calls == STEPS - para.skipped_steps  # the first K steps were really skipped
+    assert para.similarity > 0.9 and para.admitted == 0
+    other = pipe.generate("a bowl of ramen on a wooden table, studio lighting", seed=3)
+    assert not other.cache_hit and other.skipped_steps == 0 and other.reason == "below-threshold"
+    pipe.close()
+    reopened = make_pipe()
+    again = reopened.generate("photo of a red fox in snow", seed=2)
+    assert again.cache_hit and again.skipped_steps == para.skipped_steps
+    np.testing.assert_array_equal(again.image, para.image)
+    assert reopened.cache.record(reopened.cache_key(STEPS, 7.5), "default", FOX).entries[para.skipped_steps].hits == 2
+
+
+def test_repeat_of_same_prompt_and_seed_reproduces_the_uncached_image(make_pipe) -> None:
+    pipe = make_pipe(latent_dtype="float32")
+    miss = pipe.generate(FOX, seed=5)
+    hit = pipe.generate(FOX, seed=5)
+    assert hit.cache_hit and hit.skipped_steps == pipe.cache.selector.k_opt(1.0, STEPS)
+    bypass = pipe.generate(FOX, seed=5, cache_mode="bypass")
+    assert bypass.reason == "bypass" and not bypass.cache_hit
+    assert np.abs(hit.image.astype(int) - bypass.image.astype(int)).max() <= 1
+    assert np.array_equal(miss.image, bypass.image)
+
+
+def test_bypass_neither_reads_nor_writes_and_refresh_rewrites(make_pipe) -> None:
+    pipe = make_pipe()
+    pipe.generate(FOX, cache_mode="bypass")
+    assert pipe.cache.entries == 0 and pipe.cache.counters.misses == 0
+    pipe.generate(FOX)
+    before = pipe.cache.entries
+    refreshed = pipe.generate(FOX, cache_mode="refresh")
+    assert not refreshed.cache_hit and refreshed.admitted == before and pipe.cache.entries == before
+
+
+def test_cache_key_separates_step_counts_and_guidance(make_pipe) -> None:
+    pipe = make_pipe()
+    pipe.generate(FOX)
+    assert not pipe.generate(FOX, steps=STEPS + 2).cache_hit
+    assert not pipe.generate(FOX, guidance=3.0).cache_hit
+    assert pipe.generate(FOX).cache_hit
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"prompt": ""}, "PROMPT"),
+        ({"prompt": "   "}, "PROMPT"),
+        ({"prompt": "x" * 10_000}, "PROMPT"),
+        ({"prompt": "bad\x00byte"}, "PROMPT"),
+        ({"steps": 0}, "NUM_INFERENCE_STEPS"),
+        ({"steps": 10_000}, "NUM_INFERENCE_STEPS"),
+        ({"guidance": float("nan")}, "GUIDANCE_SCALE"),
+        ({"guidance": 1000.0}, "GUIDANCE_SCALE"),
+        ({"seed": -1}, "SEED"),
+        ({"cache_mode": "sometimes"}, "CACHE_MODE"),
+        ({"tenant": "t" * 1000}, "TENANT"),
+        ({"negative_prompt": 5}, "NEGATIVE_PROMPT"),
+    ],
+)
+def test_bad_requests_name_the_field_and_change_nothing(make_pipe, options, field) -> None:
+    pipe = make_pipe()
+    pipe.generate(FOX)
+    entries, nbytes = pipe.cache.entries, pipe.cache.total_bytes
+    prompt = options.pop("prompt", FOX)
+    with pytest.raises(RequestError, match=field) as err:
+        pipe.generate(prompt, **options)
+    assert err.value.field == field
+    assert (pipe.cache.entries, pipe.cache.total_bytes) == (entries, nbytes)
