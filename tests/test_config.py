@@ -19,7 +19,7 @@ def test_defaults_and_file_merge(tmp_path) -> None:
 def test_toml_file(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('checkpoint = "m"\n[cache]\nthresholds_note = 1\n')
-    with pytest.raises(ConfigError, match="cache.thresholds_note"):
+    with pytest.raises(ConfigError, match=r"cache\.thresholds_note"):
         load_config(path=path)
 
 
@@ -42,7 +42,7 @@ def test_bad_values_are_named(data, needle) -> None:
 
 
 def test_unreadable_file_is_named(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="nope.json"):
+    with pytest.raises(ConfigError, match=r"nope\.json"):
         load_config(path=tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
