@@ -64,3 +64,16 @@ def test_re_adding_an_id_moves_it() -> None:
     search.add(("k", "b"), 7, rows[1])
     assert search.best(("k", "a"), rows[0]) is None
     assert search.partition_sizes() == {("k", "a"): 0, ("k", "b"): 1}
+
+
+def test_bulk_load_matches_incremental() -> None:
+    rng = np.random.default_rng(4)
+    rows = _unit(rng, 2000)
+    bulk = PartitionedSearch(32, exact_max_rows=500, nprobe=16)
+    bulk.add_many(("k", "t"), np.arange(2000), rows)
+    bulk.add(("k", "t"), 5000, rows[0] * -1)  # later admissions go on top of the bulk-built index
+    assert len(bulk) == 2001 and bulk.partition_sizes() == {("k", "t"): 2001}
+    queries = _near(rng, rows[:100], noise=0.02)
+    found = np.array([bulk.best(("k", "t"), q).id for q in queries])
+    assert np.mean(found == np.argmax(queries @ rows.T, axis=1)) >= 0.99
+    assert bulk.best(("k", "t"), -rows[0]).id == 5000

@@ -86,18 +86,24 @@ class ApproximateCache:
         """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to."""
         wanted: set[str] = set()
         dangling = 0
+        by_partition: dict[tuple[str, str], list[PromptRecord]] = {}
         for record in self.index.load_all():
-            for k in list(record.entries):
-                if blob_key(record.id, k) not in self.latents:
-                    del record.entries[k]
-                    dangling += 1
+            missing = [k for k in record.entries if blob_key(record.id, k) not in self.latents]
+            for k in missing:
+                del record.entries[k]
+            dangling += len(missing)
             if not record.entries:
                 self.index.delete(record.id)
                 continue
-            wanted.update(blob_key(record.id, k) for k in record.entries)
-            self._add_record(record)
-            if dangling:
+            if missing:
                 self.index.put(record)
+            wanted.update(blob_key(record.id, k) for k in record.entries)
+            self._records[record.id] = record
+            self._entries += len(record.entries)
+            by_partition.setdefault((record.cache_key, record.tenant), []).append(record)
+        for partition, records in by_partition.items():
+            ids = np.array([r.id for r in records], np.int64)
+            self._search.add_many(partition, ids, np.stack([r.vector for r in records]))
         orphans = sum(self.latents.delete(key) > 0 for key in list(self.latents.keys()) if key not in wanted)
         if dangling or orphans:
             log.warning(

@@ -162,6 +162,20 @@ class PartitionedSearch:
             part.add(row_id, vector)
             self._where[row_id] = partition
 
+    def add_many(self, partition: PartitionKey, row_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Bulk load of new ids (startup): one index build instead of one per doubling."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        with self._lock:
+            part = self._partitions.get(partition)
+            if part is None:
+                part = self._partitions[partition] = _Partition(self.dim, *self._params)
+            if len(part) == 0 and len(row_ids) > part.exact_max_rows:
+                part._build((np.asarray(row_ids, np.int64), vectors))
+            else:
+                for row_id, vector in zip(row_ids, vectors, strict=True):
+                    part.add(int(row_id), vector)
+            self._where.update(dict.fromkeys((int(i) for i in row_ids), partition))
+
     def remove(self, row_id: int) -> None:
         with self._lock:
             partition = self._where.pop(row_id, None)
