@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -169,8 +170,28 @@ def _load_component(root: Path, component: str, loader, **kwargs):
         raise CheckpointError(f"cannot load '{component}/' from {root}: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``."""
+class _ConfigOnly:
+    """Stands in for a module when only its config is needed (the BLS model: the weights live in other models)."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+    def eval(self) -> _ConfigOnly:
+        return self
+
+
+def _load_config_only(root: Path, component: str) -> _ConfigOnly:
+    if component == "text_encoder":
+        return _ConfigOnly(_load_component(root, component, transformers.AutoConfig.from_pretrained))
+    return _ConfigOnly(SimpleNamespace(**_read_json(root / component / "config.json")))
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, weights: bool = True) -> Checkpoint:
+    """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``.
+
+    ``weights=False`` loads tokenizer, configs and fingerprint only (the modules are config holders): enough for
+    the request path when the sub-models are served elsewhere, without holding a UNet in memory.
+    """
     root = Path(path)
     index = _check_layout(root)
     encoder_name = (index.get("text_encoder") or [None, "CLIPTextModel"])[1]
@@ -178,10 +199,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         raise CheckpointError(
             f"{root / 'model_index.json'}: text_encoder class {encoder_name!r} is not one of {_TEXT_ENCODER_CLASSES}"
         )
-    encoder_cls = getattr(transformers, encoder_name)
-    text_encoder = _load_component(root, "text_encoder", encoder_cls.from_pretrained, dtype=dtype)
-    unet = _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
-    vae = _load_component(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    if weights:
+        encoder_cls = getattr(transformers, encoder_name)
+        text_encoder = _load_component(root, "text_encoder", encoder_cls.from_pretrained, dtype=dtype)
+        unet = _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
+        vae = _load_component(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    else:
+        text_encoder, unet, vae = (_load_config_only(root, c) for c in ("text_encoder", "unet", "vae"))
     tokenizer = _load_component(root, "tokenizer", CLIPTokenizer.from_pretrained)
     if tokenizer.model_max_length > 10_000:
         # An unset model_max_length (~1e30) would make padding="max_length" allocate forever.

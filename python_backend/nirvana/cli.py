@@ -143,6 +143,77 @@ def demo(
     )
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="diffusers-format checkpoint folder.", exists=True)],
+    out: Annotated[Path, typer.Option(help="Model repository to write.")],
+    profile: Annotated[
+        str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (needs a GPU).")
+    ] = "cpu",
+    cache_dir: CacheDir = Path(".nirvana-cache"),
+    milvus_uri: Annotated[str | None, typer.Option(help="Milvus server URI (default: milvus-lite file).")] = None,
+    config: ConfigFile = None,
+    verbose: bool = False,
+) -> None:
+    """Export and check the sub-models and write a complete Triton model repository."""
+    from nirvana.serving.launch import ServeOptions, engine_config
+    from nirvana_export.repository import PROFILES, write_repository
+
+    _setup_logging(verbose)
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"profile={profile!r}: choose one of {PROFILES}")
+    options = ServeOptions(cache_dir=cache_dir, checkpoint=checkpoint, milvus_uri=milvus_uri, config_file=config)
+    write_repository(checkpoint, out, profile, engine_config(options, checkpoint).model_dump(mode="json"))
+    console.print(f"model repository ({profile}) written to {out}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model it makes).")] = None,
+    cache_dir: CacheDir = Path(".nirvana-cache"),
+    milvus_uri: Annotated[str | None, typer.Option(help="Milvus server URI, e.g. http://host:19530.")] = None,
+    config: ConfigFile = None,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    repo_dir: Annotated[Path | None, typer.Option(help="Where the model repository is generated.")] = None,
+    triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
+    verbose: bool = False,
+) -> None:
+    """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM."""
+    from nirvana.serving.launch import ServeOptions, make_server, prepare
+    from nirvana.serving.tritonserver import ServerPorts, TritonServerError, serve_forever
+
+    _setup_logging(verbose)
+    options = ServeOptions(
+        cache_dir=cache_dir,
+        checkpoint=checkpoint,
+        milvus_uri=milvus_uri,
+        config_file=config,
+        ports=ServerPorts(http_port, grpc_port, metrics_port),
+        host=host,
+        repo_dir=repo_dir,
+        triton_dir=triton_dir,
+        ready_timeout_s=ready_timeout,
+    )
+    repo, _ = prepare(options)
+    server = make_server(options, repo)
+    console.print(f"starting tritonserver on {host} (log: {server.log_path})")
+
+    def ready() -> None:
+        urls = server.urls
+        console.print(f"READY  http {urls.http}  grpc {urls.grpc}  metrics {urls.metrics}  (Ctrl-C stops)")
+
+    try:
+        code = serve_forever(server, on_ready=ready)  # signal handlers go in before the server starts
+    except TritonServerError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     entries: Annotated[int, typer.Option(help="Largest cache size measured (10k is always measured too).")] = 100_000,

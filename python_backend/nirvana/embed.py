@@ -21,6 +21,10 @@ class EmbedderError(ValueError):
     """The embedder cannot be built for this configuration."""
 
 
+# Word pieces kept per prompt: MiniLM was trained on 128; the served prompt_embedder's profile ends there too.
+MINILM_MAX_TOKENS = 128
+
+
 class Embedder(ABC):
     """Maps prompts to L2-normalised float32 vectors of `dim` dimensions."""
 
@@ -65,7 +69,7 @@ class MiniLMEmbedder(Embedder):
                 list(texts[start : start + self._batch_size]),
                 padding=True,
                 truncation=True,
-                max_length=256,
+                max_length=MINILM_MAX_TOKENS,
                 return_tensors="pt",
             )
             hidden = self._model(**batch).last_hidden_state

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pymilvus.orm.iterator").setLevel(logging.ERROR)
 
 MAX_PROMPT_BYTES = 8192
+RPC_TIMEOUT_S = 30.0  # a Milvus that stopped answering must not hang a flush (or a shutdown) forever
 _BATCH = 1000  # milvus-lite 2.5 slows down sharply for single inserts of > ~4,800 rows of 384 dims
 
 
@@ -155,7 +156,7 @@ class MilvusIndex:
         for start in range(0, len(records), _BATCH):
             rows = [r.to_row() for r in records[start : start + _BATCH]]
             with self._client_lock:
-                self._client.insert(self.collection, rows)
+                self._client.insert(self.collection, rows, timeout=RPC_TIMEOUT_S)
 
     def put(self, record: PromptRecord) -> None:
         """Queue an upsert of the record's current state (write-behind)."""
@@ -180,9 +181,9 @@ class MilvusIndex:
         try:
             with self._client_lock:
                 for start in range(0, len(upserts), _BATCH):
-                    self._client.upsert(self.collection, upserts[start : start + _BATCH])
+                    self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=RPC_TIMEOUT_S)
                 if deletes:
-                    self._client.delete(self.collection, ids=deletes)
+                    self._client.delete(self.collection, ids=deletes, timeout=RPC_TIMEOUT_S)
         except Exception:
             with self._pending_lock:  # keep newer changes made while we were writing
                 self._pending = {**batch, **self._pending}
@@ -200,7 +201,9 @@ class MilvusIndex:
         """Top-1 search in Milvus itself, filtered by cache key (and tenant)."""
         expr = f"cache_key == {_quote(cache_key)}" + ("" if tenant is None else f" and tenant == {_quote(tenant)}")
         with self._client_lock:
-            result = self._client.search(self.collection, data=[vector.tolist()], limit=1, filter=expr)
+            result = self._client.search(
+                self.collection, data=[vector.tolist()], limit=1, filter=expr, timeout=RPC_TIMEOUT_S
+            )
         if not result or not result[0]:
             return None
         return int(result[0][0]["id"]), float(result[0][0]["distance"])

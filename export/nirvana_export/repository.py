@@ -1,0 +1,185 @@
+"""Model repository builder: checkpoint → a complete Triton model repository for the `cpu` or `gpu` profile.
+
+Every config.pbtxt is rendered from `nirvana.specs` (never written by hand), so the Triton configs, the ONNX
+files and the TensorRT profiles cannot drift apart. Profiles:
+
+* `cpu`: the four sub-models are python-backend models running their ONNX file with onnxruntime (the
+  tritonserver bundled in the pytriton wheel has no onnxruntime or TensorRT backend);
+* `gpu`: `text_encoder`, `prompt_embedder`, `unet` and `vae_decoder` are `platform: "tensorrt_plan"` models
+  (engines built from the same ONNX files on the GPU they will run on; NGC tritonserver image).
+
+The BLS model `nirvana` is the same in both: python backend, its engine settings in `nirvana/engine.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, TensorSpec, triton_dims
+
+PROFILES = ("cpu", "gpu")
+SUBMODEL_PY = (
+    '"""Triton python model: runs this version\'s model.onnx with onnxruntime (CPU profile)."""\n\n'
+    "from nirvana.serving.onnx_model import TritonPythonModel  # noqa: F401\n"
+)
+NIRVANA_PY = (
+    '"""Triton python model `nirvana`: the BLS orchestrator (glue in nirvana.serving.bls_model)."""\n\n'
+    "from nirvana.serving.bls_model import TritonPythonModel  # noqa: F401\n"
+)
+MANIFEST = "repository_manifest.json"
+
+
+class RepositoryError(ValueError):
+    pass
+
+
+def _tensor_block(tensor: TensorSpec, data_type: str | None = None, optional: bool = False) -> str:
+    dims = ", ".join(str(d) for d in triton_dims(tensor))
+    lines = [
+        f'    name: "{tensor.name}"',
+        f"    data_type: {data_type or TRITON_DTYPES[tensor.dtype]}",
+        f"    dims: [ {dims} ]",
+    ]
+    if optional:
+        lines.append("    optional: true")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def _io(kind: str, blocks: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
+
+
+def submodel_config(spec: ModelSpec, profile: str, instances: int = 1) -> str:
+    """config.pbtxt of one sub-model for `profile`."""
+    if profile not in PROFILES:
+        raise RepositoryError(f"profile={profile!r}: choose one of {PROFILES}")
+    head = f'name: "{spec.name}"\n'
+    head += 'backend: "python"\n' if profile == "cpu" else 'platform: "tensorrt_plan"\n'
+    head += f"max_batch_size: {spec.max_batch_size}\n"
+    body = _io("input", [_tensor_block(t) for t in spec.inputs]) + _io(
+        "output", [_tensor_block(t) for t in spec.outputs]
+    )
+    kind = "KIND_CPU" if profile == "cpu" else "KIND_GPU"
+    tail = f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
+    if profile == "cpu":
+        tail += 'parameters: {\n  key: "intra_op_threads"\n  value: { string_value: "1" }\n}\n'
+    return head + body + tail
+
+
+def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, max_concurrent_requests: int = 4) -> str:
+    """config.pbtxt of the BLS model; tensor contract in README ("Triton tensor contract")."""
+    h, w = image_size
+    string, scalar = "TYPE_STRING", (1,)
+    inputs = [_tensor_block(TensorSpec("PROMPT", "int64", scalar), string)]
+    for name, data_type in (
+        ("NEGATIVE_PROMPT", string),
+        ("SEED", "TYPE_INT64"),
+        ("NUM_INFERENCE_STEPS", "TYPE_INT32"),
+        ("GUIDANCE_SCALE", "TYPE_FP32"),
+        ("CACHE_MODE", string),
+        ("TENANT", string),
+    ):
+        inputs.append(_tensor_block(TensorSpec(name, "int64", scalar), data_type, optional=True))
+    outputs = [
+        _tensor_block(TensorSpec("IMAGE", "int64", (h, w, 3)), "TYPE_UINT8"),
+        _tensor_block(TensorSpec("CACHE_HIT", "int64", scalar), "TYPE_BOOL"),
+        _tensor_block(TensorSpec("SKIPPED_STEPS", "int32", scalar)),
+        _tensor_block(TensorSpec("SIMILARITY", "float32", scalar)),
+    ]
+    text = 'name: "nirvana"\nbackend: "python"\nmax_batch_size: 0\n' + _io("input", inputs) + _io("output", outputs)
+    # One instance: a milvus-lite file admits one process, and Triton runs each instance in its own stub process.
+    # Concurrency comes from async execute + a thread pool (max_concurrent_requests).
+    text += "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    # Overload is rejected at the queue, not absorbed as memory growth.
+    text += f"dynamic_batching {{\n  default_queue_policy {{\n    max_queue_size: {max_queue_size}\n  }}\n}}\n"
+    params = {"engine_config": "engine.json", "max_concurrent_requests": str(max_concurrent_requests)}
+    for key, value in params.items():
+        text += f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+    return text
+
+
+def render_configs(specs: dict[str, ModelSpec], image_size: tuple[int, int], profile: str) -> dict[str, str]:
+    """Relative path → text of every config.pbtxt and model.py of a repository (no weights)."""
+    files = {f"{name}/config.pbtxt": submodel_config(specs[name], profile) for name in MODEL_NAMES}
+    if profile == "cpu":
+        files.update({f"{name}/1/model.py": SUBMODEL_PY for name in MODEL_NAMES})
+    files["nirvana/config.pbtxt"] = nirvana_config(image_size)
+    files["nirvana/1/model.py"] = NIRVANA_PY
+    return files
+
+
+def write_repository(
+    checkpoint_dir: Path, out: Path, profile: str, engine_config: dict, *, max_batch: int = 2, fp16: bool = True
+) -> Path:
+    """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged."""
+    from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint
+    from nirvana.specs import submodel_specs
+
+    out = Path(out)
+    fingerprint = fingerprint_checkpoint(checkpoint_dir)
+    stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch}
+    manifest_path = out / MANIFEST
+    fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
+    checkpoint = load_checkpoint(checkpoint_dir, weights=False)
+    specs = submodel_specs(checkpoint, max_batch=max_batch)
+    if fresh:
+        _export_weights(Path(checkpoint_dir), out, profile, specs, max_batch, fp16)
+    for rel, text in render_configs(specs, checkpoint.image_size, profile).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    (out / "nirvana" / "engine.json").write_text(json.dumps(engine_config, indent=2, default=str) + "\n")
+    manifest_path.write_text(json.dumps(stamp, indent=2) + "\n")
+    return out
+
+
+def _export_weights(
+    checkpoint_dir: Path, out: Path, profile: str, specs: dict[str, ModelSpec], max_batch: int, fp16: bool
+) -> None:
+    from nirvana_export.onnx_export import export_all
+
+    staging = out / ".onnx"
+    shutil.rmtree(staging, ignore_errors=True)
+    paths = export_all(checkpoint_dir, staging, max_batch=max_batch)
+    for name, onnx_file in paths.items():
+        version_dir = out / name / "1"
+        shutil.rmtree(version_dir, ignore_errors=True)
+        version_dir.mkdir(parents=True)
+        if profile == "cpu":
+            for item in onnx_file.parent.iterdir():  # model.onnx and any external-data files beside it
+                shutil.move(str(item), version_dir / item.name)
+        else:
+            from nirvana_export.tensorrt_build import build_engine
+
+            build_engine(onnx_file, specs[name], version_dir / "model.plan", fp16=fp16)
+    shutil.move(str(staging / "export_manifest.json"), out / "export_manifest.json")
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def sd15_specs(max_batch: int = 2) -> dict[str, ModelSpec]:
+    """Specs of Stable Diffusion 1.5 at 512×512 (77×768 text, 4×64×64 latent), without needing its weights."""
+    from nirvana.specs import prompt_embedder_spec, text_encoder_spec, unet_spec, vae_decoder_spec
+
+    specs = (
+        text_encoder_spec(77, 768, max_batch),
+        prompt_embedder_spec(128, max_batch),
+        unet_spec(4, (64, 64), 77, 768, max_batch),
+        vae_decoder_spec(4, (64, 64), 8, max_batch),
+    )
+    return {spec.name: spec for spec in specs}
+
+
+def reference_repository() -> dict[str, str]:
+    """What `model_repository/` in the source tree holds: the SD 1.5 GPU profile's configs and model.py files."""
+    return render_configs(sd15_specs(), (512, 512), "gpu")
+
+
+if __name__ == "__main__":  # python -m nirvana_export.repository model_repository  (regenerates the reference)
+    import sys
+
+    root = Path(sys.argv[1])
+    for rel, text in reference_repository().items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+        print(root / rel)

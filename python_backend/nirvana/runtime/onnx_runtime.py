@@ -1,0 +1,132 @@
+"""SubModels that run the exported ONNX files with onnxruntime (the CPU profile of the model repository).
+
+Layout read (what ``nirvana_export.onnx_export.export_all`` writes)::
+
+    model_dir/export_manifest.json   model_dir/<name>/model.onnx   for name in text_encoder, unet, vae_decoder
+
+Tensor names and dtypes are those of :mod:`nirvana.specs`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+__all__ = ["MANIFEST_NAME", "OnnxModel", "OnnxModelError", "OnnxSubModels", "make_session", "onnx_path"]
+
+MANIFEST_NAME = "export_manifest.json"
+# Triton runs several stubs at once on few cores: one thread per session and no spinning (PLATFORM.md measured a
+# 50× slowdown from spinning threads fighting over 2 cores).
+DEFAULT_THREADS = 1
+
+
+class OnnxModelError(RuntimeError):
+    """An ONNX file is missing, belongs to another checkpoint, or was fed tensors that do not fit it."""
+
+
+def onnx_path(model_dir: str | Path, name: str) -> Path:
+    """Where the export puts sub-model ``name``: ``model_dir/<name>/model.onnx`` (external data beside it)."""
+    return Path(model_dir) / name / "model.onnx"
+
+
+def make_session(path: str | Path, num_threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
+    """A CPU onnxruntime session with ``num_threads`` intra-op threads that sleep instead of spinning when idle."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX file not found: {path} (run the export first)")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel:
+    """One ONNX sub-model: numpy in, numpy out, with inputs checked against the file's declared names."""
+
+    def __init__(self, path: str | Path, num_threads: int = DEFAULT_THREADS) -> None:
+        self.path = Path(path)
+        self.session = make_session(self.path, num_threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (exactly the file's input names) → ``{output name: array}``."""
+        if set(inputs) != set(self.input_names):
+            raise OnnxModelError(f"{self.path}: expects inputs {self.input_names}, got {sorted(inputs)}")
+        try:
+            outputs = self.session.run(self.output_names, dict(inputs))
+        except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException) as exc:
+            shapes = {k: (v.dtype.name, v.shape) for k, v in inputs.items()}
+            raise OnnxModelError(f"{self.path}: inference failed for inputs {shapes}: {exc}") from exc
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+
+
+def _torch(array: np.ndarray) -> torch.Tensor:
+    # onnxruntime hands back fresh, writable arrays: wrapping them shares memory without a copy.
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+class OnnxSubModels:
+    """Text encoder, UNet and VAE decoder run by onnxruntime on CPU (the :class:`~nirvana.runtime.base.SubModels` API).
+
+    ``fingerprint``, when given, must equal the checkpoint fingerprint in ``export_manifest.json``: ONNX files of
+    another checkpoint would pair silently with this checkpoint's tokenizer, scheduler and cache entries.
+    """
+
+    def __init__(
+        self, model_dir: str | Path, *, fingerprint: str | None = None, num_threads: int = DEFAULT_THREADS
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if fingerprint is not None:
+            self._check_fingerprint(fingerprint)
+        self.text_encoder = OnnxModel(onnx_path(self.model_dir, "text_encoder"), num_threads)
+        self.unet_model = OnnxModel(onnx_path(self.model_dir, "unet"), num_threads)
+        self.vae_decoder = OnnxModel(onnx_path(self.model_dir, "vae_decoder"), num_threads)
+
+    def _check_fingerprint(self, fingerprint: str) -> None:
+        manifest_path = self.model_dir / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise OnnxModelError(f"{manifest_path} not found: cannot tell which checkpoint the ONNX files come from")
+        exported = json.loads(manifest_path.read_text()).get("checkpoint", {}).get("fingerprint")
+        if exported != fingerprint:
+            raise OnnxModelError(
+                f"ONNX files in {self.model_dir} were exported from checkpoint {exported}, not {fingerprint}; "
+                "re-run the export for this checkpoint"
+            )
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``[B, L]`` int64 → last hidden state ``[B, L, D]`` float32.
+
+        ``attention_mask`` is ignored: the exported graph takes ids only, as SD 1.x/2.x text encoders do.
+        """
+        out = self.text_encoder.run({"input_ids": _numpy(input_ids, np.int64)})
+        return _torch(out["last_hidden_state"])
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Scaled latent ``[B, C, h, w]``, timestep ``[B]`` or scalar, text ``[B, L, D]`` → noise ``[B, C, h, w]``."""
+        # The graph takes float32 [B]; DDIM hands int64 timesteps, and integer-valued floats embed identically.
+        timesteps = timestep.reshape(-1).to(torch.float32).expand(sample.shape[0])
+        out = self.unet_model.run(
+            {
+                "sample": _numpy(sample, np.float32),
+                "timestep": _numpy(timesteps, np.float32),
+                "encoder_hidden_states": _numpy(encoder_hidden_states, np.float32),
+            }
+        )
+        return _torch(out["noise_pred"])
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""
+        return _torch(self.vae_decoder.run({"latent": _numpy(latent, np.float32)})["image"])

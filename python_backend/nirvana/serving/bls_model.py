@@ -1,0 +1,121 @@
+"""Triton glue of the `nirvana` BLS model: tensors in, `Pipeline.generate`, tensors out, errors converted once.
+
+`model_repository/nirvana/1/model.py` re-exports `TritonPythonModel` from here. Only this module and
+`nirvana.serving.onnx_model` import `triton_python_backend_utils` (available inside the python backend stub only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several stubs share the CPU: never spin
+
+import numpy as np
+
+from nirvana.checkpoint import load_checkpoint
+from nirvana.config import load_config
+from nirvana.pipeline import Pipeline, RequestError
+from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
+from nirvana.serving.metrics import CacheMetrics
+
+log = logging.getLogger("nirvana.triton")
+
+# Triton input name → (Pipeline.generate keyword, parser of the numpy value)
+OPTIONAL_INPUTS = {
+    "NEGATIVE_PROMPT": "negative_prompt",
+    "SEED": "seed",
+    "NUM_INFERENCE_STEPS": "steps",
+    "GUIDANCE_SCALE": "guidance",
+    "CACHE_MODE": "cache_mode",
+    "TENANT": "tenant",
+}
+
+
+class InputError(ValueError):
+    pass
+
+
+def _scalar(name: str, array: np.ndarray) -> object:
+    """The single value of a [1] tensor; strings decoded as strict UTF-8."""
+    if array.size != 1:
+        raise InputError(f"{name}: expected exactly one value, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    if isinstance(value, bytes | np.bytes_):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class TritonPythonModel:
+    """The `nirvana` model: one instance, `async execute` with a thread pool so requests overlap."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        model_config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        config_path = Path(params.get("engine_config", "engine.json"))
+        if not config_path.is_absolute():
+            config_path = Path(args["model_repository"]) / config_path
+        config = load_config(path=config_path)
+        if config.embedder != "minilm":
+            raise ValueError(f"embedder={config.embedder!r}: the served model embeds with the prompt_embedder (minilm)")
+        checkpoint = load_checkpoint(config.checkpoint, weights=False)  # weights live in the sub-models
+        self.pipeline = Pipeline(
+            config, checkpoint=checkpoint, models=BlsSubModels(pb_utils), embedder=BlsEmbedder(pb_utils)
+        )
+        self.metrics = CacheMetrics(pb_utils, self.pipeline.cache)
+        workers = int(params.get("max_concurrent_requests", "4"))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nirvana")
+        log.info("nirvana model ready: %s", self.pipeline.cache.stats())
+
+    async def execute(self, requests: list) -> list:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self.pool, self._handle, r) for r in requests)))
+
+    def _handle(self, request: Any) -> Any:
+        pb = self.pb
+        try:
+            options = self._parse(request)
+            result = self.pipeline.generate(**options)
+        except (InputError, RequestError) as err:
+            self.metrics.rejected()
+            return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
+        except Exception as err:  # the server stays up; the client gets a message it can report
+            log.exception("request failed")
+            return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(err).__name__}: {err}"))
+        try:
+            self.metrics.observe(result)
+        except Exception:  # a metrics failure must not turn a generated image into an error
+            log.exception("metrics update failed")
+        outputs = [
+            pb.Tensor("IMAGE", result.image),
+            pb.Tensor("CACHE_HIT", np.array([result.cache_hit], dtype=np.bool_)),
+            pb.Tensor("SKIPPED_STEPS", np.array([result.skipped_steps], dtype=np.int32)),
+            pb.Tensor("SIMILARITY", np.array([result.similarity], dtype=np.float32)),
+        ]
+        return pb.InferenceResponse(output_tensors=outputs)
+
+    def _parse(self, request: Any) -> dict[str, object]:
+        prompt = self.pb.get_input_tensor_by_name(request, "PROMPT")
+        if prompt is None:
+            raise InputError("PROMPT: required input is missing")
+        options: dict[str, object] = {"prompt": _scalar("PROMPT", prompt.as_numpy())}
+        for name, keyword in OPTIONAL_INPUTS.items():
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                options[keyword] = _scalar(name, tensor.as_numpy())
+        return options
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.pipeline.close()  # flushes the write-behind queue: no hit count lost on a clean stop

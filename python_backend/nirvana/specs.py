@@ -1,0 +1,212 @@
+"""Tensor contracts of the four sub-models: the single source of truth for export, engines and Triton configs.
+
+Every name here goes into a ``config.pbtxt``; the ONNX export, the TensorRT profile and the Triton config are
+all derived from (or checked against) these specs, never written by hand.
+
+Batching decision: every spec carries an **explicit** batch axis and ``max_batch_size = 0``. The UNet's batch is
+the classifier-free-guidance pair ``[uncond, cond]`` that the BLS model builds itself; Triton's implicit batching
+(``max_batch_size > 0``) would hide that axis and merge unrelated requests into one UNet call, which changes
+float summation order and so breaks the bit-for-bit reproducibility the latent cache relies on. With
+``max_batch_size: 0`` a Triton config lists the full shapes, dynamic axes as ``-1`` (see :func:`triton_dims`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nirvana.checkpoint import Checkpoint
+
+__all__ = [
+    "EMBEDDER_DIM",
+    "MODEL_NAMES",
+    "TRITON_DTYPES",
+    "ModelSpec",
+    "SpecError",
+    "TensorSpec",
+    "prompt_embedder_spec",
+    "submodel_specs",
+    "text_encoder_spec",
+    "triton_dims",
+    "unet_spec",
+    "vae_decoder_spec",
+]
+
+MODEL_NAMES = ("text_encoder", "prompt_embedder", "unet", "vae_decoder")
+# all-MiniLM-L6-v2's hidden size: the prompt embedder's output width.
+EMBEDDER_DIM = 384
+# numpy dtype name → Triton config data_type.
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+# Typical prompt length in MiniLM word pieces: the shape TensorRT tunes the embedder's kernels for.
+_EMBEDDER_OPT_SEQ = 32
+
+Shape = tuple[int, ...]
+
+
+class SpecError(ValueError):
+    """A spec or its arguments are inconsistent; the message names the model, tensor and values."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: ``dtype`` is a numpy dtype name; in ``shape`` ints are fixed, strings dynamic axes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TRITON_DTYPES:
+            raise SpecError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {sorted(TRITON_DTYPES)}")
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index → axis name for the dynamic axes (the form ``torch.onnx.export`` takes)."""
+        return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
+
+    def concrete(self, **axes: int) -> Shape:
+        """The shape with each dynamic axis replaced by ``axes[name]``, e.g. ``concrete(batch=2)``."""
+        missing = sorted(set(self.dynamic_axes.values()) - set(axes))
+        if missing:
+            raise SpecError(f"tensor {self.name!r} needs sizes for dynamic axes {missing}")
+        return tuple(axes[d] if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A sub-model's Triton name, tensors, TensorRT profile ``{input: (min, opt, max)}`` and max_batch_size."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: dict[str, tuple[Shape, Shape, Shape]]
+    max_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.inputs]
+        if set(self.profile) != set(names):
+            raise SpecError(f"model {self.name!r}: profile covers {sorted(self.profile)}, inputs are {names}")
+        for tensor in self.inputs:
+            lo, opt, hi = self.profile[tensor.name]
+            for shape in (lo, opt, hi):
+                fits = len(shape) == len(tensor.shape) and all(
+                    isinstance(d, str) or d == s for d, s in zip(tensor.shape, shape, strict=False)
+                )
+                if not fits:
+                    raise SpecError(f"model {self.name!r}: profile shape {shape} does not fit {tensor.shape}")
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
+                raise SpecError(f"model {self.name!r}, input {tensor.name!r}: need min ≤ opt ≤ max, got {lo, opt, hi}")
+
+    def input(self, name: str) -> TensorSpec:
+        """The input tensor called ``name``."""
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise SpecError(f"model {self.name!r} has no input {name!r}; inputs: {[t.name for t in self.inputs]}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``{tensor: {axis: name}}`` over inputs and outputs, as ``torch.onnx.export(dynamic_axes=...)`` takes."""
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (tuples become lists), for manifests."""
+        return asdict(self)
+
+
+def triton_dims(tensor: TensorSpec) -> list[int]:
+    """``dims`` of a config.pbtxt input/output under ``max_batch_size: 0``: the full shape, dynamic axes as -1."""
+    return [-1 if isinstance(d, str) else int(d) for d in tensor.shape]
+
+
+def _batch_profile(shape: tuple[int | str, ...], opt_batch: int, max_batch: int) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) for a shape whose only dynamic axis is the leading "batch"."""
+    fixed = tuple(int(d) for d in shape[1:])
+    return (1, *fixed), (opt_batch, *fixed), (max_batch, *fixed)
+
+
+def _check_batch(max_batch: int) -> None:
+    if max_batch < 1:
+        raise SpecError(f"max_batch must be ≥ 1, got {max_batch}")
+
+
+def text_encoder_spec(seq_len: int, hidden: int, max_batch: int = 2) -> ModelSpec:
+    """CLIP text encoder: ``input_ids`` int64 ``[batch, L]`` → ``last_hidden_state`` float32 ``[batch, L, D]``.
+
+    Profile opt batch 1: the BLS model encodes cond and uncond prompts as two calls (see ``encode_prompts``).
+    """
+    _check_batch(max_batch)
+    ids = TensorSpec("input_ids", "int64", ("batch", seq_len))
+    out = TensorSpec("last_hidden_state", "float32", ("batch", seq_len, hidden))
+    return ModelSpec("text_encoder", (ids,), (out,), {"input_ids": _batch_profile(ids.shape, 1, max_batch)})
+
+
+def prompt_embedder_spec(max_seq_len: int = 128, max_batch: int = 2) -> ModelSpec:
+    """MiniLM with mean pooling + L2 norm in the graph: ids and mask int64 ``[batch, sequence]`` → ``embedding``
+    float32 ``[batch, 384]`` of unit norm. ``sequence`` is the longest prompt in word pieces, ≤ ``max_seq_len``."""
+    _check_batch(max_batch)
+    if max_seq_len < 1:
+        raise SpecError(f"embedder_seq_len must be ≥ 1, got {max_seq_len}")
+    ids = TensorSpec("input_ids", "int64", ("batch", "sequence"))
+    mask = TensorSpec("attention_mask", "int64", ("batch", "sequence"))
+    out = TensorSpec("embedding", "float32", ("batch", EMBEDDER_DIM))
+    opt_seq = min(_EMBEDDER_OPT_SEQ, max_seq_len)
+    seq_profile = ((1, 1), (1, opt_seq), (max_batch, max_seq_len))
+    return ModelSpec("prompt_embedder", (ids, mask), (out,), {"input_ids": seq_profile, "attention_mask": seq_profile})
+
+
+def unet_spec(channels: int, latent_size: tuple[int, int], seq_len: int, hidden: int, max_batch: int = 2) -> ModelSpec:
+    """UNet: ``sample`` ``[batch, C, h, w]``, ``timestep`` float32 ``[batch]`` (0..999), ``encoder_hidden_states``
+    ``[batch, L, D]`` → ``noise_pred`` ``[batch, C, h, w]``, all float32. Profile opt batch 2: the CFG pair."""
+    _check_batch(max_batch)
+    h, w = latent_size
+    sample = TensorSpec("sample", "float32", ("batch", channels, h, w))
+    timestep = TensorSpec("timestep", "float32", ("batch",))
+    text = TensorSpec("encoder_hidden_states", "float32", ("batch", seq_len, hidden))
+    out = TensorSpec("noise_pred", "float32", ("batch", channels, h, w))
+    opt = min(2, max_batch)
+    profile = {t.name: _batch_profile(t.shape, opt, max_batch) for t in (sample, timestep, text)}
+    return ModelSpec("unet", (sample, timestep, text), (out,), profile)
+
+
+def vae_decoder_spec(channels: int, latent_size: tuple[int, int], scale_factor: int, max_batch: int = 2) -> ModelSpec:
+    """VAE decoder: ``latent`` ``[batch, C, h, w]`` (already divided by the scaling factor) → ``image``
+    ``[batch, 3, h·f, w·f]`` float32 in ≈[-1, 1]. Profile opt batch 1: one image per request."""
+    _check_batch(max_batch)
+    h, w = latent_size
+    latent = TensorSpec("latent", "float32", ("batch", channels, h, w))
+    image = TensorSpec("image", "float32", ("batch", 3, h * scale_factor, w * scale_factor))
+    return ModelSpec("vae_decoder", (latent,), (image,), {"latent": _batch_profile(latent.shape, 1, max_batch)})
+
+
+def submodel_specs(
+    checkpoint: Checkpoint,
+    max_batch: int = 2,
+    embedder_seq_len: int = 128,
+    *,
+    latent_size: tuple[int, int] | None = None,
+) -> dict[str, ModelSpec]:
+    """The four specs for ``checkpoint``, keyed by Triton model name (``MODEL_NAMES`` order).
+
+    ``latent_size`` (h, w) overrides the checkpoint's default resolution; spatial axes stay fixed (one engine
+    per resolution), since the cache key pins the resolution anyway.
+    """
+    size = latent_size or checkpoint.latent_size
+    seq_len, hidden = checkpoint.text_max_length, checkpoint.text_hidden_size
+    specs = (
+        text_encoder_spec(seq_len, hidden, max_batch),
+        prompt_embedder_spec(embedder_seq_len, max_batch),
+        unet_spec(checkpoint.latent_channels, size, seq_len, hidden, max_batch),
+        # The VAE's own latent width: it differs from the UNet's input channels for inpainting UNets (9 vs 4).
+        vae_decoder_spec(int(checkpoint.vae.config.latent_channels), size, checkpoint.vae_scale_factor, max_batch),
+    )
+    return {spec.name: spec for spec in specs}
