@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -28,7 +29,8 @@ class GenerateResult:
     cache_hit: bool
     skipped_steps: int
     similarity: float
-    latency_ms: float
+    latency_ms: float  # client-side, request sent to response decoded
+    server_timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, measured in the server
 
 
 class NirvanaClient:
@@ -71,7 +73,8 @@ class NirvanaClient:
         return inputs
 
     def generate(self, prompt: str, options: GenerateOptions | None = None) -> GenerateResult:
-        outputs = [self._tc.InferRequestedOutput(n) for n in ("IMAGE", "CACHE_HIT", "SKIPPED_STEPS", "SIMILARITY")]
+        names = ("IMAGE", "CACHE_HIT", "SKIPPED_STEPS", "SIMILARITY", "TIMINGS")
+        outputs = [self._tc.InferRequestedOutput(n) for n in names]
         start = time.perf_counter()
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s)}
         result = self._client.infer(
@@ -84,6 +87,7 @@ class NirvanaClient:
             skipped_steps=int(result.as_numpy("SKIPPED_STEPS").reshape(-1)[0]),
             similarity=float(result.as_numpy("SIMILARITY").reshape(-1)[0]),
             latency_ms=latency_ms,
+            server_timings_ms=json.loads(result.as_numpy("TIMINGS").reshape(-1)[0]),
         )
 
     def close(self) -> None:

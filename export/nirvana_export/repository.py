@@ -87,6 +87,8 @@ def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, max_co
         _tensor_block(TensorSpec("CACHE_HIT", "int64", scalar), "TYPE_BOOL"),
         _tensor_block(TensorSpec("SKIPPED_STEPS", "int32", scalar)),
         _tensor_block(TensorSpec("SIMILARITY", "float32", scalar)),
+        # Server-side time per stage (JSON: embed_ms, search_ms, ..., total_ms) for overhead reports.
+        _tensor_block(TensorSpec("TIMINGS", "int64", scalar), string),
     ]
     text = 'name: "nirvana"\nbackend: "python"\nmax_batch_size: 0\n' + _io("input", inputs) + _io("output", outputs)
     # One instance: a milvus-lite file admits one process, and Triton runs each instance in its own stub process.

@@ -62,6 +62,7 @@ def test_image_hit_and_miss(connect, protocol) -> None:
     unrelated = {"grpc": "an isometric diagram of a diesel engine", "http": "a bowl of ramen, studio lighting"}
     other = client.generate(unrelated[protocol], GenerateOptions(seed=3, steps=STEPS))
     assert not other.cache_hit and other.skipped_steps == 0
+    assert {"embed_ms", "unet_ms", "decode_ms", "total_ms"} <= set(first.server_timings_ms)
 
 
 BAD_INPUTS = [

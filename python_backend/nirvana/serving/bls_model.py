@@ -54,6 +54,10 @@ def _scalar(name: str, array: np.ndarray) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in timings.items()}
+
+
 class TritonPythonModel:
     """The `nirvana` model: one instance, `async execute` with a thread pool so requests overlap."""
 
@@ -102,6 +106,7 @@ class TritonPythonModel:
             pb.Tensor("CACHE_HIT", np.array([result.cache_hit], dtype=np.bool_)),
             pb.Tensor("SKIPPED_STEPS", np.array([result.skipped_steps], dtype=np.int32)),
             pb.Tensor("SIMILARITY", np.array([result.similarity], dtype=np.float32)),
+            pb.Tensor("TIMINGS", np.array([json.dumps(_rounded(result.timings_ms)).encode()], dtype=np.object_)),
         ]
         return pb.InferenceResponse(output_tensors=outputs)
 
