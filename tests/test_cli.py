@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from nirvana.cli import app
@@ -101,3 +102,13 @@ def test_bench_overhead_small(tmp_path) -> None:
     assert figures["recall_at_1"] == 1.0 and figures["hit_rate"] == 1.0
     for stage in ("embed_ms", "search_ms", "select_ms", "latent_load_ms", "cache_path_ms"):
         assert 0 < figures[stage]["p50"] <= figures[stage]["p99"]
+
+
+@pytest.mark.integration
+def test_demo_runs_the_served_path(tiny_checkpoint_dir, tmp_path) -> None:
+    result = runner.invoke(
+        app, ["demo", "--work-dir", str(tmp_path), "--checkpoint", str(tiny_checkpoint_dir), "--steps", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("HIT") == 2 and "nirvana_cache_hits_total 2" in result.output
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4

@@ -115,32 +115,82 @@ DEMO_PROMPTS = [
 
 @app.command()
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Holds the tiny model, the cache and the images.")] = Path("demo"),
+    work_dir: Annotated[
+        Path, typer.Option(help="Holds the tiny model, the cache, the repository and the images.")
+    ] = Path("demo"),
     checkpoint: Annotated[Path | None, typer.Option(help="Use this checkpoint instead of a tiny one.")] = None,
-    steps: int = 50,
+    steps: int = 20,
+    in_process: Annotated[bool, typer.Option(help="Run the pipeline in this process instead of in Triton.")] = False,
 ) -> None:
-    """Make a tiny model (unless --checkpoint) and generate a few prompts: a miss, a paraphrase hit, a repeat hit."""
+    """Start tritonserver on a tiny model, send a few prompts over gRPC and HTTP, show misses and cache hits, stop."""
     from nirvana.checkpoint import make_tiny_model
 
+    _setup_logging(verbose=False)
     if checkpoint is None:
         checkpoint = work_dir / "tiny-model"
         if not (checkpoint / "model_index.json").exists():
+            console.print(f"making a tiny random-weight model in {checkpoint}")
             make_tiny_model(checkpoint)
-    generate(
-        DEMO_PROMPTS,
-        checkpoint=checkpoint,
-        out_dir=work_dir / "images",
-        cache_dir=work_dir / "cache",
-        config=None,
-        seed=0,
-        steps=steps,
-        guidance=None,
-        negative_prompt="",
-        cache_mode="auto",
-        tenant="default",
-        scheduler=None,
-        verbose=False,
+    if in_process:
+        generate(
+            DEMO_PROMPTS,
+            checkpoint=checkpoint,
+            out_dir=work_dir / "images",
+            cache_dir=work_dir / "cache",
+            config=None,
+            seed=0,
+            steps=steps,
+            guidance=None,
+            negative_prompt="",
+            cache_mode="auto",
+            tenant="default",
+            scheduler=None,
+            verbose=False,
+        )
+        return
+    _demo_served(work_dir, checkpoint, steps)
+
+
+def _demo_served(work_dir: Path, checkpoint: Path, steps: int) -> None:
+    from PIL import Image
+
+    from nirvana.serving.launch import ServeOptions, make_server, prepare
+    from nirvana.serving.tritonserver import ServerPorts, free_ports
+    from nirvana_client import GenerateOptions, NirvanaClient
+
+    options = ServeOptions(cache_dir=work_dir / "serve", checkpoint=checkpoint, ports=ServerPorts(*free_ports(3)))
+    console.print("exporting the sub-models to ONNX and writing the Triton model repository ...")
+    repo, _ = prepare(options)
+    server = make_server(options, repo)
+    console.print(f"starting tritonserver (log: {server.log_path}) ...")
+    (work_dir / "images").mkdir(parents=True, exist_ok=True)
+    with server:
+        for i, prompt in enumerate(DEMO_PROMPTS):
+            protocol = "http" if i % 2 else "grpc"
+            client = NirvanaClient(server.urls.http if protocol == "http" else server.urls.grpc, protocol)
+            res = client.generate(prompt, GenerateOptions(seed=i, steps=steps))
+            client.close()
+            path = work_dir / "images" / f"{i:03d}.png"
+            Image.fromarray(res.image).save(path)
+            hit = f"HIT, skipped {res.skipped_steps}/{steps} steps" if res.cache_hit else "miss"
+            sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"
+            console.print(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {path}")
+        console.print(_metrics_summary(server.urls.metrics))
+
+
+def _metrics_summary(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    wanted = (
+        "nirvana_cache_hits_total",
+        "nirvana_cache_misses_total",
+        "nirvana_skipped_steps_total",
+        "nirvana_unet_steps_total",
+        "nirvana_cache_entries",
     )
+    return "metrics: " + ", ".join(line for line in lines if line.startswith(wanted))
 
 
 @app.command("export")
@@ -232,6 +282,25 @@ def bench_overhead(
     sizes = sorted({min(10_000, entries), entries})
     shape = tuple(int(x) for x in latent_shape.split(","))
     report = run_overhead(sizes, queries, shape, work_dir)
+    typer.echo(json.dumps(report, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench_app.command("serving")
+def bench_serving(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model made on the fly).")] = None,
+    requests: Annotated[int, typer.Option(help="Requests per path.")] = 20,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request.")] = 20,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Median latency in-process (torch, ONNX) vs through tritonserver (gRPC, HTTP), measured in one run."""
+    from nirvana.bench.serving import run_serving
+
+    _setup_logging(verbose)
+    report = run_serving(checkpoint, requests, steps, work_dir)
     typer.echo(json.dumps(report, indent=2))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))

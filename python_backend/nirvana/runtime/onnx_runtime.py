@@ -86,14 +86,24 @@ class OnnxSubModels:
     """
 
     def __init__(
-        self, model_dir: str | Path, *, fingerprint: str | None = None, num_threads: int = DEFAULT_THREADS
+        self,
+        model_dir: str | Path,
+        *,
+        fingerprint: str | None = None,
+        num_threads: int = DEFAULT_THREADS,
+        version: str | None = None,
     ) -> None:
+        """``version``: read a Triton model repository (``<name>/<version>/model.onnx``) instead of the export dir."""
         self.model_dir = Path(model_dir)
         if fingerprint is not None:
             self._check_fingerprint(fingerprint)
-        self.text_encoder = OnnxModel(onnx_path(self.model_dir, "text_encoder"), num_threads)
-        self.unet_model = OnnxModel(onnx_path(self.model_dir, "unet"), num_threads)
-        self.vae_decoder = OnnxModel(onnx_path(self.model_dir, "vae_decoder"), num_threads)
+
+        def path(name: str) -> Path:
+            return self.model_dir / name / version / "model.onnx" if version else onnx_path(self.model_dir, name)
+
+        self.text_encoder = OnnxModel(path("text_encoder"), num_threads)
+        self.unet_model = OnnxModel(path("unet"), num_threads)
+        self.vae_decoder = OnnxModel(path("vae_decoder"), num_threads)
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         manifest_path = self.model_dir / MANIFEST_NAME
