@@ -50,5 +50,149 @@ def generate(
     )
 
 
+Workload = Annotated[Path, typer.Argument(help="Prompts: .txt (one per line), .csv/.tsv/.parquet, .jsonl.")]
+Column = Annotated[str | None, typer.Option(help="Prompt column (default: prompt, Prompt, text or caption).")]
+SeedColumn = Annotated[str | None, typer.Option(help="Seed column (default: 'seed' if present, else the index).")]
+TimestampColumn = Annotated[
+    str | None, typer.Option(help="Arrival-time column; rows are replayed sorted by it (default: 'timestamp').")
+]
+Limit = Annotated[int | None, typer.Option(help="Use the first N requests (after sorting / shuffling).", min=1)]
+Steps = Annotated[int, typer.Option(help="NUM_INFERENCE_STEPS sent with every request.", min=1)]
+
+
+def _load(workload: Path, column, seed_column, timestamp_column, limit, shuffle=False, seed=0) -> list:
+    from nirvana_client.workload import WorkloadError, load_workload
+
+    try:
+        return load_workload(
+            workload,
+            column,
+            seed_column=seed_column,
+            timestamp_column=timestamp_column,
+            limit=limit,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+        )
+    except WorkloadError as err:
+        raise typer.BadParameter(str(err), param_hint="WORKLOAD") from None
+
+
+def _timing(
+    timing: str | None, speed: float | None, concurrency: int, rate: float | None, max_in_flight: int, seed: int
+):
+    from nirvana_client.load import Timing
+
+    mode = timing or ("poisson" if rate is not None else "trace" if speed is not None else "closed")
+    try:
+        return Timing(mode, speed or 1.0, concurrency, rate or 1.0, max_in_flight, seed)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+@app.command()
+def replay(
+    workload: Workload,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json, report.md, plots.")],
+    url: Annotated[str, typer.Option(help="host:port of Triton (gRPC 8001, HTTP 8000 by default).")] = "",
+    protocol: Annotated[str, typer.Option(help="grpc or http")] = "grpc",
+    column: Column = None,
+    seed_column: SeedColumn = None,
+    timestamp_column: TimestampColumn = None,
+    timing: Annotated[
+        str | None, typer.Option(help="trace | closed | poisson (default: from --speed/--rate, else closed).")
+    ] = None,
+    speed: Annotated[float | None, typer.Option(help="trace: replay this many times faster than recorded.")] = None,
+    concurrency: Annotated[int, typer.Option(help="closed: requests outstanding at once.", min=1)] = 1,
+    rate: Annotated[float | None, typer.Option(help="poisson: mean requests per second.")] = None,
+    max_in_flight: Annotated[int, typer.Option(help="trace/poisson: most requests outstanding.", min=1)] = 16,
+    limit: Limit = None,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle the workload (with --seed) before --limit.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --shuffle and of the Poisson arrivals.")] = 0,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop sending after this many seconds.")] = None,
+    steps: Steps = 50,
+    guidance: Annotated[float | None, typer.Option(help="GUIDANCE_SCALE (default: the server's).")] = None,
+    negative_prompt: str | None = None,
+    tenant: Annotated[str | None, typer.Option(help="TENANT sent with every request.")] = None,
+    compare_bypass: Annotated[
+        bool, typer.Option(help="Also send every request with CACHE_MODE=bypass, in alternating blocks.")
+    ] = False,
+    block_size: Annotated[int, typer.Option(help="--compare-bypass: requests per block.", min=1)] = 25,
+    timeout: Annotated[float, typer.Option(help="Seconds one request may take.")] = 600.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Replay a prompt workload against a running server and write the benchmark report.
+
+    The DiffusionDB trace replays in timestamp order: `--timing trace --speed 60`. With --compare-bypass every
+    request also runs with the cache off, in alternating blocks, so cache on/off are measured side by side.
+    """
+    from nirvana_client.benchmark import run_and_report
+    from nirvana_client.replay import ReplayOptions
+
+    if shuffle and (timing == "trace" or (timing is None and speed is not None)):
+        raise typer.BadParameter("--shuffle breaks a trace's order; use closed or poisson timing")
+    items = _load(workload, column, seed_column, timestamp_column, limit, shuffle, seed)
+    try:
+        options = ReplayOptions(
+            url=url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000"),
+            protocol=protocol,  # type: ignore[arg-type]
+            steps=steps,
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            tenant=tenant,
+            timing=_timing(timing, speed, concurrency, rate, max_in_flight, seed),
+            compare_bypass=compare_bypass,
+            block_size=block_size,
+            max_seconds=max_seconds,
+            timeout_s=timeout,
+        )
+        report = run_and_report(items, options, out, str(workload), progress=progress)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary_line(report))
+    typer.echo(f"report: {out / 'report.md'}")
+    if report["errors"] and report["errors"] == sum(m["requests"] for m in report["by_mode"].values()):
+        raise typer.Exit(1)  # nothing succeeded: a script running this must notice
+
+
+def summary_line(report: dict) -> str:
+    """One line of the figures that matter."""
+    ratio = report["latency_ratio_cached_over_bypass"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return (
+        f"requests={report['requests']} errors={report['errors']} hit_rate={report['hit_rate']:.3f} "
+        f"steps_saved={report['steps_saved_fraction']:.3f} cached/bypass latency: mean={fmt(ratio['mean'])} "
+        f"p99={fmt(ratio['p99'])}"
+    )
+
+
+@app.command("perf-data")
+def perf_data(
+    workload: Workload,
+    out: Annotated[Path, typer.Option("-o", "--out", help="JSON file for perf_analyzer --input-data.")] = Path(
+        "input.json"
+    ),
+    column: Column = None,
+    seed_column: SeedColumn = None,
+    timestamp_column: TimestampColumn = None,
+    limit: Limit = None,
+    steps: Annotated[int | None, typer.Option(help="NUM_INFERENCE_STEPS (default: the server's).", min=1)] = None,
+    guidance: float | None = None,
+    cache_mode: Annotated[str | None, typer.Option(help="auto | bypass | refresh (default: the server's).")] = None,
+    tenant: str | None = None,
+    negative_prompt: str | None = None,
+) -> None:
+    """Write perf_analyzer --input-data JSON for the `nirvana` model: one request per workload prompt."""
+    from nirvana_client.perfdata import input_data, write_input_data
+
+    if cache_mode is not None and cache_mode not in ("auto", "bypass", "refresh"):
+        raise typer.BadParameter(f"--cache-mode={cache_mode!r}: must be auto, bypass or refresh")
+    items = _load(workload, column, seed_column, timestamp_column, limit)
+    document = input_data(
+        items, steps=steps, guidance=guidance, cache_mode=cache_mode, tenant=tenant, negative_prompt=negative_prompt
+    )
+    write_input_data(document, out)
+    typer.echo(f"{out}: {len(document['data'])} requests for perf_analyzer --input-data")
+
+
 if __name__ == "__main__":
     app()

@@ -11,6 +11,18 @@ import numpy as np
 
 Protocol = Literal["grpc", "http"]
 MODEL = "nirvana"
+# Inputs of the `nirvana` model (Triton datatypes, each of shape [1]); PROMPT is required, the rest optional.
+# The one place the client names them: requests, perf_analyzer input data and tests all read this table.
+INPUT_DATATYPES = {
+    "PROMPT": "BYTES",
+    "NEGATIVE_PROMPT": "BYTES",
+    "SEED": "INT64",
+    "NUM_INFERENCE_STEPS": "INT32",
+    "GUIDANCE_SCALE": "FP32",
+    "CACHE_MODE": "BYTES",
+    "TENANT": "BYTES",
+}
+_NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,19 @@ class GenerateResult:
     similarity: float
     latency_ms: float  # client-side, request sent to response decoded
     server_timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, measured in the server
+
+
+def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str | int | float]]:
+    """(input name, value) of one request: PROMPT first, then each optional input that is set."""
+    optional = [
+        ("NEGATIVE_PROMPT", options.negative_prompt),
+        ("SEED", options.seed),
+        ("NUM_INFERENCE_STEPS", options.steps),
+        ("GUIDANCE_SCALE", options.guidance),
+        ("CACHE_MODE", options.cache_mode),
+        ("TENANT", options.tenant),
+    ]
+    return [("PROMPT", prompt)] + [(name, value) for name, value in optional if value is not None]
 
 
 class NirvanaClient:
@@ -57,19 +82,11 @@ class NirvanaClient:
         return tensor
 
     def build_inputs(self, prompt: str, options: GenerateOptions) -> list:
-        inputs = [self._input("PROMPT", prompt.encode(), "BYTES", np.object_)]
-        optional = [
-            ("NEGATIVE_PROMPT", options.negative_prompt, "BYTES", np.object_),
-            ("SEED", options.seed, "INT64", np.int64),
-            ("NUM_INFERENCE_STEPS", options.steps, "INT32", np.int32),
-            ("GUIDANCE_SCALE", options.guidance, "FP32", np.float32),
-            ("CACHE_MODE", options.cache_mode, "BYTES", np.object_),
-            ("TENANT", options.tenant, "BYTES", np.object_),
-        ]
-        for name, value, datatype, np_type in optional:
-            if value is not None:
-                value = value.encode() if isinstance(value, str) else value
-                inputs.append(self._input(name, value, datatype, np_type))
+        inputs = []
+        for name, value in request_values(prompt, options):
+            datatype = INPUT_DATATYPES[name]
+            value = value.encode() if isinstance(value, str) else value
+            inputs.append(self._input(name, value, datatype, _NUMPY_TYPES[datatype]))
         return inputs
 
     def generate(self, prompt: str, options: GenerateOptions | None = None) -> GenerateResult:

@@ -121,7 +121,7 @@ class Pipeline:
         if cache_mode not in CACHE_MODES:
             raise RequestError("CACHE_MODE", cache_mode, f"must be one of {', '.join(CACHE_MODES)}")
         tenant = tenant or "default"
-        _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False)
+        _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False, allow_newlines=False)
         return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant)  # type: ignore[arg-type]
 
     def cache_key(self, steps: int, guidance: float) -> str:
@@ -245,12 +245,13 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
         timings[name] = (time.perf_counter() - t0) * 1e3
 
 
-def _check_text(name: str, value: object, max_chars: int, allow_empty: bool) -> None:
+def _check_text(name: str, value: object, max_chars: int, allow_empty: bool, allow_newlines: bool = True) -> None:
     if not isinstance(value, str):
         raise RequestError(name, value, f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RequestError(name, value, "must not be empty")
     if len(value) > max_chars:
         raise RequestError(name, f"<{len(value)} characters>", f"longer than the limit of {max_chars} characters")
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+    allowed = "\t\n\r" if allow_newlines else ""
+    if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in value):
         raise RequestError(name, value, "contains control characters")

@@ -11,45 +11,12 @@ from tritonclient.utils import InferenceServerException
 
 from nirvana.config import load_config
 from nirvana.pipeline import Pipeline
-from nirvana.serving.launch import ServeOptions, make_server, prepare
-from nirvana.serving.tritonserver import ServerPorts, free_ports
-from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana.serving.launch import make_server
+from nirvana_client import GenerateOptions
 
 pytestmark = pytest.mark.integration
 STEPS = 10
 FOX = "a red fox in the snow, photograph"
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint_dir, tmp_path_factory):
-    """A running server; yields (server, options). Tests may restart it through `restart`."""
-    cache_dir = tmp_path_factory.mktemp("serve")
-    http, grpc, metrics = free_ports(3)
-    options = ServeOptions(
-        cache_dir=cache_dir, checkpoint=tiny_checkpoint_dir, ports=ServerPorts(http, grpc, metrics), ready_timeout_s=180
-    )
-    repo, _ = prepare(options)
-    server = make_server(options, repo)
-    server.start()
-    server.wait_ready()
-    state = {"server": server, "options": options, "repo": repo}
-    yield state
-    state["server"].stop()
-
-
-@pytest.fixture
-def connect(served):
-    """Client factory; every client is closed at teardown (an open HTTP connection delays Triton's shutdown)."""
-    made: list[NirvanaClient] = []
-
-    def make(protocol: str) -> NirvanaClient:
-        urls = served["server"].urls
-        made.append(NirvanaClient(urls.grpc if protocol == "grpc" else urls.http, protocol))
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

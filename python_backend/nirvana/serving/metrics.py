@@ -68,6 +68,7 @@ class CacheMetrics:
     def rejected(self) -> None:
         with self._lock:
             self.rejected_requests.increment(1)
+            self._update_gauges()
 
     def _update_gauges(self) -> None:
         evictions = self._cache.counters.evictions
