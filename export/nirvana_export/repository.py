@@ -68,7 +68,9 @@ def submodel_config(spec: ModelSpec, profile: str, instances: int = 1) -> str:
     return head + body + tail
 
 
-def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, max_concurrent_requests: int = 4) -> str:
+def nirvana_config(
+    image_size: tuple[int, int], max_queue_size: int = 64, max_concurrent_requests: int = 4, queue_timeout_s: int = 300
+) -> str:
     """config.pbtxt of the BLS model; tensor contract in README ("Triton tensor contract")."""
     h, w = image_size
     string, scalar = "TYPE_STRING", (1,)
@@ -95,7 +97,11 @@ def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, max_co
     # Concurrency comes from async execute + a thread pool (max_concurrent_requests).
     text += "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
     # Overload is rejected at the queue, not absorbed as memory growth.
-    text += f"dynamic_batching {{\n  default_queue_policy {{\n    max_queue_size: {max_queue_size}\n  }}\n}}\n"
+    policy = (
+        f"    max_queue_size: {max_queue_size}\n    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {queue_timeout_s * 1_000_000}\n    allow_timeout_override: true\n"
+    )
+    text += f"dynamic_batching {{\n  default_queue_policy {{\n{policy}  }}\n}}\n"
     params = {"engine_config": "engine.json", "max_concurrent_requests": str(max_concurrent_requests)}
     for key, value in params.items():
         text += f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'

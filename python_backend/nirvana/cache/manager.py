@@ -19,6 +19,7 @@ from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
 from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.cache.predictor import HitPredictor
+from nirvana.cache.probing import ProbeMonitor
 from nirvana.cache.search import PartitionedSearch
 from nirvana.config import CacheConfig
 
@@ -72,6 +73,7 @@ class ApproximateCache:
             max_fit_samples=p.max_fit_samples,
             shadow_rate=p.shadow_rate,
         )
+        self.probes = ProbeMonitor()
         self._records: dict[int, PromptRecord] = {}
         self._entries = 0
         self._lock = threading.RLock()
@@ -147,6 +149,7 @@ class ApproximateCache:
             self.predictor.record_shadow(would_hit=k is not None)
             return self._miss(Lookup(False, "predicted-novel", match.similarity, timings_ms=timings))
         if record is None or k is None:
+            self.probes.observe(tenant, match.similarity, self.selector.thresholds[-1][0])
             return self._miss(Lookup(False, "below-threshold", match.similarity, timings_ms=timings))
         return self._load_hit(record, k, match.similarity, timings)
 
@@ -291,6 +294,8 @@ class ApproximateCache:
             "bytes": self.total_bytes,
             **vars(self.counters),
             "predictor": vars(self.predictor.stats()),
+            "near_misses": self.probes.near_misses,
+            "probing_suspects": self.probes.suspects(),
         }
 
     def flush(self) -> None:

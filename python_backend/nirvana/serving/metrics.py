@@ -39,6 +39,9 @@ class CacheMetrics:
         self.evictions = counter("nirvana_cache_evictions_total", "Cached latents evicted by LCBFU")
         self.bytes = gauge("nirvana_cache_bytes", "Bytes of cached latents on disk")
         self.entries = gauge("nirvana_cache_entries", "Cached latents")
+        self.near_misses = counter("nirvana_near_miss_queries_total", "Misses just below the lowest threshold")
+        self.suspects = gauge("nirvana_probing_suspect_tenants", "Tenants with many near misses (possible probing)")
+        self._near_misses_seen = cache.probes.near_misses
         self.retrieval = metric(
             "nirvana_retrieval_latency_ms",
             "Search + selection + latent load (ms)",
@@ -75,5 +78,10 @@ class CacheMetrics:
         if evictions > self._evictions_seen:
             self.evictions.increment(evictions - self._evictions_seen)
             self._evictions_seen = evictions
+        near = self._cache.probes.near_misses
+        if near > self._near_misses_seen:
+            self.near_misses.increment(near - self._near_misses_seen)
+            self._near_misses_seen = near
+        self.suspects.set(self._cache.probes.suspects())
         self.bytes.set(self._cache.total_bytes)
         self.entries.set(self._cache.entries)
