@@ -93,7 +93,9 @@ class NirvanaClient:
         names = ("IMAGE", "CACHE_HIT", "SKIPPED_STEPS", "SIMILARITY", "TIMINGS")
         outputs = [self._tc.InferRequestedOutput(n) for n in names]
         start = time.perf_counter()
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s)}
+        # gRPC: a client-side deadline in seconds. HTTP: the deadline is the connection's network_timeout; its
+        # infer(timeout=...) is a *server-side queue* timeout in microseconds, which we leave to the model config.
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         result = self._client.infer(
             self.model, self.build_inputs(prompt, options or GenerateOptions()), outputs=outputs, **kwargs
         )

@@ -1,5 +1,7 @@
 """ApproximateCache over real milvus-lite and a real latent directory: hits, misses, LCBFU eviction, repair."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,20 @@ def test_reopen_reconciles_orphans_and_dangling_entries(config) -> None:
     assert "00000000deadbeef-k10" not in set(reopened.latents.keys())
     assert reopened.counters.repaired == 2
     reopened.close()
+
+
+def test_predictor_skips_novel_prompts_and_measures_false_skips(config) -> None:
+    predictor = PredictorConfig(enabled=True, min_samples=8, shadow_rate=1.0)
+    cache = ApproximateCache(config.model_copy(update={"predictor": predictor}), DIM)
+    for i in range(12):  # a cluster of cached prompts around axis 0
+        cache.admit(f"p{i}", _vec(0, noise=0.05, seed=i), KEY, "t", _states(ks=(5,)))
+    cache._refit_predictor()
+    deadline = time.monotonic() + 30
+    while not cache.predictor.stats().fitted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    novel = cache.lookup(_vec(7), KEY, "t", STEPS)  # far from the cluster
+    assert novel.reason == "predicted-novel" and not novel.hit
+    stats = cache.predictor.stats()
+    assert stats.shadow_checks == 1 and stats.false_skips == 0 and stats.false_skip_rate == 0.0
+    assert cache.lookup(_vec(0, noise=0.05, seed=3), KEY, "t", STEPS).hit
+    cache.close()

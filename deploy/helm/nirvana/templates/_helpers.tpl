@@ -44,6 +44,14 @@ names it: <release>-milvus, or fullnameOverride), else empty (milvus-lite, one r
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when old and new pods can run side by side: a Milvus server and no ReadWriteOnce volume. */}}
+{{- define "nirvana.sharedVolumes" -}}
+{{- $models := .Values.modelRepository.persistence -}}
+{{- if and (include "nirvana.milvusUri" .) (eq .Values.latentStore.accessMode "ReadWriteMany") (or (not $models.enabled) (eq $models.accessMode "ReadWriteMany")) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "nirvana.latentClaim" -}}
 {{- .Values.latentStore.existingClaim | default (printf "%s-latents" (include "nirvana.fullname" .)) -}}
 {{- end -}}
