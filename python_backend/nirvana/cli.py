@@ -228,11 +228,16 @@ def serve(
     metrics_port: int = 8002,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     repo_dir: Annotated[Path | None, typer.Option(help="Where the model repository is generated.")] = None,
+    profile: Annotated[str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (GPU only).")] = "cpu",
     triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
     verbose: bool = False,
 ) -> None:
     """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM."""
+    from nirvana_export.repository import PROFILES
+
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"profile={profile!r}: choose one of {PROFILES}")
     from nirvana.serving.launch import ServeOptions, make_server, prepare
     from nirvana.serving.tritonserver import ServerPorts, TritonServerError, serve_forever
 
@@ -247,6 +252,7 @@ def serve(
         repo_dir=repo_dir,
         triton_dir=triton_dir,
         ready_timeout_s=ready_timeout,
+        profile=profile,
     )
     repo, _ = prepare(options)
     server = make_server(options, repo)
