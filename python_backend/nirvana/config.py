@@ -82,6 +82,8 @@ class CacheConfig(_Strict):
     min_entries_per_prompt: int = Field(1, ge=0)
     latent_dtype: Literal["float16", "float32"] = "float16"
     flush_interval_s: float = Field(1.0, gt=0, le=3600)
+    reconnect_interval_s: float = Field(10.0, gt=0, le=3600)  # retry period while Milvus is unreachable
+    rpc_timeout_s: float = Field(30.0, gt=0, le=600)  # per Milvus call: a hung Milvus must not hang a flush
     tenant_isolation: bool = True
     resume_history: Literal["reset", "carry"] = "reset"
     selection: SelectionConfig = SelectionConfig()

@@ -148,3 +148,30 @@ def test_predictor_skips_novel_prompts_and_measures_false_skips(config) -> None:
     assert stats.shadow_checks == 1 and stats.false_skips == 0 and stats.false_skip_rate == 0.0
     assert cache.lookup(_vec(0, noise=0.05, seed=3), KEY, "t", STEPS).hit
     cache.close()
+
+
+def test_unreachable_milvus_serves_uncached_then_resumes(config, tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the milvus-lite directory should be")
+    cfg = config.model_copy(update={"milvus_uri": str(blocker / "m.db"), "reconnect_interval_s": 0.2})
+    cache = ApproximateCache(cfg, DIM)
+    assert not cache.available
+    assert cache.admit("a red fox", _vec(0), KEY, "t", _states()) == 0
+    miss = cache.lookup(_vec(0), KEY, "t", STEPS)
+    assert not miss.hit and miss.reason == "cache-unavailable" and cache.counters.unavailable == 1
+    blocker.unlink()
+    blocker.mkdir()  # Milvus is back
+    deadline = time.monotonic() + 30
+    while not cache.available and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.available
+    assert cache.admit("a red fox", _vec(0), KEY, "t", _states()) == 5
+    assert cache.lookup(_vec(0), KEY, "t", STEPS).hit
+    cache.close()
+
+
+def test_unreachable_milvus_server_uri(config) -> None:
+    cfg = config.model_copy(update={"milvus_uri": "http://127.0.0.1:9", "rpc_timeout_s": 1.0})
+    cache = ApproximateCache(cfg, DIM)
+    assert not cache.available and cache.lookup(_vec(0), KEY, "t", STEPS).reason == "cache-unavailable"
+    cache.close()

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pymilvus.orm.iterator").setLevel(logging.ERROR)
 
 MAX_PROMPT_BYTES = 8192
-RPC_TIMEOUT_S = 30.0  # a Milvus that stopped answering must not hang a flush (or a shutdown) forever
+RPC_TIMEOUT_S = 30.0  # default per call: a Milvus that stopped answering must not hang a flush (or a shutdown)
 _BATCH = 1000  # milvus-lite 2.5 slows down sharply for single inserts of > ~4,800 rows of 384 dims
 
 
@@ -98,9 +98,11 @@ def record_id(cache_key: str, tenant: str, prompt: str) -> int:
 class MilvusIndex:
     """pymilvus client over one collection; milvus-lite file path or a server URI."""
 
-    def __init__(self, uri: str, collection: str, dim: int, flush_interval_s: float = 1.0) -> None:
-        self.uri, self.collection, self.dim = uri, collection, dim
-        self._client = MilvusClient(uri)
+    def __init__(
+        self, uri: str, collection: str, dim: int, flush_interval_s: float = 1.0, rpc_timeout_s: float = RPC_TIMEOUT_S
+    ) -> None:
+        self.uri, self.collection, self.dim, self.rpc_timeout_s = uri, collection, dim, rpc_timeout_s
+        self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0))
         self._client_lock = threading.Lock()  # one client call at a time (milvus-lite is a single local server)
         self._pending: dict[int, dict | None] = {}  # id → row to upsert, or None to delete; latest write wins
         self._pending_lock = threading.Lock()
@@ -156,7 +158,7 @@ class MilvusIndex:
         for start in range(0, len(records), _BATCH):
             rows = [r.to_row() for r in records[start : start + _BATCH]]
             with self._client_lock:
-                self._client.insert(self.collection, rows, timeout=RPC_TIMEOUT_S)
+                self._client.insert(self.collection, rows, timeout=self.rpc_timeout_s)
 
     def put(self, record: PromptRecord) -> None:
         """Queue an upsert of the record's current state (write-behind)."""
@@ -181,9 +183,9 @@ class MilvusIndex:
         try:
             with self._client_lock:
                 for start in range(0, len(upserts), _BATCH):
-                    self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=RPC_TIMEOUT_S)
+                    self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=self.rpc_timeout_s)
                 if deletes:
-                    self._client.delete(self.collection, ids=deletes, timeout=RPC_TIMEOUT_S)
+                    self._client.delete(self.collection, ids=deletes, timeout=self.rpc_timeout_s)
         except Exception:
             with self._pending_lock:  # keep newer changes made while we were writing
                 self._pending = {**batch, **self._pending}
@@ -202,7 +204,7 @@ class MilvusIndex:
         expr = f"cache_key == {_quote(cache_key)}" + ("" if tenant is None else f" and tenant == {_quote(tenant)}")
         with self._client_lock:
             result = self._client.search(
-                self.collection, data=[vector.tolist()], limit=1, filter=expr, timeout=RPC_TIMEOUT_S
+                self.collection, data=[vector.tolist()], limit=1, filter=expr, timeout=self.rpc_timeout_s
             )
         if not result or not result[0]:
             return None

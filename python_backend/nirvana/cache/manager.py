@@ -7,6 +7,7 @@ mirror for the request path), `latents` (blob store), `policy` (LCBFU), `selecti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -49,6 +50,7 @@ class CacheCounters:
     evictions: int = 0
     admitted: int = 0
     repaired: int = 0
+    unavailable: int = 0  # requests served uncached because Milvus was unreachable
 
 
 def blob_key(row_id: int, k: int) -> str:
@@ -80,25 +82,67 @@ class ApproximateCache:
         self._refitting = threading.Event()
         config.dir.mkdir(parents=True, exist_ok=True)
         self.latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
-        self.index = MilvusIndex(config.resolved_milvus_uri, config.collection, dim, config.flush_interval_s)
-        self._load_and_reconcile()
+        self.index: MilvusIndex | None = None  # None while Milvus is unreachable: requests are served uncached
+        self._closed = threading.Event()
+        if not self._connect():
+            threading.Thread(target=self._reconnect_loop, name="milvus-reconnect", daemon=True).start()
 
     # -- startup -------------------------------------------------------------------------------------
-    def _load_and_reconcile(self) -> None:
+    def _connect(self) -> bool:
+        """Open Milvus and mirror it; on failure log, stay uncached, and let the caller retry."""
+        uri = self.config.resolved_milvus_uri
+        index = None
+        try:
+            index = MilvusIndex(
+                uri, self.config.collection, self.dim, self.config.flush_interval_s, self.config.rpc_timeout_s
+            )
+            self._load_and_reconcile(index)
+        except Exception as err:
+            if index is not None:
+                with contextlib.suppress(Exception):
+                    index.close()
+            self._reset_mirror()
+            log.warning(
+                "Milvus at %s unavailable (%s): serving uncached, retrying every %.0f s",
+                uri,
+                err,
+                self.config.reconnect_interval_s,
+            )
+            return False
+        self.index = index  # published last: lookups start using the cache only once it is complete
+        return True
+
+    def _reset_mirror(self) -> None:
+        s = self.config.search
+        with self._lock:
+            self._records, self._entries = {}, 0
+            self._search = PartitionedSearch(self.dim, s.exact_max_rows, s.nprobe, s.tail_max_rows)
+
+    def _reconnect_loop(self) -> None:
+        while not self._closed.wait(self.config.reconnect_interval_s):
+            if self._connect():
+                log.warning("Milvus at %s is back: caching resumed", self.config.resolved_milvus_uri)
+                return
+
+    @property
+    def available(self) -> bool:
+        return self.index is not None
+
+    def _load_and_reconcile(self, index: MilvusIndex) -> None:
         """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to."""
         wanted: set[str] = set()
         dangling = 0
         by_partition: dict[tuple[str, str], list[PromptRecord]] = {}
-        for record in self.index.load_all():
+        for record in index.load_all():
             missing = [k for k in record.entries if blob_key(record.id, k) not in self.latents]
             for k in missing:
                 del record.entries[k]
             dangling += len(missing)
             if not record.entries:
-                self.index.delete(record.id)
+                index.delete(record.id)
                 continue
             if missing:
-                self.index.put(record)
+                index.put(record)
             wanted.update(blob_key(record.id, k) for k in record.entries)
             self._records[record.id] = record
             self._entries += len(record.entries)
@@ -132,6 +176,10 @@ class ApproximateCache:
     def lookup(self, vector: np.ndarray, cache_key: str, tenant: str, num_steps: int) -> Lookup:
         """Find the best cached latent for this request, load it, and count the hit."""
         timings: dict[str, float] = {}
+        if self.index is None:
+            with self._lock:
+                self.counters.unavailable += 1
+            return self._miss(Lookup(False, "cache-unavailable", timings_ms=timings))
         t0 = time.perf_counter()
         novel = self.predictor.is_novel(vector)
         if novel and not self.predictor.should_shadow():
@@ -193,6 +241,8 @@ class ApproximateCache:
         Ks the prompt already has are kept unless `replace` (CACHE_MODE=refresh), which rewrites their latents
         and keeps their hit counts.
         """
+        if self.index is None:
+            return 0  # nothing is admitted while Milvus, the store of record, is unreachable
         tenant = self.tenant_partition(tenant)
         row_id = record_id(cache_key, tenant, prompt)
         with self._lock:
@@ -299,10 +349,13 @@ class ApproximateCache:
         }
 
     def flush(self) -> None:
-        self.index.flush()
+        if self.index is not None:
+            self.index.flush()
 
     def close(self) -> None:
-        self.index.close()
+        self._closed.set()
+        if self.index is not None:
+            self.index.close()
 
 
 def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:

@@ -42,6 +42,9 @@ class CacheMetrics:
         self.near_misses = counter("nirvana_near_miss_queries_total", "Misses just below the lowest threshold")
         self.suspects = gauge("nirvana_probing_suspect_tenants", "Tenants with many near misses (possible probing)")
         self._near_misses_seen = cache.probes.near_misses
+        self.available = gauge("nirvana_cache_available", "1 while Milvus (the store of record) is reachable")
+        self.unavailable = counter("nirvana_cache_unavailable_total", "Requests served uncached: Milvus unreachable")
+        self._unavailable_seen = cache.counters.unavailable
         self.retrieval = metric(
             "nirvana_retrieval_latency_ms",
             "Search + selection + latent load (ms)",
@@ -83,5 +86,10 @@ class CacheMetrics:
             self.near_misses.increment(near - self._near_misses_seen)
             self._near_misses_seen = near
         self.suspects.set(self._cache.probes.suspects())
+        self.available.set(1 if self._cache.available else 0)
+        unavailable = self._cache.counters.unavailable
+        if unavailable > self._unavailable_seen:
+            self.unavailable.increment(unavailable - self._unavailable_seen)
+            self._unavailable_seen = unavailable
         self.bytes.set(self._cache.total_bytes)
         self.entries.set(self._cache.entries)
