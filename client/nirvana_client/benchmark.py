@@ -18,7 +18,9 @@ class Progress:
     """A tqdm bar over every request of the run, showing hits and errors so far."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, unit="req", desc="replay", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, unit="req", desc="replay", disable=not enabled, dynamic_ncols=True, mininterval=0.5
+        )
         self.lock = threading.Lock()
         self.hits = self.cached = self.errors = 0
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nirvana_client.client import GenerateOptions, NirvanaClient
+
+if TYPE_CHECKING:  # imported where used, so `generate` starts without matplotlib and friends
+    from nirvana_client.load import Timing
+    from nirvana_client.workload import WorkItem
 
 app = typer.Typer(help="Client for a nirvana-triton server (Triton gRPC/HTTP).", no_args_is_help=True)
 
@@ -60,7 +64,16 @@ Limit = Annotated[int | None, typer.Option(help="Use the first N requests (after
 Steps = Annotated[int, typer.Option(help="NUM_INFERENCE_STEPS sent with every request.", min=1)]
 
 
-def _load(workload: Path, column, seed_column, timestamp_column, limit, shuffle=False, seed=0) -> list:
+def _load(
+    workload: Path,
+    column: str | None,
+    seed_column: str | None,
+    timestamp_column: str | None,
+    limit: int | None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> list[WorkItem]:
+    """The workload's items, or a usage error naming what is wrong with the file."""
     from nirvana_client.workload import WorkloadError, load_workload
 
     try:
@@ -79,7 +92,8 @@ def _load(workload: Path, column, seed_column, timestamp_column, limit, shuffle=
 
 def _timing(
     timing: str | None, speed: float | None, concurrency: int, rate: float | None, max_in_flight: int, seed: int
-):
+) -> Timing:
+    """The pacing asked for; without --timing, --rate means poisson and --speed means trace."""
     from nirvana_client.load import Timing
 
     mode = timing or ("poisson" if rate is not None else "trace" if speed is not None else "closed")

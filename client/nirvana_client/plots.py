@@ -32,6 +32,11 @@ def _ok(records: Sequence[Record], mode: str) -> list[Record]:
     return [r for r in records if r.ok and r.mode == mode]
 
 
+def _legend(ax: plt.Axes, **kwargs: object) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a run with no responses has nothing to label
+        ax.legend(**kwargs)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -52,7 +57,7 @@ def latency_cdf(records: Sequence[Record], path: Path) -> Path:
     ax.set(xlabel="latency (ms, client side)", ylabel="fraction of requests ≤ x", title="Latency CDF: cache on vs off")
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(ax, loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
@@ -88,14 +93,14 @@ def warmup(records: Sequence[Record], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if len(cached):
         ax.plot(n, np.cumsum(hit) / n, color="tab:blue", label="hit rate (cumulative)")
-        window = min(WARMUP_WINDOW, len(cached))
+        window = min(WARMUP_WINDOW, max(1, len(cached) // 4))  # short runs still get a visible rolling curve
         rolling = np.convolve(hit, np.ones(window) / window, mode="valid")
         ax.plot(n[window - 1 :], rolling, color="tab:blue", alpha=0.35, label=f"hit rate (last {window})")
         ax.plot(n, np.cumsum(skipped) / np.cumsum(steps), color="tab:green", label="steps saved (cumulative)")
     ax.set(xlabel="cached request number (send order)", ylabel="fraction", title="Cache warming up")
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    _legend(ax, loc="upper left", fontsize=8)
     return _save(fig, path)
 
 
@@ -112,7 +117,7 @@ def stages(records: Sequence[Record], path: Path) -> Path:
         ax.barh(modes, means, left=left, color=cmap(i), label=stage.removesuffix("_ms"))
         left += means
     ax.set(xlabel="mean server time per request (ms)", title="Server time by stage")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    _legend(ax, fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     return _save(fig, path)
 
 

@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 PROMPT_COLUMNS = ("prompt", "Prompt", "text", "caption")  # tried in order when --column is not given
@@ -44,6 +44,8 @@ class WorkItem:
 def read_rows(path: Path) -> list[dict[str, object]]:
     """All rows of a workload file as dicts; a .txt file gives one row {"prompt": line} per non-blank line."""
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise WorkloadError(f"workload {str(path)!r}: unsupported type {suffix!r} (use one of {', '.join(SUFFIXES)})")
     if not path.is_file():
         raise WorkloadError(f"workload {str(path)!r}: no such file")
     if suffix == ".txt":
@@ -51,15 +53,13 @@ def read_rows(path: Path) -> list[dict[str, object]]:
     if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
-            raise WorkloadError(f"workload {str(path)!r}: reading parquet needs pyarrow (pip install pyarrow)") from err
+            raise WorkloadError(f"workload {str(path)!r}: reading parquet needs a working pyarrow ({err})") from err
         return pq.read_table(path).to_pylist()
-    raise WorkloadError(f"workload {str(path)!r}: unsupported type {suffix!r} (use one of {', '.join(SUFFIXES)})")
+    return _read_jsonl(path)  # .jsonl, .ndjson
 
 
 def _read_jsonl(path: Path) -> list[dict[str, object]]:
@@ -100,7 +100,7 @@ def parse_timestamp(value: object) -> float:
         except ValueError:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
