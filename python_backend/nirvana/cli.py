@@ -32,6 +32,14 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _emit(report: dict, json_path: Path | None) -> None:
+    """Print a benchmark's figures and, when asked, write them as JSON."""
+    text = json.dumps(report, indent=2)
+    typer.echo(text)
+    if json_path:
+        json_path.write_text(text + "\n")
+
+
 @app.command("make-tiny-model")
 def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers-format checkpoint into.")],
@@ -288,9 +296,7 @@ def bench_overhead(
     sizes = sorted({min(10_000, entries), entries})
     shape = tuple(int(x) for x in latent_shape.split(","))
     report = run_overhead(sizes, queries, shape, work_dir)
-    typer.echo(json.dumps(report, indent=2))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+    _emit(report, json_path)
 
 
 @bench_app.command("serving")
@@ -307,9 +313,7 @@ def bench_serving(
 
     _setup_logging(verbose)
     report = run_serving(checkpoint, requests, steps, work_dir)
-    typer.echo(json.dumps(report, indent=2))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+    _emit(report, json_path)
 
 
 @bench_app.command("replay")
@@ -343,9 +347,7 @@ def bench_replay(
         config_path=config,
         work_dir=work_dir,
     )
-    typer.echo(json.dumps(report, indent=2))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+    _emit(report, json_path)
 
 
 if __name__ == "__main__":
