@@ -85,6 +85,9 @@ class CacheConfig(_Strict):
     reconnect_interval_s: float = Field(10.0, gt=0, le=3600)  # retry period while Milvus is unreachable
     rpc_timeout_s: float = Field(30.0, gt=0, le=600)  # per Milvus call: a hung Milvus must not hang a flush
     tenant_isolation: bool = True
+    # > 0: pick at random among the best `near_equal_candidates` matches within this margin of the best similarity
+    near_equal_margin: float = Field(0.0, ge=0, le=1)
+    near_equal_candidates: int = Field(4, ge=2, le=64)
     resume_history: Literal["reset", "carry"] = "reset"
     selection: SelectionConfig = SelectionConfig()
     search: SearchConfig = SearchConfig()

@@ -175,3 +175,21 @@ def test_unreachable_milvus_server_uri(config) -> None:
     cache = ApproximateCache(cfg, DIM)
     assert not cache.available and cache.lookup(_vec(0), KEY, "t", STEPS).reason == "cache-unavailable"
     cache.close()
+
+
+def test_near_equal_candidates_are_chosen_at_random(config) -> None:
+    cache = ApproximateCache(config.model_copy(update={"near_equal_margin": 0.05}), DIM)
+    query = _vec(0)
+    twin = np.zeros(DIM, np.float32)
+    twin[0], twin[1] = 0.999, 0.0447  # cosine 0.999 to the query: near-equal to an exact copy
+    cache.admit("exact", query, KEY, "t", _states(ks=(25,)))
+    cache.admit("twin", twin / np.linalg.norm(twin), KEY, "t", _states(ks=(25,)))
+    cache.admit("far", _vec(5), KEY, "t", _states(ks=(25,)))
+    served = {cache.lookup(query, KEY, "t", STEPS).matched_prompt for _ in range(40)}
+    assert served == {"exact", "twin"}
+    plain = ApproximateCache(config.model_copy(update={"dir": config.dir.parent / "plain"}), DIM)
+    plain.admit("exact", query, KEY, "t", _states(ks=(25,)))
+    plain.admit("twin", twin / np.linalg.norm(twin), KEY, "t", _states(ks=(25,)))
+    assert {plain.lookup(query, KEY, "t", STEPS).matched_prompt for _ in range(10)} == {"exact"}
+    cache.close()
+    plain.close()

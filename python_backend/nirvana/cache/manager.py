@@ -21,7 +21,7 @@ from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.cache.predictor import HitPredictor
 from nirvana.cache.probing import ProbeMonitor
-from nirvana.cache.search import PartitionedSearch
+from nirvana.cache.search import Match, PartitionedSearch
 from nirvana.config import CacheConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class ApproximateCache:
             shadow_rate=p.shadow_rate,
         )
         self.probes = ProbeMonitor()
+        self._top_k = config.near_equal_candidates if config.near_equal_margin > 0 else 1
+        self._rng = np.random.default_rng()
         self._records: dict[int, PromptRecord] = {}
         self._entries = 0
         self._lock = threading.RLock()
@@ -184,7 +186,7 @@ class ApproximateCache:
         novel = self.predictor.is_novel(vector)
         if novel and not self.predictor.should_shadow():
             return self._miss(Lookup(False, "predicted-novel", timings_ms=timings))
-        match = self._search.best((cache_key, self.tenant_partition(tenant)), vector)
+        match = self._choose_match(self._search.top((cache_key, self.tenant_partition(tenant)), vector, self._top_k))
         t1 = time.perf_counter()
         timings["search_ms"] = (t1 - t0) * 1e3
         if match is None:
@@ -200,6 +202,18 @@ class ApproximateCache:
             self.probes.observe(tenant, match.similarity, self.selector.thresholds[-1][0])
             return self._miss(Lookup(False, "below-threshold", match.similarity, timings_ms=timings))
         return self._load_hit(record, k, match.similarity, timings)
+
+    def _choose_match(self, matches: list[Match]) -> Match | None:
+        """The best match, or with `near_equal_margin` > 0 a random one among those within the margin of the best:
+        which cached prompt serves a request is then not a deterministic function of the query, which blunts
+        prompt-reconstruction and targeted poisoning of a shared cache (USENIX Security'26)."""
+        if not matches:
+            return None
+        margin = self.config.near_equal_margin
+        if margin <= 0 or len(matches) == 1:
+            return matches[0]
+        close = [m for m in matches if m.similarity >= matches[0].similarity - margin]
+        return close[int(self._rng.integers(len(close)))]
 
     def _load_hit(self, record: PromptRecord, k: int, similarity: float, timings: dict[str, float]) -> Lookup:
         t0 = time.perf_counter()

@@ -58,13 +58,13 @@ class _ExactRows:
             self.pos[int(self.ids[at])] = at
         return True
 
-    def best(self, query: np.ndarray) -> Match | None:
+    def top(self, query: np.ndarray, k: int) -> list[Match]:
         n = len(self.pos)
         if n == 0:
-            return None
+            return []
         scores = self.vectors[:n] @ query
-        at = int(np.argmax(scores))
-        return Match(int(self.ids[at]), float(scores[at]))
+        at = [int(np.argmax(scores))] if k == 1 else np.argpartition(-scores, min(k, n) - 1)[:k]
+        return [Match(int(self.ids[i]), float(scores[i])) for i in at]
 
     def take_all(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.pos)
@@ -104,13 +104,12 @@ class _Partition:
             self.ivf.remove_ids(np.array([row_id], np.int64))
             self.ivf_ids.discard(row_id)
 
-    def best(self, query: np.ndarray) -> Match | None:
-        found = self.tail.best(query)
+    def top(self, query: np.ndarray, k: int) -> list[Match]:
+        found = self.tail.top(query, k)
         if self.ivf is not None and self.ivf_ids:
-            scores, ids = self.ivf.search(query[None, :], 1)
-            if ids[0, 0] >= 0 and (found is None or scores[0, 0] > found.similarity):
-                found = Match(int(ids[0, 0]), float(scores[0, 0]))
-        return found
+            scores, ids = self.ivf.search(query[None, :], k)
+            found += [Match(int(i), float(d)) for d, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        return sorted(found, key=lambda m: -m.similarity)[:k]
 
     def _all_rows(self) -> tuple[np.ndarray, np.ndarray]:
         ids, vectors = self.tail.take_all()
@@ -182,11 +181,16 @@ class PartitionedSearch:
             if partition is not None:
                 self._partitions[partition].remove(row_id)
 
-    def best(self, partition: PartitionKey, query: np.ndarray) -> Match | None:
+    def top(self, partition: PartitionKey, query: np.ndarray, k: int = 1) -> list[Match]:
+        """Up to `k` nearest rows of the partition, most similar first."""
         query = np.ascontiguousarray(query, np.float32)
         with self._lock:
             part = self._partitions.get(partition)
-            return None if part is None else part.best(query)
+            return [] if part is None else part.top(query, k)
+
+    def best(self, partition: PartitionKey, query: np.ndarray) -> Match | None:
+        found = self.top(partition, query, 1)
+        return found[0] if found else None
 
     def partition_sizes(self) -> dict[PartitionKey, int]:
         with self._lock:
