@@ -108,18 +108,29 @@ def nirvana_config(
     return text
 
 
-def render_configs(specs: dict[str, ModelSpec], image_size: tuple[int, int], profile: str) -> dict[str, str]:
-    """Relative path → text of every config.pbtxt and model.py of a repository (no weights)."""
+def render_configs(
+    specs: dict[str, ModelSpec], image_size: tuple[int, int], profile: str, **nirvana_options: int
+) -> dict[str, str]:
+    """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
+
+    `nirvana_options`: max_queue_size, max_concurrent_requests, queue_timeout_s of the BLS model."""
     files = {f"{name}/config.pbtxt": submodel_config(specs[name], profile) for name in MODEL_NAMES}
     if profile == "cpu":
         files.update({f"{name}/1/model.py": SUBMODEL_PY for name in MODEL_NAMES})
-    files["nirvana/config.pbtxt"] = nirvana_config(image_size)
+    files["nirvana/config.pbtxt"] = nirvana_config(image_size, **nirvana_options)
     files["nirvana/1/model.py"] = NIRVANA_PY
     return files
 
 
 def write_repository(
-    checkpoint_dir: Path, out: Path, profile: str, engine_config: dict, *, max_batch: int = 2, fp16: bool = True
+    checkpoint_dir: Path,
+    out: Path,
+    profile: str,
+    engine_config: dict,
+    *,
+    max_batch: int = 2,
+    fp16: bool = True,
+    **nirvana_options: int,
 ) -> Path:
     """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged."""
     from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint
@@ -134,7 +145,7 @@ def write_repository(
     specs = submodel_specs(checkpoint, max_batch=max_batch)
     if fresh:
         _export_weights(Path(checkpoint_dir), out, profile, specs, max_batch, fp16)
-    for rel, text in render_configs(specs, checkpoint.image_size, profile).items():
+    for rel, text in render_configs(specs, checkpoint.image_size, profile, **nirvana_options).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)
     (out / "nirvana" / "engine.json").write_text(json.dumps(engine_config, indent=2, default=str) + "\n")

@@ -239,6 +239,8 @@ def serve(
     profile: Annotated[str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (GPU only).")] = "cpu",
     triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
+    max_queue_size: Annotated[int, typer.Option(help="Queued requests beyond this are rejected.", min=1)] = 64,
+    max_concurrent: Annotated[int, typer.Option(help="Requests the nirvana model runs at once.", min=1)] = 4,
     verbose: bool = False,
 ) -> None:
     """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM."""
@@ -261,6 +263,8 @@ def serve(
         triton_dir=triton_dir,
         ready_timeout_s=ready_timeout,
         profile=profile,
+        max_queue_size=max_queue_size,
+        max_concurrent_requests=max_concurrent,
     )
     repo, _ = prepare(options)
     server = make_server(options, repo)

@@ -24,6 +24,8 @@ class ServeOptions:
     profile: str = "cpu"
     triton_dir: Path | None = None  # an installed tritonserver (e.g. /opt/tritonserver); default: the pytriton wheel's
     ready_timeout_s: float = 300.0
+    max_queue_size: int = 64  # requests waiting beyond this are rejected at once (overload → errors, not memory)
+    max_concurrent_requests: int = 4
     log_verbose: int = 0
 
 
@@ -47,7 +49,14 @@ def prepare(options: ServeOptions) -> tuple[Path, EngineConfig]:
             make_tiny_model(checkpoint)
     config = engine_config(options, checkpoint)
     repo = options.repo_dir or options.cache_dir / "model_repository"
-    write_repository(checkpoint, repo, options.profile, config.model_dump(mode="json"))
+    write_repository(
+        checkpoint,
+        repo,
+        options.profile,
+        config.model_dump(mode="json"),
+        max_queue_size=options.max_queue_size,
+        max_concurrent_requests=options.max_concurrent_requests,
+    )
     return repo, config
 
 
