@@ -1,5 +1,6 @@
 """ApproximateCache over real milvus-lite and a real latent directory: hits, misses, LCBFU eviction, repair."""
 
+import errno
 import time
 
 import numpy as np
@@ -193,3 +194,23 @@ def test_near_equal_candidates_are_chosen_at_random(config) -> None:
     assert {plain.lookup(query, KEY, "t", STEPS).matched_prompt for _ in range(10)} == {"exact"}
     cache.close()
     plain.close()
+
+
+def test_disk_full_during_admission_leaves_no_partial_entry(config, monkeypatch) -> None:
+    cache = ApproximateCache(config, DIM)
+    cache.admit("kept", _vec(1), KEY, "t", _states(ks=(5,)))
+    files_before = sorted(cache.latents.keys())
+    real_put, calls = cache.latents.put, []
+
+    def put_until_full(key, tensors, meta=None):
+        calls.append(key)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(key, tensors, meta)
+
+    monkeypatch.setattr(cache.latents, "put", put_until_full)
+    assert cache.admit("a red fox", _vec(0), KEY, "t", _states()) == 0
+    assert sorted(cache.latents.keys()) == files_before  # the two latents written before the failure are gone
+    assert cache.record(KEY, "t", "a red fox") is None and cache.entries == 1
+    assert cache.lookup(_vec(1), KEY, "t", STEPS).hit
+    cache.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
-from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
+from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore, LatentStoreError
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.cache.predictor import HitPredictor
 from nirvana.cache.probing import ProbeMonitor
@@ -272,7 +272,16 @@ class ApproximateCache:
             log.warning("not admitting %r: %s", prompt[:80], err)
             return 0
         now = self._clock()
-        written = {k: self.latents.put(blob_key(row_id, k), states[k], {"k": k}) for k in ks}
+        written: dict[int, int] = {}
+        try:
+            for k in ks:
+                written[k] = self.latents.put(blob_key(row_id, k), states[k], {"k": k})
+        except (OSError, LatentStoreError) as err:  # e.g. disk full: the image is served, the admission dropped
+            for k in written:
+                if k not in have:
+                    self.latents.delete(blob_key(row_id, k))
+            log.warning("admission of %r dropped: %s", prompt[:80], err)
+            return 0
         with self._lock:
             record = self._records.get(row_id)
             if record is None:
