@@ -1,0 +1,106 @@
+"""perf-data JSON matches the served `nirvana` model's inputs (model_repository/nirvana/config.pbtxt)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nirvana_client.cli import app
+from nirvana_client.client import INPUT_DATATYPES
+from nirvana_client.perfdata import input_data
+from nirvana_client.workload import WorkItem
+
+CONFIG = Path(__file__).resolve().parents[2] / "model_repository" / "nirvana" / "config.pbtxt"
+# config.pbtxt TYPE_* -> the datatype perf_analyzer reads from the model metadata
+TRITON_TYPES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_FP32": "FP32"}
+
+
+def model_inputs() -> dict[str, dict]:
+    """name -> {datatype, dims, optional} from the input [...] section of config.pbtxt."""
+    text = CONFIG.read_text()
+    section = text[text.index("input [") : text.index("output [")]
+    inputs = {}
+    for block in re.findall(r"\{(.*?)\}", section, re.S):
+        name = re.search(r'name:\s*"(\w+)"', block).group(1)
+        inputs[name] = {
+            "datatype": TRITON_TYPES[re.search(r"data_type:\s*(\w+)", block).group(1)],
+            "dims": [int(d) for d in re.search(r"dims:\s*\[([^\]]*)\]", block).group(1).split(",")],
+            "optional": "optional: true" in block,
+        }
+    return inputs
+
+
+def check_step(step: dict, inputs: dict[str, dict]) -> None:
+    """What perf_analyzer's data loader demands of one step (src/data_loader.cc, perf_utils.cc)."""
+    assert set(step) <= set(inputs), "a key that is not a model input is an error"
+    assert {n for n, spec in inputs.items() if not spec["optional"]} <= set(step), "required inputs present"
+    for name, tensor in step.items():
+        spec = inputs[name]
+        assert tensor["shape"] == spec["dims"] and len(tensor["content"]) == 1
+        value = tensor["content"][0]
+        if spec["datatype"] == "BYTES":
+            assert isinstance(value, str)
+        elif spec["datatype"] == "FP32":
+            assert isinstance(value, float)  # rapidjson IsDouble(): 7 would be rejected, 7.0 is read
+        else:
+            bits = 31 if spec["datatype"] == "INT32" else 63
+            assert isinstance(value, int) and not isinstance(value, bool) and -(2**bits) <= value < 2**bits
+
+
+def test_client_input_table_matches_config_pbtxt() -> None:
+    inputs = model_inputs()
+    assert {n: s["datatype"] for n, s in inputs.items()} == INPUT_DATATYPES
+    assert [n for n, s in inputs.items() if not s["optional"]] == ["PROMPT"]
+
+
+def test_every_option_gives_valid_perf_analyzer_data() -> None:
+    items = [WorkItem(0, "a red fox", seed=4294731701, tenant="acme"), WorkItem(1, "ünïcode ramen", seed=1)]
+    document = input_data(items, steps=20, guidance=7, cache_mode="bypass", tenant="default", negative_prompt="blurry")
+    inputs = model_inputs()
+    assert list(document) == ["data"] and len(document["data"]) == 2
+    for step in document["data"]:
+        check_step(step, inputs)
+    first, second = document["data"]
+    assert set(first) == set(inputs)
+    assert first["PROMPT"]["content"] == ["a red fox"] and first["SEED"]["content"] == [4294731701]
+    assert first["TENANT"]["content"] == ["acme"] and second["TENANT"]["content"] == ["default"]
+    assert first["GUIDANCE_SCALE"]["content"] == [7.0] and '"content": [7.0]' in json.dumps(first["GUIDANCE_SCALE"])
+    assert first["NUM_INFERENCE_STEPS"]["content"] == [20]
+
+
+def test_server_defaults_leave_optional_inputs_out() -> None:
+    step = input_data([WorkItem(0, "a cat", seed=0)])["data"][0]
+    assert set(step) == {"PROMPT", "SEED"}
+    check_step(step, model_inputs())
+
+
+def test_perf_data_command_writes_the_workload(tmp_path) -> None:
+    workload = tmp_path / "w.csv"
+    workload.write_text('prompt,seed\n"a cat, sleeping",5\na dog,6\n\n')
+    out = tmp_path / "input.json"
+    result = CliRunner().invoke(app, ["perf-data", str(workload), "-o", str(out), "--steps", "20"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert [s["PROMPT"]["content"][0] for s in document["data"]] == ["a cat, sleeping", "a dog"]
+    assert [s["SEED"]["content"][0] for s in document["data"]] == [5, 6]
+    for step in document["data"]:
+        check_step(step, model_inputs())
+
+
+def test_perf_data_rejects_an_unknown_cache_mode(tmp_path) -> None:
+    workload = tmp_path / "w.txt"
+    workload.write_text("a cat\n")
+    result = CliRunner().invoke(app, ["perf-data", str(workload), "--cache-mode", "sometimes"])
+    assert result.exit_code != 0 and "sometimes" in result.output
+
+
+@pytest.mark.parametrize("seed", [2**63, -1])
+def test_seed_outside_int64_is_refused(tmp_path, seed) -> None:
+    workload = tmp_path / "w.csv"
+    workload.write_text(f"prompt,seed\na cat,{seed}\n")
+    result = CliRunner().invoke(app, ["perf-data", str(workload), "-o", str(tmp_path / "x.json")])
+    assert result.exit_code != 0 and "INT64" in result.output
