@@ -138,12 +138,13 @@ def write_repository(
 
     out = Path(out)
     fingerprint = fingerprint_checkpoint(checkpoint_dir)
-    stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch}
+    stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
     manifest_path = out / MANIFEST
     fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
     checkpoint = load_checkpoint(checkpoint_dir, weights=False)
     specs = submodel_specs(checkpoint, max_batch=max_batch)
     if fresh:
+        manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
         _export_weights(Path(checkpoint_dir), out, profile, specs, max_batch, fp16)
     for rel, text in render_configs(specs, checkpoint.image_size, profile, **nirvana_options).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)

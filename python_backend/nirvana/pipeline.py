@@ -91,6 +91,7 @@ class Pipeline:
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
         self.cache = ApproximateCache(config.cache, self.embedder.dim)
+        self._cache_keys: dict[tuple[int, float], str] = {}
 
     # -- validation ---------------------------------------------------------------------------------
     def request(
@@ -126,6 +127,12 @@ class Pipeline:
 
     def cache_key(self, steps: int, guidance: float) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance."""
+        key = (steps, round(guidance, 4))
+        if key not in self._cache_keys:  # memoised: it builds a scheduler and hashes its config
+            self._cache_keys[key] = self._compute_cache_key(steps, guidance)
+        return self._cache_keys[key]
+
+    def _compute_cache_key(self, steps: int, guidance: float) -> str:
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         parts = {
             "checkpoint": self.checkpoint.fingerprint,
@@ -146,7 +153,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.cache_key(req.steps, req.guidance)
-        vector, lookup = None, Lookup(False, "bypass")
+        vector, lookup = None, Lookup(False, req.cache_mode if req.cache_mode != "auto" else "miss")
         if req.cache_mode != "bypass":
             vector = _timed(timings, "embed_ms", self.embedder.embed_one, req.prompt)
         if req.cache_mode == "auto":
@@ -184,6 +191,7 @@ class Pipeline:
         admitted = 0
         if admit_ks:
             states = {k: s.to_arrays() for k, s in result.captured.items()}
+            meta = {"negative_prompt": req.negative_prompt}
             admitted = _timed(
                 timings,
                 "admit_ms",
@@ -194,6 +202,7 @@ class Pipeline:
                 req.tenant,
                 states,
                 replace=req.cache_mode == "refresh",
+                meta=meta,
             )
         timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
         return GenerationResult(
@@ -212,7 +221,10 @@ class Pipeline:
         if not lookup.hit or lookup.arrays is None:
             return None
         state = ResumeState.from_arrays(lookup.arrays, lookup.k)
-        if lookup.matched_prompt == req.prompt:
+        same_conditioning = lookup.matched_prompt == req.prompt and lookup.meta.get("negative_prompt") == (
+            req.negative_prompt
+        )
+        if same_conditioning:
             return state  # same conditioning: the saved scheduler state is exactly what resuming needs
         return state.for_new_prompt(self.config.cache.resume_history)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
-from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore, LatentStoreError
+from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.cache.predictor import HitPredictor
 from nirvana.cache.probing import ProbeMonitor
@@ -41,6 +41,7 @@ class Lookup:
     matched_prompt: str | None = None
     arrays: dict[str, np.ndarray] | None = None  # the ResumeState's arrays on a hit
     timings_ms: dict[str, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # what admission stored beside the arrays (e.g. the negative prompt)
 
 
 @dataclass
@@ -111,7 +112,11 @@ class ApproximateCache:
                 self.config.reconnect_interval_s,
             )
             return False
-        self.index = index  # published last: lookups start using the cache only once it is complete
+        with self._lock:
+            if self._closed.is_set():  # close() ran while we were connecting: do not leak the client
+                index.close()
+                return True
+            self.index = index  # published last: lookups start using the cache only once it is complete
         return True
 
     def _reset_mirror(self) -> None:
@@ -223,7 +228,8 @@ class ApproximateCache:
             reason = "blob-missing" if isinstance(err, BlobMissing) else "blob-corrupt"
             log.warning("cached latent %s unusable (%s): served as a miss, entry removed", blob_key(record.id, k), err)
             self._drop_entry(record.id, k)
-            self.counters.repaired += 1
+            with self._lock:
+                self.counters.repaired += 1
             return self._miss(Lookup(False, reason, similarity, timings_ms=timings))
         timings["latent_load_ms"] = (time.perf_counter() - t0) * 1e3
         with self._lock:
@@ -233,7 +239,7 @@ class ApproximateCache:
                 meta.last_access = self._clock()
                 self.index.put(record)
             self.counters.hits += 1
-        return Lookup(True, "hit", similarity, k, record.prompt, blob.tensors, timings)
+        return Lookup(True, "hit", similarity, k, record.prompt, blob.tensors, timings, blob.meta)
 
     def _miss(self, lookup: Lookup) -> Lookup:
         with self._lock:
@@ -249,11 +255,12 @@ class ApproximateCache:
         tenant: str,
         states: dict[int, dict[str, np.ndarray]],
         replace: bool = False,
+        meta: dict | None = None,
     ) -> int:
         """Save a generated request's latents (K → ResumeState arrays). Returns how many were written.
 
         Ks the prompt already has are kept unless `replace` (CACHE_MODE=refresh), which rewrites their latents
-        and keeps their hit counts.
+        and keeps their hit counts. `meta` (small, JSON) is stored with each latent and returned on a hit.
         """
         if self.index is None:
             return 0  # nothing is admitted while Milvus, the store of record, is unreachable
@@ -275,8 +282,8 @@ class ApproximateCache:
         written: dict[int, int] = {}
         try:
             for k in ks:
-                written[k] = self.latents.put(blob_key(row_id, k), states[k], {"k": k})
-        except (OSError, LatentStoreError) as err:  # e.g. disk full: the image is served, the admission dropped
+                written[k] = self.latents.put(blob_key(row_id, k), states[k], {**(meta or {}), "k": k})
+        except Exception as err:  # e.g. disk full, fp16 overflow: the image is served, the admission dropped
             for k in written:
                 if k not in have:
                     self.latents.delete(blob_key(row_id, k))
@@ -376,9 +383,11 @@ class ApproximateCache:
             self.index.flush()
 
     def close(self) -> None:
-        self._closed.set()
-        if self.index is not None:
-            self.index.close()
+        with self._lock:
+            self._closed.set()
+            index = self.index
+        if index is not None:
+            index.close()
 
 
 def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:

@@ -33,6 +33,7 @@ class CacheMetrics:
         self.hits = counter("nirvana_cache_hits_total", "Requests that resumed from a cached latent")
         self.misses = counter("nirvana_cache_misses_total", "Requests that ran all steps (cache on, no usable entry)")
         self.bypass = counter("nirvana_cache_bypass_total", "Requests with CACHE_MODE=bypass")
+        self.refresh = counter("nirvana_cache_refresh_total", "Requests with CACHE_MODE=refresh (no lookup, re-admit)")
         self.rejected_requests = counter("nirvana_requests_rejected_total", "Requests rejected for invalid input")
         self.skipped = counter("nirvana_skipped_steps_total", "Denoising steps skipped thanks to the cache")
         self.unet_steps = counter("nirvana_unet_steps_total", "Denoising steps run")
@@ -60,6 +61,8 @@ class CacheMetrics:
     def _observe(self, result: Any) -> None:
         if result.reason == "bypass":
             self.bypass.increment(1)
+        elif result.reason == "refresh":
+            self.refresh.increment(1)
         elif result.cache_hit:
             self.hits.increment(1)
         else:
@@ -67,7 +70,7 @@ class CacheMetrics:
         self.skipped.increment(result.skipped_steps)
         self.unet_steps.increment(result.steps - result.skipped_steps)
         retrieval = sum(result.timings_ms.get(k, 0.0) for k in ("search_ms", "select_ms", "latent_load_ms"))
-        if result.reason != "bypass":
+        if "search_ms" in result.timings_ms:
             self.retrieval.observe(retrieval)
         self._update_gauges()
 
