@@ -45,7 +45,8 @@ class SearchConfig(_Strict):
 
     `mirror`: an in-process copy of the vectors, partitioned by (cache key, tenant): exact search for
     partitions up to `exact_max_rows`, faiss IVF above it (Milvus stays the store of record).
-    `milvus`: search Milvus directly (for a Milvus server with its own ANN index).
+    `milvus`: search Milvus directly (for a Milvus server with its own ANN index); it sees admissions only once
+    they are flushed (up to `flush_interval_s` later) and costs a round trip per request.
     """
 
     backend: Literal["mirror", "milvus"] = "mirror"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nirvana.cache.manager import ApproximateCache, blob_key
-from nirvana.config import CacheConfig, PredictorConfig
+from nirvana.config import CacheConfig, PredictorConfig, SearchConfig
 
 DIM, STEPS, KEY = 16, 50, "key"
 
@@ -213,4 +213,15 @@ def test_disk_full_during_admission_leaves_no_partial_entry(config, monkeypatch)
     assert sorted(cache.latents.keys()) == files_before  # the two latents written before the failure are gone
     assert cache.record(KEY, "t", "a red fox") is None and cache.entries == 1
     assert cache.lookup(_vec(1), KEY, "t", STEPS).hit
+    cache.close()
+
+
+def test_milvus_search_backend_finds_the_same_match(config) -> None:
+    cache = ApproximateCache(config.model_copy(update={"search": SearchConfig(backend="milvus")}), DIM)
+    cache.admit("a red fox", _vec(0), KEY, "t", _states(ks=(25,)))
+    cache.admit("a blue car", _vec(4), KEY, "t", _states(ks=(25,)))
+    cache.flush()  # Milvus search sees what has been written
+    hit = cache.lookup(_vec(0, noise=0.05, seed=2), KEY, "t", STEPS)
+    assert hit.hit and hit.matched_prompt == "a red fox"
+    assert cache.lookup(_vec(0), KEY, "other-tenant", STEPS).reason == "empty"
     cache.close()

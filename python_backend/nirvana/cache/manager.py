@@ -191,7 +191,7 @@ class ApproximateCache:
         novel = self.predictor.is_novel(vector)
         if novel and not self.predictor.should_shadow():
             return self._miss(Lookup(False, "predicted-novel", timings_ms=timings))
-        match = self._choose_match(self._search.top((cache_key, self.tenant_partition(tenant)), vector, self._top_k))
+        match = self._choose_match(self._candidates(cache_key, self.tenant_partition(tenant), vector))
         t1 = time.perf_counter()
         timings["search_ms"] = (t1 - t0) * 1e3
         if match is None:
@@ -207,6 +207,13 @@ class ApproximateCache:
             self.probes.observe(tenant, match.similarity, self.selector.thresholds[-1][0])
             return self._miss(Lookup(False, "below-threshold", match.similarity, timings_ms=timings))
         return self._load_hit(record, k, match.similarity, timings)
+
+    def _candidates(self, cache_key: str, partition: str, vector: np.ndarray) -> list[Match]:
+        """Nearest cached prompts: from the in-process mirror, or (search.backend = "milvus") from Milvus itself."""
+        if self.config.search.backend == "milvus" and self.index is not None:
+            found = self.index.search(np.asarray(vector, np.float32), cache_key, partition)
+            return [] if found is None else [Match(*found)]
+        return self._search.top((cache_key, partition), vector, self._top_k)
 
     def _choose_match(self, matches: list[Match]) -> Match | None:
         """The best match, or with `near_equal_margin` > 0 a random one among those within the margin of the best:
