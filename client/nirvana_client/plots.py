@@ -13,19 +13,11 @@ import matplotlib.pyplot as plt  # after matplotlib.use, or it would pick a GUI 
 import numpy as np
 
 from nirvana_client.replay import Record
+from nirvana_client.report import STAGES
 
 COLORS = {"cached": "tab:blue", "bypass": "tab:orange"}
 WARMUP_WINDOW = 50  # requests in the rolling hit rate
-STAGE_ORDER = (
-    "embed_ms",
-    "search_ms",
-    "select_ms",
-    "latent_load_ms",
-    "text_encode_ms",
-    "unet_ms",
-    "decode_ms",
-    "admit_ms",
-)
+STAGE_ORDER = tuple(s for s in STAGES if s != "total_ms")  # stacked per stage; the total is their sum
 
 
 def _ok(records: Sequence[Record], mode: str) -> list[Record]:
