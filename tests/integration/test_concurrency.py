@@ -63,7 +63,12 @@ def test_concurrent_clients(served, connect) -> None:
     print(f"\n{len(results)} concurrent requests in {elapsed:.1f} s, hits {observed_hits}, lost/mismatched: 0")
     served["server"].stop()  # clean stop: the BLS finalize flushes the write-behind queue
     engine = load_config(path=served["repo"] / "nirvana" / "engine.json")
-    cache = ApproximateCache(engine.cache, 384)
+    # the stopped server's milvus-lite process may hold the file lock for a moment: the cache reconnects
+    cache = ApproximateCache(engine.cache.model_copy(update={"reconnect_interval_s": 0.2}), 384)
+    deadline = time.monotonic() + 60
+    while not cache.available and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cache.available
     counted = sum(e.hits for r in cache._records.values() for e in r.entries.values())
     cache.close()
     assert counted == observed_hits

@@ -48,7 +48,15 @@ def test_unreachable_milvus_serves_uncached(tiny_checkpoint_dir, tmp_path) -> No
 
 def _consistency(engine) -> tuple[int, int]:
     """(entries whose blob is missing, blobs no entry refers to), read straight from Milvus and the directory."""
-    index = MilvusIndex(engine.cache.resolved_milvus_uri, engine.cache.collection, 384)
+    deadline = time.monotonic() + 60
+    while True:  # the stopped server's milvus-lite process may hold the file lock for a moment
+        try:
+            index = MilvusIndex(engine.cache.resolved_milvus_uri, engine.cache.collection, 384)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     records = list(index.load_all())
     index.close()
     store = LatentStore(engine.cache.latent_dir)
