@@ -106,7 +106,7 @@ class ApproximateCache:
                     index.close()
             self._reset_mirror()
             log.warning(
-                "Milvus at %s unavailable (%s): serving uncached, retrying every %.0f s",
+                "Milvus at %s unavailable (%s): serving uncached, retrying (at most every %.0f s)",
                 uri,
                 err,
                 self.config.reconnect_interval_s,
@@ -126,10 +126,14 @@ class ApproximateCache:
             self._search = PartitionedSearch(self.dim, s.exact_max_rows, s.nprobe, s.tail_max_rows)
 
     def _reconnect_loop(self) -> None:
-        while not self._closed.wait(self.config.reconnect_interval_s):
+        # Back off from half a second: right after a restart the previous process may hold milvus-lite's lock
+        # for a moment, and requests are served uncached until we get in.
+        delay = min(0.5, self.config.reconnect_interval_s)
+        while not self._closed.wait(delay):
             if self._connect():
                 log.warning("Milvus at %s is back: caching resumed", self.config.resolved_milvus_uri)
                 return
+            delay = min(delay * 2, self.config.reconnect_interval_s)
 
     @property
     def available(self) -> bool:
