@@ -66,7 +66,7 @@ def test_re_adding_an_id_moves_it() -> None:
     assert search.partition_sizes() == {("k", "a"): 0, ("k", "b"): 1}
 
 
-def test_bulk_load_matches_incremental() -> None:
+def test_bulk_load_finds_nearest_and_takes_later_rows() -> None:
     rng = np.random.default_rng(4)
     rows = _unit(rng, 2000)
     bulk = PartitionedSearch(32, exact_max_rows=500, nprobe=16)
