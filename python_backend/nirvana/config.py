@@ -83,6 +83,11 @@ class CacheConfig(_Strict):
     min_entries_per_prompt: int = Field(1, ge=0)
     latent_dtype: Literal["float16", "float32"] = "float16"
     flush_interval_s: float = Field(1.0, gt=0, le=3600)
+    # Milvus server only: how often the in-process mirror picks up what other replicas admitted, hit and evicted
+    # (0: never; a milvus-lite file has no other writer)
+    refresh_interval_s: float = Field(5.0, ge=0, le=3600)
+    # Names this process's hit counts in Milvus (one count per replica); default: host name and process id
+    replica_id: str | None = Field(None, min_length=1, max_length=128)
     reconnect_interval_s: float = Field(10.0, gt=0, le=3600)  # retry period while Milvus is unreachable
     rpc_timeout_s: float = Field(30.0, gt=0, le=600)  # per Milvus call: a hung Milvus must not hang a flush
     tenant_isolation: bool = True

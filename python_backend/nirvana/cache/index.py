@@ -1,11 +1,21 @@
 """Milvus: the store of record for cached prompts, their vectors and the LCBFU state.
 
 One row per cached prompt (per cache key and tenant). The LCBFU state lives in the row's fields: `entries`
-(JSON: K → hits, last access, bytes), and the roll-ups `hits`, `score` (Σ hits × K) and `last_access`, so it
-survives a restart and other tools can query it. Writes are **write-behind**: the request path only marks a
-row dirty; a background thread upserts dirty rows every `flush_interval_s` (a milvus-lite upsert costs
-10–130 ms, far too much for the request path). A crash loses at most one flush interval of hit counts;
-`close()` flushes everything.
+(JSON: K → hits, last access, bytes, and the hits counted by each replica), and the roll-ups `hits`, `score`
+(Σ hits × K) and `last_access`, so it survives a restart and other tools can query it.
+
+Writes are **write-behind**: the request path only records what changed in a row (Ks admitted, Ks removed, hits);
+a background thread flushes every `flush_interval_s` (an upsert costs 5–130 ms, far too much for the request path).
+A crash loses at most one flush interval of hit counts; `close()` flushes everything.
+
+**Several replicas, one collection.** A flush re-reads each changed row and merges this replica's changes into what
+is stored (`merge_entries`), so a K admitted or a hit counted by another replica is kept. Hit counts are a
+G-counter: each entry keeps one count per replica (`replica_hits`), only that replica increases its own count, and
+a merge takes the larger value of each count; `hits` is their sum. Milvus has no atomic increment or
+compare-and-set, so two replicas flushing the same row at the same moment can still overwrite each other's count
+(read, read, write, write); the replica whose count was overwritten writes it again at its next mirror refresh
+(see `ApproximateCache.refresh`), so counts converge while replicas run. What can still be lost: the increments
+of a replica whose *last* write was overwritten after its final refresh (it exited meanwhile).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import hashlib
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,15 +39,61 @@ logging.getLogger("pymilvus.orm.iterator").setLevel(logging.ERROR)
 MAX_PROMPT_BYTES = 8192
 RPC_TIMEOUT_S = 30.0  # default per call: a Milvus that stopped answering must not hang a flush (or a shutdown)
 _BATCH = 1000  # milvus-lite 2.5 slows down sharply for single inserts of > ~4,800 rows of 384 dims
+UNATTRIBUTED = "_"  # replica id of hits stored before hits were counted per replica
+# Reads that a merge depends on must see every acknowledged write (a Milvus server defaults to "Bounded").
+_CONSISTENCY = {"consistency_level": "Strong"}
 
 
-@dataclass
 class EntryMeta:
-    """One cached latent of a prompt: the latent after K steps."""
+    """One cached latent of a prompt (the latent after K steps): hits per replica, last access (s), bytes on disk."""
 
-    hits: int = 0
-    last_access: float = 0.0
-    nbytes: int = 0
+    __slots__ = ("last_access", "nbytes", "replica_hits")
+
+    def __init__(
+        self, hits: int = 0, last_access: float = 0.0, nbytes: int = 0, replica_hits: dict[str, int] | None = None
+    ) -> None:
+        if replica_hits is None:
+            replica_hits = {UNATTRIBUTED: hits} if hits else {}
+        self.replica_hits = {r: int(n) for r, n in replica_hits.items()}
+        self.last_access, self.nbytes = float(last_access), int(nbytes)
+
+    @property
+    def hits(self) -> int:
+        return sum(self.replica_hits.values())
+
+    def count_hit(self, replica: str, when: float) -> None:
+        self.replica_hits[replica] = self.replica_hits.get(replica, 0) + 1
+        self.last_access = max(self.last_access, when)
+
+    def copy(self) -> EntryMeta:
+        return EntryMeta(last_access=self.last_access, nbytes=self.nbytes, replica_hits=self.replica_hits)
+
+    def merged_with(self, other: EntryMeta) -> EntryMeta:
+        """Each replica's count is only ever increased by that replica: the larger value is the newer one."""
+        counts = dict(self.replica_hits)
+        for replica, n in other.replica_hits.items():
+            counts[replica] = max(counts.get(replica, 0), n)
+        return EntryMeta(last_access=max(self.last_access, other.last_access), nbytes=other.nbytes, replica_hits=counts)
+
+    def to_json(self) -> dict:
+        return {
+            "hits": self.hits,
+            "last_access": self.last_access,
+            "nbytes": self.nbytes,
+            "replica_hits": self.replica_hits,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> EntryMeta:
+        return cls(data.get("hits", 0), data.get("last_access", 0.0), data.get("nbytes", 0), data.get("replica_hits"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EntryMeta) and self.to_json() == other.to_json()
+
+    def __repr__(self) -> str:
+        return (
+            f"EntryMeta(hits={self.hits}, last_access={self.last_access}, nbytes={self.nbytes}, by={self.replica_hits})"
+        )
 
 
 @dataclass
@@ -62,6 +118,11 @@ class PromptRecord:
     def last_access(self) -> float:
         return max((e.last_access for e in self.entries.values()), default=self.created)
 
+    def snapshot(self) -> PromptRecord:
+        """A copy whose entries later hits do not change (the vector is shared: it never changes)."""
+        entries = {k: e.copy() for k, e in self.entries.items()}
+        return PromptRecord(self.id, self.prompt, self.cache_key, self.tenant, self.vector, self.created, entries)
+
     def to_row(self) -> dict:
         return {
             "id": self.id,
@@ -69,7 +130,7 @@ class PromptRecord:
             "prompt": self.prompt,
             "cache_key": self.cache_key,
             "tenant": self.tenant,
-            "entries": {str(k): vars(e) for k, e in sorted(self.entries.items())},
+            "entries": {str(k): e.to_json() for k, e in sorted(self.entries.items())},
             "hits": self.hits,
             "score": self.score,
             "last_access": self.last_access,
@@ -85,8 +146,54 @@ class PromptRecord:
             tenant=row["tenant"],
             vector=np.asarray(row["vector"], np.float32),
             created=float(row["created"]),
-            entries={int(k): EntryMeta(**v) for k, v in (row["entries"] or {}).items()},
+            entries=entries_from_json(row["entries"]),
         )
+
+
+def entries_from_json(data: dict | None) -> dict[int, EntryMeta]:
+    return {int(k): EntryMeta.from_json(v) for k, v in (data or {}).items()}
+
+
+@dataclass
+class RowChange:
+    """What this process changed in one row since the last flush: the row as it sees it, Ks added, Ks removed."""
+
+    record: PromptRecord | None  # None: delete the whole row, whatever it holds
+    added: set[int] = field(default_factory=set)
+    removed: set[int] = field(default_factory=set)
+
+    def after(self, older: RowChange) -> RowChange:
+        """This change applied on top of an older one that was not written (a failed flush)."""
+        if self.record is None or older.record is None:
+            return self
+        added = (older.added - self.removed) | self.added
+        removed = (older.removed - self.added) | self.removed
+        return RowChange(self.record, added, removed)
+
+
+def merge_entries(
+    stored: dict[int, EntryMeta] | None, local: dict[int, EntryMeta], change: RowChange | None
+) -> dict[int, EntryMeta]:
+    """The entries a row should hold: what Milvus stores, with this process's view and changes merged in.
+
+    Ks this process removed go; Ks it added come in; a K it holds that is no longer stored (and that it did not
+    add) was removed by another replica and stays gone; for a K both hold, each replica's hit count takes the
+    larger value.
+    """
+    added = change.added if change else set()
+    removed = change.removed if change else set()
+    merged = {k: e for k, e in (stored or {}).items() if k not in removed}
+    for k, mine in local.items():
+        if k in merged:
+            merged[k] = merged[k].merged_with(mine)
+        elif k in added:
+            merged[k] = mine.copy()
+    return merged
+
+
+def is_server_uri(uri: str) -> bool:
+    """A Milvus server, which other processes (replicas) may write too; a milvus-lite file admits one process."""
+    return uri.startswith(("http://", "https://", "tcp://"))
 
 
 def record_id(cache_key: str, tenant: str, prompt: str) -> int:
@@ -104,8 +211,11 @@ class MilvusIndex:
         self.uri, self.collection, self.dim, self.rpc_timeout_s = uri, collection, dim, rpc_timeout_s
         self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0))
         self._client_lock = threading.Lock()  # one client call at a time (milvus-lite is a single local server)
-        self._pending: dict[int, dict | None] = {}  # id → row to upsert, or None to delete; latest write wins
+        self._pending: dict[int, RowChange] = {}
         self._pending_lock = threading.Lock()
+        # Held for a whole flush (read, merge, write), so a reader holding it sees every change either still
+        # pending or already stored, never in between (ApproximateCache.refresh).
+        self.flush_lock = threading.Lock()
         self._stop = threading.Event()
         try:
             self._ensure_collection()
@@ -114,6 +224,10 @@ class MilvusIndex:
             raise
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval_s,), daemon=True)
         self._flusher.start()
+
+    @property
+    def shared(self) -> bool:
+        return is_server_uri(self.uri)
 
     def _ensure_collection(self) -> None:
         if self._client.has_collection(self.collection):
@@ -143,15 +257,36 @@ class MilvusIndex:
         )  # exact; milvus-lite loses growing raw data with AUTOINDEX
         self._client.create_collection(self.collection, schema=schema, index_params=index)
 
-    def load_all(self) -> Iterator[PromptRecord]:
-        """Every row, in batches (startup: builds the in-process mirror)."""
+    def _scan(self, output_fields: list[str]) -> Iterator[dict]:
         with self._client_lock:
-            iterator = self._client.query_iterator(self.collection, batch_size=_BATCH, filter="", output_fields=["*"])
+            iterator = self._client.query_iterator(
+                self.collection, batch_size=_BATCH, filter="", output_fields=output_fields, **_CONSISTENCY
+            )
             try:
                 while batch := iterator.next():
-                    yield from (PromptRecord.from_row(row) for row in batch)
+                    yield from batch
             finally:
                 iterator.close()
+
+    def load_all(self) -> Iterator[PromptRecord]:
+        """Every row, in batches (startup: builds the in-process mirror)."""
+        yield from (PromptRecord.from_row(row) for row in self._scan(["*"]))
+
+    def scan_entries(self) -> dict[int, dict[int, EntryMeta]]:
+        """Every row's id and entries, without vectors (the mirror's periodic refresh)."""
+        return {int(row["id"]): entries_from_json(row["entries"]) for row in self._scan(["id", "entries"])}
+
+    def fetch(self, ids: Iterable[int]) -> dict[int, PromptRecord]:
+        """The stored rows with these ids (absent ids are left out), read consistently with every acknowledged write."""
+        ids = list(ids)
+        found: dict[int, PromptRecord] = {}
+        for start in range(0, len(ids), _BATCH):
+            with self._client_lock:
+                rows = self._client.get(
+                    self.collection, ids=ids[start : start + _BATCH], timeout=self.rpc_timeout_s, **_CONSISTENCY
+                )
+            found.update((int(row["id"]), PromptRecord.from_row(row)) for row in rows)
+        return found
 
     def insert_now(self, records: list[PromptRecord]) -> None:
         """Synchronous bulk insert (benchmarks and imports), in batches Milvus handles well."""
@@ -160,37 +295,66 @@ class MilvusIndex:
             with self._client_lock:
                 self._client.insert(self.collection, rows, timeout=self.rpc_timeout_s)
 
-    def put(self, record: PromptRecord) -> None:
-        """Queue an upsert of the record's current state (write-behind)."""
-        row = record.to_row()
+    def put(self, record: PromptRecord, added: Iterable[int] = (), removed: Iterable[int] = ()) -> None:
+        """Queue a write of the record as this process sees it (write-behind): `added` are the Ks it has just
+        admitted (or rewritten), `removed` the Ks it has just dropped; hits need no mention (they are merged)."""
+        change = RowChange(record.snapshot(), set(added), set(removed))
         with self._pending_lock:
-            self._pending[record.id] = row
+            older = self._pending.get(record.id)
+            self._pending[record.id] = change if older is None else change.after(older)
 
     def delete(self, row_id: int) -> None:
+        """Queue the removal of the whole row, whatever another replica added to it."""
         with self._pending_lock:
-            self._pending[row_id] = None
+            self._pending[row_id] = RowChange(None)
 
     def pending(self) -> int:
         with self._pending_lock:
             return len(self._pending)
 
-    def flush(self) -> int:
-        """Write every queued change now; on failure the changes stay queued. Returns rows written."""
+    def pending_changes(self) -> dict[int, RowChange]:
         with self._pending_lock:
-            batch, self._pending = self._pending, {}
-        upserts = [row for row in batch.values() if row is not None]
-        deletes = [row_id for row_id, row in batch.items() if row is None]
-        try:
-            with self._client_lock:
-                for start in range(0, len(upserts), _BATCH):
-                    self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=self.rpc_timeout_s)
-                if deletes:
-                    self._client.delete(self.collection, ids=deletes, timeout=self.rpc_timeout_s)
-        except Exception:
-            with self._pending_lock:  # keep newer changes made while we were writing
-                self._pending = {**batch, **self._pending}
-            raise
+            return dict(self._pending)
+
+    def flush(self) -> int:
+        """Merge every queued change into the stored row and write it now; on failure the changes stay queued.
+        Returns the rows changed."""
+        with self.flush_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, {}
+            if not batch:
+                return 0
+            try:
+                self._write(batch)
+            except Exception:
+                with self._pending_lock:  # keep newer changes made while we were writing
+                    for row_id, older in batch.items():
+                        newer = self._pending.get(row_id)
+                        self._pending[row_id] = older if newer is None else newer.after(older)
+                raise
         return len(batch)
+
+    def _write(self, batch: dict[int, RowChange]) -> None:
+        stored = self.fetch(row_id for row_id, change in batch.items() if change.record is not None)
+        upserts, deletes = [], []
+        for row_id, change in batch.items():
+            old = stored.get(row_id)
+            if change.record is None:
+                deletes.append(row_id)
+                continue
+            entries = merge_entries(old.entries if old else None, change.record.entries, change)
+            if entries:
+                base = old if old is not None else change.record
+                merged = PromptRecord(base.id, base.prompt, base.cache_key, base.tenant, base.vector, base.created)
+                merged.entries = entries
+                upserts.append(merged.to_row())
+            elif old is not None:
+                deletes.append(row_id)
+        with self._client_lock:
+            for start in range(0, len(upserts), _BATCH):
+                self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=self.rpc_timeout_s)
+            if deletes:
+                self._client.delete(self.collection, ids=deletes, timeout=self.rpc_timeout_s)
 
     def _flush_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -212,7 +376,8 @@ class MilvusIndex:
 
     def count(self) -> int:
         with self._client_lock:
-            return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+            rows = self._client.query(self.collection, filter="", output_fields=["count(*)"], **_CONSISTENCY)
+        return int(rows[0]["count(*)"])
 
     def close(self) -> None:
         """Flush and release the client; safe to call twice."""

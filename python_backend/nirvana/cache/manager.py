@@ -3,12 +3,19 @@
 Composes the parts, each one module: `index` (Milvus, store of record, write-behind), `search` (in-process
 mirror for the request path), `latents` (blob store), `policy` (LCBFU), `selection` (similarity → K) and
 `predictor` (skip retrieval for novel prompts).
+
+Several replicas (processes) may share one cache: one Milvus server and one latent directory. Each mirrors Milvus
+at open and refreshes its mirror every `refresh_interval_s` (`refresh`): prompts another replica admitted become
+hits here, entries it evicted leave. Between refreshes a replica may serve an entry another one has just evicted:
+its latent is gone, which is a miss and removes the entry (as for any missing latent).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
+from nirvana.cache.index import (
+    EntryMeta,
+    MilvusIndex,
+    PromptRecord,
+    RowChange,
+    is_server_uri,
+    merge_entries,
+    record_id,
+)
 from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.cache.predictor import HitPredictor
@@ -59,10 +74,12 @@ def blob_key(row_id: int, k: int) -> str:
 
 
 class ApproximateCache:
-    """Thread-safe; one instance per process (milvus-lite files cannot be shared between processes)."""
+    """Thread-safe; one instance per process. Processes share a cache only through a Milvus server (a milvus-lite
+    file admits one process); each then needs its own `replica_id` (default: host name and process id)."""
 
     def __init__(self, config: CacheConfig, dim: int, clock: Callable[[], float] = time.time) -> None:
         self.config, self.dim, self._clock = config, dim, clock
+        self.replica = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.selector = config.selection.selector()
         self.policy = LCBFUPolicy(config.max_entries, config.max_bytes, config.min_entries_per_prompt)
         self.counters = CacheCounters()
@@ -87,8 +104,12 @@ class ApproximateCache:
         self.latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
         self.index: MilvusIndex | None = None  # None while Milvus is unreachable: requests are served uncached
         self._closed = threading.Event()
+        self._orphan_candidates: set[str] = set()  # latents unreferenced at open, on a shared cache (see refresh)
+        self._opened_at = time.monotonic()
         if not self._connect():
             threading.Thread(target=self._reconnect_loop, name="milvus-reconnect", daemon=True).start()
+        if is_server_uri(config.resolved_milvus_uri) and config.refresh_interval_s > 0:
+            threading.Thread(target=self._refresh_loop, name="cache-refresh", daemon=True).start()
 
     # -- startup -------------------------------------------------------------------------------------
     def _connect(self) -> bool:
@@ -149,11 +170,10 @@ class ApproximateCache:
             for k in missing:
                 del record.entries[k]
             dangling += len(missing)
-            if not record.entries:
-                index.delete(record.id)
-                continue
             if missing:
-                index.put(record)
+                index.put(record, removed=missing)  # merged at flush: what another replica added stays
+            if not record.entries:
+                continue
             wanted.update(blob_key(record.id, k) for k in record.entries)
             self._records[record.id] = record
             self._entries += len(record.entries)
@@ -161,7 +181,10 @@ class ApproximateCache:
         for partition, records in by_partition.items():
             ids = np.array([r.id for r in records], np.int64)
             self._search.add_many(partition, ids, np.stack([r.vector for r in records]))
-        orphans = sum(self.latents.delete(key) > 0 for key in list(self.latents.keys()) if key not in wanted)
+        unreferenced = sorted(set(self.latents.keys()) - wanted)
+        if index.shared:  # another replica may have written a latent whose row it has not flushed yet
+            self._orphan_candidates, unreferenced = set(unreferenced), []
+        orphans = sum(self.latents.delete(key) > 0 for key in unreferenced)
         if dangling or orphans:
             log.warning(
                 "cache reconciled: %d entries without a latent dropped, %d orphan latents removed", dangling, orphans
@@ -169,6 +192,90 @@ class ApproximateCache:
         self.counters.repaired += dangling + orphans
         log.info("cache open: %d prompts, %d latents, %d bytes", len(self._records), self._entries, self.total_bytes)
         self.predictor.maybe_refit(len(self._records), self._all_vectors)
+
+    # -- replicas ------------------------------------------------------------------------------------
+    def _refresh_loop(self) -> None:
+        while not self._closed.wait(self.config.refresh_interval_s):
+            if self.index is None:
+                continue
+            try:
+                self.refresh()
+            except Exception as err:  # Milvus down or closing: the mirror stays as it is until the next try
+                if not self._closed.is_set():
+                    log.warning("cache mirror refresh failed: %s", err)
+
+    def refresh(self) -> dict[str, int]:
+        """Bring the mirror up to date with Milvus, which other replicas write too. Returns counts of prompts
+        added, removed and updated, and of rows queued for a rewrite.
+
+        Held under the index's flush lock, so each of this process's changes is seen once: still queued, or
+        already stored. A row whose stored hit count of this replica is lower than the mirror's (another
+        replica's write overwrote it) is queued again: that is what makes the per-replica counts converge.
+        Cost: one scan of every row's id and entries (no vectors) plus a fetch of the rows new to this replica.
+        """
+        index = self.index
+        if index is None:
+            return {}
+        counts = dict.fromkeys(("added", "removed", "updated", "rewritten"), 0)
+        with index.flush_lock:
+            stored = index.scan_entries()
+            with self._lock:
+                new_ids = [row_id for row_id in stored if row_id not in self._records]
+            fetched = index.fetch(new_ids) if new_ids else {}
+            with self._lock:
+                pending = index.pending_changes()
+                for row_id in set(stored) | set(self._records):
+                    self._refresh_row(row_id, stored.get(row_id), fetched.get(row_id), pending.get(row_id), counts)
+                self._remove_orphans()
+        if any(counts.values()):
+            log.info("cache mirror refreshed: %s", counts)
+        return counts
+
+    def _refresh_row(
+        self,
+        row_id: int,
+        stored: dict[int, EntryMeta] | None,
+        fetched: PromptRecord | None,
+        change: RowChange | None,
+        counts: dict[str, int],
+    ) -> None:
+        """One row of `refresh`, under the cache lock."""
+        local = self._records.get(row_id)
+        merged = merge_entries(stored, local.entries if local else {}, change)
+        if local is None:
+            if merged and fetched is not None:  # fetched is None: deleted between the scan and the fetch
+                fetched.entries = merged
+                self._add_record(fetched)
+                counts["added"] += 1
+            return
+        self._entries += len(merged) - len(local.entries)
+        if not merged:
+            del self._records[row_id]
+            self._search.remove(row_id)
+            counts["removed"] += 1
+            return
+        if merged != local.entries:
+            counts["updated"] += 1
+        local.entries = merged
+        mine = self.replica
+        behind = stored is not None and any(
+            e.replica_hits.get(mine, 0) > stored[k].replica_hits.get(mine, 0) for k, e in merged.items() if k in stored
+        )
+        if behind and change is None:
+            self.index.put(local)
+            counts["rewritten"] += 1
+
+    def _remove_orphans(self) -> None:
+        """Latents no row referred to at open, and still none now that other replicas had time to flush theirs."""
+        grace = max(10.0, 3 * self.config.flush_interval_s)
+        if not self._orphan_candidates or time.monotonic() - self._opened_at < grace:
+            return
+        wanted = {blob_key(r.id, k) for r in self._records.values() for k in r.entries}
+        orphans = sum(self.latents.delete(key) > 0 for key in self._orphan_candidates - wanted)
+        self._orphan_candidates = set()
+        if orphans:
+            log.warning("cache reconciled: %d orphan latents removed", orphans)
+            self.counters.repaired += orphans
 
     def _add_record(self, record: PromptRecord) -> None:
         self._records[record.id] = record
@@ -246,8 +353,7 @@ class ApproximateCache:
         with self._lock:
             meta = record.entries.get(k)
             if meta is not None:
-                meta.hits += 1
-                meta.last_access = self._clock()
+                meta.count_hit(self.replica, self._clock())
                 self.index.put(record)
             self.counters.hits += 1
         return Lookup(True, "hit", similarity, k, record.prompt, blob.tensors, timings, blob.meta)
@@ -308,8 +414,9 @@ class ApproximateCache:
             for k, nbytes in written.items():
                 old = record.entries.get(k)
                 self._entries += old is None
-                record.entries[k] = EntryMeta(hits=old.hits if old else 0, last_access=now, nbytes=nbytes)
-            self.index.put(record)
+                hits = dict(old.replica_hits) if old else {}  # a rewrite (refresh) keeps the hit counts
+                record.entries[k] = EntryMeta(last_access=now, nbytes=nbytes, replica_hits=hits)
+            self.index.put(record, added=written)
             self.counters.admitted += len(written)
         self._refit_predictor()
         return len(written)
@@ -356,12 +463,10 @@ class ApproximateCache:
             if record is None or record.entries.pop(k, None) is None:
                 return
             self._entries -= 1
-            if record.entries:
-                self.index.put(record)
-                return
-            del self._records[row_id]
-            self._search.remove(row_id)
-            self.index.delete(row_id)
+            self.index.put(record, removed=[k])  # the row goes at flush if no replica holds another K of it
+            if not record.entries:
+                del self._records[row_id]
+                self._search.remove(row_id)
 
     # -- introspection ------------------------------------------------------------------------------
     @property
