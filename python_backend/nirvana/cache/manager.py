@@ -499,11 +499,19 @@ class ApproximateCache:
             self.index.flush()
 
     def close(self) -> None:
+        """Flush and disconnect. On a shared Milvus, first one last refresh: a hit count of this replica that a
+        racing flush of another replica overwrote is written again (nobody else can restore it once we exit)."""
         with self._lock:
             self._closed.set()
             index = self.index
-        if index is not None:
-            index.close()
+        if index is None:
+            return
+        if index.shared:
+            try:
+                self.refresh()
+            except Exception as err:
+                log.warning("last cache mirror refresh failed (hit counts may be behind): %s", err)
+        index.close()
 
 
 def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:
