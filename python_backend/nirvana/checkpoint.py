@@ -32,9 +32,11 @@ __all__ = [
     "COMPONENTS",
     "Checkpoint",
     "CheckpointError",
+    "build_clip_tokenizer",
     "fingerprint_checkpoint",
     "load_checkpoint",
     "make_tiny_model",
+    "sd15_scheduler_config",
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -283,14 +285,15 @@ def _learn_merges(words: list[str], n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _tiny_tokenizer(out_dir: Path) -> CLIPTokenizer:
-    """A CLIP-format BPE tokenizer (byte vocab, byte+</w> vocab, learned merges, 2 specials), max length 77."""
+def build_clip_tokenizer(out_dir: Path, words: list[str], n_merges: int, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP-format BPE tokenizer learned from ``words`` (byte vocab, byte+</w> vocab, up to ``n_merges`` learned
+    merges, 2 specials), saved under ``out_dir/tokenizer``. Any text still tokenizes (bytes are in the vocab)."""
     chars = list(_bytes_to_unicode().values())
-    merges = _learn_merges(_TINY_TEXT.split(), _TINY_MERGES)
+    merges = _learn_merges(words, n_merges)
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     # transformers 5 wants merges as tuples; model_max_length must be set or padding="max_length" breaks.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     # save_pretrained writes only tokenizer.json; vocab.json + merges.txt keep the folder loadable by the
     # slow/fast tokenizers of other transformers versions, as in a real SD 1.5 checkpoint.
     tok_dir = out_dir / "tokenizer"
@@ -300,7 +303,7 @@ def _tiny_tokenizer(out_dir: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def _tiny_scheduler_config() -> dict:
+def sd15_scheduler_config() -> dict:
     """SD 1.5's scheduler settings."""
     return {
         "num_train_timesteps": 1000,
@@ -363,14 +366,14 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim")
 
     out = Path(out_dir)
     if scheduler in SCHEDULERS:
-        sched = make_scheduler(scheduler, _tiny_scheduler_config())
+        sched = make_scheduler(scheduler, sd15_scheduler_config())
     elif scheduler in ("pndm", "lms"):
-        sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**_tiny_scheduler_config())
+        sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**sd15_scheduler_config())
     else:
         raise UnsupportedSchedulerError(
             f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
         )
-    tokenizer = _tiny_tokenizer(out)
+    tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
     torch.manual_seed(seed)
     text_encoder, unet, vae = _tiny_modules(tokenizer)
     pipe = StableDiffusionPipeline(

@@ -1,0 +1,381 @@
+"""Train a small latent diffusion model on the shapes task, on a CPU, within a time budget; resumable.
+
+Phases, each with a share of ``minutes`` (the whole run, judge included, stays inside it):
+
+1. tokenizer: a CLIP BPE learned from the captions' vocabulary (every word one token);
+2. VAE: ``AutoencoderKL`` 64×64×3 → 16×16×4, MSE + a small KL term; the latent scaling factor is 1/std of the
+   pool's latents, as SD 1.x's 0.18215 was chosen;
+3. UNet + text encoder, jointly, on ε-prediction with min-SNR weighting, 10% empty captions (so classifier-free
+   guidance works), an EMA of the UNet weights (saved);
+4. the attribute judge (:mod:`nirvana.quality.judge`), unless ``DIR/judge`` exists.
+
+Resuming (the default) reloads ``DIR/training/state.pt``: an interrupted run picks up where its last save was, and
+a finished one trains its UNet on if given a larger ``minutes`` (or step cap).
+
+The result is a diffusers folder (``StableDiffusionPipeline.save_pretrained``, DDIM scheduler) that ``nirvana serve
+--checkpoint DIR`` serves unchanged; ``DIR/judge`` holds the judge, ``DIR/training`` the resumable state
+(``state.pt``, written every ``save_every_s`` and at each phase end).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from nirvana.checkpoint import build_clip_tokenizer, sd15_scheduler_config
+from nirvana.quality import shapes
+
+__all__ = ["TrainConfig", "train_model"]
+
+log = logging.getLogger(__name__)
+
+TEXT_MAX_LENGTH = 32  # the longest caption is ≈ 22 tokens with its start/end tokens
+_STATE = "training/state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Budget and sizes. ``max_*_steps`` cap a phase by steps (tests); otherwise time decides."""
+
+    minutes: float = 25.0
+    seed: int = 0
+    batch_size: int = 32
+    pool_size: int = 16384
+    vae_share: float = 0.14
+    judge_share: float = 0.1
+    lr: float = 6e-4
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    save_every_s: float = 60.0
+    max_vae_steps: int | None = None
+    max_unet_steps: int | None = None
+    judge_steps: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+
+
+# --- modules -------------------------------------------------------------------------------------------------
+
+
+def _make_tokenizer(out: Path) -> CLIPTokenizer:
+    return build_clip_tokenizer(out, shapes.vocabulary(), n_merges=4000, max_length=TEXT_MAX_LENGTH)
+
+
+def _make_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(  # 16 channels at full resolution: the shapes are flat colours, and CPU time is scarce
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    return text_encoder, unet, vae
+
+
+# --- state -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything a resumed run needs; ``elapsed_s`` counts time spent in earlier attempts too."""
+
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    ema: UNet2DConditionModel
+    phase: str = "vae"
+    vae_step: int = 0
+    unet_step: int = 0
+    elapsed_s: float = 0.0
+    scaling_factor: float = 1.0
+    vae_opt: dict | None = None
+    unet_opt: dict | None = None
+    losses: dict | None = None
+
+    def save(self, out: Path, config: TrainConfig) -> None:
+        path = out / _STATE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": asdict(config),
+            "modules": {n: getattr(self, n).state_dict() for n in ("text_encoder", "unet", "vae", "ema")},
+            **{k: getattr(self, k) for k in ("phase", "vae_step", "unet_step", "elapsed_s", "scaling_factor")},
+            **{k: getattr(self, k) for k in ("vae_opt", "unet_opt", "losses")},
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # a kill mid-save leaves the previous state intact
+
+    @classmethod
+    def start(cls, out: Path, tokenizer: CLIPTokenizer, config: TrainConfig, resume: bool) -> _Run:
+        torch.manual_seed(config.seed)
+        text_encoder, unet, vae = _make_modules(tokenizer)
+        run = cls(text_encoder, unet, vae, ema=copy.deepcopy(unet).requires_grad_(False), losses={})
+        path = out / _STATE
+        if resume and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            for name, weights in state.pop("modules").items():
+                getattr(run, name).load_state_dict(weights)
+            state.pop("config")
+            for key, value in state.items():
+                setattr(run, key, value)
+            log.info("resuming %s at phase %s (%.0f s spent)", path, run.phase, run.elapsed_s)
+        return run
+
+
+# --- training phases ---------------------------------------------------------------------------------------------
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` → float ``[B, 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class _Clock:
+    """Wall-clock budget of one phase, continuing ``run.elapsed_s``; saves the run every ``save_every_s``."""
+
+    def __init__(self, run: _Run, out: Path, config: TrainConfig, budget_s: float, desc: str) -> None:
+        self.run, self.out, self.config, self.budget_s = run, out, config, budget_s
+        self.start = time.perf_counter()
+        self.phase_start = run.elapsed_s
+        self.last_save = self.start
+        self.bar = tqdm(total=round(budget_s), desc=desc, unit="s", disable=not config.progress, leave=True)
+
+    def tick(self, **postfix: float) -> None:
+        now = time.perf_counter()
+        self.run.elapsed_s += now - self.start
+        self.start = now
+        self.bar.n = min(round(self.run.elapsed_s - self.phase_start), self.bar.total)
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=True)
+        if now - self.last_save >= self.config.save_every_s:
+            self.run.save(self.out, self.config)
+            self.last_save = now
+
+    def fraction(self) -> float:
+        return (self.run.elapsed_s - self.phase_start) / max(self.budget_s, 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _train_vae(run: _Run, pool: torch.Tensor, out: Path, config: TrainConfig, budget_s: float) -> None:
+    vae = run.vae.to(config.device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    if run.vae_opt:
+        opt.load_state_dict(run.vae_opt)
+    gen = torch.Generator().manual_seed(config.seed + run.vae_step)
+    clock = _Clock(run, out, config, budget_s, "vae")
+    while clock.fraction() < 1.0 and run.vae_step < (config.max_vae_steps or math.inf):
+        batch = pool[torch.randint(len(pool), (config.batch_size,), generator=gen)].to(config.device)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.vae_step += 1
+        run.vae_opt = opt.state_dict()
+        run.losses["vae_mse"] = float(F.mse_loss(recon.detach(), batch))
+        clock.tick(mse=run.losses["vae_mse"])
+    clock.close()
+    vae.eval().to("cpu")
+
+
+@torch.no_grad()
+def _encode_pool(vae: AutoencoderKL, pool: torch.Tensor, device: str) -> torch.Tensor:
+    vae = vae.to(device)
+    latents = [vae.encode(chunk.to(device)).latent_dist.mean.cpu() for chunk in pool.split(256)]
+    vae.to("cpu")
+    return torch.cat(latents)
+
+
+def _captions_batch(scenes: list[shapes.Scene], rng: np.random.Generator, dropout: float) -> list[str]:
+    return ["" if rng.random() < dropout else shapes.caption(scene, rng) for scene in scenes]
+
+
+def _min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr  # ε-prediction form of min-SNR-γ (Hang et al., 2023)
+
+
+def _train_unet(
+    run: _Run,
+    latents: torch.Tensor,
+    scenes: list[shapes.Scene],
+    tokenizer: CLIPTokenizer,
+    out: Path,
+    config: TrainConfig,
+    end_s: float,
+) -> None:
+    """Trains until ``run.elapsed_s`` reaches ``end_s`` (or the step cap); the LR schedule spans the whole phase."""
+    device = config.device
+    unet, text_encoder, ema = run.unet.to(device).train(), run.text_encoder.to(device).train(), run.ema.to(device)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    if run.unet_opt:
+        opt.load_state_dict(run.unet_opt)
+    noise_scheduler = DDPMScheduler.from_config(sd15_scheduler_config())
+    rng = np.random.default_rng(config.seed + 1_000_003 * (run.unet_step + 1))
+    gen = torch.Generator().manual_seed(config.seed + run.unet_step)
+    clock = _Clock(run, out, config, max(end_s - run.elapsed_s, 0.0), "unet+text")
+    while run.elapsed_s < end_s and run.unet_step < (config.max_unet_steps or math.inf):
+        index = torch.randint(len(latents), (config.batch_size,), generator=gen)
+        x0 = (latents[index] * run.scaling_factor).to(device)
+        ids = tokenizer(
+            _captions_batch([scenes[i] for i in index.tolist()], rng, config.cfg_dropout),
+            padding="max_length",
+            max_length=TEXT_MAX_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t.to(device))
+        pred = unet(noisy, t.to(device), text_encoder(ids)[0]).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * _min_snr_weights(noise_scheduler, t, config.min_snr_gamma).to(device)).mean()
+        _set_lr(opt, config.lr, run.unet_step, run.elapsed_s / end_s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.unet_step += 1
+        _update_ema(ema, unet, min(config.ema_decay, (1 + run.unet_step) / (10 + run.unet_step)))
+        run.unet_opt = opt.state_dict()
+        value = float(loss.detach())
+        run.losses["unet"] = 0.98 * run.losses.get("unet", value) + 0.02 * value
+        clock.tick(loss=run.losses["unet"])
+    clock.close()
+    for module in (unet, text_encoder, ema):
+        module.eval().to("cpu")
+
+
+def _set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) -> None:
+    """Linear warm-up over 200 steps, then cosine decay to 10% of ``peak`` as ``progress`` goes 0 → 1."""
+    scale = min(1.0, (step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * min(progress, 1.0)))
+    for group in opt.param_groups:
+        group["lr"] = peak * scale
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_p.lerp_(p.detach(), 1.0 - decay)
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+
+
+def _save_pipeline(run: _Run, tokenizer: CLIPTokenizer, out: Path) -> None:
+    run.vae.register_to_config(scaling_factor=run.scaling_factor)
+    pipe = StableDiffusionPipeline(
+        vae=run.vae,
+        text_encoder=run.text_encoder,
+        tokenizer=tokenizer,
+        unet=run.ema,
+        scheduler=DDIMScheduler(**sd15_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_model(out_dir: str | Path, config: TrainConfig | None = None, *, resume: bool = True) -> dict:
+    """Train (or resume) the shapes model into ``out_dir``; returns a report (steps, losses, seconds)."""
+    config = config or TrainConfig()
+    if config.minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {config.minutes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = config.minutes * 60
+    with _threads(config.threads):
+        tokenizer = _make_tokenizer(out)
+        run = _Run.start(out, tokenizer, config, resume)
+        data = shapes.make_dataset(config.pool_size, seed=config.seed)
+        pool = _to_tensor(data.images)
+        if run.phase == "vae":  # the UNet learns on the VAE's latents: the VAE is trained once, first
+            _train_vae(run, pool, out, config, config.vae_share * budget)
+            run.phase = "unet"
+            run.save(out, config)
+        latents = _encode_pool(run.vae, pool, config.device)
+        run.scaling_factor = float(1.0 / latents.std())
+        # Continues whenever the budget (or step cap) allows more: a resumed run with a larger --minutes trains on.
+        _train_unet(run, latents, data.scenes, tokenizer, out, config, budget * (1 - config.judge_share))
+        run.save(out, config)
+        _save_pipeline(run, tokenizer, out)
+        judge_report = _train_judge(out, config, budget - run.elapsed_s) if not (out / "judge").is_dir() else {}
+    return {
+        "out": str(out),
+        "vae_steps": run.vae_step,
+        "unet_steps": run.unet_step,
+        "scaling_factor": run.scaling_factor,
+        "losses": run.losses,
+        "train_seconds": run.elapsed_s,
+        "judge": judge_report,
+    }
+
+
+def _train_judge(out: Path, config: TrainConfig, budget_s: float) -> dict:
+    from nirvana.quality.judge import train_judge
+
+    start = time.perf_counter()
+    judge, report = train_judge(
+        seed=config.seed, steps=config.judge_steps, progress=config.progress, max_seconds=max(budget_s, 10.0)
+    )
+    judge.save(out / "judge")
+    report["seconds"] = time.perf_counter() - start
+    return report

@@ -1,0 +1,60 @@
+"""The shapes model trains into a checkpoint the engine loads and generates with; training resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nirvana.checkpoint import load_checkpoint
+from nirvana.denoise import decode, denoise, encode_prompts, initial_latent, make_scheduler
+from nirvana.quality.judge import Judge
+from nirvana.quality.train import TEXT_MAX_LENGTH, TrainConfig, train_model
+from nirvana.runtime.torch_runtime import TorchSubModels
+
+TOY = TrainConfig(
+    minutes=10, pool_size=64, batch_size=4, max_vae_steps=2, max_unet_steps=3, judge_steps=3, progress=False
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_model")
+    return out, train_model(out, TOY)
+
+
+def test_toy_training_writes_a_loadable_checkpoint_that_generates_an_image(trained):
+    out, report = trained
+    assert (report["vae_steps"], report["unet_steps"]) == (2, 3)
+    assert report["scaling_factor"] > 0 and np.isfinite(report["losses"]["unet"])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.image_size == (64, 64) and checkpoint.latent_size == (16, 16)
+    assert checkpoint.text_max_length == TEXT_MAX_LENGTH
+    assert checkpoint.scaling_factor == pytest.approx(report["scaling_factor"])
+    # Every caption word is a single token: the tokenizer was built from the dataset's vocabulary.
+    assert checkpoint.tokenizer.tokenize("upper-left corner: a little crimson disc") == [
+        "upper</w>", "-</w>", "left</w>", "corner</w>", ":</w>", "a</w>", "little</w>", "crimson</w>", "disc</w>"
+    ]  # fmt: skip
+    models = TorchSubModels(checkpoint)
+    scheduler = make_scheduler("ddim", checkpoint.scheduler_config)
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    latent = initial_latent((1, 4, 16, 16), gen, scheduler, num_steps=4)
+    text = encode_prompts(checkpoint.tokenizer, models, "a small red circle in the centre on a white background")
+    image = decode(models, denoise(models, scheduler, 4, text, 7.5, generator=gen, latent=latent).latent, 1.0)
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    judge = Judge.load(out / "judge")
+    assert len(judge.predict((image * 255).astype(np.uint8)[None])) == 1
+
+
+def test_resumed_training_continues_from_the_saved_state(trained, tmp_path):
+    out, _ = trained
+    more = train_model(out, TrainConfig(**{**TOY.__dict__, "max_unet_steps": 5}))
+    assert (more["vae_steps"], more["unet_steps"]) == (2, 5)  # VAE not retrained, UNet continued 3 → 5
+    fresh = train_model(out, TrainConfig(**{**TOY.__dict__, "max_unet_steps": 1}), resume=False)
+    assert (fresh["vae_steps"], fresh["unet_steps"]) == (2, 1)
+
+
+def test_a_non_positive_budget_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="minutes must be > 0, got 0"):
+        train_model(tmp_path, TrainConfig(minutes=0))
