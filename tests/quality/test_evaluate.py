@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from nirvana.checkpoint import Checkpoint, load_checkpoint, make_tiny_model
+from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
-from nirvana.quality.cli import quality_app
+from nirvana.quality.cli import calibrate_cmd, quality_app
 from nirvana.quality.evaluate import EvalSettings, PairGenerator, default_ks, evaluate_pairs, run_eval, summarise
 from nirvana.quality.judge import Judge, train_judge
 from nirvana.quality.plots import accuracy_vs_k
@@ -137,6 +139,13 @@ def test_cli_eval_writes_json_and_plot(model_dir: Path, tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["report"]["settings"]["ks"] == [2] and len(data["records"]) == 2
     assert plot.stat().st_size > 0
+    # ... and the chain's last link: calibrate from that file, write a config the server reads.
+    app = typer.Typer()
+    app.command("calibrate")(calibrate_cmd)
+    config = tmp_path / "thresholds.json"
+    result = CliRunner().invoke(app, ["--eval-json", str(out), "--out", str(config), "--min-count", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_config({"checkpoint": str(model_dir)}, path=config).cache.selection.reference_steps == 4
 
 
 @pytest.mark.parametrize(

@@ -105,8 +105,8 @@ def _twin(state: dict) -> np.random.Generator:
 
 
 def _is_heldout(position: int, heldout_fraction: float) -> bool:
-    # Spreads heldout positions evenly through a relation's list (Bresenham), so near-miss attributes, assigned
-    # round-robin over the same positions, land in both splits.
+    # Spreads heldout positions evenly (Bresenham) through the pairs, generated relation by relation, so every
+    # relation and, as 5 attributes cycle against 2 splits, every near-miss attribute lands in both splits.
     return int((position + 1) * heldout_fraction) > int(position * heldout_fraction)
 
 
@@ -152,7 +152,7 @@ def make_pairs(
                 while other == scene:
                     other = sample_scene(rng)
                 draft.update(new_scene=other, new_prompt=caption(other, rng))
-            draft["split"] = "heldout" if _is_heldout(position, heldout_fraction) else "calibration"
+            draft["split"] = "heldout" if _is_heldout(len(drafts), heldout_fraction) else "calibration"
             draft["seed"] = int(rng.integers(_SEED_MAX))
             drafts.append(draft)
     order = rng.permutation(len(drafts))
