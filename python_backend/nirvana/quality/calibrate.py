@@ -45,6 +45,8 @@ __all__ = [
     "write_config",
 ]
 
+# Below this uncached accuracy the judge sees too little of what a generation shows to tell what the cache changes.
+MIN_TRUSTED_ACCURACY = 0.8
 # A threshold sits this far below the lowest similarity its band admitted (or at the next pair, if closer).
 _THRESHOLD_MARGIN = 1e-3
 _Z95 = 1.6448536269514722  # one-sided 95%
@@ -237,6 +239,24 @@ def write_config(path: str | Path, thresholds: Sequence[tuple[float, int]], step
     return out
 
 
+def _warnings(calibration: dict, bands: Sequence[dict], budget: Budget) -> list[str]:
+    """What makes a fitted table less trustworthy than its figures suggest."""
+    out = []
+    if calibration["uncached_accuracy"] < MIN_TRUSTED_ACCURACY:
+        out.append(
+            f"uncached accuracy is only {calibration['uncached_accuracy']:.3f}: the model or the judge cannot show "
+            "what the cache changes, so these thresholds are not evidence of quality"
+        )
+    for band in bands:
+        if band["n_near_miss"] > 0 and 1 / band["n_near_miss"] > budget.max_leak_rate:
+            out.append(
+                f"K={band['k']}: {band['n_near_miss']} near misses, so one leak would be "
+                f"{1 / band['n_near_miss']:.1%}; the band passed with none (95% upper bound "
+                f"{band['leak_rate_upper95']:.1%})"
+            )
+    return out
+
+
 def _split(records: Sequence[dict], split: str) -> list[dict]:
     chosen = [r for r in records if r.get("split") == split]
     if not chosen:
@@ -261,6 +281,7 @@ def calibrate(evaluation: dict, out: str | Path, embedder: Embedder, budget: Bud
     selector = KSelector(thresholds=tuple(thresholds), reference_steps=steps) if fit["thresholds"] else None
     path = write_config(out, thresholds, steps, embedder.name)
     heldout = _split(records, "heldout")
+    calibration = apply_thresholds(_split(records, "calibration"), selector, ks, steps)
     return {
         "config": str(path),
         "embedder": embedder.name,
@@ -271,7 +292,8 @@ def calibrate(evaluation: dict, out: str | Path, embedder: Embedder, budget: Bud
         "caching_disabled": not fit["thresholds"],
         "bands": fit["bands"],
         "rejected": fit["rejected"],
-        "calibration": apply_thresholds(_split(records, "calibration"), selector, ks, steps),
+        "warnings": _warnings(calibration, fit["bands"], budget),
+        "calibration": calibration,
         "heldout": {
             **apply_thresholds(heldout, selector, ks, steps),
             **steps_saved(heldout, selector, ks, steps, embedder),

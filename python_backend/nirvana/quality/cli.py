@@ -183,8 +183,13 @@ def _print_calibration(report: dict) -> None:
     console.print(f"thresholds ({report['embedder']}, N={report['steps']}): {table}")
     if report["caching_disabled"]:
         console.print("no band met the budget: the table written never resumes from another prompt")
+    reasons: dict[str, list[int]] = {}
     for band in report["rejected"]:
-        console.print(f"rejected K={band['k']}: {band['reason']}")
+        reasons.setdefault(band["reason"], []).append(band["k"])
+    for reason, ks in reasons.items():
+        console.print(f"rejected K={','.join(map(str, ks))}: {reason}")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"held-out: accuracy {held['accuracy']:.3f} vs uncached {held['uncached_accuracy']:.3f} "
         f"(drop {held['accuracy_drop']:+.4f}), cache leak rate {held['leak_rate_near_miss']:.3f}, "
