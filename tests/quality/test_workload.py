@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from nirvana.quality.shapes import ATTRIBUTE_NAMES
+from nirvana.quality.cli import quality_app
+from nirvana.quality.shapes import ATTRIBUTE_NAMES, ShapesDataset
 from nirvana.quality.workload import RELATIONS, SPLITS, Pair, make_pairs
 
 
@@ -69,3 +72,12 @@ def test_round_trip_through_dict() -> None:
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_pairs(**kwargs)
+
+
+def test_cli_dataset_writes_images_captions_and_a_preview(tmp_path: Path) -> None:
+    out = tmp_path / "shapes"
+    result = CliRunner().invoke(quality_app, ["dataset", "--out", str(out), "--count", "8", "--preview", "4"])
+    assert result.exit_code == 0, result.output
+    data = ShapesDataset.load(out)
+    assert len(data) == 8 and data.images.shape == (8, 64, 64, 3)
+    assert (out / "preview.png").read_bytes()[:4] == b"\x89PNG"

@@ -104,7 +104,7 @@ def eval_cmd(
     checkpoint: CheckpointDir,
     json_path: Annotated[Path, typer.Option("--json", help="Write the report and per-pair records here.")],
     plot: Annotated[Path | None, typer.Option(help="PNG of accuracy and leak rate vs K per similarity bin.")] = None,
-    pairs: Annotated[int | None, typer.Option(help="Prompt pairs (default: 400, ≈ 11 min on 2 cores).")] = None,
+    pairs: Annotated[int | None, typer.Option(help="Prompt pairs (default: 320, 9-12 min on 2 cores).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps N.", min=2)] = 20,
     ks: Annotated[str | None, typer.Option(help="Comma-separated Ks (default: 2,4,...,16 scaled to N).")] = None,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
