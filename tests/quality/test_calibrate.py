@@ -189,6 +189,7 @@ def test_cli_calibrate_from_eval_json(tmp_path: Path) -> None:
         (["--eval-json", "{tmp}/missing.json"], "evaluation file does not exist: {tmp}/missing.json"),
         (["--checkpoint", "{tmp}/no-model"], "checkpoint folder does not exist: {tmp}/no-model"),
         ([], "pass exactly one of --eval-json FILE or --checkpoint DIR"),
+        (["--checkpoint", "{tmp}", "--max-leak-rate", "2"], "budget fractions must be in [0, 1]"),
     ],
 )
 def test_cli_calibrate_names_the_bad_input(tmp_path: Path, args: list[str], message: str) -> None:

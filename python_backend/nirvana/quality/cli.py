@@ -146,7 +146,9 @@ def _load_eval(path: Path) -> dict:
 def calibrate_cmd(
     out: Annotated[Path, typer.Option(help="Config file to write (.toml, else JSON) for `nirvana serve --config`.")],
     eval_json: Annotated[Path | None, typer.Option(help="Records from `nirvana quality eval --json`.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Or: evaluate this checkpoint first (default sizes).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Or: evaluate this checkpoint first (default sizes; records kept beside --out).")
+    ] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="Budget: accuracy drop vs uncached (fraction).")] = 0.01,
     max_leak_rate: Annotated[float, typer.Option(help="Budget: cache-attributable near-miss leak rate.")] = 0.01,
     min_count: Annotated[int, typer.Option(help="Pairs a band needs before it can be admitted.", min=1)] = 20,
@@ -158,6 +160,10 @@ def calibrate_cmd(
 
     if (eval_json is None) == (checkpoint is None):
         raise typer.BadParameter("pass exactly one of --eval-json FILE or --checkpoint DIR")
+    try:  # before a long evaluation, not after it
+        budget = Budget(max_accuracy_drop=max_accuracy_drop, max_leak_rate=max_leak_rate, min_count=min_count)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     if eval_json is not None:
         evaluation = _load_eval(eval_json)
     else:
@@ -165,8 +171,11 @@ def calibrate_cmd(
 
         _check_checkpoint(checkpoint)
         evaluation = run_eval(checkpoint)
+        kept = out.with_name(out.stem + ".eval.json")  # so a re-fit with another budget need not regenerate
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(evaluation, indent=1) + "\n")
+        console.print(f"evaluation records: {kept} (re-fit with --eval-json {kept})")
     try:
-        budget = Budget(max_accuracy_drop=max_accuracy_drop, max_leak_rate=max_leak_rate, min_count=min_count)
         embedder = make_embedder(evaluation["report"]["settings"].get("embedder", "minilm"))
         report = calibrate(evaluation, out, embedder, budget)
     except (CalibrationError, ValueError, KeyError) as err:
