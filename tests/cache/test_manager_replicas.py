@@ -39,7 +39,6 @@ def replicas(tmp_path):
     a = ApproximateCache(base.model_copy(update={"replica_id": "a"}), DIM)
     b = ApproximateCache(base.model_copy(update={"replica_id": "b"}), DIM)
     yield a, b
-    a.flush(), b.flush()  # one connection per URI in one process: write everything before either closes it
     a.close(), b.close()
 
 
@@ -152,7 +151,7 @@ def test_unflushed_admission_survives_a_refresh(replicas) -> None:
 def test_shared_cache_removes_orphan_latents_only_after_a_grace_period(tmp_path, monkeypatch) -> None:
     """On a Milvus server another replica may have written a latent whose row is not flushed yet."""
     monkeypatch.setattr(MilvusIndex, "shared", property(lambda self: True))
-    config = CacheConfig(dir=tmp_path / "cache", predictor=PredictorConfig(enabled=False))
+    config = CacheConfig(dir=tmp_path / "cache", flush_interval_s=0.1, predictor=PredictorConfig(enabled=False))
     cache = ApproximateCache(config, DIM)
     cache.latents.put(blob_key(0xDEAD, 10), _states(ks=(10,))[10])  # no row refers to it
     cache.close()

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
+from nirvana.cache.index import MilvusIndex
+from nirvana.cache.manager import ApproximateCache
+from nirvana.config import CacheConfig, PredictorConfig
 from nirvana.serving.launch import ServeOptions, prepare
 from nirvana.serving.tritonserver import ServerPorts, TritonServer, free_ports
 from nirvana_client import GenerateOptions, NirvanaClient
@@ -40,6 +46,7 @@ MILVUS_PORT_KEYS = (
     "data_node_port",
 )
 CLIENTS_PER_REPLICA, HITS_PER_CLIENT = 2, 4
+DIM, RACE_HITS = 16, 150
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +69,7 @@ def milvus_uri(tmp_path_factory):
         pytest.fail(f"Milvus server did not start: {logs.read_text()[-3000:] if logs.exists() else 'no log'}")
     yield f"http://127.0.0.1:{ports['proxy_port']}"
     server.stop()
+    shutil.rmtree(Path(server.config.base_data_dir, "bin"), ignore_errors=True)  # ≈ 0.5 GB of unpacked binaries
 
 
 def _metric(server: TritonServer, name: str) -> float:
@@ -150,3 +158,52 @@ def test_two_replicas_share_one_cache(tiny_checkpoint_dir, tmp_path, milvus_uri)
     print(f"\nobserved hits A={hits_a:.0f} B={hits_b:.0f}; stored in Milvus for K={k}: {per_replica}")
     assert row["hits"] == row["entries"][k]["hits"] == hits_a + hits_b
     assert sorted(per_replica.values()) == sorted([hits_a, hits_b])
+
+
+def test_racing_flushes_converge_to_every_hit(tmp_path, milvus_uri) -> None:
+    """Two caches hammer one entry with a 50 ms flush and a 200 ms refresh, so their flushes of the row overlap
+    (each a Strong read then an upsert): a count overwritten by the other replica's flush is rewritten at the
+    owner's next refresh, and after both close Milvus holds every hit."""
+    config = CacheConfig(
+        dir=tmp_path / "cache",
+        milvus_uri=milvus_uri,
+        collection=f"race_{uuid.uuid4().hex}",
+        flush_interval_s=0.05,
+        refresh_interval_s=0.2,
+        predictor=PredictorConfig(enabled=False),
+    )
+    vector = np.eye(DIM, dtype=np.float32)[0]
+    states = {k: {"latent": np.zeros((1, 4, 8, 8), np.float32)} for k in (5, 25)}
+    a = ApproximateCache(config.model_copy(update={"replica_id": "a"}), DIM)
+    b = ApproximateCache(config.model_copy(update={"replica_id": "b"}), DIM)
+    rewritten = {"a": 0, "b": 0}
+    for cache in (a, b):
+        refresh = cache.refresh
+
+        def counted(refresh=refresh, name=cache.replica) -> dict[str, int]:
+            counts = refresh()
+            rewritten[name] += counts.get("rewritten", 0)
+            return counts
+
+        cache.refresh = counted
+    try:
+        a.admit(PROMPT, vector, "key", "t", states)
+        deadline = time.monotonic() + 30
+        while b.record("key", "t", PROMPT) is None:  # A's flush, then B's refresh
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        def hammer(cache: ApproximateCache) -> int:
+            return sum(cache.lookup(vector, "key", "t", 50).hit for _ in range(RACE_HITS))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            hits = list(pool.map(hammer, [a, b, a, b], timeout=300))
+    finally:
+        a.close()  # one after the other, as replicas stop in a rolling update
+        b.close()
+    assert hits == [RACE_HITS] * 4
+    check = MilvusIndex(milvus_uri, config.collection, DIM, flush_interval_s=3600)
+    (row,) = list(check.load_all())
+    check.close()
+    print(f"\n{4 * RACE_HITS} hits; stored {row.entries[25].replica_hits}; rows rewritten after a race: {rewritten}")
+    assert row.entries[25].replica_hits == {"a": 2 * RACE_HITS, "b": 2 * RACE_HITS}

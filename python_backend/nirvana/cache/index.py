@@ -13,9 +13,11 @@ is stored (`merge_entries`), so a K admitted or a hit counted by another replica
 G-counter: each entry keeps one count per replica (`replica_hits`), only that replica increases its own count, and
 a merge takes the larger value of each count; `hits` is their sum. Milvus has no atomic increment or
 compare-and-set, so two replicas flushing the same row at the same moment can still overwrite each other's count
-(read, read, write, write); the replica whose count was overwritten writes it again at its next mirror refresh
-(see `ApproximateCache.refresh`), so counts converge while replicas run. What can still be lost: the increments
-of a replica whose *last* write was overwritten after its final refresh (it exited meanwhile).
+(read, read, write, write); at its next mirror refresh any replica that has seen the larger count writes it back
+(see `ApproximateCache.refresh`), so counts converge while replicas run, and a stopping replica checks once more
+after other replicas' in-flight flushes have landed (`ApproximateCache.close`). What can still be lost: the last
+increments of a replica that exited when another replica's flush, which had read the row before them, landed
+later than that final check (a flush slower than `flush_interval_s` + 1 s from its read to its write).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -209,7 +212,9 @@ class MilvusIndex:
         self, uri: str, collection: str, dim: int, flush_interval_s: float = 1.0, rpc_timeout_s: float = RPC_TIMEOUT_S
     ) -> None:
         self.uri, self.collection, self.dim, self.rpc_timeout_s = uri, collection, dim, rpc_timeout_s
-        self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0))
+        # A connection of its own: two indexes on one URI in one process (tests, a reconnect) must not share one,
+        # or closing either would close both.
+        self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0), alias=f"nirvana-index-{uuid.uuid4().hex}")
         self._client_lock = threading.Lock()  # one client call at a time (milvus-lite is a single local server)
         self._pending: dict[int, RowChange] = {}
         self._pending_lock = threading.Lock()

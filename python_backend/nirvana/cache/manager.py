@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SHARED_TENANT = "*"  # the one partition used when tenant isolation is off
 EVICTION_SLACK = 0.02  # evict 2% below the budget so eviction (a scan of all entries) runs rarely
+# At close on a shared Milvus: wait flush_interval_s + this for racing flushes of other replicas to land, then check.
+SETTLE_MARGIN_S, SETTLE_ROUNDS = 1.0, 3
 
 
 @dataclass
@@ -71,6 +73,11 @@ class CacheCounters:
 
 def blob_key(row_id: int, k: int) -> str:
     return f"{row_id:016x}-k{k}"
+
+
+def _ahead(mine: EntryMeta, stored: EntryMeta) -> bool:
+    """Whether some replica's count in `mine` is larger than in `stored` (a racing flush overwrote it)."""
+    return any(n > stored.replica_hits.get(replica, 0) for replica, n in mine.replica_hits.items())
 
 
 def _row_of(key: str) -> int:
@@ -217,8 +224,8 @@ class ApproximateCache:
         added, removed and updated, and of rows queued for a rewrite.
 
         Held under the index's flush lock, so each of this process's changes is seen once: still queued, or
-        already stored. A row whose stored hit count of this replica is lower than the mirror's (another
-        replica's write overwrote it) is queued again: that is what makes the per-replica counts converge.
+        already stored. A row in which Milvus holds a lower count (of any replica) than this mirror has seen
+        (a racing flush overwrote it) is queued again: that is what makes the per-replica counts converge.
         Cost: one scan of every row's id and entries (no vectors) plus a fetch of the rows new to this replica.
         """
         index = self.index
@@ -269,12 +276,8 @@ class ApproximateCache:
         if merged != local.entries:
             counts["updated"] += 1
         local.entries = merged
-        mine = self.replica
-        behind = stored is not None and any(
-            e.replica_hits.get(mine, 0) > stored[k].replica_hits.get(mine, 0) for k, e in merged.items() if k in stored
-        )
-        if behind and change is None:
-            self.index.put(local)
+        if stored is not None and any(_ahead(e, stored[k]) for k, e in merged.items() if k in stored):
+            self.index.put(local)  # Milvus holds a count lower than one we have seen: write the larger one back
             counts["rewritten"] += 1
 
     def _adopt(self, row_id: int) -> PromptRecord | None:
@@ -528,8 +531,8 @@ class ApproximateCache:
             self.index.flush()
 
     def close(self) -> None:
-        """Flush and disconnect. On a shared Milvus, first one last refresh: a hit count of this replica that a
-        racing flush of another replica overwrote is written again (nobody else can restore it once we exit)."""
+        """Flush and disconnect. On a shared Milvus, `_settle` first: once this replica exits, nobody else can
+        restore a count of it that a racing flush of another replica overwrote."""
         with self._lock:
             self._closed.set()
             index = self.index
@@ -537,10 +540,23 @@ class ApproximateCache:
             return
         if index.shared:
             try:
-                self.refresh()
+                self._settle(index)
             except Exception as err:
                 log.warning("last cache mirror refresh failed (hit counts may be behind): %s", err)
         index.close()
+
+    def _settle(self, index: MilvusIndex, rounds: int = SETTLE_ROUNDS) -> None:
+        """Refresh and flush; then wait longer than another replica's flush takes from its read to its write, and
+        check again (a flush that read the row before our write may land after it), until a check finds nothing
+        to rewrite."""
+        wait_s = self.config.flush_interval_s + SETTLE_MARGIN_S
+        for _ in range(rounds):
+            self.refresh()
+            index.flush()
+            time.sleep(wait_s)
+            if not self.refresh().get("rewritten"):
+                return
+            index.flush()
 
 
 def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:
