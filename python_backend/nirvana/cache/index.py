@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -221,6 +222,7 @@ class MilvusIndex:
         # Held for a whole flush (read, merge, write), so a reader holding it sees every change either still
         # pending or already stored, never in between (ApproximateCache.refresh).
         self.flush_lock = threading.Lock()
+        self._written_at: dict[int, float] = {}  # row id → time.monotonic() of this process's last write of it
         self._stop = threading.Event()
         try:
             self._ensure_collection()
@@ -360,6 +362,12 @@ class MilvusIndex:
                 self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=self.rpc_timeout_s)
             if deletes:
                 self._client.delete(self.collection, ids=deletes, timeout=self.rpc_timeout_s)
+        now = time.monotonic()
+        self._written_at.update((row["id"], now) for row in upserts)
+
+    def written_since(self, moment: float) -> list[int]:
+        """Ids of the rows this process upserted at or after `moment` (time.monotonic())."""
+        return [row_id for row_id, at in list(self._written_at.items()) if at >= moment]
 
     def _flush_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):

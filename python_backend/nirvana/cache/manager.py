@@ -120,7 +120,7 @@ class ApproximateCache:
         self.index: MilvusIndex | None = None  # None while Milvus is unreachable: requests are served uncached
         self._closed = threading.Event()
         self._orphan_candidates: set[str] = set()  # latents unreferenced at open, on a shared cache (see refresh)
-        self._opened_at = time.monotonic()
+        self._opened_at = self._last_refresh_at = time.monotonic()
         if not self._connect():
             threading.Thread(target=self._reconnect_loop, name="milvus-reconnect", daemon=True).start()
         if is_server_uri(config.resolved_milvus_uri) and config.refresh_interval_s > 0:
@@ -233,6 +233,7 @@ class ApproximateCache:
             return {}
         counts = dict.fromkeys(("added", "removed", "updated", "rewritten"), 0)
         with index.flush_lock:
+            self._last_refresh_at = time.monotonic()
             stored = index.scan_entries()
             with self._lock:
                 new_ids = [row_id for row_id in stored if row_id not in self._records]
@@ -531,8 +532,8 @@ class ApproximateCache:
             self.index.flush()
 
     def close(self) -> None:
-        """Flush and disconnect. On a shared Milvus, `_settle` first: once this replica exits, nobody else can
-        restore a count of it that a racing flush of another replica overwrote."""
+        """Flush and disconnect. On a shared Milvus, `_settle` first (about flush_interval_s + 1 s): once this
+        replica exits, nobody else can restore a count of it that a racing flush of another replica overwrote."""
         with self._lock:
             self._closed.set()
             index = self.index
@@ -546,17 +547,29 @@ class ApproximateCache:
         index.close()
 
     def _settle(self, index: MilvusIndex, rounds: int = SETTLE_ROUNDS) -> None:
-        """Refresh and flush; then wait longer than another replica's flush takes from its read to its write, and
-        check again (a flush that read the row before our write may land after it), until a check finds nothing
-        to rewrite."""
+        """Flush; wait longer than another replica's flush takes from its read to its write (one that read a row
+        before our write may land after it); re-read the rows we wrote since shortly before our last refresh (it
+        repaired earlier ones) and write back any count Milvus lost; repeat until nothing was lost."""
         wait_s = self.config.flush_interval_s + SETTLE_MARGIN_S
+        since = self._last_refresh_at - wait_s
+        index.flush()
         for _ in range(rounds):
-            self.refresh()
-            index.flush()
             time.sleep(wait_s)
-            if not self.refresh().get("rewritten"):
+            if not self._rewrite_lost_counts(index, index.written_since(since)):
                 return
             index.flush()
+
+    def _rewrite_lost_counts(self, index: MilvusIndex, row_ids: list[int]) -> int:
+        """Queue the rows among `row_ids` in which Milvus holds a lower count than the mirror; returns how many."""
+        stored = index.fetch(row_ids) if row_ids else {}
+        queued = 0
+        with self._lock:
+            for row_id, row in stored.items():
+                local = self._records.get(row_id)
+                if local and any(_ahead(e, row.entries[k]) for k, e in local.entries.items() if k in row.entries):
+                    index.put(local)
+                    queued += 1
+        return queued
 
 
 def _stored_nbytes(arrays: dict[str, np.ndarray], dtype: str) -> int:
