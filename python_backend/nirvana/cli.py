@@ -14,9 +14,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer
 from rich.console import Console
 
+from nirvana.quality.cli import calibrate_cmd, quality_app
+
 app = typer.Typer(help="NIRVANA approximate caching for Stable Diffusion, served by Triton.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print figures (and write JSON).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(quality_app, name="quality")
+app.command("calibrate")(calibrate_cmd)
 console = Console(stderr=True)
 
 CacheDir = Annotated[Path, typer.Option(help="Cache directory: milvus-lite file and latent store.")]

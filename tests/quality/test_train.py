@@ -58,3 +58,11 @@ def test_resumed_training_continues_from_the_saved_state(trained, tmp_path):
 def test_a_non_positive_budget_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="minutes must be > 0, got 0"):
         train_model(tmp_path, TrainConfig(minutes=0))
+
+
+def test_the_trained_checkpoint_exports_to_onnx_that_matches_torch(trained, tmp_path):
+    from nirvana_export.onnx_export import export_all
+
+    out, _ = trained
+    paths = export_all(out, tmp_path / "onnx")  # raises ExportCheckError when ONNX and torch disagree
+    assert set(paths) == {"text_encoder", "prompt_embedder", "unet", "vae_decoder"}

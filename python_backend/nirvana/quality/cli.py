@@ -75,14 +75,17 @@ def dataset(
 @quality_app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Folder for the checkpoint, its judge/ and training/ state.")],
-    minutes: Annotated[float, typer.Option(help="Time budget of the whole run, judge included.", min=0.1)] = 25.0,
+    minutes: Annotated[float, typer.Option(help="Time budget of the whole run, judge included.", min=0.1)] = 28.0,
     seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/training/state.pt when present.")] = True,
+    device: Annotated[str, typer.Option(help="torch device to train on: cpu, or cuda where there is a GPU.")] = "cpu",
 ) -> None:
     """Train the shapes latent diffusion model and its judge on this machine's CPU within --minutes."""
     from nirvana.quality.train import TrainConfig, train_model
 
-    report = train_model(out, TrainConfig(minutes=minutes, seed=seed), resume=resume)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise typer.BadParameter(f"--device={device!r}: expected cpu or cuda[:N]", param_hint="--device")
+    report = train_model(out, TrainConfig(minutes=minutes, seed=seed, device=device), resume=resume)
     typer.echo(json.dumps(report, indent=2, default=str))
     console.print(f"checkpoint written to {out} (serve it with `nirvana serve --checkpoint {out}`)")
 

@@ -50,16 +50,17 @@ _STATE = "training/state.pt"
 class TrainConfig:
     """Budget and sizes. ``max_*_steps`` cap a phase by steps (tests); otherwise time decides."""
 
-    minutes: float = 25.0
+    minutes: float = 28.0
     seed: int = 0
     batch_size: int = 32
+    vae_batch_size: int = 8
     pool_size: int = 16384
-    vae_share: float = 0.14
-    judge_share: float = 0.1
-    lr: float = 6e-4
+    vae_share: float = 0.33
+    judge_share: float = 0.08
+    lr: float = 1e-3
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     save_every_s: float = 60.0
     max_vae_steps: int | None = None
     max_unet_steps: int | None = None
@@ -101,6 +102,11 @@ def _make_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=8,
+        # An attention-pooled summary of the text joins the timestep embedding, so colour, shape and background
+        # reach every ResNet block, not only the cross-attention layers; it is computed from the same
+        # encoder_hidden_states, so the UNet's inputs (and the served tensor contract) stay SD's.
+        addition_embed_type="text",
+        encoder_hid_dim=64,
     )
     vae = AutoencoderKL(  # 16 channels at full resolution: the shapes are flat colours, and CPU time is scarce
         block_out_channels=(16, 32, 64),
@@ -109,6 +115,7 @@ def _make_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
+        mid_block_add_attention=False,  # flat shapes need no global attention; it costs CPU time
         sample_size=64,
     )
     return text_encoder, unet, vae
@@ -201,16 +208,19 @@ class _Clock:
 
 def _train_vae(run: _Run, pool: torch.Tensor, out: Path, config: TrainConfig, budget_s: float) -> None:
     vae = run.vae.to(config.device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     if run.vae_opt:
         opt.load_state_dict(run.vae_opt)
     gen = torch.Generator().manual_seed(config.seed + run.vae_step)
     clock = _Clock(run, out, config, budget_s, "vae")
     while clock.fraction() < 1.0 and run.vae_step < (config.max_vae_steps or math.inf):
-        batch = pool[torch.randint(len(pool), (config.batch_size,), generator=gen)].to(config.device)
+        batch = pool[torch.randint(len(pool), (config.vae_batch_size,), generator=gen)].to(config.device)
         posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        # The mean, not a sample: with minutes of CPU, sampling noise keeps the decoder blurry and its colours
+        # washed out (a judge read 23% of colours right after 300 such steps). The UNet is trained on means too.
+        recon = vae.decode(posterior.mean).sample
+        weight = _foreground_weight(batch)
+        loss = ((recon - batch).pow(2) + (recon - batch).abs()).mul(weight).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -220,6 +230,18 @@ def _train_vae(run: _Run, pool: torch.Tensor, out: Path, config: TrainConfig, bu
         clock.tick(mse=run.losses["vae_mse"])
     clock.close()
     vae.eval().to("cpu")
+
+
+def _foreground_weight(images: torch.Tensor, boost: float = 10.0) -> torch.Tensor:
+    """``[B, 1, H, W]`` loss weights: ``boost`` where a pixel differs from the image's border colour (the shape).
+
+    A shape covers 4-16% of the image; unweighted, its colour barely moves the loss and a briefly trained
+    decoder paints every shape grey (the judge then read 18% of colours right).
+    """
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    foreground = (images - background).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1.0 + (boost - 1.0) * foreground.float()
 
 
 @torch.no_grad()
