@@ -33,6 +33,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "build_clip_tokenizer",
+    "clip_text_encoder",
     "fingerprint_checkpoint",
     "load_checkpoint",
     "make_tiny_model",
@@ -317,22 +318,29 @@ def sd15_scheduler_config() -> dict:
     }
 
 
-def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
-    """Random-weight text encoder (D=32, 2 layers), UNet (32/64 channels, 16×16 latent), VAE (×4 upsampling)."""
-    text_encoder = CLIPTextModel(
+def clip_text_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int, intermediate_size: int, heads: int, layers: int = 2
+) -> CLIPTextModel:
+    """A random-weight CLIP text encoder sized for ``tokenizer`` (vocabulary, special tokens, max length)."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
             # Without these the pooled output silently comes from position 0.
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random-weight text encoder (D=32, 2 layers), UNet (32/64 channels, 16×16 latent), VAE (×4 upsampling)."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,

@@ -123,6 +123,13 @@ DEMO_PROMPTS = [
     "a bowl of ramen on a wooden table, studio lighting",
     "a red fox in the snow, photograph",
 ]
+# For a shapes model (`nirvana quality train`): a miss, a paraphrase, a one-attribute near miss, an unrelated scene.
+SHAPES_DEMO_PROMPTS = [
+    "a small red circle in the top left on a white background",
+    "top-left corner: a little crimson disc, pale backdrop",
+    "a small blue circle in the top left on a white background",
+    "a large yellow square in the centre on a black background",
+]
 
 
 @app.command()
@@ -133,8 +140,13 @@ def demo(
     checkpoint: Annotated[Path | None, typer.Option(help="Use this checkpoint instead of a tiny one.")] = None,
     steps: int = 20,
     in_process: Annotated[bool, typer.Option(help="Run the pipeline in this process instead of in Triton.")] = False,
+    config: ConfigFile = None,
 ) -> None:
-    """Start tritonserver on a tiny model, send a few prompts over gRPC and HTTP, show misses and cache hits, stop."""
+    """Start tritonserver on a tiny model, send a few prompts over gRPC and HTTP, show misses and cache hits, stop.
+
+    With a shapes model (`nirvana quality train`) it sends shape prompts and saves each hit beside the uncached
+    image of the same seed, so you can see what the cache did to the picture.
+    """
     from nirvana.checkpoint import make_tiny_model
 
     _setup_logging(verbose=False)
@@ -143,13 +155,14 @@ def demo(
         if not (checkpoint / "model_index.json").exists():
             console.print(f"making a tiny random-weight model in {checkpoint}")
             make_tiny_model(checkpoint)
+    prompts = SHAPES_DEMO_PROMPTS if (checkpoint / "judge").is_dir() else DEMO_PROMPTS
     if in_process:
         generate(
-            DEMO_PROMPTS,
+            prompts,
             checkpoint=checkpoint,
             out_dir=work_dir / "images",
             cache_dir=work_dir / "cache",
-            config=None,
+            config=config,
             seed=0,
             steps=steps,
             guidance=None,
@@ -160,33 +173,40 @@ def demo(
             verbose=False,
         )
         return
-    _demo_served(work_dir, checkpoint, steps)
+    _demo_served(work_dir, checkpoint, steps, prompts, config)
 
 
-def _demo_served(work_dir: Path, checkpoint: Path, steps: int) -> None:
+def _demo_served(work_dir: Path, checkpoint: Path, steps: int, prompts: list[str], config: Path | None) -> None:
+    import numpy as np
     from PIL import Image
 
     from nirvana.serving.launch import ServeOptions, make_server, prepare
     from nirvana.serving.tritonserver import ServerPorts, free_ports
     from nirvana_client import GenerateOptions, NirvanaClient
 
-    options = ServeOptions(cache_dir=work_dir / "serve", checkpoint=checkpoint, ports=ServerPorts(*free_ports(3)))
+    options = ServeOptions(
+        cache_dir=work_dir / "serve", checkpoint=checkpoint, ports=ServerPorts(*free_ports(3)), config_file=config
+    )
     console.print("exporting the sub-models to ONNX and writing the Triton model repository ...")
     repo, _ = prepare(options)
     server = make_server(options, repo)
     console.print(f"starting tritonserver (log: {server.log_path}) ...")
     (work_dir / "images").mkdir(parents=True, exist_ok=True)
     with server:
-        for i, prompt in enumerate(DEMO_PROMPTS):
+        for i, prompt in enumerate(prompts):
             protocol = "http" if i % 2 else "grpc"
             client = NirvanaClient(server.urls.http if protocol == "http" else server.urls.grpc, protocol)
             res = client.generate(prompt, GenerateOptions(seed=i, steps=steps))
-            client.close()
             path = work_dir / "images" / f"{i:03d}.png"
             Image.fromarray(res.image).save(path)
+            if res.cache_hit:  # left: served from the cache; right: the same request computed in full
+                full = client.generate(prompt, GenerateOptions(seed=i, steps=steps, cache_mode="bypass"))
+                Image.fromarray(np.concatenate([res.image, full.image], axis=1)).save(path.with_suffix(".hit.png"))
+            client.close()
             hit = f"HIT, skipped {res.skipped_steps}/{steps} steps" if res.cache_hit else "miss"
             sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"
-            console.print(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {path}")
+            shown = path.with_suffix(".hit.png") if res.cache_hit else path
+            console.print(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {shown}")
         console.print(_metrics_summary(server.urls.metrics))
 
 
