@@ -12,7 +12,14 @@ from nirvana.quality.train import TEXT_MAX_LENGTH, TrainConfig, train_model
 from nirvana.runtime.torch_runtime import TorchSubModels
 
 TOY = TrainConfig(
-    minutes=10, pool_size=64, batch_size=4, max_vae_steps=2, max_unet_steps=3, judge_steps=3, progress=False
+    minutes=10,
+    pool_size=64,
+    batch_size=4,
+    max_vae_steps=2,
+    max_clip_steps=2,
+    max_unet_steps=3,
+    judge_steps=3,
+    progress=False,
 )
 
 
@@ -24,7 +31,7 @@ def trained(tmp_path_factory):
 
 def test_toy_training_writes_a_loadable_checkpoint_that_generates_an_image(trained):
     out, report = trained
-    assert (report["vae_steps"], report["unet_steps"]) == (2, 3)
+    assert (report["vae_steps"], report["clip_steps"], report["unet_steps"]) == (2, 2, 3)
     assert report["scaling_factor"] > 0 and np.isfinite(report["losses"]["unet"])
     checkpoint = load_checkpoint(out)
     assert checkpoint.image_size == (64, 64) and checkpoint.latent_size == (16, 16)
@@ -66,3 +73,23 @@ def test_the_trained_checkpoint_exports_to_onnx_that_matches_torch(trained, tmp_
     out, _ = trained
     paths = export_all(out, tmp_path / "onnx")  # raises ExportCheckError when ONNX and torch disagree
     assert set(paths) == {"text_encoder", "prompt_embedder", "unet", "vae_decoder"}
+
+
+def test_contrastive_loss_is_low_for_matching_captions_and_counts_same_scenes_as_positives():
+    import torch
+
+    from nirvana.quality.clip_pretrain import contrastive_loss
+
+    torch.manual_seed(0)
+    emb = torch.randn(8, 16)
+    scale = torch.tensor(np.log(1 / 0.07))
+    eye = torch.eye(8, dtype=torch.bool)
+    matched, shuffled = contrastive_loss(emb, emb, eye, scale), contrastive_loss(emb, emb.roll(1, 0), eye, scale)
+    assert matched < 0.01 < 1.0 < shuffled
+    # Rows 0 and 1 show the same scene: counted as positives, telling them apart is penalised, not rewarded.
+    twin = emb.clone()
+    twin[1] = twin[0]
+    same = eye.clone()
+    same[0, 1] = same[1, 0] = True
+    assert contrastive_loss(twin, twin, same, scale) < contrastive_loss(emb, emb, same, scale)
+    assert contrastive_loss(twin, twin, eye, scale) > contrastive_loss(emb, emb, eye, scale)

@@ -5,9 +5,10 @@ Phases, each with a share of ``minutes`` (the whole run, judge included, stays i
 1. tokenizer: a CLIP BPE learned from the captions' vocabulary (every word one token);
 2. VAE: ``AutoencoderKL`` 64×64×3 → 16×16×4, MSE + a small KL term; the latent scaling factor is 1/std of the
    pool's latents, as SD 1.x's 0.18215 was chosen;
-3. UNet + text encoder, jointly, on ε-prediction with min-SNR weighting, 10% empty captions (so classifier-free
+3. text encoder, CLIP-style, against the VAE latents (:mod:`nirvana.quality.clip_pretrain`);
+4. UNet + text encoder, jointly, on ε-prediction with min-SNR weighting, 10% empty captions (so classifier-free
    guidance works), an EMA of the UNet weights (saved);
-4. the attribute judge (:mod:`nirvana.quality.judge`), unless ``DIR/judge`` exists.
+5. the attribute judge (:mod:`nirvana.quality.judge`), unless ``DIR/judge`` exists.
 
 Resuming (the default) reloads ``DIR/training/state.pt``: an interrupted run picks up where its last save was, and
 a finished one trains its UNet on if given a larger ``minutes`` (or step cap).
@@ -37,6 +38,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from nirvana.checkpoint import build_clip_tokenizer, clip_text_encoder, sd15_scheduler_config
 from nirvana.quality import shapes
+from nirvana.quality.clip_pretrain import pretrain_text_encoder
 
 __all__ = ["TrainConfig", "train_model"]
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 
 TEXT_MAX_LENGTH = 32  # the longest caption is ≈ 22 tokens with its start/end tokens
 _STATE = "training/state.pt"
+# Everything of a _Run but its modules: progress, optimiser states, losses.
+_SCALARS = ("phase", "vae_step", "clip_step", "unet_step", "elapsed_s", "scaling_factor", "vae_opt", "unet_opt")
+_SCALARS += ("losses",)
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,9 @@ class TrainConfig:
     batch_size: int = 32
     vae_batch_size: int = 8
     pool_size: int = 16384
-    vae_share: float = 0.33
-    judge_share: float = 0.08
+    vae_share: float = 0.25
+    clip_share: float = 0.08
+    judge_share: float = 0.07
     lr: float = 1e-3
     vae_lr: float = 2e-3
     cfg_dropout: float = 0.1
@@ -64,6 +70,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     save_every_s: float = 60.0
     max_vae_steps: int | None = None
+    max_clip_steps: int | None = None
     max_unet_steps: int | None = None
     judge_steps: int | None = None
     device: str = "cpu"
@@ -123,6 +130,7 @@ class _Run:
     ema: UNet2DConditionModel
     phase: str = "vae"
     vae_step: int = 0
+    clip_step: int = 0
     unet_step: int = 0
     elapsed_s: float = 0.0
     scaling_factor: float = 1.0
@@ -136,8 +144,7 @@ class _Run:
         state = {
             "config": asdict(config),
             "modules": {n: getattr(self, n).state_dict() for n in ("text_encoder", "unet", "vae", "ema")},
-            **{k: getattr(self, k) for k in ("phase", "vae_step", "unet_step", "elapsed_s", "scaling_factor")},
-            **{k: getattr(self, k) for k in ("vae_opt", "unet_opt", "losses")},
+            **{k: getattr(self, k) for k in _SCALARS},
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -363,10 +370,14 @@ def train_model(out_dir: str | Path, config: TrainConfig | None = None, *, resum
         pool = _to_tensor(data.images)
         if run.phase == "vae":  # the UNet learns on the VAE's latents: the VAE is trained once, first
             _train_vae(run, pool, out, config, config.vae_share * budget)
-            run.phase = "unet"
+            run.phase = "clip"
             run.save(out, config)
         latents = _encode_pool(run.vae, pool, config.device)
         run.scaling_factor = float(1.0 / latents.std())
+        if run.phase == "clip":  # an interrupted pre-training restarts (its heads are not saved); it is short
+            _pretrain_text(run, latents, data.scenes, tokenizer, out, config, config.clip_share * budget)
+            run.phase = "unet"
+            run.save(out, config)
         # Continues whenever the budget (or step cap) allows more: a resumed run with a larger --minutes trains on.
         _train_unet(run, latents, data.scenes, tokenizer, out, config, budget * (1 - config.judge_share))
         run.save(out, config)
@@ -375,12 +386,43 @@ def train_model(out_dir: str | Path, config: TrainConfig | None = None, *, resum
     return {
         "out": str(out),
         "vae_steps": run.vae_step,
+        "clip_steps": run.clip_step,
         "unet_steps": run.unet_step,
         "scaling_factor": run.scaling_factor,
         "losses": run.losses,
         "train_seconds": run.elapsed_s,
         "judge": judge_report,
     }
+
+
+def _pretrain_text(
+    run: _Run,
+    latents: torch.Tensor,
+    scenes: list[shapes.Scene],
+    tokenizer: CLIPTokenizer,
+    out: Path,
+    config: TrainConfig,
+    budget_s: float,
+) -> None:
+    clock = _Clock(run, out, config, budget_s, "text (CLIP-style)")
+
+    def on_step(loss: float) -> None:
+        run.clip_step += 1
+        run.losses["clip"] = loss
+        clock.tick(loss=loss)
+
+    pretrain_text_encoder(
+        run.text_encoder,
+        tokenizer,
+        latents * run.scaling_factor,
+        scenes,
+        keep_going=lambda done: clock.fraction() < 1.0 and done < (config.max_clip_steps or math.inf),
+        on_step=on_step,
+        seed=config.seed,
+        device=config.device,
+    )
+    clock.close()
+    run.text_encoder.to("cpu")
 
 
 def _train_judge(out: Path, config: TrainConfig, budget_s: float) -> dict:
