@@ -55,7 +55,7 @@ _SCALARS += ("losses",)
 class TrainConfig:
     """Budget and sizes. ``max_*_steps`` cap a phase by steps (tests); otherwise time decides."""
 
-    minutes: float = 28.0
+    minutes: float = 26.0
     seed: int = 0
     batch_size: int = 32
     vae_batch_size: int = 8
