@@ -111,4 +111,11 @@ def test_demo_runs_the_served_path(tiny_checkpoint_dir, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.output.count("HIT") == 2 and "nirvana_cache_hits_total 2" in result.output
-    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+    images = tmp_path / "images"
+    assert sorted(p.name for p in images.glob("*.png")) == [
+        "000.png", "001.hit.png", "001.png", "002.png", "003.hit.png", "003.png"
+    ]  # fmt: skip
+    # Each hit is saved beside the same request computed in full (cache bypassed): twice as wide.
+    from PIL import Image
+
+    assert Image.open(images / "001.hit.png").size == (2 * Image.open(images / "001.png").size[0], 64)
