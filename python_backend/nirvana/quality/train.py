@@ -3,8 +3,8 @@
 Phases, each with a share of ``minutes`` (the whole run, judge included, stays inside it):
 
 1. tokenizer: a CLIP BPE learned from the captions' vocabulary (every word one token);
-2. VAE: ``AutoencoderKL`` 64×64×3 → 16×16×4, MSE + a small KL term; the latent scaling factor is 1/std of the
-   pool's latents, as SD 1.x's 0.18215 was chosen;
+2. VAE: ``AutoencoderKL`` 64×64×3 → 16×16×4 on the posterior mean, MSE + L1 weighted ×10 on the shape, a tiny
+   KL term, decaying LR; the latent scaling factor is 1/std of the pool's latents, as SD 1.x's 0.18215 was chosen;
 3. text encoder, CLIP-style, against the VAE latents (:mod:`nirvana.quality.clip_pretrain`);
 4. UNet + text encoder, jointly, on ε-prediction with min-SNR weighting, 10% empty captions (so classifier-free
    guidance works), an EMA of the UNet weights (saved);
