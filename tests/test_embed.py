@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nirvana.embed import EmbedderError, make_embedder
+from nirvana.embed import ClipEmbedder, EmbedderError, make_embedder
 
 
 def test_minilm_paraphrase_is_closer_than_unrelated() -> None:
@@ -27,3 +27,11 @@ def test_unknown_or_unbuildable_embedder() -> None:
         make_embedder("nope")
     with pytest.raises(EmbedderError, match="needs a checkpoint"):
         make_embedder("clip")
+
+
+def test_clip_pooled_from_a_separate_encoder_equals_the_torch_embedder(tiny_checkpoint) -> None:
+    prompts = ["a red fox", "a small red circle in the top left on a white background", ""]
+    expected = make_embedder("clip", tiny_checkpoint).embed(prompts)
+    encoder = tiny_checkpoint.text_encoder
+    separate = ClipEmbedder(tiny_checkpoint, encode_text=lambda ids: encoder(ids).last_hidden_state)
+    np.testing.assert_allclose(separate.embed(prompts), expected, atol=1e-6)

@@ -78,17 +78,41 @@ class MiniLMEmbedder(Embedder):
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
+def clip_pool(last_hidden_state: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``CLIPTextModel``'s pooled output from its last hidden state: the state at the end-of-text token.
+
+    transformers' rule: configs with the legacy ``eos_token_id == 2`` (SD 1.5's) take the highest token id.
+    """
+    ids = input_ids.to(torch.int)
+    position = ids.argmax(dim=-1) if eos_token_id == 2 else (ids == eos_token_id).int().argmax(dim=-1)
+    return last_hidden_state[torch.arange(len(ids), device=last_hidden_state.device), position]
+
+
 class ClipEmbedder(Embedder):
-    """CLIP text features of the checkpoint's own text encoder (pooled output, projected when it has a projection)."""
+    """CLIP text features of the checkpoint's own text encoder (pooled output, projected when it has a projection).
+
+    ``encode_text`` (token ids → last hidden state), when given, runs the encoder elsewhere (the served
+    ``text_encoder`` model) and the pooling happens here: the same vectors, without a second copy of the weights.
+    """
 
     name = "clip"
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         self._tokenizer = checkpoint.tokenizer
         self._encoder = checkpoint.text_encoder
+        config = self._encoder.config
         projection = getattr(self._encoder, "text_projection", None)
-        self._has_projection = projection is not None
-        self.dim = projection.out_features if projection is not None else self._encoder.config.hidden_size
+        self._has_projection = projection is not None or "CLIPTextModelWithProjection" in (
+            getattr(config, "architectures", None) or []
+        )
+        if encode_text is not None and self._has_projection:
+            raise EmbedderError(
+                "embedder='clip' through a served text encoder needs a CLIPTextModel: its projection is not served"
+            )
+        self._encode_text, self._eos_token_id = encode_text, int(config.eos_token_id)
+        self.dim = projection.out_features if projection is not None else int(config.hidden_size)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -99,6 +123,8 @@ class ClipEmbedder(Embedder):
             truncation=True,
             return_tensors="pt",
         ).input_ids
+        if self._encode_text is not None:
+            return _normalise(clip_pool(self._encode_text(ids), ids, self._eos_token_id))
         out = self._encoder(ids.to(self._encoder.device))
         pooled = out.text_embeds if self._has_projection else out.pooler_output
         return _normalise(pooled)

@@ -9,19 +9,33 @@ from nirvana.serving.tritonserver import ServerPorts, free_ports
 from nirvana_client import NirvanaClient
 
 
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint_dir, tmp_path_factory):
-    """A running server; yields (server, options). Tests may restart it through `restart`."""
-    cache_dir = tmp_path_factory.mktemp("serve")
+def _start_server(checkpoint_dir, cache_dir, config_file=None) -> dict:
+    """Prepare the repository and start tritonserver on free loopback ports; returns {server, options, repo}."""
     http, grpc, metrics = free_ports(3)
     options = ServeOptions(
-        cache_dir=cache_dir, checkpoint=tiny_checkpoint_dir, ports=ServerPorts(http, grpc, metrics), ready_timeout_s=180
+        cache_dir=cache_dir,
+        checkpoint=checkpoint_dir,
+        config_file=config_file,
+        ports=ServerPorts(http, grpc, metrics),
+        ready_timeout_s=180,
     )
     repo, _ = prepare(options)
     server = make_server(options, repo)
     server.start()
     server.wait_ready()
-    state = {"server": server, "options": options, "repo": repo}
+    return {"server": server, "options": options, "repo": repo}
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """``start_server(checkpoint_dir, cache_dir, config_file=None)`` for modules that need their own server."""
+    return _start_server
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint_dir, tmp_path_factory):
+    """A running server; yields (server, options). Tests may restart it through `restart`."""
+    state = _start_server(tiny_checkpoint_dir, tmp_path_factory.mktemp("serve"))
     yield state
     state["server"].stop()
 

@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 from nirvana.cache.selection import KSelector
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
-from nirvana.quality.calibrate import Budget, apply_thresholds, calibrate, fit_thresholds, steps_saved, write_config
+from nirvana.quality.calibrate import (
+    Budget,
+    apply_thresholds,
+    calibrate,
+    fit_thresholds,
+    rescore,
+    steps_saved,
+    write_config,
+)
 from nirvana.quality.cli import calibrate_cmd
 from nirvana.serving.launch import ServeOptions, engine_config
 
@@ -159,6 +167,20 @@ def test_no_admissible_band_writes_a_table_that_never_hits(embedder: Embedder, t
     assert load_config({"checkpoint": "unused"}, path=tmp_path / "t.toml").cache.selection.thresholds == ((1.0, 4),)
 
 
+def test_rescore_gives_each_pair_the_named_embedders_cosine(embedder: Embedder) -> None:
+    evaluation = _evaluation()
+    evaluation["report"]["settings"]["embedder"] = "other"
+    prompt = "a small red circle in the top left on a white background"
+    evaluation["records"][0].update(cached_prompt=prompt, new_prompt=prompt)
+    evaluation["records"][1].update(cached_prompt=prompt, new_prompt="a huge green triangle at the bottom, dark")
+    rescored = rescore(evaluation, embedder)
+    first, second = rescored["records"][:2]
+    assert first["similarity"] == pytest.approx(1.0, abs=1e-5) and second["similarity"] < 0.9
+    assert rescored["report"]["settings"]["embedder"] == "minilm"
+    assert first["cached"] == evaluation["records"][0]["cached"]  # the judged images are kept
+    assert evaluation["records"][1]["similarity"] == pytest.approx(0.985)  # the input is left as it was
+
+
 def test_write_config_refuses_a_table_the_server_would_reject(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="strictly below"):
         write_config(tmp_path / "bad.toml", [(0.9, 4), (0.8, 8)], 20, "minilm")
@@ -197,6 +219,19 @@ def test_cli_calibrate_names_the_bad_input(tmp_path: Path, args: list[str], mess
     result = CliRunner().invoke(_cli(), ["calibrate", *args, "--out", str(tmp_path / "t.toml")], env=WIDE)
     assert result.exit_code == 2
     assert message.format(tmp=tmp_path) in result.output
+
+
+@pytest.mark.parametrize(
+    ("embedder_name", "message"),
+    [("bert", "embedder='bert' is unknown"), ("clip", "embedder 'clip' needs the evaluated checkpoint's text encoder")],
+)
+def test_cli_calibrate_names_a_bad_embedder(tmp_path: Path, embedder_name: str, message: str) -> None:
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(_evaluation()))  # its settings name no checkpoint
+    args = ["calibrate", "--eval-json", str(eval_json), "--out", str(tmp_path / "t.toml"), "--embedder", embedder_name]
+    result = CliRunner().invoke(_cli(), args, env=WIDE)
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "t.toml").exists()
 
 
 def test_warnings_say_when_the_evidence_is_thin(embedder: Embedder, tmp_path: Path) -> None:

@@ -146,6 +146,13 @@ def test_cli_eval_writes_json_and_plot(model_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--eval-json", str(out), "--out", str(config), "--min-count", "1"])
     assert result.exit_code == 0, result.output
     assert load_config({"checkpoint": str(model_dir)}, path=config).cache.selection.reference_steps == 4
+    # The same records fitted for the checkpoint's own text encoder: the server is told to embed with it.
+    report = tmp_path / "clip.json"
+    args = ["--eval-json", str(out), "--out", str(config), "--min-count", "1", "--embedder", "clip"]
+    result = CliRunner().invoke(app, [*args, "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert load_config({"checkpoint": str(model_dir)}, path=config).embedder == "clip"
+    assert json.loads(report.read_text())["embedder"] == "clip"
 
 
 @pytest.mark.parametrize(

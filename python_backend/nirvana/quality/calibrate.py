@@ -41,6 +41,7 @@ __all__ = [
     "apply_thresholds",
     "calibrate",
     "fit_thresholds",
+    "rescore",
     "steps_saved",
     "write_config",
 ]
@@ -255,6 +256,23 @@ def _warnings(calibration: dict, bands: Sequence[dict], budget: Budget) -> list[
                 f"{band['leak_rate_upper95']:.1%})"
             )
     return out
+
+
+def rescore(evaluation: dict, embedder: Embedder) -> dict:
+    """``evaluation`` with each record's ``similarity`` recomputed by ``embedder`` (and the settings naming it).
+
+    The generated images depend on the pair, never on the embedder, so one evaluation calibrates any embedder.
+    """
+    records = evaluation["records"]
+    cached = embedder.embed([r["cached_prompt"] for r in records])
+    new = embedder.embed([r["new_prompt"] for r in records])
+    similarity = (cached * new).sum(axis=1)  # unit vectors: the cosine
+    report = {**evaluation["report"], "settings": {**evaluation["report"]["settings"], "embedder": embedder.name}}
+    return {
+        **evaluation,
+        "report": report,
+        "records": [{**r, "similarity": float(s)} for r, s in zip(records, similarity, strict=True)],
+    }
 
 
 def _split(records: Sequence[dict], split: str) -> list[dict]:

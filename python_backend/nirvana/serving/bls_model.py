@@ -20,6 +20,7 @@ import numpy as np
 
 from nirvana.checkpoint import load_checkpoint
 from nirvana.config import load_config
+from nirvana.embed import ClipEmbedder
 from nirvana.pipeline import Pipeline, RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.serving.metrics import CacheMetrics
@@ -71,12 +72,11 @@ class TritonPythonModel:
         if not config_path.is_absolute():
             config_path = Path(args["model_repository"]) / config_path
         config = load_config(path=config_path)
-        if config.embedder != "minilm":
-            raise ValueError(f"embedder={config.embedder!r}: the served model embeds with the prompt_embedder (minilm)")
         checkpoint = load_checkpoint(config.checkpoint, weights=False)  # weights live in the sub-models
-        self.pipeline = Pipeline(
-            config, checkpoint=checkpoint, models=BlsSubModels(pb_utils), embedder=BlsEmbedder(pb_utils)
-        )
+        models = BlsSubModels(pb_utils)
+        # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
+        embedder = ClipEmbedder(checkpoint, models.encode_text) if config.embedder == "clip" else BlsEmbedder(pb_utils)
+        self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder)
         self.metrics = CacheMetrics(pb_utils, self.pipeline.cache)
         workers = int(params.get("max_concurrent_requests", "4"))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nirvana")
