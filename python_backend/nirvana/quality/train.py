@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32
     vae_batch_size: int = 8
+    # A fourth (2x2) level learnt position worse in equal GPU time (0.42 vs 0.93 with three levels).
     unet_channels: tuple[int, ...] = (32, 64, 64)
     pool_size: int = 16384
     vae_share: float = 0.25
