@@ -81,9 +81,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/training/state.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu, or cuda where there is a GPU.")] = "cpu",
-    batch_size: Annotated[int | None, typer.Option(help="UNet batch [default: 32 on cpu, 128 on cuda].", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="UNet batch (default: 32 on cpu, 128 on cuda).", min=1)] = None,
     vae_batch_size: Annotated[
-        int | None, typer.Option(help="VAE batch [default: 8 on cpu, 32 on cuda].", min=1)
+        int | None, typer.Option(help="VAE batch (default: 8 on cpu, 32 on cuda).", min=1)
     ] = None,
 ) -> None:
     """Train the shapes latent diffusion model and its judge on this machine's CPU (or a GPU) within --minutes."""

@@ -252,11 +252,13 @@ def train_judge(
     max_seconds: float | None = None,
     width: int = 24,
     held_out: int = 1000,
+    device: str = "cpu",
 ) -> tuple[Judge, dict]:
     """Train a judge on fresh renders (80% degraded) for ``steps`` or ``max_seconds``, whichever ends first.
 
     The learning rate follows a cosine over the larger of the step and time fractions, so a run cut short by
-    ``max_seconds`` still anneals. The report holds per-attribute accuracy on ``held_out`` unseen renders, clean
+    ``max_seconds`` still anneals. Renders and artefacts are made on the CPU, the net trains on ``device`` and is
+    returned on the CPU. The report holds per-attribute accuracy on ``held_out`` unseen renders, clean
     (``clean_accuracy``) and through :func:`degrade` (``degraded_accuracy``), plus their means and timings.
     """
     if steps < 1 or batch_size < 1 or held_out < 1:
@@ -266,7 +268,7 @@ def train_judge(
     started = time.monotonic()
     with torch.random.fork_rng(devices=[]), _torch_threads(min(4, os.cpu_count() or 1)):
         torch.manual_seed(seed)
-        net = _Net(ATTRIBUTES, width)
+        net = _Net(ATTRIBUTES, width).to(device)
         optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
         net.train()
         pool = _RenderPool(train_rng, initial=min(1024, 16 * batch_size), capacity=16384)
@@ -277,8 +279,8 @@ def train_judge(
             for group in optimiser.param_groups:
                 group["lr"] = 3e-3 * warmup * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0)))
             images, labels = pool.batch(batch_size, fresh=max(1, batch_size // 4))
-            logits = net(degrade(_to_tensor(images), generator, clean_fraction=0.2))
-            loss = sum(F.cross_entropy(logits[name], labels[name], label_smoothing=0.05) for name in labels)
+            logits = net(degrade(_to_tensor(images), generator, clean_fraction=0.2).to(device))
+            loss = sum(F.cross_entropy(logits[name], labels[name].to(device), label_smoothing=0.05) for name in labels)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -288,7 +290,7 @@ def train_judge(
             fraction = max(step / steps, (time.monotonic() - started) / max_seconds if max_seconds else 0.0)
         bar.close()
         train_seconds = time.monotonic() - started
-        judge = Judge(net, ATTRIBUTES, width)
+        judge = Judge(net.cpu(), ATTRIBUTES, width)
         clean, degraded = _held_out_accuracy(judge, held_out, held_out_rng, torch.Generator().manual_seed(seed + 1))
     report = {
         "seed": seed,

@@ -435,7 +435,9 @@ def _train_judge(out: Path, config: TrainConfig, budget_s: float) -> dict:
 
     start = time.perf_counter()
     steps = {} if config.judge_steps is None else {"steps": config.judge_steps}  # None: the judge's default, timed
-    judge, report = train_judge(seed=config.seed, progress=config.progress, max_seconds=max(budget_s, 10.0), **steps)
+    judge, report = train_judge(
+        seed=config.seed, progress=config.progress, max_seconds=max(budget_s, 10.0), device=config.device, **steps
+    )
     judge.save(out / "judge")
     report["seconds"] = time.perf_counter() - start
     return report
