@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from nirvana.embed import ClipEmbedder, EmbedderError, make_embedder
+from nirvana.embed import ClipEmbedder, EmbedderError, clip_pool, make_embedder
 
 
 def test_minilm_paraphrase_is_closer_than_unrelated() -> None:
@@ -35,3 +36,25 @@ def test_clip_pooled_from_a_separate_encoder_equals_the_torch_embedder(tiny_chec
     encoder = tiny_checkpoint.text_encoder
     separate = ClipEmbedder(tiny_checkpoint, encode_text=lambda ids: encoder(ids).last_hidden_state)
     np.testing.assert_allclose(separate.embed(prompts), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 7])  # 2: SD 1.5's legacy config (pool at the highest id)
+def test_clip_pool_matches_the_text_models_pooled_output(eos_token_id: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=10,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    model = CLIPTextModel(config).eval()
+    ids = torch.tensor([[0, 3, 4, 9, 7, 7], [0, 5, 7, 7, 7, 7]])  # legacy: the 9 is the "highest id" position
+    with torch.no_grad():
+        out = model(ids)
+    torch.testing.assert_close(clip_pool(out.last_hidden_state, ids, eos_token_id), out.pooler_output)

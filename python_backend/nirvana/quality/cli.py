@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 # Before torch is imported: spinning OpenMP threads make co-located processes 50x slower (PLATFORM.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from nirvana.embed import Embedder
 
 __all__ = ["calibrate_cmd", "quality_app"]
 
@@ -209,7 +212,7 @@ def calibrate_cmd(
     _print_calibration(report)
 
 
-def _embedder_for(evaluation: dict, name: str | None) -> tuple[dict, object]:
+def _embedder_for(evaluation: dict, name: str | None) -> tuple[dict, Embedder]:
     """The embedder to calibrate for, and the evaluation with its pairs' similarity by that embedder."""
     from nirvana.checkpoint import load_checkpoint
     from nirvana.embed import EmbedderError, make_embedder
@@ -220,10 +223,11 @@ def _embedder_for(evaluation: dict, name: str | None) -> tuple[dict, object]:
     name = name or used
     checkpoint = None
     if name == "clip":
-        path = Path(settings.get("checkpoint", ""))
-        if not (path / "text_encoder").is_dir():
+        path = settings.get("checkpoint")
+        if not path or not (Path(path) / "text_encoder").is_dir():
             raise typer.BadParameter(
-                f"embedder 'clip' needs the evaluated checkpoint's text encoder; {str(path)!r} has none",
+                f"embedder 'clip' needs the evaluated checkpoint's text encoder; the evaluation's checkpoint={path!r}"
+                " has none",
                 param_hint="--embedder",
             )
         checkpoint = load_checkpoint(path)
