@@ -14,7 +14,15 @@ from nirvana.checkpoint import Checkpoint, load_checkpoint, make_tiny_model
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
 from nirvana.quality.cli import calibrate_cmd, quality_app
-from nirvana.quality.evaluate import EvalSettings, PairGenerator, default_ks, evaluate_pairs, run_eval, summarise
+from nirvana.quality.evaluate import (
+    SIMILARITY_BINS,
+    EvalSettings,
+    PairGenerator,
+    default_ks,
+    evaluate_pairs,
+    run_eval,
+    summarise,
+)
 from nirvana.quality.judge import Judge, train_judge
 from nirvana.quality.plots import accuracy_vs_k
 from nirvana.quality.shapes import Scene
@@ -153,6 +161,21 @@ def test_cli_eval_writes_json_and_plot(model_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert load_config({"checkpoint": str(model_dir)}, path=config).embedder == "clip"
     assert json.loads(report.read_text())["embedder"] == "clip"
+
+
+def test_cli_eval_bins_by_the_named_embedder(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(model_dir), "--json", str(out), "--pairs", "2", "--steps", "4", "--ks", "2"]
+    result = CliRunner().invoke(quality_app, [*args, "--embedder", "clip"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["report"]
+    assert report["settings"]["embedder"] == "clip" and report["similarity_bins"] == list(SIMILARITY_BINS["clip"])
+    clip = make_embedder("clip", load_checkpoint(model_dir))
+    record = json.loads(out.read_text())["records"][0]
+    vectors = clip.embed([record["cached_prompt"], record["new_prompt"]])
+    assert record["similarity"] == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
+    result = CliRunner().invoke(quality_app, [*args, "--embedder", "bert"], env=WIDE)
+    assert result.exit_code == 2 and "--embedder='bert'" in result.output
 
 
 @pytest.mark.parametrize(

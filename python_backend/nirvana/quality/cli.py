@@ -129,18 +129,24 @@ def eval_cmd(
     ks: Annotated[str | None, typer.Option(help="Comma-separated Ks (default: 2,4,...,16 scaled to N).")] = None,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Pairs generated together.", min=1)] = 16,
+    embedder: Annotated[
+        str, typer.Option(help="Similarity the bins use: minilm, or clip (the checkpoint's own text encoder).")
+    ] = "minilm",
 ) -> None:
     """Generate prompt pairs uncached and cached at each K, judge them, write the JSON report (and plot)."""
+    from nirvana.embed import EMBEDDERS
     from nirvana.quality.evaluate import DEFAULT_PAIRS, EvalSettings, run_eval
     from nirvana.quality.plots import accuracy_vs_k
 
     _check_checkpoint(checkpoint)
+    if embedder not in EMBEDDERS:
+        raise typer.BadParameter(f"--embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}", param_hint="--embedder")
     if pairs is not None and pairs < 2:
         raise typer.BadParameter(f"--pairs={pairs}: need at least 2 (one per split)")
     settings = EvalSettings(steps=steps, ks=_parse_ks(ks, steps), batch_size=batch_size)
     pairs = pairs or DEFAULT_PAIRS
     console.print(f"evaluating {pairs} pairs at N={steps}, K in {list(settings.ks)}, batches of {batch_size}")
-    result = run_eval(checkpoint, pairs=pairs, seed=seed, settings=settings)
+    result = run_eval(checkpoint, pairs=pairs, seed=seed, settings=settings, embedder_name=embedder)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     _print_eval_summary(result["report"])
@@ -196,7 +202,7 @@ def calibrate_cmd(
         from nirvana.quality.evaluate import run_eval
 
         _check_checkpoint(checkpoint)
-        evaluation = run_eval(checkpoint)
+        evaluation = run_eval(checkpoint, embedder_name=embedder or "minilm")
         kept = out.with_name(out.stem + ".eval.json")  # so a re-fit with another budget need not regenerate
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_text(json.dumps(evaluation, indent=1) + "\n")
