@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 TEXT_MAX_LENGTH = 32  # the longest caption is ≈ 22 tokens with its start/end tokens
 _STATE = "training/state.pt"
 # Everything of a _Run but its modules: progress, optimiser states, losses.
-_SCALARS = ("phase", "vae_step", "clip_step", "unet_step", "elapsed_s", "scaling_factor", "vae_opt", "unet_opt")
-_SCALARS += ("losses",)
+_SCALARS = (
+    *("phase", "vae_step", "clip_step", "unet_step", "elapsed_s", "scaling_factor"),
+    *("vae_opt", "unet_opt", "losses"),
+)
 
 
 @dataclass(frozen=True)
