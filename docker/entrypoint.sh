@@ -5,7 +5,7 @@
 #                    on disk was built from the same checkpoint fingerprint
 #   serve            run tritonserver on that repository (it must have been built)
 #   build-and-serve  both (the default: a single container that builds its engines at start when needed)
-#   anything else    run as a command, e.g. `nirvana serve --milvus-uri ...` or `bash`
+#   anything else    run as a command, e.g. `nirvana export --help` or `bash`
 #
 # Engines only run on the GPU architecture and TensorRT version that built them, so each (compute capability,
 # TensorRT) pair gets its own folder under NIRVANA_MODEL_REPOSITORY: a volume shared by different node pools

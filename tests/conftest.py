@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nirvana.checkpoint import Checkpoint, load_checkpoint, make_tiny_model
+from nirvana.checkpoint import Checkpoint, load_checkpoint
+from nirvana_dev.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from nirvana.cli import app
+from nirvana_cli.main import app
 
 runner = CliRunner()
 

@@ -12,7 +12,8 @@ import numpy as np
 Protocol = Literal["grpc", "http"]
 MODEL = "nirvana"
 # Inputs of the `nirvana` model (Triton datatypes, each of shape [1]); PROMPT is required, the rest optional.
-# The one place the client names them: requests, perf_analyzer input data and tests all read this table.
+# The one place the client names them: requests, perf_analyzer input data and tests all read this table. The
+# client depends on tritonclient only, so this is its own copy of the server's spec, checked against it by a test.
 INPUT_DATATYPES = {
     "PROMPT": "BYTES",
     "NEGATIVE_PROMPT": "BYTES",
@@ -21,6 +22,14 @@ INPUT_DATATYPES = {
     "GUIDANCE_SCALE": "FP32",
     "CACHE_MODE": "BYTES",
     "TENANT": "BYTES",
+}
+# Outputs: IMAGE is [H, W, 3], the others [1]; TIMINGS is JSON of server-side ms per stage.
+OUTPUT_DATATYPES = {
+    "IMAGE": "UINT8",
+    "CACHE_HIT": "BOOL",
+    "SKIPPED_STEPS": "INT32",
+    "SIMILARITY": "FP32",
+    "TIMINGS": "BYTES",
 }
 _NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
 
@@ -90,8 +99,7 @@ class NirvanaClient:
         return inputs
 
     def generate(self, prompt: str, options: GenerateOptions | None = None) -> GenerateResult:
-        names = ("IMAGE", "CACHE_HIT", "SKIPPED_STEPS", "SIMILARITY", "TIMINGS")
-        outputs = [self._tc.InferRequestedOutput(n) for n in names]
+        outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUT_DATATYPES]
         start = time.perf_counter()
         # gRPC: a client-side deadline in seconds. HTTP: the deadline is the connection's network_timeout; its
         # infer(timeout=...) is a *server-side queue* timeout in microseconds, which we leave to the model config.

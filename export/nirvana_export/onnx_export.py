@@ -193,7 +193,7 @@ def _write_onnx(graph: nn.Module, spec: ModelSpec, args: tuple[torch.Tensor, ...
                 graph,
                 args,
                 str(path),
-                dynamo=False,  # the dynamo exporter needs onnxscript (see PLATFORM.md)
+                dynamo=False,  # the dynamo exporter needs onnxscript, which we do not install
                 input_names=spec.input_names,
                 output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes,

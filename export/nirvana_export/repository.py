@@ -1,6 +1,7 @@
 """Model repository builder: checkpoint → a complete Triton model repository for the `cpu` or `gpu` profile.
 
-Every config.pbtxt is rendered from `nirvana.specs` (never written by hand), so the Triton configs, the ONNX
+Every config.pbtxt is a `ModelConfig` protobuf built from `nirvana.specs` and rendered by protobuf's
+`text_format` (never written by hand), so the Triton configs, the ONNX
 files and the TensorRT profiles cannot drift apart. Profiles:
 
 * `cpu`: the four sub-models are python-backend models running their ONNX file with onnxruntime (the
@@ -17,7 +18,10 @@ import json
 import shutil
 from pathlib import Path
 
-from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, TensorSpec, triton_dims
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from nirvana.specs import MODEL_NAMES, NIRVANA_MODEL, TRITON_DTYPES, ModelSpec, TensorSpec, nirvana_spec, triton_dims
 
 PROFILES = ("cpu", "gpu")
 SUBMODEL_PY = (
@@ -35,77 +39,60 @@ class RepositoryError(ValueError):
     pass
 
 
-def _tensor_block(tensor: TensorSpec, data_type: str | None = None, optional: bool = False) -> str:
-    dims = ", ".join(str(d) for d in triton_dims(tensor))
-    lines = [
-        f'    name: "{tensor.name}"',
-        f"    data_type: {data_type or TRITON_DTYPES[tensor.dtype]}",
-        f"    dims: [ {dims} ]",
-    ]
-    if optional:
-        lines.append("    optional: true")
-    return "  {\n" + "\n".join(lines) + "\n  }"
+def _tensor(message: mc.ModelInput | mc.ModelOutput, tensor: TensorSpec) -> None:
+    message.name = tensor.name
+    message.data_type = mc.DataType.Value(TRITON_DTYPES[tensor.dtype])
+    message.dims.extend(triton_dims(tensor))
 
 
-def _io(kind: str, blocks: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
+def _model_config(spec: ModelSpec) -> mc.ModelConfig:
+    """Name, max_batch_size and every input/output of `spec` (optional inputs marked)."""
+    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    for tensor in spec.inputs:
+        _tensor(config.input.add(), tensor)
+        config.input[-1].optional = tensor.optional
+    for tensor in spec.outputs:
+        _tensor(config.output.add(), tensor)
+    return config
+
+
+def _render(config: mc.ModelConfig) -> str:
+    # text_format leaves out fields at their default; say so where the default is a decision (batching).
+    header = "# Generated from nirvana.specs by nirvana_export.repository: do not edit.\n"
+    header += f"# max_batch_size: {config.max_batch_size}"
+    header += " (explicit batch axis in dims)\n" if config.max_batch_size == 0 else "\n"
+    return header + text_format.MessageToString(config, use_short_repeated_primitives=True)
 
 
 def submodel_config(spec: ModelSpec, profile: str, instances: int = 1) -> str:
     """config.pbtxt of one sub-model for `profile`."""
     if profile not in PROFILES:
         raise RepositoryError(f"profile={profile!r}: choose one of {PROFILES}")
-    head = f'name: "{spec.name}"\n'
-    head += 'backend: "python"\n' if profile == "cpu" else 'platform: "tensorrt_plan"\n'
-    head += f"max_batch_size: {spec.max_batch_size}\n"
-    body = _io("input", [_tensor_block(t) for t in spec.inputs]) + _io(
-        "output", [_tensor_block(t) for t in spec.outputs]
-    )
-    kind = "KIND_CPU" if profile == "cpu" else "KIND_GPU"
-    tail = f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
+    config = _model_config(spec)
     if profile == "cpu":
-        tail += 'parameters: {\n  key: "intra_op_threads"\n  value: { string_value: "1" }\n}\n'
-    return head + body + tail
+        config.backend = "python"
+        config.parameters["intra_op_threads"].string_value = "1"
+    else:
+        config.platform = "tensorrt_plan"
+    kind = mc.ModelInstanceGroup.KIND_CPU if profile == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    config.instance_group.add(count=instances, kind=kind)
+    return _render(config)
 
 
-def nirvana_config(
-    image_size: tuple[int, int], max_queue_size: int = 64, max_concurrent_requests: int = 4, queue_timeout_s: int = 300
-) -> str:
-    """config.pbtxt of the BLS model; tensor contract in README ("Triton tensor contract")."""
-    h, w = image_size
-    string, scalar = "TYPE_STRING", (1,)
-    inputs = [_tensor_block(TensorSpec("PROMPT", "int64", scalar), string)]
-    for name, data_type in (
-        ("NEGATIVE_PROMPT", string),
-        ("SEED", "TYPE_INT64"),
-        ("NUM_INFERENCE_STEPS", "TYPE_INT32"),
-        ("GUIDANCE_SCALE", "TYPE_FP32"),
-        ("CACHE_MODE", string),
-        ("TENANT", string),
-    ):
-        inputs.append(_tensor_block(TensorSpec(name, "int64", scalar), data_type, optional=True))
-    outputs = [
-        _tensor_block(TensorSpec("IMAGE", "int64", (h, w, 3)), "TYPE_UINT8"),
-        _tensor_block(TensorSpec("CACHE_HIT", "int64", scalar), "TYPE_BOOL"),
-        _tensor_block(TensorSpec("SKIPPED_STEPS", "int32", scalar)),
-        _tensor_block(TensorSpec("SIMILARITY", "float32", scalar)),
-        # Server-side time per stage (JSON: embed_ms, search_ms, ..., total_ms) for overhead reports.
-        _tensor_block(TensorSpec("TIMINGS", "int64", scalar), string),
-    ]
-    text = 'name: "nirvana"\nbackend: "python"\nmax_batch_size: 0\n' + _io("input", inputs) + _io("output", outputs)
+def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, queue_timeout_s: int = 300) -> str:
+    """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.specs.nirvana_spec`)."""
+    config = _model_config(nirvana_spec(image_size))
+    config.backend = "python"
     # One instance: a milvus-lite file admits one process, and Triton runs each instance in its own stub process.
-    # Concurrency comes from async execute + a thread pool (max_concurrent_requests).
-    text += "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     # Overload is rejected at the queue, not absorbed as memory growth.
-    policy = (
-        f"    max_queue_size: {max_queue_size}\n    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {queue_timeout_s * 1_000_000}\n    allow_timeout_override: true\n"
-    )
-    text += f"dynamic_batching {{\n  default_queue_policy {{\n{policy}  }}\n}}\n"
-    params = {"engine_config": "engine.json", "max_concurrent_requests": str(max_concurrent_requests)}
-    for key, value in params.items():
-        text += f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
-    return text
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = max_queue_size
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = queue_timeout_s * 1_000_000
+    policy.allow_timeout_override = True
+    config.parameters["engine_config"].string_value = "engine.json"
+    return _render(config)
 
 
 def render_configs(
@@ -113,12 +100,12 @@ def render_configs(
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
 
-    `nirvana_options`: max_queue_size, max_concurrent_requests, queue_timeout_s of the BLS model."""
+    `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
     files = {f"{name}/config.pbtxt": submodel_config(specs[name], profile) for name in MODEL_NAMES}
     if profile == "cpu":
         files.update({f"{name}/1/model.py": SUBMODEL_PY for name in MODEL_NAMES})
-    files["nirvana/config.pbtxt"] = nirvana_config(image_size, **nirvana_options)
-    files["nirvana/1/model.py"] = NIRVANA_PY
+    files[f"{NIRVANA_MODEL}/config.pbtxt"] = nirvana_config(image_size, **nirvana_options)
+    files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
     return files
 
 
@@ -133,7 +120,7 @@ def write_repository(
     **nirvana_options: int,
 ) -> Path:
     """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged."""
-    from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint
+    from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
     from nirvana.specs import submodel_specs
 
     out = Path(out)
@@ -141,7 +128,7 @@ def write_repository(
     stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
     manifest_path = out / MANIFEST
     fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
-    checkpoint = load_checkpoint(checkpoint_dir, weights=False)
+    checkpoint = load_checkpoint_info(checkpoint_dir)
     specs = submodel_specs(checkpoint, max_batch=max_batch)
     if fresh:
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one

@@ -258,12 +258,8 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict:
     # As StableDiffusionPipeline.prepare_extra_step_kwargs: eta=0 (deterministic DDIM) and the generator,
     # each only where step() accepts it.
     params = inspect.signature(scheduler.step).parameters
-    kwargs: dict = {}
-    if "eta" in params:
-        kwargs["eta"] = 0.0
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
+    wanted = {"eta": 0.0, "generator": generator}
+    return {name: value for name, value in wanted.items() if name in params}
 
 
 def _capture(scheduler: SchedulerMixin, latent: torch.Tensor, step: int, generator: torch.Generator) -> ResumeState:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from nirvana.checkpoint import Checkpoint
+    from nirvana.checkpoint import Checkpoint, CheckpointInfo
 
 
 class EmbedderError(ValueError):
@@ -98,11 +98,12 @@ class ClipEmbedder(Embedder):
     name = "clip"
 
     def __init__(
-        self, checkpoint: Checkpoint, encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, checkpoint: Checkpoint | CheckpointInfo, encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> None:
         self._tokenizer = checkpoint.tokenizer
-        self._encoder = checkpoint.text_encoder
-        config = self._encoder.config
+        # Served, the weightless CheckpointInfo is enough; in-process, the loaded Checkpoint's module encodes.
+        self._encoder = checkpoint.text_encoder if encode_text is None else None
+        config = checkpoint.text_encoder_config
         projection = getattr(self._encoder, "text_projection", None)
         self._has_projection = projection is not None or "CLIPTextModelWithProjection" in (
             getattr(config, "architectures", None) or []

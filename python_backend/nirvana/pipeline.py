@@ -1,7 +1,8 @@
 """The request path, independent of Triton: embed → look up → resume at K → denoise → decode → admit.
 
-Stages follow DESIGN.md. Sub-model calls go through a `SubModels` adapter (torch in-process here; onnxruntime
-or Triton BLS when served), so the same code runs in tests, in the benchmark and inside the BLS model.
+Stages follow the README's "How a request flows". Sub-model calls go through a `SubModels` adapter (torch
+in-process here; onnxruntime or Triton BLS when served), so the same code runs in tests, in the benchmark and
+inside the BLS model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from nirvana.cache.manager import ApproximateCache, Lookup
+from nirvana.cache.factory import open_cache
+from nirvana.cache.outcome import Lookup, Reason
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import EngineConfig
 from nirvana.denoise import (
@@ -67,7 +69,7 @@ class GenerationResult:
     skipped_steps: int
     similarity: float  # of the best cached prompt; NaN when no search ran
     matched_prompt: str | None
-    reason: str  # why it hit or missed (see cache.manager.Lookup.reason), or "bypass"
+    reason: Reason  # why it hit or missed; BYPASS or REFRESH when CACHE_MODE skipped the lookup
     steps: int
     admitted: int  # latents saved by this request
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -90,7 +92,7 @@ class Pipeline:
         self.models = models or TorchSubModels(self.checkpoint)
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
-        self.cache = ApproximateCache(config.cache, self.embedder.dim)
+        self.cache = open_cache(config.cache, self.embedder.dim)
         self._cache_keys: dict[tuple[int, float], str] = {}
 
     # -- validation ---------------------------------------------------------------------------------
@@ -153,12 +155,14 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.cache_key(req.steps, req.guidance)
-        vector, lookup = None, Lookup(False, req.cache_mode if req.cache_mode != "auto" else "miss")
+        vector = None
         if req.cache_mode != "bypass":
             vector = _timed(timings, "embed_ms", self.embedder.embed_one, req.prompt)
         if req.cache_mode == "auto":
             lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
             timings.update(lookup.timings_ms)
+        else:
+            lookup = Lookup(False, Reason(req.cache_mode))  # bypass or refresh: no lookup
         embeddings = _timed(
             timings,
             "text_encode_ms",

@@ -1,7 +1,8 @@
-"""Tensor contracts of the four sub-models: the single source of truth for export, engines and Triton configs.
+"""Tensor contracts of every Triton model: the single source of truth for export, engines and Triton configs.
 
-Every name here goes into a ``config.pbtxt``; the ONNX export, the TensorRT profile and the Triton config are
-all derived from (or checked against) these specs, never written by hand.
+The four sub-models (text encoder, prompt embedder, UNet, VAE decoder) and the ``nirvana`` orchestrator each have
+one :class:`ModelSpec`. Every name here goes into a ``config.pbtxt``; the ONNX export, the TensorRT profile, the
+Triton config and the BLS glue are all derived from (or checked against) these specs, never written by hand.
 
 Batching decision: every spec carries an **explicit** batch axis and ``max_batch_size = 0``. The UNet's batch is
 the classifier-free-guidance pair ``[uncond, cond]`` that the BLS model builds itself; Triton's implicit batching
@@ -16,15 +17,17 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nirvana.checkpoint import Checkpoint
+    from nirvana.checkpoint import CheckpointInfo
 
 __all__ = [
     "EMBEDDER_DIM",
     "MODEL_NAMES",
+    "NIRVANA_MODEL",
     "TRITON_DTYPES",
     "ModelSpec",
     "SpecError",
     "TensorSpec",
+    "nirvana_spec",
     "prompt_embedder_spec",
     "submodel_specs",
     "text_encoder_spec",
@@ -34,10 +37,19 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("text_encoder", "prompt_embedder", "unet", "vae_decoder")
+NIRVANA_MODEL = "nirvana"
 # all-MiniLM-L6-v2's hidden size: the prompt embedder's output width.
 EMBEDDER_DIM = 384
-# numpy dtype name → Triton config data_type.
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+# numpy dtype name ("string" for Triton's BYTES) → Triton config data_type.
+TRITON_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+    "string": "TYPE_STRING",
+}
 # Typical prompt length in MiniLM word pieces: the shape TensorRT tunes the embedder's kernels for.
 _EMBEDDER_OPT_SEQ = 32
 
@@ -50,11 +62,13 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: ``dtype`` is a numpy dtype name; in ``shape`` ints are fixed, strings dynamic axes."""
+    """One input or output: ``dtype`` is a numpy dtype name (or ``"string"``); in ``shape`` ints are fixed, strings
+    dynamic axes. ``optional`` inputs may be left out of a request (``optional: true`` in config.pbtxt)."""
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in TRITON_DTYPES:
@@ -75,19 +89,22 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A sub-model's Triton name, tensors, TensorRT profile ``{input: (min, opt, max)}`` and max_batch_size."""
+    """A model's Triton name, tensors, TensorRT profile ``{input: (min, opt, max)}`` and max_batch_size.
+
+    Models built as engines (the sub-models) need a profile covering every input; the python ``nirvana``
+    orchestrator is no engine and has none (``profile=None``)."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    profile: dict[str, tuple[Shape, Shape, Shape]]
+    profile: dict[str, tuple[Shape, Shape, Shape]] | None
     max_batch_size: int = 0
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.inputs]
-        if set(self.profile) != set(names):
+        if self.profile is not None and set(self.profile) != set(names):
             raise SpecError(f"model {self.name!r}: profile covers {sorted(self.profile)}, inputs are {names}")
-        for tensor in self.inputs:
+        for tensor in self.inputs if self.profile is not None else ():
             lo, opt, hi = self.profile[tensor.name]
             for shape in (lo, opt, hi):
                 fits = len(shape) == len(tensor.shape) and all(
@@ -97,6 +114,13 @@ class ModelSpec:
                     raise SpecError(f"model {self.name!r}: profile shape {shape} does not fit {tensor.shape}")
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
                 raise SpecError(f"model {self.name!r}, input {tensor.name!r}: need min ≤ opt ≤ max, got {lo, opt, hi}")
+
+    def tensor(self, name: str) -> TensorSpec:
+        """The input or output tensor called ``name``."""
+        for tensor in (*self.inputs, *self.outputs):
+            if tensor.name == name:
+                return tensor
+        raise SpecError(f"model {self.name!r} has no tensor {name!r}")
 
     def input(self, name: str) -> TensorSpec:
         """The input tensor called ``name``."""
@@ -188,8 +212,32 @@ def vae_decoder_spec(channels: int, latent_size: tuple[int, int], scale_factor: 
     return ModelSpec("vae_decoder", (latent,), (image,), {"latent": _batch_profile(latent.shape, 1, max_batch)})
 
 
+def nirvana_spec(image_size: tuple[int, int]) -> ModelSpec:
+    """The ``nirvana`` orchestrator's contract (README, "Triton tensor contract"): every input and output is one
+    value of shape [1] except ``IMAGE``, uint8 ``[H, W, 3]``. ``TIMINGS`` is JSON of server-side ms per stage."""
+    h, w = image_size
+    one = (1,)
+    inputs = (
+        TensorSpec("PROMPT", "string", one),
+        TensorSpec("NEGATIVE_PROMPT", "string", one, optional=True),
+        TensorSpec("SEED", "int64", one, optional=True),
+        TensorSpec("NUM_INFERENCE_STEPS", "int32", one, optional=True),
+        TensorSpec("GUIDANCE_SCALE", "float32", one, optional=True),
+        TensorSpec("CACHE_MODE", "string", one, optional=True),
+        TensorSpec("TENANT", "string", one, optional=True),
+    )
+    outputs = (
+        TensorSpec("IMAGE", "uint8", (h, w, 3)),
+        TensorSpec("CACHE_HIT", "bool", one),
+        TensorSpec("SKIPPED_STEPS", "int32", one),
+        TensorSpec("SIMILARITY", "float32", one),
+        TensorSpec("TIMINGS", "string", one),
+    )
+    return ModelSpec(NIRVANA_MODEL, inputs, outputs, profile=None)
+
+
 def submodel_specs(
-    checkpoint: Checkpoint,
+    checkpoint: CheckpointInfo,
     max_batch: int = 2,
     embedder_seq_len: int = 128,
     *,
@@ -207,6 +255,6 @@ def submodel_specs(
         prompt_embedder_spec(embedder_seq_len, max_batch),
         unet_spec(checkpoint.latent_channels, size, seq_len, hidden, max_batch),
         # The VAE's own latent width: it differs from the UNet's input channels for inpainting UNets (9 vs 4).
-        vae_decoder_spec(int(checkpoint.vae.config.latent_channels), size, checkpoint.vae_scale_factor, max_batch),
+        vae_decoder_spec(checkpoint.vae_latent_channels, size, checkpoint.vae_scale_factor, max_batch),
     )
     return {spec.name: spec for spec in specs}

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nirvana.cache.index import EntryMeta, MilvusIndex, PromptRecord, record_id
+from nirvana.cache.index import MilvusIndex
+from nirvana.cache.records import EntryMeta, PromptRecord, record_id
 
 
 def _record(i: int, dim: int = 8) -> PromptRecord:

@@ -1,7 +1,9 @@
-"""Latent blob store (nirvana.cache.latents): round trips, corruption detection, atomicity, accounting."""
+"""Latent blob store (nirvana.cache.latents, format in nirvana.cache.blob_format): round trips, corruption
+detection, atomicity, accounting, and what happens to blobs of the pre-safetensors format."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -12,6 +14,7 @@ import pytest
 
 from nirvana.cache import latents
 from nirvana.cache.latents import (
+    LEGACY_SUFFIX,
     TEMP_SUFFIX,
     BlobCorrupt,
     BlobMissing,
@@ -91,12 +94,12 @@ def test_overwrite_replaces_value_and_meta(store: LatentStore) -> None:
 
 
 def test_stored_size_of_a_sd15_latent(store: LatentStore, capsys: pytest.CaptureFixture[str]) -> None:
-    """SD 1.5 at 512×512: a 4×64×64 latent of random normal values (raw fp16: 32768 bytes)."""
+    """SD 1.5 at 512×512: a 4×64×64 latent (raw fp16: 32768 bytes), stored uncompressed plus a small header."""
     size = store.put("sd15", {"latent": latent()}, {"k": 25})
     with capsys.disabled():
-        print(f"\n4x64x64 fp16 latent, zlib level 1: {size} bytes on disk (raw fp16 32768, raw fp32 65536)")
-    assert size == store.size_of("sd15")
-    assert 24_000 < size < 32_768  # random normals barely compress; the shuffled exponent bytes do
+        print(f"\n4x64x64 fp16 latent, safetensors: {size} bytes on disk (raw fp16 32768, raw fp32 65536)")
+    assert size == store.size_of("sd15") == store.encoded_size({"latent": latent()}, {"k": 25})
+    assert 32_768 < size < 32_768 + 512
 
 
 # --- missing and corrupt --------------------------------------------------------------------------------------------
@@ -122,8 +125,8 @@ def flip(data: bytearray, index: int, bit: int = 0) -> bytes:
 
 
 def header_span(data: bytes) -> tuple[int, int]:
-    header_len = int.from_bytes(data[6:10], "little")
-    return latents._PREFIX.size, latents._PREFIX.size + header_len
+    """Where the safetensors JSON header lies: after its little-endian u64 length."""
+    return 8, 8 + int.from_bytes(data[:8], "little")
 
 
 @pytest.mark.parametrize("keep", [0, 10, 30, -100, -1])
@@ -137,23 +140,23 @@ def test_truncated_file_is_corrupt(store: LatentStore, keep: int) -> None:
 def test_flipped_bit_in_payload_is_corrupt(store: LatentStore) -> None:
     store.put("f", {"latent": latent()})
     corrupt(store, "f", lambda d: flip(d, len(d) - 1000, 3))
-    with pytest.raises(BlobCorrupt, match="payload checksum"):
+    with pytest.raises(BlobCorrupt, match="checksum mismatch"):
         store.get("f")
 
 
 def test_flipped_bit_in_header_is_corrupt(store: LatentStore) -> None:
     store.put("h", {"latent": latent()}, {"k": 5})
     start, end = header_span(store._path("h").read_bytes())
-    # A digit of the shape or of K: the JSON would still parse, so only a checksum can catch it.
-    corrupt(store, "h", lambda d: flip(d, start + bytes(d[start:end]).index(b'"k":5') + 4, 1))
-    with pytest.raises(BlobCorrupt, match="header checksum"):
+    # A digit of K in the meta (JSON inside the header's JSON): both still parse, so only the checksum can catch it.
+    corrupt(store, "h", lambda d: flip(d, start + bytes(d[start:end]).index(b'\\"k\\":5') + 6, 1))
+    with pytest.raises(BlobCorrupt, match="checksum mismatch"):
         store.get("h")
 
 
 def test_garbage_file_is_corrupt(store: LatentStore) -> None:
     store.put("g", {"latent": latent((4, 8, 8))})
     corrupt(store, "g", lambda d: RNG.bytes(len(d)))
-    with pytest.raises(BlobCorrupt, match="bad magic"):
+    with pytest.raises(BlobCorrupt, match="not a safetensors file"):
         store.get("g")
 
 
@@ -198,7 +201,7 @@ def test_stale_temp_files_are_removed_at_open(tmp_path: Path) -> None:
     store = LatentStore(tmp_path)
     store.put("a", {"latent": latent((4, 8, 8))})
     shard = store._path("a").parent
-    stale, fresh = shard / f".a.nlt.0001{TEMP_SUFFIX}", shard / f".a.nlt.0002{TEMP_SUFFIX}"
+    stale, fresh = shard / f".a.safetensors.0001{TEMP_SUFFIX}", shard / f".a.safetensors.0002{TEMP_SUFFIX}"
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"in flight in another process")
     an_hour_ago = time.time() - 3600
@@ -209,6 +212,29 @@ def test_stale_temp_files_are_removed_at_open(tmp_path: Path) -> None:
     assert reopened.total_bytes == store.size_of("a")
     assert list(reopened.keys()) == ["a"]
     assert reopened.remove_temp_files() == 1 and not fresh.exists()
+
+
+def test_blobs_of_the_pre_safetensors_format_are_dropped_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LatentStore(tmp_path)
+    store.put("kept", {"latent": latent((4, 8, 8))})
+    shard = store._path("kept").parent
+    for name in ("old1", "old2"):  # what the zlib format left: magic b"NLAT", then a header and a payload
+        (shard / f"{name}{LEGACY_SUFFIX}").write_bytes(b"NLAT\x01\x00" + RNG.bytes(200))
+    with caplog.at_level(logging.WARNING, logger="nirvana.cache.latents"):
+        reopened = LatentStore(tmp_path)
+    dropped = [r.getMessage() for r in caplog.records if "pre-safetensors" in r.getMessage()]
+    assert dropped == ["dropped 2 latents in the pre-safetensors format; they will be regenerated"]
+    assert list(reopened.keys()) == ["kept"] and reopened.total_bytes == disk_bytes(tmp_path)
+    assert not list(tmp_path.rglob(f"*{LEGACY_SUFFIX}"))
+
+
+def test_a_file_that_is_not_safetensors_is_corrupt(store: LatentStore) -> None:
+    store.put("x", {"latent": latent((4, 8, 8))})
+    corrupt(store, "x", lambda d: b"NLAT\x01\x00" + bytes(d))  # e.g. an old-format blob renamed by hand
+    with pytest.raises(BlobCorrupt):
+        store.get("x")
 
 
 # --- accounting and keys --------------------------------------------------------------------------------------------
@@ -261,8 +287,6 @@ def test_bad_keys_are_rejected_with_the_key(store: LatentStore, key: object) -> 
 def test_invalid_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
         LatentStore(tmp_path, dtype="bfloat16")
-    with pytest.raises(ValueError, match="compression_level"):
-        LatentStore(tmp_path, compression_level=10)
     store = LatentStore(tmp_path)
     with pytest.raises(ValueError, match="float16 range"):
         store.put("big", {"x": np.array([1e6], np.float32)})

@@ -113,16 +113,16 @@ def test_refits_only_after_enough_growth() -> None:
 
 
 def test_fit_subsamples_to_max_fit_samples(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nirvana.cache import predictor as module
+    from sklearn.svm import OneClassSVM
 
     seen: list[int] = []
-    real_fit = module.OneClassSVM.fit
+    real_fit = OneClassSVM.fit
 
     def spy(self: object, data: np.ndarray, *args: object, **kwargs: object) -> object:
         seen.append(len(data))
         return real_fit(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(module.OneClassSVM, "fit", spy)
+    monkeypatch.setattr(OneClassSVM, "fit", spy)
     predictor = HitPredictor(min_samples=8, max_fit_samples=100)
     assert predictor.maybe_refit(500, lambda: Prompts(seed=4).near(500))
     assert seen == [100]

@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from nirvana.serving.tritonserver import free_ports
 from nirvana_client.cli import app
+from nirvana_dev.install import free_ports
 
 
 def test_bad_column_and_shuffled_trace_are_refused(tmp_path) -> None:

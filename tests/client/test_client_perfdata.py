@@ -3,35 +3,35 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
 from nirvana_client.cli import app
-from nirvana_client.client import INPUT_DATATYPES
+from nirvana_client.client import INPUT_DATATYPES, OUTPUT_DATATYPES
 from nirvana_client.perfdata import input_data
 from nirvana_client.workload import WorkItem
 
 CONFIG = Path(__file__).resolve().parents[2] / "model_repository" / "nirvana" / "config.pbtxt"
-# config.pbtxt TYPE_* -> the datatype perf_analyzer reads from the model metadata
+# config.pbtxt TYPE_* -> the datatype clients and perf_analyzer use (the model metadata's names)
 TRITON_TYPES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_FP32": "FP32"}
+TRITON_TYPES |= {"TYPE_UINT8": "UINT8", "TYPE_BOOL": "BOOL"}
+
+
+def _config() -> mc.ModelConfig:
+    """The committed config (itself checked against the server's spec by tests/export/test_repository.py)."""
+    return text_format.Parse(CONFIG.read_text(), mc.ModelConfig())
 
 
 def model_inputs() -> dict[str, dict]:
-    """name -> {datatype, dims, optional} from the input [...] section of config.pbtxt."""
-    text = CONFIG.read_text()
-    section = text[text.index("input [") : text.index("output [")]
-    inputs = {}
-    for block in re.findall(r"\{(.*?)\}", section, re.S):
-        name = re.search(r'name:\s*"(\w+)"', block).group(1)
-        inputs[name] = {
-            "datatype": TRITON_TYPES[re.search(r"data_type:\s*(\w+)", block).group(1)],
-            "dims": [int(d) for d in re.search(r"dims:\s*\[([^\]]*)\]", block).group(1).split(",")],
-            "optional": "optional: true" in block,
-        }
-    return inputs
+    """name -> {datatype, dims, optional} of the `nirvana` model's inputs."""
+    return {
+        i.name: {"datatype": TRITON_TYPES[mc.DataType.Name(i.data_type)], "dims": list(i.dims), "optional": i.optional}
+        for i in _config().input
+    }
 
 
 def check_step(step: dict, inputs: dict[str, dict]) -> None:
@@ -55,6 +55,11 @@ def test_client_input_table_matches_config_pbtxt() -> None:
     inputs = model_inputs()
     assert {n: s["datatype"] for n, s in inputs.items()} == INPUT_DATATYPES
     assert [n for n, s in inputs.items() if not s["optional"]] == ["PROMPT"]
+
+
+def test_client_output_table_matches_config_pbtxt() -> None:
+    outputs = {o.name: TRITON_TYPES[mc.DataType.Name(o.data_type)] for o in _config().output}
+    assert outputs == OUTPUT_DATATYPES
 
 
 def test_every_option_gives_valid_perf_analyzer_data() -> None:

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import pytest
 from typer.testing import CliRunner
 
-from nirvana.serving.launch import ServeOptions, make_server, prepare
-from nirvana.serving.tritonserver import ServerPorts, free_ports
 from nirvana_client.cli import app
+from nirvana_dev.install import ServerPorts, free_ports
+from nirvana_dev.launch import ServeOptions, make_server, prepare
 
 pytestmark = pytest.mark.integration
 STEPS = 6  # small N keeps 120 requests within seconds on two cores

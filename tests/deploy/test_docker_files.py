@@ -92,8 +92,9 @@ def test_compose_gives_triton_a_gpu_milvus_and_shared_volumes(compose: dict) -> 
     assert {"models", "latents"} <= set(compose["volumes"])
 
 
-def test_compose_cpu_profile_runs_nirvana_serve_against_the_same_milvus(compose: dict) -> None:
+def test_compose_cpu_profile_serves_the_cpu_repository_against_the_same_milvus(compose: dict) -> None:
     cpu = compose["services"]["nirvana-cpu"]
     assert cpu["profiles"] == ["cpu"]
-    assert cpu["command"][:2] == ["nirvana", "serve"]
-    assert "--milvus-uri=http://milvus:19530" in cpu["command"]
+    # The image's own tritonserver through the entrypoint, never the dev launcher (`nirvana serve`).
+    assert cpu["command"] == ["build-and-serve"]
+    assert cpu["environment"] == {"NIRVANA_PROFILE": "cpu", "NIRVANA_MILVUS_URI": "http://milvus:19530"}

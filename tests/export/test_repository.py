@@ -1,12 +1,15 @@
-"""Triton configs are rendered from the sub-model specs; the committed model_repository/ must not drift."""
+"""Triton configs are ModelConfig protobufs rendered from the specs; the committed model_repository/ must not drift."""
 
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.specs import MODEL_NAMES, triton_dims
+from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, nirvana_spec, triton_dims
 from nirvana_export.repository import (
     RepositoryError,
+    nirvana_config,
     reference_repository,
     render_configs,
     sd15_specs,
@@ -14,6 +17,21 @@ from nirvana_export.repository import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parse(text: str) -> mc.ModelConfig:
+    """What Triton reads: the text parsed back into its own protobuf (a typo'd field name raises here)."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _assert_tensors_match(config: mc.ModelConfig, spec: ModelSpec) -> None:
+    for messages, tensors in ((config.input, spec.inputs), (config.output, spec.outputs)):
+        assert [m.name for m in messages] == [t.name for t in tensors]
+        for message, tensor in zip(messages, tensors, strict=True):
+            assert mc.DataType.Name(message.data_type) == TRITON_DTYPES[tensor.dtype]
+            assert list(message.dims) == triton_dims(tensor)
+    for message, tensor in zip(config.input, spec.inputs, strict=True):
+        assert message.optional == tensor.optional
 
 
 def test_committed_model_repository_matches_the_specs() -> None:
@@ -26,25 +44,33 @@ def test_committed_model_repository_matches_the_specs() -> None:
     assert committed == expected, "regenerate with: python -m nirvana_export.repository model_repository"
 
 
-def test_config_lists_every_spec_tensor_with_dims_and_types() -> None:
+def test_submodel_configs_list_every_spec_tensor_with_dims_and_types() -> None:
     for name, spec in sd15_specs().items():
-        text = submodel_config(spec, "gpu")
-        assert f'name: "{name}"' in text and 'platform: "tensorrt_plan"' in text
-        for tensor in (*spec.inputs, *spec.outputs):
-            assert f'name: "{tensor.name}"' in text
-            assert "dims: [ " + ", ".join(map(str, triton_dims(tensor))) + " ]" in text
+        config = _parse(submodel_config(spec, "gpu"))
+        assert config.name == name and config.platform == "tensorrt_plan" and config.max_batch_size == 0
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        _assert_tensors_match(config, spec)
+
+
+def test_nirvana_config_is_its_spec_with_a_bounded_rejecting_queue() -> None:
+    config = _parse(nirvana_config((512, 768), max_queue_size=7, queue_timeout_s=9))
+    spec = nirvana_spec((512, 768))
+    _assert_tensors_match(config, spec)
+    assert [t.name for t in spec.inputs if not t.optional] == ["PROMPT"]
+    assert list(config.output[0].dims) == [512, 768, 3] and config.output[0].data_type == mc.TYPE_UINT8
+    policy = config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.timeout_action) == (7, mc.ModelQueuePolicy.REJECT)
+    assert policy.default_timeout_microseconds == 9_000_000
+    assert config.parameters["engine_config"].string_value == "engine.json"
 
 
 def test_cpu_profile_serves_onnx_through_python_models() -> None:
     files = render_configs(sd15_specs(), (512, 512), "cpu")
     for name in MODEL_NAMES:
-        assert 'backend: "python"' in files[f"{name}/config.pbtxt"]
+        config = _parse(files[f"{name}/config.pbtxt"])
+        assert config.backend == "python" and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert "nirvana.serving.onnx_model" in files[f"{name}/1/model.py"]
-    nirvana = files["nirvana/config.pbtxt"]
-    assert "dims: [ 512, 512, 3 ]" in nirvana and "max_queue_size" in nirvana
-    for optional in ("NEGATIVE_PROMPT", "SEED", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "CACHE_MODE", "TENANT"):
-        block = nirvana.split(f'name: "{optional}"')[1].split("}")[0]
-        assert "optional: true" in block
+    assert "nirvana.serving.bls_model" in files["nirvana/1/model.py"]
 
 
 def test_unknown_profile_is_rejected() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nirvana.serving.launch import ServeOptions, make_server, prepare
-from nirvana.serving.tritonserver import ServerPorts, free_ports
 from nirvana_client import NirvanaClient
+from nirvana_dev.install import ServerPorts, free_ports
+from nirvana_dev.launch import ServeOptions, make_server, prepare
 
 
 def _start_server(checkpoint_dir, cache_dir, config_file=None) -> dict:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from nirvana.cache.manager import ApproximateCache
+from nirvana.cache.factory import open_cache
 from nirvana.config import load_config
 from nirvana_client import GenerateOptions
 
@@ -64,11 +64,11 @@ def test_concurrent_clients(served, connect) -> None:
     served["server"].stop()  # clean stop: the BLS finalize flushes the write-behind queue
     engine = load_config(path=served["repo"] / "nirvana" / "engine.json")
     # the stopped server's milvus-lite process may hold the file lock for a moment: the cache reconnects
-    cache = ApproximateCache(engine.cache.model_copy(update={"reconnect_interval_s": 0.2}), 384)
+    cache = open_cache(engine.cache.model_copy(update={"reconnect_interval_s": 0.2}), 384)
     deadline = time.monotonic() + 60
     while not cache.available and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cache.available
-    counted = sum(e.hits for r in cache._records.values() for e in r.entries.values())
+    counted = sum(e.hits for r in cache.mirror.records() for e in r.entries.values())
     cache.close()
     assert counted == observed_hits

@@ -14,10 +14,10 @@ import requests
 
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
-from nirvana.cache.manager import blob_key
-from nirvana.serving.launch import ServeOptions, make_server, prepare
-from nirvana.serving.tritonserver import ServerPorts, free_ports
+from nirvana.cache.records import blob_key
 from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana_dev.install import ServerPorts, free_ports
+from nirvana_dev.launch import ServeOptions, make_server, prepare
 
 pytestmark = pytest.mark.integration
 

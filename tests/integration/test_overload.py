@@ -7,9 +7,9 @@ import concurrent.futures
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from nirvana.serving.launch import ServeOptions, make_server, prepare
-from nirvana.serving.tritonserver import ServerPorts, free_ports
 from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana_dev.install import ServerPorts, free_ports
+from nirvana_dev.launch import ServeOptions, make_server, prepare
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,6 @@ def test_queue_limit_rejects_overload(tiny_checkpoint_dir, tmp_path) -> None:
         checkpoint=tiny_checkpoint_dir,
         ports=ServerPorts(*free_ports(3)),
         max_queue_size=2,
-        max_concurrent_requests=1,
     )
     repo, _ = prepare(options)
     with make_server(options, repo) as server:

@@ -11,8 +11,8 @@ from tritonclient.utils import InferenceServerException
 
 from nirvana.config import load_config
 from nirvana.pipeline import Pipeline
-from nirvana.serving.launch import make_server
 from nirvana_client import GenerateOptions
+from nirvana_dev.launch import make_server
 
 pytestmark = pytest.mark.integration
 STEPS = 10

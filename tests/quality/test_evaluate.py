@@ -10,11 +10,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from nirvana.checkpoint import Checkpoint, load_checkpoint, make_tiny_model
+from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
-from nirvana.quality.cli import calibrate_cmd, quality_app
-from nirvana.quality.evaluate import (
+from nirvana_cli.calibrate import calibrate_cmd
+from nirvana_dev.tiny_model import make_tiny_model
+from nirvana_quality.cli import app as quality_app
+from nirvana_quality.evaluate import (
     SIMILARITY_BINS,
     EvalSettings,
     PairGenerator,
@@ -23,10 +25,10 @@ from nirvana.quality.evaluate import (
     run_eval,
     summarise,
 )
-from nirvana.quality.judge import Judge, train_judge
-from nirvana.quality.plots import accuracy_vs_k
-from nirvana.quality.shapes import Scene
-from nirvana.quality.workload import Pair, make_pairs
+from nirvana_quality.judge import Judge, train_judge
+from nirvana_quality.plots import accuracy_vs_k
+from nirvana_quality.shapes import Scene
+from nirvana_quality.workload import Pair, make_pairs
 
 SETTINGS = EvalSettings(steps=4, ks=(1, 2), batch_size=2)
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # so rich does not fold a long path inside its error box
@@ -197,3 +199,34 @@ def test_cli_eval_rejects_a_k_outside_the_schedule(model_dir: Path, tmp_path: Pa
     args = ["eval", "--checkpoint", str(model_dir), "--json", str(tmp_path / "x.json"), "--steps", "4", "--ks", "4"]
     result = CliRunner().invoke(quality_app, args, env=WIDE)
     assert result.exit_code == 2 and "--ks='4'" in result.output
+
+
+def test_cli_calibrate_evaluates_the_checkpoint_and_keeps_its_records(
+    model_dir: Path, evaluation: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(  # the default sizes take minutes; the module's 4-pair evaluation stands in for them
+        "nirvana_quality.evaluate.run_eval", lambda checkpoint, **kwargs: calls.append(checkpoint) or evaluation
+    )
+    config = tmp_path / "thresholds.toml"
+    args = ["calibrate", "--checkpoint", str(model_dir), "--out", str(config), "--min-count", "1"]
+    result = CliRunner().invoke(quality_app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert calls == [model_dir]
+    assert json.loads((tmp_path / "thresholds.eval.json").read_text()) == evaluation
+    assert load_config({"checkpoint": str(model_dir)}, path=config).cache.selection.reference_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint", "{tmp}/no-model"], "checkpoint folder does not exist: {tmp}/no-model"),
+        ([], "Missing option '--checkpoint'"),
+        (["--checkpoint", "{tmp}", "--max-leak-rate", "2"], "budget fractions must be in [0, 1]"),
+    ],
+)
+def test_cli_calibrate_names_the_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    args = ["calibrate", *(a.format(tmp=tmp_path) for a in args), "--out", str(tmp_path / "t.toml")]
+    result = CliRunner().invoke(quality_app, args, env=WIDE)
+    assert result.exit_code == 2
+    assert message.format(tmp=tmp_path) in result.output

@@ -7,9 +7,9 @@ import pytest
 
 from nirvana.checkpoint import load_checkpoint
 from nirvana.denoise import decode, denoise, encode_prompts, initial_latent, make_scheduler
-from nirvana.quality.judge import Judge
-from nirvana.quality.train import TEXT_MAX_LENGTH, TrainConfig, train_model
 from nirvana.runtime.torch_runtime import TorchSubModels
+from nirvana_quality.judge import Judge
+from nirvana_quality.train import TEXT_MAX_LENGTH, TrainConfig, train_model
 
 TOY = TrainConfig(
     minutes=10,
@@ -62,6 +62,18 @@ def test_resumed_training_continues_from_the_saved_state(trained, tmp_path):
     assert (fresh["vae_steps"], fresh["unet_steps"]) == (2, 1)
 
 
+def test_the_checkpoint_serves_the_ema_of_the_unet(trained):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    out, _ = trained
+    state = torch.load(out / "training" / "state.pt", weights_only=False)["modules"]
+    served = UNet2DConditionModel.from_pretrained(out / "unet")
+    names = [name for name, _ in served.named_parameters()]
+    assert all(torch.equal(p, e) for p, e in zip(served.parameters(), state["ema"]["shadow_params"], strict=True))
+    assert not all(torch.equal(state["unet"][n], e) for n, e in zip(names, state["ema"]["shadow_params"], strict=True))
+
+
 def test_a_non_positive_budget_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="minutes must be > 0, got 0"):
         train_model(tmp_path, TrainConfig(minutes=0))
@@ -78,7 +90,7 @@ def test_the_trained_checkpoint_exports_to_onnx_that_matches_torch(trained, tmp_
 def test_contrastive_loss_is_low_for_matching_captions_and_counts_same_scenes_as_positives():
     import torch
 
-    from nirvana.quality.clip_pretrain import contrastive_loss
+    from nirvana_quality.clip_pretrain import contrastive_loss
 
     torch.manual_seed(0)
     emb = torch.randn(8, 16)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nirvana.quality.cli import quality_app
-from nirvana.quality.shapes import ATTRIBUTE_NAMES, ShapesDataset
-from nirvana.quality.workload import RELATIONS, SPLITS, Pair, make_pairs
+from nirvana_quality.cli import app as quality_app
+from nirvana_quality.shapes import ATTRIBUTE_NAMES, ShapesDataset
+from nirvana_quality.workload import RELATIONS, SPLITS, Pair, make_pairs
 
 
 def test_same_seed_same_pairs_and_another_seed_differs() -> None:

@@ -2,7 +2,8 @@
 
 One row per cached prompt (per cache key and tenant). The LCBFU state lives in the row's fields: `entries`
 (JSON: K → hits, last access, bytes, and the hits counted by each replica), and the roll-ups `hits`, `score`
-(Σ hits × K) and `last_access`, so it survives a restart and other tools can query it.
+(Σ hits × K) and `last_access`, so it survives a restart and other tools can query it. The rows' data model, and
+the `PromptIndex` protocol this class implements, are in `records`.
 
 Writes are **write-behind**: the request path only records what changed in a row (Ks admitted, Ks removed, hits);
 a background thread flushes every `flush_interval_s` (an upsert costs 5–130 ms, far too much for the request path).
@@ -14,22 +15,20 @@ G-counter: each entry keeps one count per replica (`replica_hits`), only that re
 a merge takes the larger value of each count; `hits` is their sum. Milvus has no atomic increment or
 compare-and-set, so two replicas flushing the same row at the same moment can still overwrite each other's count
 (read, read, write, write); at its next mirror refresh any replica that has seen the larger count writes it back
-(see `ApproximateCache.refresh`), so counts converge while replicas run, and a stopping replica checks once more
-after other replicas' in-flight flushes have landed (`ApproximateCache.close`). What can still be lost: the last
+(see `replicas.ReplicaSync.refresh`), so counts converge while replicas run, and a stopping replica checks once more
+after other replicas' in-flight flushes have landed (`replicas.ReplicaSync.settle`). What can still be lost: the last
 increments of a replica that exited when another replica's flush, which had read the row before them, landed
 later than that final check (a flush slower than `flush_interval_s` + 1 s from its read to its write).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,173 +36,23 @@ import numpy as np
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
+from nirvana.cache.records import (  # noqa: E402
+    EntryMeta,
+    PromptRecord,
+    RowChange,
+    entries_from_json,
+    is_server_uri,
+    merge_entries,
+)
+
 log = logging.getLogger(__name__)
 logging.getLogger("pymilvus.orm.iterator").setLevel(logging.ERROR)
 
 MAX_PROMPT_BYTES = 8192
 RPC_TIMEOUT_S = 30.0  # default per call: a Milvus that stopped answering must not hang a flush (or a shutdown)
 _BATCH = 1000  # milvus-lite 2.5 slows down sharply for single inserts of > ~4,800 rows of 384 dims
-UNATTRIBUTED = "_"  # replica id of hits stored before hits were counted per replica
 # Reads that a merge depends on must see every acknowledged write (a Milvus server defaults to "Bounded").
 _CONSISTENCY = {"consistency_level": "Strong"}
-
-
-class EntryMeta:
-    """One cached latent of a prompt (the latent after K steps): hits per replica, last access (s), bytes on disk."""
-
-    __slots__ = ("last_access", "nbytes", "replica_hits")
-
-    def __init__(
-        self, hits: int = 0, last_access: float = 0.0, nbytes: int = 0, replica_hits: dict[str, int] | None = None
-    ) -> None:
-        if replica_hits is None:
-            replica_hits = {UNATTRIBUTED: hits} if hits else {}
-        self.replica_hits = {r: int(n) for r, n in replica_hits.items()}
-        self.last_access, self.nbytes = float(last_access), int(nbytes)
-
-    @property
-    def hits(self) -> int:
-        return sum(self.replica_hits.values())
-
-    def count_hit(self, replica: str, when: float) -> None:
-        self.replica_hits[replica] = self.replica_hits.get(replica, 0) + 1
-        self.last_access = max(self.last_access, when)
-
-    def copy(self) -> EntryMeta:
-        return EntryMeta(last_access=self.last_access, nbytes=self.nbytes, replica_hits=self.replica_hits)
-
-    def merged_with(self, other: EntryMeta) -> EntryMeta:
-        """Each replica's count is only ever increased by that replica: the larger value is the newer one."""
-        counts = dict(self.replica_hits)
-        for replica, n in other.replica_hits.items():
-            counts[replica] = max(counts.get(replica, 0), n)
-        return EntryMeta(last_access=max(self.last_access, other.last_access), nbytes=other.nbytes, replica_hits=counts)
-
-    def to_json(self) -> dict:
-        return {
-            "hits": self.hits,
-            "last_access": self.last_access,
-            "nbytes": self.nbytes,
-            "replica_hits": self.replica_hits,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> EntryMeta:
-        return cls(data.get("hits", 0), data.get("last_access", 0.0), data.get("nbytes", 0), data.get("replica_hits"))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, EntryMeta) and self.to_json() == other.to_json()
-
-    def __repr__(self) -> str:
-        return (
-            f"EntryMeta(hits={self.hits}, last_access={self.last_access}, nbytes={self.nbytes}, by={self.replica_hits})"
-        )
-
-
-@dataclass
-class PromptRecord:
-    id: int
-    prompt: str
-    cache_key: str
-    tenant: str
-    vector: np.ndarray  # [dim] float32, unit norm
-    created: float
-    entries: dict[int, EntryMeta] = field(default_factory=dict)
-
-    @property
-    def hits(self) -> int:
-        return sum(e.hits for e in self.entries.values())
-
-    @property
-    def score(self) -> float:
-        return float(sum(e.hits * k for k, e in self.entries.items()))
-
-    @property
-    def last_access(self) -> float:
-        return max((e.last_access for e in self.entries.values()), default=self.created)
-
-    def snapshot(self) -> PromptRecord:
-        """A copy whose entries later hits do not change (the vector is shared: it never changes)."""
-        entries = {k: e.copy() for k, e in self.entries.items()}
-        return PromptRecord(self.id, self.prompt, self.cache_key, self.tenant, self.vector, self.created, entries)
-
-    def to_row(self) -> dict:
-        return {
-            "id": self.id,
-            "vector": self.vector.astype(np.float32).tolist(),
-            "prompt": self.prompt,
-            "cache_key": self.cache_key,
-            "tenant": self.tenant,
-            "entries": {str(k): e.to_json() for k, e in sorted(self.entries.items())},
-            "hits": self.hits,
-            "score": self.score,
-            "last_access": self.last_access,
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_row(cls, row: dict) -> PromptRecord:
-        return cls(
-            id=int(row["id"]),
-            prompt=row["prompt"],
-            cache_key=row["cache_key"],
-            tenant=row["tenant"],
-            vector=np.asarray(row["vector"], np.float32),
-            created=float(row["created"]),
-            entries=entries_from_json(row["entries"]),
-        )
-
-
-def entries_from_json(data: dict | None) -> dict[int, EntryMeta]:
-    return {int(k): EntryMeta.from_json(v) for k, v in (data or {}).items()}
-
-
-@dataclass
-class RowChange:
-    """What this process changed in one row since the last flush: the row as it sees it, Ks added, Ks removed."""
-
-    record: PromptRecord | None  # None: delete the whole row, whatever it holds
-    added: set[int] = field(default_factory=set)
-    removed: set[int] = field(default_factory=set)
-
-    def after(self, older: RowChange) -> RowChange:
-        """This change applied on top of an older one that was not written (a failed flush)."""
-        if self.record is None or older.record is None:
-            return self
-        added = (older.added - self.removed) | self.added
-        removed = (older.removed - self.added) | self.removed
-        return RowChange(self.record, added, removed)
-
-
-def merge_entries(
-    stored: dict[int, EntryMeta] | None, local: dict[int, EntryMeta], change: RowChange | None
-) -> dict[int, EntryMeta]:
-    """The entries a row should hold: what Milvus stores, with this process's view and changes merged in.
-
-    Ks this process removed go; Ks it added come in; a K it holds that is no longer stored (and that it did not
-    add) was removed by another replica and stays gone; for a K both hold, each replica's hit count takes the
-    larger value.
-    """
-    added = change.added if change else set()
-    removed = change.removed if change else set()
-    merged = {k: e for k, e in (stored or {}).items() if k not in removed}
-    for k, mine in local.items():
-        if k in merged:
-            merged[k] = merged[k].merged_with(mine)
-        elif k in added:
-            merged[k] = mine.copy()
-    return merged
-
-
-def is_server_uri(uri: str) -> bool:
-    """A Milvus server, which other processes (replicas) may write too; a milvus-lite file admits one process."""
-    return uri.startswith(("http://", "https://", "tcp://"))
-
-
-def record_id(cache_key: str, tenant: str, prompt: str) -> int:
-    """Stable 63-bit id, so the same prompt admitted again (or by another replica) lands on the same row."""
-    digest = hashlib.blake2b(f"{cache_key}\0{tenant}\0{prompt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 class MilvusIndex:
@@ -220,7 +69,7 @@ class MilvusIndex:
         self._pending: dict[int, RowChange] = {}
         self._pending_lock = threading.Lock()
         # Held for a whole flush (read, merge, write), so a reader holding it sees every change either still
-        # pending or already stored, never in between (ApproximateCache.refresh).
+        # pending or already stored, never in between (ReplicaSync.refresh).
         self.flush_lock = threading.Lock()
         self._written_at: dict[int, float] = {}  # row id → time.monotonic() of this process's last write of it
         self._stop = threading.Event()

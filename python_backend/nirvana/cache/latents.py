@@ -1,100 +1,90 @@
-"""Latent blob store: named sets of numpy tensors, compressed, one file each, on a directory.
+"""Latent blob store: named sets of numpy tensors, one safetensors file each, on a directory.
 
 The directory may be a local disk or a shared volume (a Kubernetes RWX PVC). Each blob is written to a temporary
 file next to its final name, fsynced and renamed into place, so a reader sees either the old blob or the new one
-and a crash leaves at most a temporary file, removed at the next open. Every read is verified against checksums of
-the header and of the payload; a damaged file raises :class:`BlobCorrupt` and never returns wrong data.
+and a crash leaves at most a temporary file, removed at the next open. Every read is verified (`blob_format`: a
+safetensors file with a blake2b digest in its metadata); a damaged file raises :class:`BlobCorrupt` and never
+returns wrong data. Floats are stored uncompressed, as float16 by default: about 32 KiB for SD 1.5's 4×64×64 latent.
 
-File format (version 1), little-endian::
-
-    magic b"NLAT" | u16 version | u32 header length | 16-byte blake2b of the header | header | payload
-
-The header is UTF-8 JSON: per tensor its name, stored dtype and shape; the caller's ``meta``; the payload's length,
-uncompressed length and blake2b digest. The payload is zlib over the concatenated tensors, each byte-shuffled
-(all first bytes of its elements, then all second bytes, ...) because the sign/exponent bytes of float latents
-compress well once they sit together.
-
-Size: a 4×64×64 latent (SD 1.5 at 512×512) of random normal values stored as float16 takes about 28 KB on disk
-(raw float16: 32 KiB; raw float32: 64 KiB); ``tests/cache/test_latents.py`` prints the measured number.
+**Blobs of the earlier format** (``*.nlt``: a custom zlib format, before safetensors) are not read: at open they
+are deleted, with one log line counting them, and regenerated as misses recur. Their entries in Milvus then have no
+latent, so the cache's reconciliation at open drops them too. Converting them instead would keep the cache warm
+across the upgrade but means keeping the old decoder; a cache refills within a day of traffic, so we drop them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import re
 import secrets
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"NLAT"
-FORMAT_VERSION = 1
-BLOB_SUFFIX = ".nlt"
+from nirvana.cache.blob_format import (
+    STORED_FLOAT_DTYPES,
+    BlobCorrupt,
+    BlobMissing,
+    LatentBlob,
+    LatentStoreError,
+    decode_blob,
+    encode_blob,
+)
+
+__all__ = ["BlobCorrupt", "BlobMissing", "InvalidKey", "LatentBlob", "LatentStore", "LatentStoreError"]
+
+log = logging.getLogger(__name__)
+
+BLOB_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".nlt"  # the pre-safetensors format: dropped at open
 TEMP_SUFFIX = ".tmp"
 # A temporary file younger than this may belong to a put in flight in another process sharing the directory
 # (several Triton model instances, several pods): the cleanup at open leaves it alone.
 STALE_TEMP_AGE_S = 300.0
 
-_PREFIX = struct.Struct("<4sHI16s")  # magic, version, header length, header digest
 _KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
-_STORED_FLOAT_DTYPES = ("float16", "float32")
-_ACCEPTED_KINDS = "fiub"  # float, signed, unsigned, bool
-
-
-class LatentStoreError(Exception):
-    """Base class of latent store errors."""
-
-
-class BlobMissing(LatentStoreError):
-    """No blob is stored under the key."""
-
-
-class BlobCorrupt(LatentStoreError):
-    """The stored file is damaged (truncated, bad magic/header, checksum mismatch, undecodable)."""
 
 
 class InvalidKey(LatentStoreError, ValueError):
     """The key is not a safe file name ([A-Za-z0-9_.-], 1 to 200 characters)."""
 
 
-@dataclass
-class LatentBlob:
-    """A stored set of tensors: float arrays come back as float32 whatever the stored dtype, others unchanged.
-
-    ``meta`` is the JSON-able dict given at ``put`` after a JSON round trip (tuples come back as lists).
-    """
-
-    tensors: dict[str, np.ndarray]
-    meta: dict = field(default_factory=dict)
-
-
 class LatentStore:
     """Blobs under ``root``, sharded two levels deep by a hash of the key (65,536 folders: ~23 files each at 1.5M).
 
-    ``dtype`` ("float16" or "float32") is how float tensors are stored; ``compression_level`` is zlib's (0-9).
-    ``total_bytes`` is this process's view: the scan at open plus its own puts and deletes.
+    ``dtype`` ("float16" or "float32") is how float tensors are stored. ``total_bytes`` is this process's view: the
+    scan at open plus its own puts and deletes. The scan at open also removes stale temporary files and blobs of the
+    pre-safetensors format (see the module docstring).
     """
 
-    def __init__(self, root: str | Path, dtype: str = "float16", compression_level: int = 1) -> None:
-        if dtype not in _STORED_FLOAT_DTYPES:
-            raise ValueError(f"dtype must be one of {_STORED_FLOAT_DTYPES}, got {dtype!r}")
-        if type(compression_level) is not int or not 0 <= compression_level <= 9:
-            raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
+    def __init__(self, root: str | Path, dtype: str = "float16") -> None:
+        if dtype not in STORED_FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {STORED_FLOAT_DTYPES}, got {dtype!r}")
         self.root = Path(root)
         self.dtype = dtype
-        self.compression_level = compression_level
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.remove_temp_files(older_than_s=STALE_TEMP_AGE_S)
-        self._total_bytes = sum(entry.stat().st_size for entry in self._files(BLOB_SUFFIX))
+        self._total_bytes = self._scan_at_open()
+
+    def _scan_at_open(self) -> int:
+        """One walk of the directory (millions of files): returns the bytes of the blobs, and removes stale
+        temporary files and blobs of the pre-safetensors format."""
+        total, legacy, cutoff = 0, 0, time.time() - STALE_TEMP_AGE_S
+        for entry in self._files(BLOB_SUFFIX, LEGACY_SUFFIX, TEMP_SUFFIX):
+            if entry.name.endswith(TEMP_SUFFIX):
+                _remove_if_older(entry, cutoff)
+            elif entry.name.endswith(LEGACY_SUFFIX):
+                legacy += _remove_if_older(entry, time.time())
+            else:
+                total += _size_or_zero(Path(entry.path))
+        if legacy:
+            log.warning("dropped %d latents in the pre-safetensors format; they will be regenerated", legacy)
+        return total
 
     # --- public API ---------------------------------------------------------------------------------------------
 
@@ -104,7 +94,7 @@ class LatentStore:
         Atomic: the old blob stays readable until the new one is complete; on any error no partial file is left.
         """
         path = self._path(key)
-        data = encode_blob(tensors, meta or {}, self.dtype, self.compression_level)
+        data = encode_blob(tensors, meta or {}, self.dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
@@ -122,6 +112,11 @@ class LatentStore:
             temp.unlink(missing_ok=True)
             raise
         return len(data)
+
+    def encoded_size(self, tensors: dict[str, np.ndarray], meta: dict | None = None) -> int:
+        """Bytes ``put`` would write for these tensors and meta (it encodes them: ~50 µs for a 4×64×64 latent).
+        Raises as ``put`` does (ValueError, TypeError) for tensors it cannot store."""
+        return len(encode_blob(tensors, meta or {}, self.dtype))
 
     def get(self, key: str) -> LatentBlob:
         """The blob stored under ``key``; BlobMissing if absent, BlobCorrupt if the file is damaged."""
@@ -169,15 +164,7 @@ class LatentStore:
     def remove_temp_files(self, older_than_s: float = 0.0) -> int:
         """Delete temporary files of interrupted puts older than ``older_than_s`` seconds; returns how many."""
         cutoff = time.time() - older_than_s
-        removed = 0
-        for entry in self._files(TEMP_SUFFIX):
-            try:
-                if entry.stat().st_mtime <= cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:
-                pass  # finished (renamed) or cleaned by someone else meanwhile
-        return removed
+        return sum(_remove_if_older(entry, cutoff) for entry in self._files(TEMP_SUFFIX))
 
     # --- internals ----------------------------------------------------------------------------------------------
 
@@ -187,105 +174,12 @@ class LatentStore:
         shard = hashlib.blake2b(key.encode(), digest_size=2).hexdigest()
         return self.root / shard[:2] / shard[2:] / f"{key}{BLOB_SUFFIX}"
 
-    def _files(self, suffix: str) -> Iterator[os.DirEntry]:
-        """Files ending in ``suffix`` inside the two-level shard folders."""
+    def _files(self, *suffixes: str) -> Iterator[os.DirEntry]:
+        """Files ending in one of ``suffixes`` inside the two-level shard folders."""
         for top in _subdirs(self.root):
             for leaf in _subdirs(top.path):
                 with os.scandir(leaf.path) as entries:
-                    yield from (e for e in entries if e.name.endswith(suffix) and e.is_file(follow_symlinks=False))
-
-
-def encode_blob(tensors: dict[str, np.ndarray], meta: dict, float_dtype: str, compression_level: int) -> bytes:
-    """Serialise tensors and meta to the file format described in the module docstring."""
-    specs, chunks = [], []
-    for name, value in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
-        array = _stored_array(name, np.asarray(value), float_dtype)
-        specs.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
-        chunks.append(_shuffle(array))
-    raw = b"".join(chunks)
-    payload = zlib.compress(raw, compression_level)
-    header = {
-        "tensors": specs,
-        "meta": meta,
-        "raw_bytes": len(raw),
-        "payload_bytes": len(payload),
-        "payload_blake2b": hashlib.blake2b(payload, digest_size=16).hexdigest(),
-    }
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    digest = hashlib.blake2b(header_bytes, digest_size=16).digest()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), digest) + header_bytes + payload
-
-
-def decode_blob(data: bytes, key: str = "?") -> LatentBlob:
-    """Parse and verify a stored blob; BlobCorrupt on any damage."""
-    if len(data) < _PREFIX.size:
-        raise BlobCorrupt(f"{key}: truncated ({len(data)} bytes, shorter than the fixed prefix)")
-    magic, version, header_len, header_digest = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise BlobCorrupt(f"{key}: bad magic {magic!r}")
-    if version != FORMAT_VERSION:
-        raise BlobCorrupt(f"{key}: unsupported format version {version}")
-    header_bytes = data[_PREFIX.size : _PREFIX.size + header_len]
-    if len(header_bytes) != header_len:
-        raise BlobCorrupt(f"{key}: truncated header")
-    if hashlib.blake2b(header_bytes, digest_size=16).digest() != header_digest:
-        raise BlobCorrupt(f"{key}: header checksum mismatch")
-    payload = data[_PREFIX.size + header_len :]
-    try:
-        header = json.loads(header_bytes)
-        if len(payload) != header["payload_bytes"]:
-            raise BlobCorrupt(f"{key}: payload is {len(payload)} bytes, header says {header['payload_bytes']}")
-        if hashlib.blake2b(payload, digest_size=16).hexdigest() != header["payload_blake2b"]:
-            raise BlobCorrupt(f"{key}: payload checksum mismatch")
-        raw = zlib.decompress(payload)
-        if len(raw) != header["raw_bytes"]:
-            raise BlobCorrupt(f"{key}: decompressed to {len(raw)} bytes, header says {header['raw_bytes']}")
-        tensors, offset = {}, 0
-        for spec in header["tensors"]:
-            dtype = np.dtype(spec["dtype"])
-            if dtype.kind not in _ACCEPTED_KINDS:
-                raise BlobCorrupt(f"{key}: tensor {spec['name']!r} has unsupported dtype {dtype}")
-            shape = tuple(int(n) for n in spec["shape"])
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            array = _unshuffle(raw[offset : offset + nbytes], dtype, shape)
-            tensors[spec["name"]] = array.astype(np.float32) if dtype.kind == "f" else array.copy()
-            offset += nbytes
-        if offset != len(raw):
-            raise BlobCorrupt(f"{key}: tensors cover {offset} of {len(raw)} payload bytes")
-        return LatentBlob(tensors=tensors, meta=header["meta"])
-    except BlobCorrupt:
-        raise
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise BlobCorrupt(f"{key}: undecodable ({type(exc).__name__}: {exc})") from exc
-
-
-def _stored_array(name: str, array: np.ndarray, float_dtype: str) -> np.ndarray:
-    """The array as it is written: floats cast to ``float_dtype``, little-endian, C order."""
-    if array.dtype.kind not in _ACCEPTED_KINDS:
-        raise TypeError(f"tensor {name!r}: dtype {array.dtype} is not storable (use float, int, uint or bool)")
-    if array.dtype.kind == "f":
-        with np.errstate(over="ignore"):  # detected just below, with a clearer message
-            stored = array.astype(float_dtype)
-        # float16 saturates to inf above 65504; storing that silently would return wrong data later.
-        if float_dtype == "float16" and np.any(np.isinf(stored) & ~np.isinf(array)):
-            raise ValueError(f"tensor {name!r} has values outside the float16 range; use dtype='float32'")
-        array = stored
-    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
-    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
-
-
-def _shuffle(array: np.ndarray) -> bytes:
-    if array.dtype.itemsize == 1:
-        return array.tobytes()
-    return np.frombuffer(array.tobytes(), np.uint8).reshape(-1, array.dtype.itemsize).T.tobytes()
-
-
-def _unshuffle(chunk: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    planes = np.frombuffer(chunk, np.uint8).reshape(dtype.itemsize, -1)
-    # May be a read-only view of ``chunk``: the caller copies.
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(shape)
+                    yield from (e for e in entries if e.name.endswith(suffixes) and e.is_file(follow_symlinks=False))
 
 
 def _subdirs(path: str | Path) -> list[os.DirEntry]:
@@ -301,3 +195,14 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _remove_if_older(entry: os.DirEntry, cutoff: float) -> bool:
+    """Delete a file last modified at or before ``cutoff`` (time.time()); False if younger or already gone."""
+    try:
+        if entry.stat().st_mtime > cutoff:
+            return False
+        os.unlink(entry.path)
+    except FileNotFoundError:
+        return False  # finished (renamed) or cleaned by someone else meanwhile
+    return True

@@ -49,10 +49,10 @@ def eviction_order(entry: EntryStats) -> tuple:
 class LCBFUPolicy:
     """Chooses LCBFU victims under an entry-count and/or byte budget.
 
-    ``min_entries_per_prompt`` (seed 002's suggestion) keeps that many of each prompt's best entries while other
-    entries can be evicted instead, so a prompt's small-K latents are not all lost to the many large-K ones. It is a
-    preference, not a guarantee: the budget is a hard limit, so when evicting every unprotected entry is not enough,
-    protected entries are taken too, in the same LCBFU order.
+    ``min_entries_per_prompt`` (suggested by NIRVANA's follow-up analysis) keeps that many of each prompt's best
+    entries while other entries can be evicted instead, so a prompt's small-K latents are not all lost to the many
+    large-K ones. It is a preference, not a guarantee: the budget is a hard limit, so when evicting every
+    unprotected entry is not enough, protected entries are taken too, in the same LCBFU order.
     """
 
     def __init__(

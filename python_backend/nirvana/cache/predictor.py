@@ -20,9 +20,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.svm import OneClassSVM
+
+if TYPE_CHECKING:  # scikit-learn loads (≈0.3 s, and pandas if installed) only when the predictor fits
+    from sklearn.svm import OneClassSVM
 
 
 @dataclass
@@ -86,6 +89,7 @@ class HitPredictor:
         self._shadow_rng = np.random.default_rng([seed, 1])  # independent stream: shadows don't shift samples
         self._lock = threading.Lock()  # guards the model reference, the counters and the RNGs
         self._fit_lock = threading.Lock()  # one fit at a time; others skip instead of queueing
+        self._refitting = threading.Event()  # a background refit thread is running
         self._model: OneClassSVM | None = None
         self._threshold = 0.0  # decision_function value below which a vector is novel (see module docstring)
         self._dim: int | None = None
@@ -115,6 +119,8 @@ class HitPredictor:
                     rows = self._sample_rng.choice(len(data), size=self.max_fit_samples, replace=False)
                 data = data[np.sort(rows)]
             # The slow part (~1 s for 4096 rows of 384 dims) runs without the lock: predictions continue meanwhile.
+            from sklearn.svm import OneClassSVM
+
             model = OneClassSVM(kernel="rbf", nu=self.nu, gamma=self.gamma).fit(data)
             threshold = _calibrated_threshold(model, data, self.nu)
             with self._lock:
@@ -122,6 +128,21 @@ class HitPredictor:
             return True
         finally:
             self._fit_lock.release()
+
+    def refit_in_background(self, count: Callable[[], int], vectors: Callable[[], np.ndarray]) -> None:
+        """``maybe_refit(count(), vectors)`` on a daemon thread, off the request path (a fit on 4k vectors takes
+        about a second); does nothing while disabled or while such a thread runs."""
+        if not self.enabled or self._refitting.is_set():
+            return
+        self._refitting.set()
+
+        def run() -> None:
+            try:
+                self.maybe_refit(count(), vectors)
+            finally:
+                self._refitting.clear()
+
+        threading.Thread(target=run, name="predictor-refit", daemon=True).start()
 
     def is_novel(self, vector: np.ndarray) -> bool:
         """Whether the prompt embedding (shape (dim,) or (1, dim)) lies outside the cached region.

@@ -21,8 +21,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 __all__ = ["MANIFEST_NAME", "OnnxModel", "OnnxModelError", "OnnxSubModels", "make_session", "onnx_path"]
 
 MANIFEST_NAME = "export_manifest.json"
-# Triton runs several stubs at once on few cores: one thread per session and no spinning (PLATFORM.md measured a
-# 50× slowdown from spinning threads fighting over 2 cores).
+# Triton runs several stubs at once on few cores: one thread per session and no spinning (measured on a 2-core
+# machine: a UNet step 50× slower with spinning threads fighting over the cores; see nirvana.threads).
 DEFAULT_THREADS = 1
 
 

@@ -1,23 +1,8 @@
-"""Serving: run the real Triton Inference Server (tritonserver) as a managed child process."""
+"""Code that runs inside Triton's python backend stub: the `nirvana` BLS model, the onnxruntime sub-models, metrics.
 
-from nirvana.serving.tritonserver import (
-    ServerPorts,
-    ServerUrls,
-    TritonInstall,
-    TritonServer,
-    TritonServerError,
-    find_tritonserver,
-    free_ports,
-    serve_forever,
-)
+Importing any of them imports this package first, so the thread policy is set before torch or onnxruntime loads.
+"""
 
-__all__ = [
-    "ServerPorts",
-    "ServerUrls",
-    "TritonInstall",
-    "TritonServer",
-    "TritonServerError",
-    "find_tritonserver",
-    "free_ports",
-    "serve_forever",
-]
+from nirvana.threads import set_thread_policy
+
+set_thread_policy()

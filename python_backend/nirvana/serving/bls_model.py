@@ -9,26 +9,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several stubs share the CPU: never spin
-
 import numpy as np
 
-from nirvana.checkpoint import load_checkpoint
+from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder
 from nirvana.pipeline import Pipeline, RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.serving.metrics import CacheMetrics
+from nirvana.specs import ModelSpec, nirvana_spec
 
 log = logging.getLogger("nirvana.triton")
 
-# Triton input name → (Pipeline.generate keyword, parser of the numpy value)
-OPTIONAL_INPUTS = {
+# Triton input name (`nirvana_spec`) → Pipeline.generate keyword
+GENERATE_KEYWORDS = {
+    "PROMPT": "prompt",
     "NEGATIVE_PROMPT": "negative_prompt",
     "SEED": "seed",
     "NUM_INFERENCE_STEPS": "steps",
@@ -59,8 +57,24 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in timings.items()}
 
 
+def output_arrays(spec: ModelSpec, result: Any) -> dict[str, np.ndarray]:
+    """The response tensors of one `GenerationResult`, each in the dtype the spec declares."""
+    values = {
+        "IMAGE": result.image,
+        "CACHE_HIT": [result.cache_hit],
+        "SKIPPED_STEPS": [result.skipped_steps],
+        "SIMILARITY": [result.similarity],
+        "TIMINGS": [json.dumps(_rounded(result.timings_ms)).encode()],
+    }
+    arrays = {}
+    for tensor in spec.outputs:
+        dtype = np.object_ if tensor.dtype == "string" else np.dtype(tensor.dtype)
+        arrays[tensor.name] = np.asarray(values[tensor.name], dtype=dtype)
+    return arrays
+
+
 class TritonPythonModel:
-    """The `nirvana` model: one instance, `async execute` with a thread pool so requests overlap."""
+    """The `nirvana` model: one instance; Triton hands it one request per `execute` (`max_batch_size: 0`)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -72,19 +86,18 @@ class TritonPythonModel:
         if not config_path.is_absolute():
             config_path = Path(args["model_repository"]) / config_path
         config = load_config(path=config_path)
-        checkpoint = load_checkpoint(config.checkpoint, weights=False)  # weights live in the sub-models
+        checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
         models = BlsSubModels(pb_utils)
         # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
         embedder = ClipEmbedder(checkpoint, models.encode_text) if config.embedder == "clip" else BlsEmbedder(pb_utils)
         self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder)
         self.metrics = CacheMetrics(pb_utils, self.pipeline.cache)
-        workers = int(params.get("max_concurrent_requests", "4"))
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nirvana")
+        self.spec = nirvana_spec(checkpoint.image_size)
         log.info("nirvana model ready: %s", self.pipeline.cache.stats())
 
     async def execute(self, requests: list) -> list:
-        loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self.pool, self._handle, r) for r in requests)))
+        # Off the stub's event loop: a request runs for seconds of blocking sub-model calls.
+        return list(await asyncio.gather(*(asyncio.to_thread(self._handle, r) for r in requests)))
 
     def _handle(self, request: Any) -> Any:
         pb = self.pb
@@ -101,26 +114,18 @@ class TritonPythonModel:
             self.metrics.observe(result)
         except Exception:  # a metrics failure must not turn a generated image into an error
             log.exception("metrics update failed")
-        outputs = [
-            pb.Tensor("IMAGE", result.image),
-            pb.Tensor("CACHE_HIT", np.array([result.cache_hit], dtype=np.bool_)),
-            pb.Tensor("SKIPPED_STEPS", np.array([result.skipped_steps], dtype=np.int32)),
-            pb.Tensor("SIMILARITY", np.array([result.similarity], dtype=np.float32)),
-            pb.Tensor("TIMINGS", np.array([json.dumps(_rounded(result.timings_ms)).encode()], dtype=np.object_)),
-        ]
+        outputs = [pb.Tensor(name, array) for name, array in output_arrays(self.spec, result).items()]
         return pb.InferenceResponse(output_tensors=outputs)
 
     def _parse(self, request: Any) -> dict[str, object]:
-        prompt = self.pb.get_input_tensor_by_name(request, "PROMPT")
-        if prompt is None:
-            raise InputError("PROMPT: required input is missing")
-        options: dict[str, object] = {"prompt": _scalar("PROMPT", prompt.as_numpy())}
-        for name, keyword in OPTIONAL_INPUTS.items():
-            tensor = self.pb.get_input_tensor_by_name(request, name)
+        options: dict[str, object] = {}
+        for spec in self.spec.inputs:
+            tensor = self.pb.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
-                options[keyword] = _scalar(name, tensor.as_numpy())
+                options[GENERATE_KEYWORDS[spec.name]] = _scalar(spec.name, tensor.as_numpy())
+            elif not spec.optional:
+                raise InputError(f"{spec.name}: required input is missing")
         return options
 
     def finalize(self) -> None:
-        self.pool.shutdown(wait=True)
         self.pipeline.close()  # flushes the write-behind queue: no hit count lost on a clean stop

@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from nirvana.cache.outcome import Reason
+
 # Retrieval = search + selection + latent load (ms). Buckets span the sub-millisecond mirror to a slow Milvus.
 RETRIEVAL_BUCKETS_MS = [0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250]
 
@@ -59,9 +61,9 @@ class CacheMetrics:
             self._observe(result)
 
     def _observe(self, result: Any) -> None:
-        if result.reason == "bypass":
+        if result.reason == Reason.BYPASS:
             self.bypass.increment(1)
-        elif result.reason == "refresh":
+        elif result.reason == Reason.REFRESH:
             self.refresh.increment(1)
         elif result.cache_hit:
             self.hits.increment(1)

@@ -8,11 +8,8 @@ are the names declared in the model's config.pbtxt (generated from `nirvana.spec
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from nirvana.runtime.onnx_runtime import OnnxModel, OnnxModelError
 

@@ -1,0 +1,131 @@
+"""The on-disk format of one latent blob: a safetensors file with a checksum in its metadata.
+
+A blob is a set of named numpy tensors plus a small JSON-able ``meta`` dict. It is written as a plain safetensors
+file (readable by any safetensors tool) whose string metadata holds::
+
+    "format":  "nirvana-latent/2"
+    "meta":    the caller's meta, as JSON
+    "blake2b": 128-bit blake2b over the meta JSON and, per tensor in name order, its name, dtype, shape and bytes
+
+safetensors itself checks that the header parses and that the tensors exactly cover the data; the digest catches
+what that leaves (a flipped bit in the data, a changed shape digit or meta value), so a damaged file raises
+:class:`BlobCorrupt` and never returns wrong data.
+
+Latents are stored uncompressed (safetensors has no compression): a 4×64×64 latent (SD 1.5 at 512×512) stored as
+float16 takes 32 KiB of data plus a header of about 250 bytes; ``tests/cache/test_latents.py`` prints the number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+FORMAT = "nirvana-latent/2"
+STORED_FLOAT_DTYPES = ("float16", "float32")
+_ACCEPTED_KINDS = "fiub"  # float, signed, unsigned, bool
+_LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header, then the data
+
+
+class LatentStoreError(Exception):
+    """Base class of latent store errors."""
+
+
+class BlobMissing(LatentStoreError):
+    """No blob is stored under the key."""
+
+
+class BlobCorrupt(LatentStoreError):
+    """The stored file is damaged (truncated, not safetensors, checksum mismatch, undecodable)."""
+
+
+@dataclass
+class LatentBlob:
+    """A stored set of tensors: float arrays come back as float32 whatever the stored dtype, others unchanged.
+
+    ``meta`` is the JSON-able dict given at ``put`` after a JSON round trip (tuples come back as lists).
+    """
+
+    tensors: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+
+def encode_blob(tensors: dict[str, np.ndarray], meta: dict, float_dtype: str) -> bytes:
+    """Serialise tensors (floats cast to ``float_dtype``) and meta to the format in the module docstring."""
+    stored = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}")
+        stored[name] = _stored_array(name, np.asarray(value), float_dtype)
+    meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    metadata = {"format": FORMAT, "meta": meta_json, "blake2b": _digest(stored, meta_json)}
+    return save_tensors(stored, metadata=metadata)
+
+
+def decode_blob(data: bytes, key: str = "?") -> LatentBlob:
+    """Parse and verify a stored blob; BlobCorrupt on any damage."""
+    metadata = _metadata(data, key)
+    if metadata.get("format") != FORMAT:
+        raise BlobCorrupt(f"{key}: not a {FORMAT} blob (format {metadata.get('format')!r})")
+    try:
+        stored = load_tensors(data)
+    except SafetensorError as exc:
+        raise BlobCorrupt(f"{key}: undecodable ({exc})") from exc
+    meta_json = metadata.get("meta", "")
+    if _digest(stored, meta_json) != metadata.get("blake2b"):
+        raise BlobCorrupt(f"{key}: checksum mismatch")
+    tensors = {}
+    for name, array in stored.items():
+        if array.dtype.kind not in _ACCEPTED_KINDS:
+            raise BlobCorrupt(f"{key}: tensor {name!r} has unsupported dtype {array.dtype}")
+        tensors[name] = array.astype(np.float32) if array.dtype.kind == "f" else array.copy()
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as exc:
+        raise BlobCorrupt(f"{key}: undecodable meta ({exc})") from exc
+    return LatentBlob(tensors=tensors, meta=meta)
+
+
+def _metadata(data: bytes, key: str) -> dict:
+    """The safetensors header's string metadata (safetensors' own API reads it only from a file)."""
+    if len(data) < _LENGTH_BYTES:
+        raise BlobCorrupt(f"{key}: truncated ({len(data)} bytes)")
+    header_len = int.from_bytes(data[:_LENGTH_BYTES], "little")
+    if header_len > len(data) - _LENGTH_BYTES:
+        raise BlobCorrupt(f"{key}: not a safetensors file or truncated (header of {header_len} bytes)")
+    try:
+        metadata = json.loads(data[_LENGTH_BYTES : _LENGTH_BYTES + header_len])["__metadata__"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BlobCorrupt(f"{key}: undecodable header ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(metadata, dict):
+        raise BlobCorrupt(f"{key}: undecodable header (metadata is not a map)")
+    return metadata
+
+
+def _digest(tensors: dict[str, np.ndarray], meta_json: str) -> str:
+    digest = hashlib.blake2b(meta_json.encode(), digest_size=16)
+    for name in sorted(tensors):
+        array = tensors[name]
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _stored_array(name: str, array: np.ndarray, float_dtype: str) -> np.ndarray:
+    """The array as it is written: floats cast to ``float_dtype``, little-endian, C order."""
+    if array.dtype.kind not in _ACCEPTED_KINDS:
+        raise TypeError(f"tensor {name!r}: dtype {array.dtype} is not storable (use float, int, uint or bool)")
+    if array.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # detected just below, with a clearer message
+            stored = array.astype(float_dtype)
+        # float16 saturates to inf above 65504; storing that silently would return wrong data later.
+        if float_dtype == "float16" and np.any(np.isinf(stored) & ~np.isinf(array)):
+            raise ValueError(f"tensor {name!r} has values outside the float16 range; use dtype='float32'")
+        array = stored
+    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
+    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)

@@ -1,0 +1,40 @@
+"""`open_cache`: the production composition of the cache, built from a `CacheConfig`.
+
+Latent blobs under `config.latent_dir`, Milvus (`config.resolved_milvus_uri`) as the store of record, mirrored in
+process and reconciled with the blobs at open; on a Milvus server, a background refresh of the mirror from what
+other replicas wrote. Tests of the request path compose `ApproximateCache` from an in-memory index instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from nirvana.cache.connection import MilvusConnection
+from nirvana.cache.latents import LatentStore
+from nirvana.cache.manager import ApproximateCache, CacheCounters
+from nirvana.cache.mirror import Mirror
+from nirvana.cache.reconcile import Reconciler
+from nirvana.cache.records import is_server_uri
+from nirvana.cache.replicas import ReplicaSync
+from nirvana.config import CacheConfig
+
+
+def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.time) -> ApproximateCache:
+    """Open the cache for `dim`-dimensional prompt embeddings; `clock` (seconds) stamps admissions and hits.
+
+    Returns at once when Milvus is unreachable: the cache then serves uncached and connects in the background.
+    """
+    config.dir.mkdir(parents=True, exist_ok=True)
+    latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
+    mirror = Mirror(dim, config.search)
+    counters = CacheCounters()
+    reconciler = Reconciler(config, mirror, latents, counters)
+    replicas = ReplicaSync(config, mirror, reconciler)
+    cache = ApproximateCache(config, mirror, latents, counters=counters, replicas=replicas, clock=clock)
+    MilvusConnection(
+        config, dim, prepare=reconciler.load, discard=mirror.reset, publish=cache.attach, closed=cache.closed
+    ).open()
+    if is_server_uri(config.resolved_milvus_uri) and config.refresh_interval_s > 0:
+        replicas.start(lambda: cache.index, cache.closed)
+    return cache

@@ -1,0 +1,139 @@
+"""The in-process mirror of the store of record: the prompt records the request path reads, and their vectors.
+
+Milvus (`index`) is the store of record; a lookup must not wait on it, so each process keeps every row (records by
+id, entries with their LCBFU state) and searches their vectors in a `PartitionedSearch`, one partition per
+(cache key, tenant). `reconcile` fills the mirror at open, the request path (`manager`) changes it on admission,
+hit and eviction, and `replicas` brings it up to date with what other processes wrote.
+
+One reentrant lock, `lock`, guards the mirror; callers hold it too when they read or change a record's entries,
+so a hit count and the entry count never disagree.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from nirvana.cache.policy import EntryStats
+from nirvana.cache.records import EntryMeta, PromptRecord, blob_key
+from nirvana.cache.search import Match, PartitionedSearch, PartitionKey
+from nirvana.config import SearchConfig
+
+
+class Mirror:
+    """Prompt records by id and a search over their vectors ([dim] float32, unit norm)."""
+
+    def __init__(self, dim: int, search: SearchConfig | None = None) -> None:
+        self.dim = dim
+        self._search_config = search or SearchConfig()
+        self.lock = threading.RLock()
+        self._records: dict[int, PromptRecord] = {}
+        self._entries = 0
+        self.search = self._new_search()
+
+    def _new_search(self) -> PartitionedSearch:
+        s = self._search_config
+        return PartitionedSearch(self.dim, s.exact_max_rows, s.nprobe, s.tail_max_rows)
+
+    def reset(self) -> None:
+        """Forget everything (a failed load at open)."""
+        with self.lock:
+            self._records, self._entries, self.search = {}, 0, self._new_search()
+
+    # -- reading -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, row_id: int) -> bool:
+        return row_id in self._records
+
+    @property
+    def entries(self) -> int:
+        """Cached latents over all prompts."""
+        return self._entries
+
+    def get(self, row_id: int) -> PromptRecord | None:
+        return self._records.get(row_id)
+
+    def records(self) -> list[PromptRecord]:
+        with self.lock:
+            return list(self._records.values())
+
+    def ids(self) -> set[int]:
+        with self.lock:
+            return set(self._records)
+
+    def top(self, partition: PartitionKey, vector: np.ndarray, k: int) -> list[Match]:
+        """The `k` nearest prompts of the partition, best first."""
+        return self.search.top(partition, vector, k)
+
+    def vectors(self) -> np.ndarray:
+        """[prompts, dim] float32: every prompt's vector (the hit predictor's training set)."""
+        with self.lock:
+            rows = [r.vector for r in self._records.values()]
+        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+    def entry_stats(self) -> list[EntryStats]:
+        """Every entry's LCBFU state, for the eviction policy."""
+        with self.lock:
+            return [
+                EntryStats(r.id, k, e.hits, e.last_access, e.nbytes)
+                for r in self._records.values()
+                for k, e in r.entries.items()
+            ]
+
+    def blob_keys(self) -> set[str]:
+        """The latent store keys every entry refers to."""
+        with self.lock:
+            return {blob_key(r.id, k) for r in self._records.values() for k in r.entries}
+
+    # -- changing ------------------------------------------------------------------------------------
+    def add(self, record: PromptRecord) -> None:
+        """A prompt new to the mirror, with its entries."""
+        with self.lock:
+            self._records[record.id] = record
+            self._entries += len(record.entries)
+            self.search.add((record.cache_key, record.tenant), record.id, record.vector)
+
+    def add_many(self, records: list[PromptRecord]) -> None:
+        """Prompts new to the mirror, in bulk (at open: one index build per partition, not one per row)."""
+        by_partition: dict[PartitionKey, list[PromptRecord]] = {}
+        for record in records:
+            by_partition.setdefault((record.cache_key, record.tenant), []).append(record)
+        with self.lock:
+            for partition, group in by_partition.items():
+                self._records.update((r.id, r) for r in group)
+                self._entries += sum(len(r.entries) for r in group)
+                ids = np.array([r.id for r in group], np.int64)
+                self.search.add_many(partition, ids, np.stack([r.vector for r in group]))
+
+    def put_entry(self, record: PromptRecord, k: int, entry: EntryMeta) -> None:
+        """Set one entry of a prompt the mirror holds (a new K, or a rewritten one)."""
+        with self.lock:
+            self._entries += k not in record.entries
+            record.entries[k] = entry
+
+    def set_entries(self, record: PromptRecord, entries: dict[int, EntryMeta]) -> None:
+        """Replace a held prompt's entries; with none left, the prompt leaves the mirror."""
+        with self.lock:
+            self._entries += len(entries) - len(record.entries)
+            record.entries = entries
+            if not entries:
+                self._remove(record.id)
+
+    def pop_entry(self, row_id: int, k: int) -> PromptRecord | None:
+        """Remove one entry; the prompt leaves the mirror with its last entry. Returns the prompt's record, or None
+        if the mirror did not hold that entry."""
+        with self.lock:
+            record = self._records.get(row_id)
+            if record is None or record.entries.pop(k, None) is None:
+                return None
+            self._entries -= 1
+            if not record.entries:
+                self._remove(row_id)
+            return record
+
+    def _remove(self, row_id: int) -> None:
+        del self._records[row_id]
+        self.search.remove(row_id)

@@ -1,0 +1,204 @@
+"""Development commands of `nirvana`: `serve`, `demo`, `make-tiny-model`, `bench` (registered by `main`).
+
+They need the `dev` extra (the pytriton wheel's tritonserver, the client): imports stay inside the commands, so
+`nirvana --help` and the product's own commands work without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nirvana_cli.support import CacheDir, ConfigFile, MilvusUri, console, emit, setup_logging
+
+bench_app = typer.Typer(help="Benchmarks that print figures (and write JSON).", no_args_is_help=True)
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the figures here.")]
+DefaultCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model made on the fly).")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("make-tiny-model")(make_tiny_model_cmd)
+    app.command()(serve)
+    app.command()(demo)
+    app.add_typer(bench_app, name="bench")
+
+
+def make_tiny_model_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers-format checkpoint into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    scheduler: Annotated[
+        str, typer.Option(help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp.")
+    ] = "ddim",
+) -> None:
+    """Write a small random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
+    from nirvana_dev.tiny_model import make_tiny_model
+
+    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler)
+    console.print(f"tiny checkpoint written to {path}")
+
+
+def demo(
+    work_dir: Annotated[
+        Path, typer.Option(help="Holds the tiny model, the cache, the repository and the images.")
+    ] = Path("demo"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Use this checkpoint instead of a tiny one.")] = None,
+    steps: int = 20,
+    in_process: Annotated[bool, typer.Option(help="Run the pipeline in this process instead of in Triton.")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Start tritonserver on a tiny model, send a few prompts over gRPC and HTTP, show misses and cache hits, stop.
+
+    With a shapes model (`nirvana-quality train`) it sends shape prompts and saves each hit beside the uncached
+    image of the same seed, so you can see what the cache did to the picture.
+    """
+    from nirvana_dev.demo import demo_prompts, run_served_demo
+    from nirvana_dev.tiny_model import make_tiny_model
+
+    setup_logging(verbose=False)
+    if checkpoint is None:
+        checkpoint = work_dir / "tiny-model"
+        if not (checkpoint / "model_index.json").exists():
+            console.print(f"making a tiny random-weight model in {checkpoint}")
+            make_tiny_model(checkpoint)
+    if not in_process:
+        run_served_demo(work_dir, checkpoint, steps, config, say=console.print)
+        return
+    from nirvana_cli.main import generate
+
+    generate(
+        demo_prompts(checkpoint),
+        checkpoint=checkpoint,
+        out_dir=work_dir / "images",
+        cache_dir=work_dir / "cache",
+        config=config,
+        seed=0,
+        steps=steps,
+        guidance=None,
+        negative_prompt="",
+        cache_mode="auto",
+        tenant="default",
+        scheduler=None,
+        verbose=False,
+    )
+
+
+def serve(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model it makes).")] = None,
+    cache_dir: CacheDir = Path(".nirvana-cache"),
+    milvus_uri: MilvusUri = None,
+    config: ConfigFile = None,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    repo_dir: Annotated[Path | None, typer.Option(help="Where the model repository is generated.")] = None,
+    profile: Annotated[str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (GPU only).")] = "cpu",
+    triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
+    max_queue_size: Annotated[int, typer.Option(help="Queued requests beyond this are rejected.", min=1)] = 64,
+    verbose: bool = False,
+) -> None:
+    """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM (dies with this process)."""
+    from nirvana_dev.install import ServerPorts, TritonServerError
+    from nirvana_dev.launch import ServeOptions, make_server, prepare
+    from nirvana_dev.tritonserver import serve_forever
+    from nirvana_export.repository import PROFILES
+
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"profile={profile!r}: choose one of {PROFILES}")
+    setup_logging(verbose)
+    options = ServeOptions(
+        cache_dir=cache_dir,
+        checkpoint=checkpoint,
+        milvus_uri=milvus_uri,
+        config_file=config,
+        ports=ServerPorts(http_port, grpc_port, metrics_port),
+        host=host,
+        repo_dir=repo_dir,
+        triton_dir=triton_dir,
+        ready_timeout_s=ready_timeout,
+        profile=profile,
+        max_queue_size=max_queue_size,
+    )
+    try:
+        repo, _ = prepare(options)
+        server = make_server(options, repo)
+        console.print(f"starting tritonserver on {host} (log: {server.log_path})")
+
+        def ready() -> None:
+            urls = server.urls
+            console.print(f"READY  http {urls.http}  grpc {urls.grpc}  metrics {urls.metrics}  (Ctrl-C stops)")
+
+        code = serve_forever(server, on_ready=ready)  # signal handlers go in before the server starts
+    except TritonServerError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    entries: Annotated[int, typer.Option(help="Largest cache size measured (10k is always measured too).")] = 100_000,
+    queries: Annotated[int, typer.Option(help="Queries per size.")] = 500,
+    json_path: JsonOut = None,
+    latent_shape: Annotated[
+        str, typer.Option(help="C,H,W of the stored latents (SD 1.5 at 512x512: 4,64,64).")
+    ] = "4,64,64",
+    work_dir: Annotated[Path | None, typer.Option(help="Where the temporary caches go (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Cache-path latency (embed, search, select, latent load) and search recall at 10k and N entries."""
+    from nirvana_dev.bench.overhead import run_overhead
+
+    setup_logging(verbose)
+    sizes = sorted({min(10_000, entries), entries})
+    shape = tuple(int(x) for x in latent_shape.split(","))
+    emit(run_overhead(sizes, queries, shape, work_dir), json_path)
+
+
+@bench_app.command("serving")
+def bench_serving(
+    checkpoint: DefaultCheckpoint = None,
+    requests: Annotated[int, typer.Option(help="Requests per path.")] = 20,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request.")] = 20,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Median latency in-process (torch, ONNX) vs through tritonserver (gRPC, HTTP), measured in one run."""
+    from nirvana_dev.bench.serving import run_serving
+
+    setup_logging(verbose)
+    emit(run_serving(checkpoint, requests, steps, work_dir), json_path)
+
+
+@bench_app.command("replay")
+def bench_replay(
+    workload: Annotated[Path, typer.Argument(help="CSV/TSV with a prompt column (e.g. diffusiondb_1k.csv).")],
+    checkpoint: DefaultCheckpoint = None,
+    column: Annotated[str | None, typer.Option(help="Prompt column (default: prompt or Prompt).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Replay only the first N requests.")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request (N).")] = 50,
+    tenant_column: Annotated[str | None, typer.Option(help="Column used as TENANT (e.g. user_name).")] = None,
+    config: ConfigFile = None,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Cache and model dir (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Replay a prompt workload in-process (in timestamp order when it has one): hit rate, K histogram, steps saved."""
+    from nirvana_dev.bench.replay import run_replay
+
+    setup_logging(verbose)
+    report = run_replay(
+        workload,
+        checkpoint=checkpoint,
+        column=column,
+        limit=limit,
+        steps=steps,
+        tenant_column=tenant_column,
+        config_path=config,
+        work_dir=work_dir,
+    )
+    emit(report, json_path)

@@ -1,0 +1,178 @@
+"""`nirvana bench overhead`: what the cache path costs at 10k and 100k cached prompts.
+
+Cache contents: real MiniLM embeddings of template prompts, spread into `size` distinct vectors (each a real
+embedding plus noise, cosine ≈ 0.9 to it), each with one SD-1.5-sized fp16 latent in the blob store and a row
+in Milvus. The cache is then closed and reopened, so search runs on what startup rebuilt from Milvus.
+Queries: near-duplicates of cached rows (cosine ≈ 0.97, which hit at K=25). Recall@1 compares the search's
+top-1 with exact search (numpy over all vectors of the partition); `recall_at_1_cos085` does the same for
+queries further away (cosine ≈ 0.85 to a cached row, the K=10–15 band), search only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nirvana.cache.factory import open_cache
+from nirvana.cache.manager import ApproximateCache
+from nirvana.cache.records import EntryMeta, PromptRecord, blob_key, record_id
+from nirvana.config import CacheConfig, PredictorConfig
+from nirvana.embed import make_embedder
+
+CACHE_KEY, TENANT, STEPS, K = "bench", "default", 50, 25
+
+SUBJECTS = [
+    "a red fox",
+    "an old lighthouse",
+    "a bowl of ramen",
+    "a cyberpunk city",
+    "a portrait of a knight",
+    "a mountain lake",
+    "a vintage car",
+    "a cat wearing a hat",
+    "a dragon",
+    "a sailing ship",
+    "a robot",
+    "a forest cabin",
+    "an astronaut",
+    "a field of sunflowers",
+    "a steampunk airship",
+    "a koi pond",
+]
+SCENES = [
+    "in the snow",
+    "at sunset",
+    "under the stars",
+    "in the rain",
+    "on a beach",
+    "in a misty forest",
+    "in a neon-lit alley",
+    "on the moon",
+    "in a desert",
+    "by a river",
+]
+STYLES = [
+    "photograph",
+    "oil painting",
+    "watercolor",
+    "concept art, artstation",
+    "pixel art",
+    "studio lighting, 8k",
+    "by greg rutkowski",
+    "ukiyo-e woodcut",
+    "pencil sketch",
+    "3d render, octane",
+]
+
+
+def template_prompts() -> list[str]:
+    return [f"{s} {c}, {t}" for s, c, t in itertools.product(SUBJECTS, SCENES, STYLES)]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(values, 50)), 4), "p99": round(float(np.percentile(values, 99)), 4)}
+
+
+def _spread(base: np.ndarray, size: int, rng: np.random.Generator, cosine: float) -> np.ndarray:
+    """`size` unit vectors, each a random base row plus isotropic noise giving about `cosine` to that row."""
+    rows = base[rng.integers(0, len(base), size)]
+    sigma = np.sqrt((1 / cosine**2 - 1) / base.shape[1])
+    out = rows + sigma * rng.standard_normal(rows.shape).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _fill(config: CacheConfig, vectors: np.ndarray, latent_shape: tuple[int, ...], rng: np.random.Generator) -> None:
+    cache = open_cache(config, vectors.shape[1])
+    latent = rng.standard_normal((1, *latent_shape)).astype(np.float32)
+    now = time.time()
+    records = []
+    for i, vector in enumerate(vectors):
+        prompt = f"bench prompt {i}"
+        records.append(PromptRecord(record_id(CACHE_KEY, TENANT, prompt), prompt, CACHE_KEY, TENANT, vector, now))
+
+    def put(record: PromptRecord) -> None:
+        nbytes = cache.latents.put(blob_key(record.id, K), {"latent": latent}, {"k": K})
+        record.entries[K] = EntryMeta(hits=0, last_access=now, nbytes=nbytes)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(tqdm(pool.map(put, records), total=len(records), desc="latents", unit="blob"))
+    for start in tqdm(range(0, len(records), 10_000), desc="milvus", unit="10k rows"):
+        cache.index.insert_now(records[start : start + 10_000])
+    cache.close()
+
+
+def _recall(cache: ApproximateCache, vectors: np.ndarray, queries: np.ndarray) -> float:
+    """Top-1 of the cache's search vs exact search over all vectors (queries that miss count as wrong)."""
+    exact = np.argmax(queries @ vectors.T, axis=1)
+    found = 0
+    for q, want in zip(queries, exact, strict=True):
+        match = cache.mirror.search.best((CACHE_KEY, TENANT), q)
+        found += match is not None and match.id == record_id(CACHE_KEY, TENANT, f"bench prompt {want}")
+    return found / len(queries)
+
+
+def _measure(
+    config: CacheConfig, vectors: np.ndarray, queries: np.ndarray, embed_ms: list[float], far_queries: np.ndarray
+) -> dict:
+    t0 = time.perf_counter()
+    cache = open_cache(config, vectors.shape[1])
+    startup_s = time.perf_counter() - t0
+    exact = np.argmax(queries @ vectors.T, axis=1)
+    prompt_ids = np.array([record_id(CACHE_KEY, TENANT, f"bench prompt {i}") for i in range(len(vectors))])
+    stages: dict[str, list[float]] = {"search_ms": [], "select_ms": [], "latent_load_ms": [], "cache_path_ms": []}
+    found = 0
+    try:
+        for q, want in zip(queries, exact, strict=True):
+            t = time.perf_counter()
+            lookup = cache.lookup(q, CACHE_KEY, TENANT, STEPS)
+            stages["cache_path_ms"].append((time.perf_counter() - t) * 1e3)
+            for name in ("search_ms", "select_ms", "latent_load_ms"):
+                stages[name].append(lookup.timings_ms.get(name, 0.0))
+            record = cache.record(CACHE_KEY, TENANT, lookup.matched_prompt) if lookup.matched_prompt else None
+            found += record is not None and record.id == prompt_ids[want]
+        hit_rate = cache.counters.hits / len(queries)
+        recall_far = _recall(cache, vectors, far_queries)
+    finally:
+        cache.close()
+    out = {"embed_ms": _percentiles(embed_ms)}
+    out.update({name: _percentiles(values) for name, values in stages.items()})
+    out.update(
+        {
+            "recall_at_1": found / len(queries),
+            "recall_at_1_cos085": recall_far,
+            "hit_rate": hit_rate,
+            "startup_s": round(startup_s, 2),
+        }
+    )
+    return out
+
+
+def run_overhead(sizes: list[int], n_queries: int, latent_shape: tuple[int, ...], work_dir: Path | None) -> dict:
+    rng = np.random.default_rng(0)
+    embedder = make_embedder("minilm")
+    prompts = template_prompts()
+    base = embedder.embed(prompts)
+    embed_ms = []
+    for prompt in prompts[:200]:
+        t = time.perf_counter()
+        embedder.embed_one(prompt + " (variant)")
+        embed_ms.append((time.perf_counter() - t) * 1e3)
+    report: dict = {"latent_shape": list(latent_shape), "queries": n_queries, "entries": {}}
+    for size in sizes:
+        vectors = _spread(base, size, rng, cosine=0.9)
+        queries = _spread(vectors[rng.integers(0, size, n_queries)], n_queries, rng, cosine=0.97)
+        far_queries = _spread(vectors[rng.integers(0, size, n_queries)], n_queries, rng, cosine=0.85)
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            # predictor off: every query is a near-duplicate, so it only adds its own (reported) cost
+            config = CacheConfig(
+                dir=Path(tmp), max_entries=None, max_bytes=None, predictor=PredictorConfig(enabled=False)
+            )
+            _fill(config, vectors, latent_shape, rng)
+            report["entries"][str(size)] = _measure(config, vectors, queries, embed_ms, far_queries)
+    return report

@@ -1,0 +1,72 @@
+"""`nirvana serve` (dev launcher): build (or reuse) the model repository for a checkpoint and run tritonserver on it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nirvana.config import EngineConfig, load_config
+from nirvana_dev.install import ServerPorts, find_tritonserver
+from nirvana_dev.tritonserver import TritonServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    cache_dir: Path
+    checkpoint: Path | None = None  # default: a tiny random-weight model made under cache_dir
+    milvus_uri: str | None = None
+    config_file: Path | None = None
+    ports: ServerPorts = field(default_factory=ServerPorts)
+    host: str = "127.0.0.1"
+    repo_dir: Path | None = None  # default: cache_dir/model_repository
+    profile: str = "cpu"
+    triton_dir: Path | None = None  # an installed tritonserver (e.g. /opt/tritonserver); default: the pytriton wheel's
+    ready_timeout_s: float = 300.0
+    max_queue_size: int = 64  # requests waiting beyond this are rejected at once (overload → errors, not memory)
+    log_verbose: int = 0
+
+
+def engine_config(options: ServeOptions, checkpoint: Path) -> EngineConfig:
+    cache: dict = {"dir": str(options.cache_dir.resolve() / "cache")}
+    if options.milvus_uri:
+        cache["milvus_uri"] = options.milvus_uri
+    return load_config({"checkpoint": str(checkpoint.resolve()), "cache": cache}, options.config_file)
+
+
+def prepare(options: ServeOptions) -> tuple[Path, EngineConfig]:
+    """Checkpoint → validated engine config → model repository (exported and checked once per checkpoint)."""
+    from nirvana_dev.tiny_model import make_tiny_model
+    from nirvana_export.repository import write_repository
+
+    checkpoint = options.checkpoint
+    if checkpoint is None:
+        checkpoint = options.cache_dir / "tiny-model"
+        if not (checkpoint / "model_index.json").exists():
+            log.warning("no --checkpoint: making a tiny random-weight model in %s", checkpoint)
+            make_tiny_model(checkpoint)
+    config = engine_config(options, checkpoint)
+    repo = options.repo_dir or options.cache_dir / "model_repository"
+    write_repository(
+        checkpoint,
+        repo,
+        options.profile,
+        config.model_dump(mode="json"),
+        max_queue_size=options.max_queue_size,
+    )
+    return repo, config
+
+
+def make_server(options: ServeOptions, repo: Path) -> TritonServer:
+    install = find_tritonserver(options.triton_dir) if options.triton_dir else None
+    return TritonServer(
+        repo,
+        options.ports,
+        host=options.host,
+        work_dir=options.cache_dir / "triton",
+        install=install,
+        log_verbose=options.log_verbose,
+        ready_timeout_s=options.ready_timeout_s,
+    )

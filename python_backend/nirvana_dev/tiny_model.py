@@ -1,0 +1,191 @@
+"""A tiny random-weight Stable Diffusion checkpoint for tests, benchmarks and the local demo, and its parts.
+
+The folder it writes is an ordinary diffusers checkpoint: the product loads it with
+:func:`nirvana.checkpoint.load_checkpoint` like a real SD 1.5, and knows nothing of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = ["build_clip_tokenizer", "clip_text_encoder", "make_tiny_model", "sd15_scheduler_config"]
+
+# Prompt-like words the tiny tokenizer's merges are learned from.
+_TINY_TEXT = (
+    "a an the of in on with and at by from photo painting portrait drawing sketch render illustration picture "
+    "cat dog bird horse fish lion tiger bear fox wolf owl rabbit dragon robot knight wizard astronaut woman man "
+    "girl boy child king queen city street house castle tower bridge forest mountain river lake ocean sea beach "
+    "desert island garden field sky cloud clouds sun moon star stars night morning sunset sunrise rain snow storm "
+    "red blue green yellow orange purple pink black white golden silver dark bright colorful beautiful cute old "
+    "young small large giant tiny ancient futuristic detailed highly realistic photorealistic cinematic dramatic "
+    "lighting light shadow soft sharp focus style art artist digital oil watercolor pencil anime cartoon fantasy "
+    "science fiction cyberpunk steampunk medieval modern vintage retro studio trending artstation unreal engine "
+    "octane high quality resolution masterpiece wallpaper background landscape scene view close up wide angle "
+    "standing sitting running flying walking wearing holding looking smiling reading playing sleeping dancing "
+    "hat dress suit armor helmet glasses flower flowers tree trees grass stone wood glass metal fire water ice "
+    "blurry ugly deformed bad low worst cropped text watermark signature"
+)
+_TINY_MERGES = 400
+
+_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
+_END_OF_WORD = "</w>"
+# Sorted by code point this is CLIP's byte order (printable bytes keep their own code point, the rest map to 256+).
+_BYTE_CHARS = sorted(pre_tokenizers.ByteLevel.alphabet())
+# The trainer's `end_of_word_suffix` numbers the "x</w>" symbols in hash-map order, so count ties (most pairs
+# of a small corpus) were merged differently from run to run (huggingface/tokenizers#1794). Training instead on
+# one private-use character per word-final byte puts every symbol in the sorted initial alphabet: same merges,
+# every run. The characters are renamed to "x</w>" afterwards.
+_WORD_FINAL = {c: chr(0xE000 + i) for i, c in enumerate(_BYTE_CHARS)}
+_FROM_WORD_FINAL = str.maketrans({f: c + _END_OF_WORD for c, f in _WORD_FINAL.items()})
+
+
+def _byte_level_tokenizer(max_length: int, merges: list[tuple[str, str]] | None = None) -> CLIPTokenizer:
+    """transformers' CLIPTokenizer over CLIP's vocabulary layout: bytes, bytes + </w>, merged tokens, specials."""
+    merges = merges or []
+    tokens = _BYTE_CHARS + [c + _END_OF_WORD for c in _BYTE_CHARS] + [a + b for a, b in merges] + _SPECIALS
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    # transformers 5 wants merges as tuples; model_max_length must be set or padding="max_length" breaks.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _learn_merges(words: Iterable[str], n_merges: int) -> list[tuple[str, str]]:
+    """Up to ``n_merges`` BPE merges, most frequent pair first, over the words as CLIP's tokenizer splits them."""
+    # CLIP's own normalizer (NFC, lower case) and pre-tokenizer (its word regex, then byte-level characters), so
+    # the merges are learned on exactly the units the finished tokenizer will apply them to.
+    backend = _byte_level_tokenizer(77).backend_tokenizer
+    pieces = []
+    for word in words:
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(word)):
+            pieces.append(piece[:-1] + _WORD_FINAL[piece[-1]])
+    bpe = Tokenizer(models.BPE())  # no pre-tokenizer: each piece is one word
+    initial = _BYTE_CHARS + list(_WORD_FINAL.values())
+    # Merges beyond the first n_merges are cut below: BPE learns them greedily, so the prefix is unaffected.
+    trainer = trainers.BpeTrainer(vocab_size=len(initial) + n_merges, initial_alphabet=initial, show_progress=False)
+    bpe.train_from_iterator(pieces, trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"][:n_merges]
+    return [(a.translate(_FROM_WORD_FINAL), b.translate(_FROM_WORD_FINAL)) for a, b in merges]
+
+
+def build_clip_tokenizer(out_dir: Path, words: list[str], n_merges: int, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP-format BPE tokenizer whose merges are learned from ``words``, saved under ``out_dir/tokenizer``.
+
+    Vocabulary as in CLIP: the 256 byte characters, the same with ``</w>``, up to ``n_merges`` learned merges,
+    then ``<|startoftext|>`` and ``<|endoftext|>``. Any text still tokenizes (every byte is in the vocabulary).
+    """
+    tokenizer = _byte_level_tokenizer(max_length, _learn_merges(words, n_merges))
+    # save_pretrained writes only tokenizer.json; vocab.json + merges.txt keep the folder loadable by the
+    # slow/fast tokenizers of other transformers versions, as in a real SD 1.5 checkpoint.
+    tok_dir = Path(out_dir) / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (tok_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
+    return tokenizer
+
+
+def sd15_scheduler_config() -> dict:
+    """SD 1.5's scheduler settings."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+        "prediction_type": "epsilon",
+    }
+
+
+def clip_text_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int, intermediate_size: int, heads: int, layers: int = 2
+) -> CLIPTextModel:
+    """A random-weight CLIP text encoder sized for ``tokenizer`` (vocabulary, special tokens, max length)."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            # Without these the pooled output silently comes from position 0.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random-weight text encoder (D=32, 2 layers), UNet (32/64 channels, 16×16 latent), VAE (×4 upsampling)."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+    )
+    return text_encoder, unet, vae
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim") -> Path:
+    """Write a random-weight SD checkpoint (16×16×4 latent, 64×64 image, text D=32, L=77) to ``out_dir``.
+
+    ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
+    Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``.
+    Same seed, same bytes.
+    """
+    # Imported here: denoise's registry is the source of scheduler names, and pulls in the product's engine.
+    from nirvana.denoise import SCHEDULERS, UnsupportedSchedulerError, make_scheduler
+
+    out = Path(out_dir)
+    if scheduler in SCHEDULERS:
+        sched = make_scheduler(scheduler, sd15_scheduler_config())
+    elif scheduler in ("pndm", "lms"):
+        sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**sd15_scheduler_config())
+    else:
+        raise UnsupportedSchedulerError(
+            f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
+        )
+    tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
+    torch.manual_seed(seed)
+    text_encoder, unet, vae = _tiny_modules(tokenizer)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,134 @@
+"""Package boundaries are the architecture: imports go one way, and serving loads only what serving needs.
+
+Direction (a package may import those to its right, never the reverse):
+    nirvana_cli → nirvana_dev → nirvana_export → nirvana (engine)        nirvana_client: tritonclient only
+    nirvana_quality (research) → nirvana_cli, nirvana_dev, nirvana
+Each check imports real modules in a fresh interpreter, with the packages a module must not reach made
+unimportable, so an import hidden inside a function that runs at import time is caught too.
+"""
+
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "nirvana": ROOT / "python_backend" / "nirvana",
+    "nirvana_cli": ROOT / "python_backend" / "nirvana_cli",
+    "nirvana_dev": ROOT / "python_backend" / "nirvana_dev",
+    "nirvana_quality": ROOT / "python_backend" / "nirvana_quality",
+    "nirvana_export": ROOT / "export" / "nirvana_export",
+    "nirvana_client": ROOT / "client" / "nirvana_client",
+}
+# package → our packages it may import (at module level or inside functions)
+ALLOWED = {
+    "nirvana": set(),
+    "nirvana_export": {"nirvana"},
+    "nirvana_client": set(),
+    "nirvana_dev": {"nirvana", "nirvana_export", "nirvana_client"},
+    "nirvana_cli": {"nirvana", "nirvana_export", "nirvana_dev"},
+    "nirvana_quality": {"nirvana", "nirvana_cli", "nirvana_dev"},
+}
+# What the client may import besides the standard library and itself: its declared dependencies.
+CLIENT_DEPS = {"tritonclient", "numpy", "typer", "rich", "PIL", "matplotlib", "tqdm", "pyarrow"}
+# Research, report and dev packages that the server must never load. (pandas is not among them: pymilvus imports
+# it itself, so every process that talks to Milvus has it.)
+NOT_FOR_SERVING = ("nirvana_quality", "nirvana_client", "nirvana_dev", "skimage", "matplotlib")
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not importable here (architecture test)")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _modules(package: str) -> list[str]:
+    found = [package]
+    for info in pkgutil.walk_packages([str(PACKAGES[package])], prefix=f"{package}."):
+        found.append(info.name)
+    return found
+
+
+def _imported_packages(package: str) -> dict[str, set[str]]:
+    """Top-level names each module of `package` imports anywhere in its source (functions included)."""
+    result = {}
+    for path in PACKAGES[package].rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        result[str(path.relative_to(ROOT))] = names
+    return result
+
+
+def _run(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
+    script = f"BLOCKED = {sorted(blocked)!r}\n" + BLOCKER + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_sources_import_only_the_packages_below_them(package: str) -> None:
+    ours = set(PACKAGES)
+    wrong = {
+        module: sorted((names & ours) - ALLOWED[package] - {package})
+        for module, names in _imported_packages(package).items()
+        if (names & ours) - ALLOWED[package] - {package}
+    }
+    assert not wrong, f"{package} imports packages above it: {wrong}"
+
+
+def test_client_imports_only_tritonclient_stdlib_and_its_declared_deps() -> None:
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    wrong = {
+        module: sorted(names - stdlib - CLIENT_DEPS - {"nirvana_client"})
+        for module, names in _imported_packages("nirvana_client").items()
+        if names - stdlib - CLIENT_DEPS - {"nirvana_client"}
+    }
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_every_module_imports_with_the_packages_above_it_unimportable(package: str) -> None:
+    blocked = set(PACKAGES) - ALLOWED[package] - {package}
+    code = f"""
+    import importlib
+    for name in {_modules(package)!r}:
+        importlib.import_module(name)
+    """
+    done = _run(code, blocked)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_serving_loads_no_research_client_or_report_library() -> None:
+    """What the Triton stubs import: the BLS glue, the ONNX sub-model glue, and the request path."""
+    code = """
+    import sys
+    import nirvana.serving.bls_model, nirvana.serving.onnx_model, nirvana.pipeline, nirvana.cache.manager
+    print(sorted({m.split(".")[0] for m in sys.modules}))
+    """
+    done = _run(code, blocked=set())
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(eval(done.stdout.strip().splitlines()[-1]))
+    assert not loaded & set(NOT_FOR_SERVING), sorted(loaded & set(NOT_FOR_SERVING))
+
+
+def test_product_modules_stay_short() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for package in ("nirvana", "nirvana_cli")
+        for p in PACKAGES[package].rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 350
+    }
+    assert not long, f"modules over 350 lines: {long}"
