@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nirvana.cache.records import blob_key
 from nirvana.config import load_config
 from nirvana.embed import make_embedder
 from nirvana.pipeline import Pipeline, RequestError
@@ -127,3 +128,46 @@ def test_bad_requests_name_the_field_and_change_nothing(make_pipe, options, fiel
         pipe.generate(prompt, **options)
     assert err.value.field == field
     assert (pipe.cache.entries, pipe.cache.total_bytes) == (entries, nbytes)
+
+
+class NaNModels(CountingModels):
+    """An fp16 engine that overflows: the UNet answers NaN while `poisoned` (a fault we cannot cause in fp32)."""
+
+    poisoned = False
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        out = super().unet(sample, timestep, encoder_hidden_states)
+        return out * float("nan") if self.poisoned else out
+
+
+def test_non_finite_output_fails_clearly_and_caches_nothing(tiny_checkpoint, embedder, tmp_path) -> None:
+    from nirvana.pipeline import NonFiniteError
+
+    config = load_config(
+        {"checkpoint": str(tiny_checkpoint.path), "default_steps": STEPS, "cache": {"dir": str(tmp_path)}}
+    )
+    models = NaNModels(tiny_checkpoint)
+    pipe = Pipeline(config, checkpoint=tiny_checkpoint, models=models, embedder=embedder)
+    try:
+        models.poisoned = True
+        with pytest.raises(NonFiniteError, match="non-finite"):
+            pipe.generate(FOX)
+        assert pipe.cache.entries == 0  # no NaN latent was admitted for later hits to serve
+        models.poisoned = False
+        assert pipe.generate(FOX).admitted > 0  # the same request works once the model does
+    finally:
+        pipe.close()
+
+
+def test_a_hit_on_a_non_finite_latent_is_served_uncached(make_pipe) -> None:
+    pipe = make_pipe(latent_dtype="float32")
+    pipe.generate(FOX, seed=5)
+    record = pipe.cache.record(pipe.cache_key(STEPS, 7.5), "default", FOX)
+    for k in record.entries:  # a latent written before the guard existed, or damaged in a way the digest allows
+        key = blob_key(record.id, k)
+        blob = pipe.cache.latents.get(key)
+        pipe.cache.latents.put(key, {**blob.tensors, "latent": np.full_like(blob.tensors["latent"], np.nan)}, blob.meta)
+    served = pipe.generate(FOX, seed=5)
+    assert (served.reason, served.cache_hit, served.skipped_steps, served.non_finite) == ("non-finite", False, 0, 1)
+    bypass = pipe.generate(FOX, seed=5, cache_mode="bypass")
+    np.testing.assert_array_equal(served.image, bypass.image)  # the full, uncached image

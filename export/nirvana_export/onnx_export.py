@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch import nn
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
-from nirvana.specs import ModelSpec, submodel_specs
+from nirvana.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -295,10 +295,16 @@ def export_all(
     max_batch: int = 2,
     *,
     embedder_seq_len: int = 128,
+    unet_max_batch: int = DEFAULT_UNET_MAX_BATCH,
     opset: int = DEFAULT_OPSET,
     tolerances: Mapping[str, tuple[float, float]] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Export and check all four sub-models of the checkpoint at ``checkpoint_dir`` into ``out_dir``.
+    """Export and check the sub-models of the checkpoint at ``checkpoint_dir`` into ``out_dir`` (all four, or
+    ``names``).
+
+    ``max_batch`` bounds the explicit batch axis of text encoder, embedder and VAE; ``unet_max_batch`` is the
+    UNet's max_batch_size in rows (the graphs' batch axes are dynamic either way; these set the specs' profiles).
 
     Writes ``export_manifest.json`` (specs, measured max diffs, tolerances, checkpoint fingerprint, versions) only
     after every check has passed, so a manifest always describes files that were accepted. ``tolerances``
@@ -306,10 +312,14 @@ def export_all(
     """
     out_dir = Path(out_dir)
     checkpoint = load_checkpoint(checkpoint_dir)
-    specs = submodel_specs(checkpoint, max_batch=max_batch, embedder_seq_len=embedder_seq_len)
+    specs = submodel_specs(
+        checkpoint, max_batch=max_batch, embedder_seq_len=embedder_seq_len, unet_max_batch=unet_max_batch
+    )
     paths: dict[str, Path] = {}
     entries: dict[str, dict] = {}
     for name, spec in specs.items():
+        if names is not None and name not in names:
+            continue
         path = export_submodel(checkpoint, spec, onnx_runtime.onnx_path(out_dir, name), opset)
         atol, rtol = {**TOLERANCES, **(tolerances or {})}[name]
         max_diff = check_onnx(checkpoint, spec, path, atol, rtol)
@@ -325,6 +335,7 @@ def export_all(
         "checkpoint": {"path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint},
         "opset": opset,
         "max_batch": max_batch,
+        "unet_max_batch": unet_max_batch,
         "versions": _versions(),
         "models": entries,
     }

@@ -1,4 +1,4 @@
-"""Model repository builder: checkpoint → a complete Triton model repository for the `cpu` or `gpu` profile.
+"""Model repository builder: checkpoint → a complete Triton model repository for the `cpu`, `gpu` or `torch` profile.
 
 Every config.pbtxt is a `ModelConfig` protobuf built from `nirvana.specs` and rendered by protobuf's
 `text_format` (never written by hand), so the Triton configs, the ONNX
@@ -7,9 +7,13 @@ files and the TensorRT profiles cannot drift apart. Profiles:
 * `cpu`: the four sub-models are python-backend models running their ONNX file with onnxruntime (the
   tritonserver bundled in the pytriton wheel has no onnxruntime or TensorRT backend);
 * `gpu`: `text_encoder`, `prompt_embedder`, `unet` and `vae_decoder` are `platform: "tensorrt_plan"` models
-  (engines built from the same ONNX files on the GPU they will run on; NGC tritonserver image).
+  (engines built from the same ONNX files on the GPU they will run on; NGC tritonserver image);
+* `torch`: `text_encoder`, `unet` and `vae_decoder` are python models running the checkpoint's own torch modules
+  (on CUDA when there is a GPU, answering in GPU memory as engines do), `prompt_embedder` as in `cpu`: the GPU data
+  path on machines with CUDA torch but no TensorRT.
 
-The BLS model `nirvana` is the same in both: python backend, its engine settings in `nirvana/engine.json`.
+The BLS orchestrator `nirvana` (N instances, engine settings in `nirvana/engine.json`) and the single-instance
+`cache` model (the one owner of the cache state) are python models in every profile.
 """
 
 from __future__ import annotations
@@ -21,38 +25,70 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.specs import MODEL_NAMES, NIRVANA_MODEL, TRITON_DTYPES, ModelSpec, TensorSpec, nirvana_spec, triton_dims
+from nirvana.specs import (
+    CACHE_MODEL,
+    DEFAULT_UNET_MAX_BATCH,
+    MODEL_NAMES,
+    NIRVANA_MODEL,
+    TRITON_DTYPES,
+    ModelSpec,
+    TensorSpec,
+    cache_spec,
+    needs_reshape,
+    nirvana_spec,
+    triton_dims,
+)
 
-PROFILES = ("cpu", "gpu")
+PROFILES = ("cpu", "gpu", "torch")
 SUBMODEL_PY = (
     '"""Triton python model: runs this version\'s model.onnx with onnxruntime (CPU profile)."""\n\n'
     "from nirvana.serving.onnx_model import TritonPythonModel  # noqa: F401\n"
 )
+TORCH_PY = (
+    '"""Triton python model: runs the checkpoint\'s torch module for this sub-model (torch profile)."""\n\n'
+    "from nirvana.serving.torch_model import TritonPythonModel  # noqa: F401\n"
+)
+TORCH_MODELS = ("text_encoder", "unet", "vae_decoder")  # in the torch profile; the embedder stays ONNX
 NIRVANA_PY = (
     '"""Triton python model `nirvana`: the BLS orchestrator (glue in nirvana.serving.bls_model)."""\n\n'
     "from nirvana.serving.bls_model import TritonPythonModel  # noqa: F401\n"
 )
+CACHE_PY = (
+    '"""Triton python model `cache`: the one owner of the cache state (glue in nirvana.serving.cache_model)."""\n\n'
+    "from nirvana.serving.cache_model import TritonPythonModel  # noqa: F401\n"
+)
+# `nirvana` instances per profile: each serves one request at a time in its own stub process. The CPU default keeps
+# a 2-core machine's stubs from starving each other; on a GPU more requests in flight keep the batched UNet busy.
+DEFAULT_INSTANCES = {"cpu": 4, "gpu": 8, "torch": 8}
 MANIFEST = "repository_manifest.json"
+# How long Triton holds a batched model's first queued request for others to join (µs): about a tenth of a UNet
+# step on a GPU, so a lone request waits little and concurrent requests' steps merge. No preferred_batch_size: the
+# batcher sends what has arrived when the delay ends instead of waiting for a batch size.
+DEFAULT_QUEUE_DELAY_US = 1500
 
 
 class RepositoryError(ValueError):
     pass
 
 
-def _tensor(message: mc.ModelInput | mc.ModelOutput, tensor: TensorSpec) -> None:
+def _tensor(message: mc.ModelInput | mc.ModelOutput, tensor: TensorSpec, batched: bool) -> None:
     message.name = tensor.name
     message.data_type = mc.DataType.Value(TRITON_DTYPES[tensor.dtype])
-    message.dims.extend(triton_dims(tensor))
+    message.dims.extend(triton_dims(tensor, batched))
+    if needs_reshape(tensor, batched):
+        message.reshape.SetInParent()  # dims [1] → [] : the model sees [rows]
 
 
 def _model_config(spec: ModelSpec) -> mc.ModelConfig:
-    """Name, max_batch_size and every input/output of `spec` (optional inputs marked)."""
+    """Name, max_batch_size and every input/output of `spec` (optional inputs marked; dims without the batch axis
+    when max_batch_size > 0)."""
     config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    batched = spec.max_batch_size > 0
     for tensor in spec.inputs:
-        _tensor(config.input.add(), tensor)
+        _tensor(config.input.add(), tensor, batched)
         config.input[-1].optional = tensor.optional
     for tensor in spec.outputs:
-        _tensor(config.output.add(), tensor)
+        _tensor(config.output.add(), tensor, batched)
     return config
 
 
@@ -60,31 +96,62 @@ def _render(config: mc.ModelConfig) -> str:
     # text_format leaves out fields at their default; say so where the default is a decision (batching).
     header = "# Generated from nirvana.specs by nirvana_export.repository: do not edit.\n"
     header += f"# max_batch_size: {config.max_batch_size}"
-    header += " (explicit batch axis in dims)\n" if config.max_batch_size == 0 else "\n"
+    header += (
+        " (explicit batch axis in dims)\n" if config.max_batch_size == 0 else " (Triton prepends the batch axis)\n"
+    )
     return header + text_format.MessageToString(config, use_short_repeated_primitives=True)
 
 
-def submodel_config(spec: ModelSpec, profile: str, instances: int = 1) -> str:
-    """config.pbtxt of one sub-model for `profile`."""
+def submodel_config(
+    spec: ModelSpec,
+    profile: str,
+    instances: int = 1,
+    *,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    checkpoint: Path | None = None,
+) -> str:
+    """config.pbtxt of one sub-model for `profile`. A spec with max_batch_size > 0 (the UNet) gets dynamic
+    batching that holds a request at most `queue_delay_us` µs for others to join its execution. The torch
+    profile's models load their module from `checkpoint`."""
     if profile not in PROFILES:
         raise RepositoryError(f"profile={profile!r}: choose one of {PROFILES}")
+    if queue_delay_us < 0:
+        raise RepositoryError(f"queue_delay_us={queue_delay_us}: must be ≥ 0")
     config = _model_config(spec)
-    if profile == "cpu":
+    if spec.max_batch_size > 0:
+        config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    if profile == "torch" and spec.name in TORCH_MODELS:
+        if checkpoint is None:
+            raise RepositoryError(f"profile='torch': model {spec.name!r} needs the checkpoint folder")
+        config.backend = "python"
+        config.parameters["checkpoint"].string_value = str(Path(checkpoint).resolve())
+        config.parameters["device"].string_value = "auto"  # cuda:0 when torch sees a GPU, else cpu
+        # Hand GPU inputs over as they are (the orchestrator keeps the text conditioning on the GPU).
+        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
+    elif profile in ("cpu", "torch"):
         config.backend = "python"
         config.parameters["intra_op_threads"].string_value = "1"
     else:
         config.platform = "tensorrt_plan"
-    kind = mc.ModelInstanceGroup.KIND_CPU if profile == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    # A python model picks its device itself; KIND_GPU would refuse to load on a machine without one.
+    kind = mc.ModelInstanceGroup.KIND_GPU if profile == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=instances, kind=kind)
     return _render(config)
 
 
-def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, queue_timeout_s: int = 300) -> str:
-    """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.specs.nirvana_spec`)."""
+def nirvana_config(
+    image_size: tuple[int, int],
+    max_queue_size: int = 64,
+    queue_timeout_s: int = 300,
+    instances: int = DEFAULT_INSTANCES["cpu"],
+) -> str:
+    """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.specs.nirvana_spec`), `instances` stateless
+    orchestrators (each its own stub process; the cache state lives in the `cache` model)."""
+    if instances < 1:
+        raise RepositoryError(f"instances={instances}: must be ≥ 1")
     config = _model_config(nirvana_spec(image_size))
     config.backend = "python"
-    # One instance: a milvus-lite file admits one process, and Triton runs each instance in its own stub process.
-    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     # Overload is rejected at the queue, not absorbed as memory growth.
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = max_queue_size
@@ -95,17 +162,45 @@ def nirvana_config(image_size: tuple[int, int], max_queue_size: int = 64, queue_
     return _render(config)
 
 
+def cache_config() -> str:
+    """config.pbtxt of the `cache` model (contract: `nirvana.specs.cache_spec`): exactly one instance, since Triton
+    runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
+    model's engine.json, so both always run one configuration."""
+    config = _model_config(cache_spec())
+    config.backend = "python"
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
+    return _render(config)
+
+
 def render_configs(
-    specs: dict[str, ModelSpec], image_size: tuple[int, int], profile: str, **nirvana_options: int
+    specs: dict[str, ModelSpec],
+    image_size: tuple[int, int],
+    profile: str,
+    instances: int | None = None,
+    *,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    checkpoint: Path | None = None,
+    **nirvana_options: int,
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
 
-    `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
-    files = {f"{name}/config.pbtxt": submodel_config(specs[name], profile) for name in MODEL_NAMES}
-    if profile == "cpu":
-        files.update({f"{name}/1/model.py": SUBMODEL_PY for name in MODEL_NAMES})
-    files[f"{NIRVANA_MODEL}/config.pbtxt"] = nirvana_config(image_size, **nirvana_options)
+    `instances`: `nirvana` instances (default `DEFAULT_INSTANCES[profile]`); `queue_delay_us`: the UNet's dynamic
+    batching delay; `checkpoint`: the folder the torch profile loads; `nirvana_options`: max_queue_size,
+    queue_timeout_s of the BLS model."""
+    files = {
+        f"{name}/config.pbtxt": submodel_config(
+            specs[name], profile, queue_delay_us=queue_delay_us, checkpoint=checkpoint
+        )
+        for name in MODEL_NAMES
+    }
+    for name in MODEL_NAMES if profile != "gpu" else ():
+        files[f"{name}/1/model.py"] = TORCH_PY if profile == "torch" and name in TORCH_MODELS else SUBMODEL_PY
+    instances = instances or DEFAULT_INSTANCES[profile]
+    files[f"{NIRVANA_MODEL}/config.pbtxt"] = nirvana_config(image_size, instances=instances, **nirvana_options)
     files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
+    files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
+    files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY
     return files
 
 
@@ -117,23 +212,41 @@ def write_repository(
     *,
     max_batch: int = 2,
     fp16: bool = True,
+    vae_fp16: bool = True,
+    unet_max_batch: int = DEFAULT_UNET_MAX_BATCH,
+    instances: int | None = None,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     **nirvana_options: int,
 ) -> Path:
-    """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged."""
+    """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged.
+
+    `instances`: `nirvana` orchestrator instances (default per profile, `DEFAULT_INSTANCES`); `unet_max_batch`:
+    UNet rows per execution (8 requests' guidance pairs by default); `vae_fp16=False` builds the VAE engine in
+    fp32 (SDXL's VAE overflows in fp16)."""
     from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
     from nirvana.specs import submodel_specs
 
     out = Path(out)
     fingerprint = fingerprint_checkpoint(checkpoint_dir)
     stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
+    stamp |= {"vae_fp16": vae_fp16, "unet_max_batch": unet_max_batch}
     manifest_path = out / MANIFEST
     fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
     checkpoint = load_checkpoint_info(checkpoint_dir)
-    specs = submodel_specs(checkpoint, max_batch=max_batch)
+    specs = submodel_specs(checkpoint, max_batch=max_batch, unet_max_batch=unet_max_batch)
     if fresh:
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
-        _export_weights(Path(checkpoint_dir), out, profile, specs, max_batch, fp16)
-    for rel, text in render_configs(specs, checkpoint.image_size, profile, **nirvana_options).items():
+        _export_weights(Path(checkpoint_dir), out, profile, specs, stamp)
+    configs = render_configs(
+        specs,
+        checkpoint.image_size,
+        profile,
+        instances,
+        queue_delay_us=queue_delay_us,
+        checkpoint=Path(checkpoint_dir),
+        **nirvana_options,
+    )
+    for rel, text in configs.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)
     (out / "nirvana" / "engine.json").write_text(json.dumps(engine_config, indent=2, default=str) + "\n")
@@ -141,37 +254,50 @@ def write_repository(
     return out
 
 
-def _export_weights(
-    checkpoint_dir: Path, out: Path, profile: str, specs: dict[str, ModelSpec], max_batch: int, fp16: bool
-) -> None:
+def _export_weights(checkpoint_dir: Path, out: Path, profile: str, specs: dict[str, ModelSpec], stamp: dict) -> None:
     from nirvana_export.onnx_export import export_all
 
     staging = out / ".onnx"
     shutil.rmtree(staging, ignore_errors=True)
-    paths = export_all(checkpoint_dir, staging, max_batch=max_batch)
+    # The torch profile runs the checkpoint's modules itself: only the embedder needs an ONNX file.
+    names = [n for n in MODEL_NAMES if n not in TORCH_MODELS] if profile == "torch" else list(MODEL_NAMES)
+    paths = export_all(
+        checkpoint_dir, staging, max_batch=stamp["max_batch"], unet_max_batch=stamp["unet_max_batch"], names=names
+    )
+    for name in MODEL_NAMES:
+        shutil.rmtree(out / name / "1", ignore_errors=True)
     for name, onnx_file in paths.items():
         version_dir = out / name / "1"
-        shutil.rmtree(version_dir, ignore_errors=True)
         version_dir.mkdir(parents=True)
-        if profile == "cpu":
+        if profile != "gpu":
             for item in onnx_file.parent.iterdir():  # model.onnx and any external-data files beside it
                 shutil.move(str(item), version_dir / item.name)
         else:
-            from nirvana_export.tensorrt_build import build_engine
+            from nirvana_export.tensorrt_build import TIMING_CACHE_NAME, build_engine, engine_fp16
 
-            build_engine(onnx_file, specs[name], version_dir / "model.plan", fp16=fp16)
+            fp16 = engine_fp16(name, stamp["fp16"], stamp["vae_fp16"])
+            # The timing cache lives beside the engines (the repository volume): a rebuild reuses its tactics.
+            build_engine(onnx_file, specs[name], version_dir / "model.plan", fp16, timing_cache=out / TIMING_CACHE_NAME)
     shutil.move(str(staging / "export_manifest.json"), out / "export_manifest.json")
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def sd15_specs(max_batch: int = 2) -> dict[str, ModelSpec]:
-    """Specs of Stable Diffusion 1.5 at 512×512 (77×768 text, 4×64×64 latent), without needing its weights."""
-    from nirvana.specs import prompt_embedder_spec, text_encoder_spec, unet_spec, vae_decoder_spec
+def sd15_specs(max_batch: int = 2, unet_max_batch: int | None = None) -> dict[str, ModelSpec]:
+    """Specs of Stable Diffusion 1.5 at 512×512 (77×768 text, 4×64×64 latent), without needing its weights.
+
+    `unet_max_batch`: the UNet's max_batch_size in rows (default `nirvana.specs.DEFAULT_UNET_MAX_BATCH`)."""
+    from nirvana.specs import (
+        DEFAULT_UNET_MAX_BATCH,
+        prompt_embedder_spec,
+        text_encoder_spec,
+        unet_spec,
+        vae_decoder_spec,
+    )
 
     specs = (
         text_encoder_spec(77, 768, max_batch),
         prompt_embedder_spec(128, max_batch),
-        unet_spec(4, (64, 64), 77, 768, max_batch),
+        unet_spec(4, (64, 64), 77, 768, unet_max_batch or DEFAULT_UNET_MAX_BATCH),
         vae_decoder_spec(4, (64, 64), 8, max_batch),
     )
     return {spec.name: spec for spec in specs}

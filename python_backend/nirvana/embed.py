@@ -113,7 +113,7 @@ class ClipEmbedder(Embedder):
                 "embedder='clip' through a served text encoder needs a CLIPTextModel: its projection is not served"
             )
         self._encode_text, self._eos_token_id = encode_text, int(config.eos_token_id)
-        self.dim = projection.out_features if projection is not None else int(config.hidden_size)
+        self.dim = projection.out_features if projection is not None else embedder_dim(self.name, checkpoint)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -141,6 +141,30 @@ def _clip(checkpoint: Checkpoint | None) -> Embedder:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
     return ClipEmbedder(checkpoint)
+
+
+def _clip_dim(checkpoint: CheckpointInfo | None) -> int:
+    if checkpoint is None:
+        raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    config = checkpoint.text_encoder_config
+    if "CLIPTextModelWithProjection" in (getattr(config, "architectures", None) or []):
+        return int(config.projection_dim)
+    return int(config.hidden_size)
+
+
+EMBEDDER_DIMS: dict[str, Callable[[CheckpointInfo | None], int]] = {
+    "minilm": lambda checkpoint=None: MiniLMEmbedder.dim,
+    "clip": _clip_dim,
+}
+
+
+def embedder_dim(name: str, checkpoint: CheckpointInfo | None = None) -> int:
+    """Width of the vectors embedder `name` makes for `checkpoint`, from its config alone (no weights loaded):
+    the `cache` model sizes its index by it while the orchestrators embed."""
+    try:
+        return EMBEDDER_DIMS[name](checkpoint)
+    except KeyError:
+        raise EmbedderError(f"embedder={name!r} is unknown; choose one of {sorted(EMBEDDER_DIMS)}") from None
 
 
 def make_embedder(name: str, checkpoint: Checkpoint | None = None) -> Embedder:

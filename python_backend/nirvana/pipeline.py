@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from nirvana.cache.client import CacheClient
 from nirvana.cache.factory import open_cache
 from nirvana.cache.outcome import Lookup, Reason
 from nirvana.checkpoint import Checkpoint, load_checkpoint
@@ -40,6 +41,10 @@ FALLBACK_SCHEDULER = "dpmpp"
 CacheMode = Literal["auto", "bypass", "refresh"]
 CACHE_MODES = ("auto", "bypass", "refresh")
 SEED_MAX = 2**63 - 1
+
+
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or infinity (e.g. an fp16 engine that overflowed); nothing of it was cached."""
 
 
 class RequestError(ValueError):
@@ -72,6 +77,7 @@ class GenerationResult:
     reason: Reason  # why it hit or missed; BYPASS or REFRESH when CACHE_MODE skipped the lookup
     steps: int
     admitted: int  # latents saved by this request
+    non_finite: int = 0  # runs of this request that produced NaN/inf (their latents were never cached)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,6 +90,7 @@ class Pipeline:
         checkpoint: Checkpoint | None = None,
         models: SubModels | None = None,
         embedder: Embedder | None = None,
+        cache: CacheClient | None = None,
     ) -> None:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -92,7 +99,8 @@ class Pipeline:
         self.models = models or TorchSubModels(self.checkpoint)
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
-        self.cache = open_cache(config.cache, self.embedder.dim)
+        # served: a client of the one `cache` model; in process: the cache itself
+        self.cache = cache if cache is not None else open_cache(config.cache, self.embedder.dim)
         self._cache_keys: dict[tuple[int, float], str] = {}
 
     # -- validation ---------------------------------------------------------------------------------
@@ -192,9 +200,17 @@ class Pipeline:
             capture_at=admit_ks,
         )
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
+        if not (_finite(result.latent) and _finite(pixels)):
+            if lookup.hit:  # the cached start may be what broke it: run the request in full, uncached
+                return self._retry_uncached(req, lookup)
+            raise NonFiniteError(
+                f"the model produced non-finite values (NaN/inf) for this request ({req.steps} steps, guidance "
+                f"{req.guidance}); nothing was cached. An fp16 engine overflowing does this: build it in fp32."
+            )
         admitted = 0
         if admit_ks:
-            states = {k: s.to_arrays() for k, s in result.captured.items()}
+            # Never cache a non-finite latent: a later hit would serve it to other requests.
+            states = {k: s.to_arrays() for k, s in result.captured.items() if _finite(s.latent)}
             meta = {"negative_prompt": req.negative_prompt}
             admitted = _timed(
                 timings,
@@ -220,6 +236,17 @@ class Pipeline:
             admitted=admitted,
             timings_ms=timings,
         )
+
+    def _retry_uncached(self, req: GenerationRequest, lookup: Lookup) -> GenerationResult:
+        log.warning(
+            "a hit on %r (K=%d) produced non-finite values; running the request in full, uncached",
+            lookup.matched_prompt,
+            lookup.k,
+        )
+        fields = ("negative_prompt", "seed", "steps", "guidance", "tenant")
+        retried = self.generate(req.prompt, cache_mode="bypass", **{f: getattr(req, f) for f in fields})
+        retried.reason, retried.non_finite = Reason.NON_FINITE, retried.non_finite + 1
+        return retried
 
     def _resume_state(self, lookup: Lookup, req: GenerationRequest) -> ResumeState | None:
         if not lookup.hit or lookup.arrays is None:
@@ -251,6 +278,10 @@ def resolve_scheduler(name: str, base_config: dict) -> str:
         log.warning("%s; using scheduler=%r instead", err, FALLBACK_SCHEDULER)
         return FALLBACK_SCHEDULER
     return name
+
+
+def _finite(values: torch.Tensor | np.ndarray) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(values)).all())
 
 
 def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):

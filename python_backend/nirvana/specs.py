@@ -4,11 +4,16 @@ The four sub-models (text encoder, prompt embedder, UNet, VAE decoder) and the `
 one :class:`ModelSpec`. Every name here goes into a ``config.pbtxt``; the ONNX export, the TensorRT profile, the
 Triton config and the BLS glue are all derived from (or checked against) these specs, never written by hand.
 
-Batching decision: every spec carries an **explicit** batch axis and ``max_batch_size = 0``. The UNet's batch is
-the classifier-free-guidance pair ``[uncond, cond]`` that the BLS model builds itself; Triton's implicit batching
-(``max_batch_size > 0``) would hide that axis and merge unrelated requests into one UNet call, which changes
-float summation order and so breaks the bit-for-bit reproducibility the latent cache relies on. With
-``max_batch_size: 0`` a Triton config lists the full shapes, dynamic axes as ``-1`` (see :func:`triton_dims`).
+Batching decision. The ``unet`` batches across requests: ``max_batch_size`` is its largest batch in *rows*
+(default 16 = eight requests' classifier-free-guidance pairs ``[uncond, cond]``), its Triton ``dims`` leave the
+batch axis out (Triton prepends it), and Triton's dynamic batcher merges the pairs of concurrent requests into one
+execution (each row carries its own timestep, so requests at different steps share a call). Rows stay independent
+in the graph; merged rows equal the rows run alone up to summation order (0 difference measured with onnxruntime on
+CPU; TensorRT picks kernels per shape, so expect fp16 rounding-level differences on GPU — a cache hit is
+approximate by design, and a request is no longer bit-reproducible across different loads there).
+The other sub-models keep ``max_batch_size = 0`` and an **explicit** batch axis: the BLS model sends them one
+request's prompts or latent, and their calls are not on the per-step hot path. A Triton config lists the
+full shapes under ``max_batch_size: 0`` and the shapes without the batch axis otherwise (see :func:`triton_dims`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ if TYPE_CHECKING:
     from nirvana.checkpoint import CheckpointInfo
 
 __all__ = [
+    "DEFAULT_UNET_MAX_BATCH",
     "EMBEDDER_DIM",
     "MODEL_NAMES",
     "NIRVANA_MODEL",
@@ -27,6 +33,7 @@ __all__ = [
     "ModelSpec",
     "SpecError",
     "TensorSpec",
+    "needs_reshape",
     "nirvana_spec",
     "prompt_embedder_spec",
     "submodel_specs",
@@ -50,6 +57,9 @@ TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
     "string": "TYPE_STRING",
 }
+# Largest UNet batch in rows: eight requests' CFG pairs per execution. TensorRT tunes for UNET_OPT_BATCH rows.
+DEFAULT_UNET_MAX_BATCH = 16
+UNET_OPT_BATCH = 8
 # Typical prompt length in MiniLM word pieces: the shape TensorRT tunes the embedder's kernels for.
 _EMBEDDER_OPT_SEQ = 32
 
@@ -114,6 +124,22 @@ class ModelSpec:
                     raise SpecError(f"model {self.name!r}: profile shape {shape} does not fit {tensor.shape}")
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
                 raise SpecError(f"model {self.name!r}, input {tensor.name!r}: need min ≤ opt ≤ max, got {lo, opt, hi}")
+        if self.max_batch_size < 0:
+            raise SpecError(f"model {self.name!r}: max_batch_size must be ≥ 0, got {self.max_batch_size}")
+        if self.max_batch_size > 0:
+            self._check_batched()
+
+    def _check_batched(self) -> None:
+        """Under Triton batching every tensor leads with the "batch" axis and the profile stays within it."""
+        for tensor in (*self.inputs, *self.outputs):
+            if not tensor.shape or tensor.shape[0] != "batch":
+                raise SpecError(f"model {self.name!r}: max_batch_size > 0 needs a leading 'batch' axis on {tensor}")
+        for name, (_, _, hi) in (self.profile or {}).items():
+            if hi[0] > self.max_batch_size:
+                raise SpecError(
+                    f"model {self.name!r}, input {name!r}: profile max batch {hi[0]} exceeds "
+                    f"max_batch_size {self.max_batch_size}"
+                )
 
     def tensor(self, name: str) -> TensorSpec:
         """The input or output tensor called ``name``."""
@@ -147,15 +173,28 @@ class ModelSpec:
         return asdict(self)
 
 
-def triton_dims(tensor: TensorSpec) -> list[int]:
-    """``dims`` of a config.pbtxt input/output under ``max_batch_size: 0``: the full shape, dynamic axes as -1."""
-    return [-1 if isinstance(d, str) else int(d) for d in tensor.shape]
+def triton_dims(tensor: TensorSpec, batched: bool = False) -> list[int]:
+    """``dims`` of a config.pbtxt input/output, dynamic axes as -1: the full shape under ``max_batch_size: 0``;
+    with ``batched`` (``max_batch_size > 0``) the shape without its leading batch axis, which Triton prepends.
+
+    A batched tensor of shape ``[batch]`` (the UNet's ``timestep``) has no dims left; Triton refuses empty dims,
+    so it is ``[1]`` here and the config adds ``reshape: { shape: [] }`` (see :func:`needs_reshape`): clients send
+    ``[rows, 1]``, the model receives ``[rows]``."""
+    shape = tensor.shape[1:] if batched else tensor.shape
+    return [-1 if isinstance(d, str) else int(d) for d in shape] or [1]
 
 
-def _batch_profile(shape: tuple[int | str, ...], opt_batch: int, max_batch: int) -> tuple[Shape, Shape, Shape]:
+def needs_reshape(tensor: TensorSpec, batched: bool) -> bool:
+    """Whether the config must reshape ``dims: [1]`` to ``[]``: a batched tensor whose only axis is the batch."""
+    return batched and len(tensor.shape) == 1
+
+
+def _batch_profile(
+    shape: tuple[int | str, ...], opt_batch: int, max_batch: int, min_batch: int = 1
+) -> tuple[Shape, Shape, Shape]:
     """(min, opt, max) for a shape whose only dynamic axis is the leading "batch"."""
     fixed = tuple(int(d) for d in shape[1:])
-    return (1, *fixed), (opt_batch, *fixed), (max_batch, *fixed)
+    return (min_batch, *fixed), (opt_batch, *fixed), (max_batch, *fixed)
 
 
 def _check_batch(max_batch: int) -> None:
@@ -188,18 +227,25 @@ def prompt_embedder_spec(max_seq_len: int = 128, max_batch: int = 2) -> ModelSpe
     return ModelSpec("prompt_embedder", (ids, mask), (out,), {"input_ids": seq_profile, "attention_mask": seq_profile})
 
 
-def unet_spec(channels: int, latent_size: tuple[int, int], seq_len: int, hidden: int, max_batch: int = 2) -> ModelSpec:
-    """UNet: ``sample`` ``[batch, C, h, w]``, ``timestep`` float32 ``[batch]`` (0..999), ``encoder_hidden_states``
-    ``[batch, L, D]`` → ``noise_pred`` ``[batch, C, h, w]``, all float32. Profile opt batch 2: the CFG pair."""
-    _check_batch(max_batch)
+def unet_spec(
+    channels: int, latent_size: tuple[int, int], seq_len: int, hidden: int, max_batch: int = DEFAULT_UNET_MAX_BATCH
+) -> ModelSpec:
+    """UNet: ``sample`` ``[batch, C, h, w]``, ``timestep`` float32 ``[batch]`` (0..999, one per row),
+    ``encoder_hidden_states`` ``[batch, L, D]`` → ``noise_pred`` ``[batch, C, h, w]``, all float32.
+
+    Batched across requests (``max_batch_size = max_batch`` rows, see the module docstring). Profile: min 2 rows
+    (one request's CFG pair), opt ``min(8, max_batch)`` (four requests merged), max ``max_batch``.
+    """
+    if max_batch < 2:
+        raise SpecError(f"unet max_batch must be ≥ 2 (one request's guidance pair), got {max_batch}")
     h, w = latent_size
     sample = TensorSpec("sample", "float32", ("batch", channels, h, w))
     timestep = TensorSpec("timestep", "float32", ("batch",))
     text = TensorSpec("encoder_hidden_states", "float32", ("batch", seq_len, hidden))
     out = TensorSpec("noise_pred", "float32", ("batch", channels, h, w))
-    opt = min(2, max_batch)
-    profile = {t.name: _batch_profile(t.shape, opt, max_batch) for t in (sample, timestep, text)}
-    return ModelSpec("unet", (sample, timestep, text), (out,), profile)
+    opt = min(UNET_OPT_BATCH, max_batch)
+    profile = {t.name: _batch_profile(t.shape, opt, max_batch, min_batch=2) for t in (sample, timestep, text)}
+    return ModelSpec("unet", (sample, timestep, text), (out,), profile, max_batch_size=max_batch)
 
 
 def vae_decoder_spec(channels: int, latent_size: tuple[int, int], scale_factor: int, max_batch: int = 2) -> ModelSpec:
@@ -242,8 +288,12 @@ def submodel_specs(
     embedder_seq_len: int = 128,
     *,
     latent_size: tuple[int, int] | None = None,
+    unet_max_batch: int = DEFAULT_UNET_MAX_BATCH,
 ) -> dict[str, ModelSpec]:
     """The four specs for ``checkpoint``, keyed by Triton model name (``MODEL_NAMES`` order).
+
+    ``max_batch`` bounds the explicit batch axis of the text encoder, embedder and VAE; ``unet_max_batch`` is the
+    UNet's ``max_batch_size`` in rows (requests merged by Triton's dynamic batcher).
 
     ``latent_size`` (h, w) overrides the checkpoint's default resolution; spatial axes stay fixed (one engine
     per resolution), since the cache key pins the resolution anyway.
@@ -253,8 +303,27 @@ def submodel_specs(
     specs = (
         text_encoder_spec(seq_len, hidden, max_batch),
         prompt_embedder_spec(embedder_seq_len, max_batch),
-        unet_spec(checkpoint.latent_channels, size, seq_len, hidden, max_batch),
+        unet_spec(checkpoint.latent_channels, size, seq_len, hidden, unet_max_batch),
         # The VAE's own latent width: it differs from the UNet's input channels for inpainting UNets (9 vs 4).
         vae_decoder_spec(checkpoint.vae_latent_channels, size, checkpoint.vae_scale_factor, max_batch),
     )
     return {spec.name: spec for spec in specs}
+
+
+# The one owner of the cache state: a single-instance python model the `nirvana` instances call through BLS.
+CACHE_MODEL = "cache"
+
+
+def cache_spec() -> ModelSpec:
+    """The ``cache`` model's contract (wire format: ``nirvana.runtime.bls_cache``). ``REQUEST`` is JSON
+    (``{"op": "lookup" | "admit", ...}``), ``VECTOR`` the prompt embedding float32 ``[dim]``, ``STATES`` (admit only)
+    one safetensors blob of the latents to admit; ``RESPONSE`` is JSON, ``STATE`` the hit's resume arrays as one
+    safetensors blob (empty on a miss)."""
+    one = (1,)
+    inputs = (
+        TensorSpec("REQUEST", "string", one),
+        TensorSpec("VECTOR", "float32", ("dim",)),
+        TensorSpec("STATES", "string", one, optional=True),
+    )
+    outputs = (TensorSpec("RESPONSE", "string", one), TensorSpec("STATE", "string", one))
+    return ModelSpec(CACHE_MODEL, inputs, outputs, profile=None)

@@ -13,6 +13,10 @@ import typer
 
 from nirvana_cli.support import CacheDir, ConfigFile, MilvusUri, console, emit, setup_logging
 
+PROFILE_HELP = (
+    "cpu: ONNX in python models; gpu: TensorRT plans (GPU only); torch: the checkpoint's torch modules "
+    "(CUDA when present)."
+)
 bench_app = typer.Typer(help="Benchmarks that print figures (and write JSON).", no_args_is_help=True)
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the figures here.")]
 DefaultCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint (default: a tiny model made on the fly).")]
@@ -31,11 +35,16 @@ def make_tiny_model_cmd(
     scheduler: Annotated[
         str, typer.Option(help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp.")
     ] = "ddim",
+    architecture: Annotated[
+        str, typer.Option(help="tiny (64x64 images, seconds on a CPU) or sd15 (SD 1.5's sizes, for GPUs).")
+    ] = "tiny",
 ) -> None:
-    """Write a small random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
-    from nirvana_dev.tiny_model import make_tiny_model
+    """Write a random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
+    from nirvana_dev.tiny_model import ARCHITECTURES, make_tiny_model
 
-    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler)
+    if architecture not in ARCHITECTURES:
+        raise typer.BadParameter(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
+    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler, architecture=architecture)
     console.print(f"tiny checkpoint written to {path}")
 
 
@@ -94,7 +103,13 @@ def serve(
     metrics_port: int = 8002,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     repo_dir: Annotated[Path | None, typer.Option(help="Where the model repository is generated.")] = None,
-    profile: Annotated[str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (GPU only).")] = "cpu",
+    profile: Annotated[str, typer.Option(help=PROFILE_HELP)] = "cpu",
+    instances: Annotated[
+        int | None, typer.Option(help="nirvana orchestrator instances (default: cpu 4, gpu/torch 8).", min=1)
+    ] = None,
+    queue_delay_us: Annotated[
+        int | None, typer.Option(help="How long the UNet batcher waits for other requests' steps (µs).", min=0)
+    ] = None,
     triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
     max_queue_size: Annotated[int, typer.Option(help="Queued requests beyond this are rejected.", min=1)] = 64,
@@ -121,6 +136,8 @@ def serve(
         ready_timeout_s=ready_timeout,
         profile=profile,
         max_queue_size=max_queue_size,
+        instances=instances,
+        queue_delay_us=queue_delay_us,
     )
     try:
         repo, _ = prepare(options)
@@ -172,6 +189,38 @@ def bench_serving(
 
     setup_logging(verbose)
     emit(run_serving(checkpoint, requests, steps, work_dir), json_path)
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    checkpoint: DefaultCheckpoint = None,
+    levels: Annotated[str, typer.Option(help="Requests in flight, comma-separated.")] = "1,2,4,8",
+    requests: Annotated[int, typer.Option(help="Requests per level and mix.", min=1)] = 24,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request.")] = 20,
+    mix: Annotated[
+        list[str], typer.Option(help="bypass (all steps, no cache work) and/or mixed (half hits, half misses).")
+    ] = ["bypass", "mixed"],  # noqa: B006 (typer reads the default, never mutates it)
+    profile: Annotated[str, typer.Option(help=PROFILE_HELP)] = "cpu",
+    instances: Annotated[int | None, typer.Option(help="nirvana orchestrator instances.", min=1)] = None,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Images/s, p50/p99 latency and UNet rows per execution at several levels of requests in flight, one server."""
+    from nirvana_dev.bench.throughput import run_throughput
+
+    wrong = [m for m in mix if m not in ("bypass", "mixed")]
+    if wrong:
+        raise typer.BadParameter(f"mix={wrong[0]!r}: choose bypass or mixed")
+    try:
+        in_flight = [int(x) for x in levels.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"levels={levels!r}: comma-separated integers, e.g. 1,2,4,8") from None
+    if not in_flight or min(in_flight) < 1:
+        raise typer.BadParameter(f"levels={levels!r}: every level must be at least 1")
+    setup_logging(verbose)
+    report = run_throughput(checkpoint, in_flight, requests, steps, mix, work_dir, profile=profile, instances=instances)
+    emit(report, json_path)
 
 
 @bench_app.command("replay")

@@ -76,7 +76,7 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Option(help="diffusers-format checkpoint folder.", exists=True)],
     out: Annotated[Path, typer.Option(help="Model repository to write.")],
     profile: Annotated[
-        str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (needs a GPU).")
+        str, typer.Option(help="cpu: ONNX in python models; gpu: TensorRT plans (needs a GPU); torch: torch modules.")
     ] = "cpu",
     cache_dir: CacheDir = Path(".nirvana-cache"),
     milvus_uri: MilvusUri = None,

@@ -155,8 +155,30 @@ def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
     return text_encoder, unet, vae
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim") -> Path:
+def _sd15_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random weights in Stable Diffusion 1.5's architecture: CLIP ViT-L/14 text tower (D=768, 12 layers), the
+    860M-parameter UNet (64×64×4 latent) and the VAE (×8 upsampling, 512×512 images). For GPU measurements."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, intermediate_size=3072, heads=12, layers=12)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    return text_encoder, unet, vae
+
+
+ARCHITECTURES = {"tiny": _tiny_modules, "sd15": _sd15_modules}
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim", architecture: str = "tiny") -> Path:
     """Write a random-weight SD checkpoint (16×16×4 latent, 64×64 image, text D=32, L=77) to ``out_dir``.
+
+    ``architecture="sd15"`` makes the same with SD 1.5's sizes (1.03B parameters, 4.1 GB in fp32): a full-size model
+    for GPU throughput measurements, where random weights cost the same as trained ones.
 
     ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
     Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``.
@@ -174,9 +196,11 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim")
         raise UnsupportedSchedulerError(
             f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
         )
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
     tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
     torch.manual_seed(seed)
-    text_encoder, unet, vae = _tiny_modules(tokenizer)
+    text_encoder, unet, vae = ARCHITECTURES[architecture](tokenizer)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

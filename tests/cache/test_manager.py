@@ -162,6 +162,7 @@ def test_reason_values_are_the_strings_reports_use() -> None:
         "cache-unavailable",
         "bypass",
         "refresh",
+        "non-finite",
     ]
     assert json.dumps({"reason": Reason.BELOW_THRESHOLD}) == '{"reason": "below-threshold"}'
     assert f"miss ({Reason.EMPTY})" == "miss (empty)"

@@ -126,7 +126,7 @@ class _FakeTensorRT(types.ModuleType):
         self.calls: list[tuple] = []
         calls = self.calls
         io = types.SimpleNamespace
-        self.BuilderFlag = io(FP16="FP16") if weak_typing else io()
+        self.BuilderFlag = io(FP16="FP16", TF32="TF32") if weak_typing else io(TF32="TF32")
         self.MemoryPoolType = io(WORKSPACE="WORKSPACE")
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
         network = io(
@@ -136,10 +136,21 @@ class _FakeTensorRT(types.ModuleType):
             get_output=lambda i: io(name=output_names[i]),
         )
         profile = io(set_shape=lambda *a: calls.append(("set_shape", *a)))
+        cache = io(data=b"", serialize=lambda: b"timings:" + cache.data)
+
+        def create_timing_cache(data: bytes) -> types.SimpleNamespace:
+            calls.append(("create_timing_cache", data))
+            cache.data = bytes(data)
+            return cache
+
         config = io(
             set_memory_pool_limit=lambda *a: calls.append(("pool", *a)),
             set_flag=lambda f: calls.append(("flag", f)),
+            clear_flag=lambda f: calls.append(("clear_flag", f)),
             add_optimization_profile=lambda p: calls.append(("profile",)),
+            create_timing_cache=create_timing_cache,
+            set_timing_cache=lambda c, ignore_mismatch: True,
+            get_timing_cache=lambda: cache,
         )
         self.Builder = lambda logger: io(
             create_network=lambda flags: network,
@@ -169,9 +180,44 @@ def test_build_engine_sets_the_spec_profile_and_fp16_for_each_tensorrt_generatio
         # TensorRT 11 takes precision from the graph: an fp32 graph must not silently become an fp32 engine.
         with pytest.raises(EngineBuildError, match=r"strongly typed.*fp32 only"):
             build_engine(paths["unet"], spec, plan, fp16=True)
-    assert build_engine(paths["unet"], spec, plan, fp16=weak_typing, workspace_gb=1) == plan
+    cache = tmp_path / "tensorrt_timing.cache"
+    assert build_engine(paths["unet"], spec, plan, fp16=weak_typing, workspace_gb=1, timing_cache=cache, verify=False)
     assert plan.read_bytes() == b"fake-plan"
     shapes = {c[1]: c[2:] for c in fake.calls if c[0] == "set_shape"}
     assert shapes == spec.profile
+    assert [shape[0] for shape in shapes["sample"]] == [2, 8, 16]  # rows: one pair, four requests, eight
     assert ("pool", "WORKSPACE", 1 << 30) in fake.calls
     assert (("flag", "FP16") in fake.calls) == weak_typing
+    assert (("clear_flag", "TF32") in fake.calls) == (not weak_typing)  # fp32 means fp32, not TF32
+    # The timing cache starts empty, is saved after the build, and is loaded by the next one.
+    assert ("create_timing_cache", b"") in fake.calls and cache.read_bytes() == b"timings:"
+    build_engine(paths["unet"], spec, plan, fp16=weak_typing, timing_cache=cache, verify=False)
+    assert ("create_timing_cache", b"timings:") in fake.calls and cache.read_bytes() == b"timings:timings:"
+
+
+def test_a_built_engine_is_checked_against_onnxruntime_and_removed_when_it_is_off(
+    exported: tuple[Path, dict[str, Path]], tiny_checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nirvana.runtime.onnx_runtime import OnnxModel
+    from nirvana_export import tensorrt_build
+    from nirvana_export.tensorrt_build import EngineCheckError, build_engine, opt_inputs
+
+    _, paths = exported
+    spec = submodel_specs(tiny_checkpoint)["unet"]
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(spec.input_names, spec.output_names, True))
+    seen: list[dict[str, np.ndarray]] = []
+
+    def engine(plan: Path, inputs: dict[str, np.ndarray], noise: float) -> dict[str, np.ndarray]:
+        seen.append(inputs)
+        out = OnnxModel(paths["unet"]).run(inputs)["noise_pred"]
+        return {"noise_pred": out + np.random.default_rng(0).normal(0, noise, out.shape).astype(np.float32)}
+
+    plan = tmp_path / "model.plan"
+    monkeypatch.setattr(tensorrt_build, "run_engine", lambda p, i: engine(p, i, 1e-3))
+    build_engine(paths["unet"], spec, plan, fp16=True)  # fp16-sized noise passes the fp16 bound
+    assert plan.is_file() and seen[0]["sample"].shape == (8, 4, 16, 16)  # checked at the opt shape
+    assert {k: v.dtype.name for k, v in seen[0].items()} == {k: spec.input(k).dtype for k in spec.input_names}
+    with pytest.raises(EngineCheckError, match=r"^unet: fp32 engine output 'noise_pred' .* max abs error"):
+        build_engine(paths["unet"], spec, plan, fp16=False)  # the same noise fails the fp32 bound
+    assert not plan.exists()
+    np.testing.assert_array_equal(opt_inputs(spec)["timestep"], opt_inputs(spec)["timestep"])  # seeded

@@ -6,8 +6,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, nirvana_spec, triton_dims
+from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, needs_reshape, nirvana_spec, triton_dims
 from nirvana_export.repository import (
+    DEFAULT_QUEUE_DELAY_US,
     RepositoryError,
     nirvana_config,
     reference_repository,
@@ -29,7 +30,9 @@ def _assert_tensors_match(config: mc.ModelConfig, spec: ModelSpec) -> None:
         assert [m.name for m in messages] == [t.name for t in tensors]
         for message, tensor in zip(messages, tensors, strict=True):
             assert mc.DataType.Name(message.data_type) == TRITON_DTYPES[tensor.dtype]
-            assert list(message.dims) == triton_dims(tensor)
+            assert list(message.dims) == triton_dims(tensor, batched=config.max_batch_size > 0)
+            assert message.HasField("reshape") == needs_reshape(tensor, config.max_batch_size > 0)
+            assert list(message.reshape.shape) == []
     for message, tensor in zip(config.input, spec.inputs, strict=True):
         assert message.optional == tensor.optional
 
@@ -47,9 +50,28 @@ def test_committed_model_repository_matches_the_specs() -> None:
 def test_submodel_configs_list_every_spec_tensor_with_dims_and_types() -> None:
     for name, spec in sd15_specs().items():
         config = _parse(submodel_config(spec, "gpu"))
-        assert config.name == name and config.platform == "tensorrt_plan" and config.max_batch_size == 0
+        assert config.name == name and config.platform == "tensorrt_plan"
+        assert config.max_batch_size == spec.max_batch_size == (16 if name == "unet" else 0)
+        assert config.HasField("dynamic_batching") == (name == "unet")
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         _assert_tensors_match(config, spec)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_unet_batches_requests_with_a_short_queue_delay_and_no_preferred_size(profile: str) -> None:
+    spec = sd15_specs(unet_max_batch=32)["unet"]
+    config = _parse(submodel_config(spec, profile, queue_delay_us=700))
+    assert config.max_batch_size == 32
+    assert [list(i.dims) for i in config.input] == [[4, 64, 64], [1], [77, 768]]
+    assert list(config.output[0].dims) == [4, 64, 64]
+    # timestep: clients send [rows, 1], the model (python or TensorRT) receives [rows].
+    assert config.input[1].HasField("reshape") and list(config.input[1].reshape.shape) == []
+    assert config.dynamic_batching.max_queue_delay_microseconds == 700
+    assert list(config.dynamic_batching.preferred_batch_size) == []
+    default = _parse(submodel_config(spec, profile))
+    assert default.dynamic_batching.max_queue_delay_microseconds == DEFAULT_QUEUE_DELAY_US == 1500
+    with pytest.raises(RepositoryError, match=r"queue_delay_us=-1"):
+        submodel_config(spec, profile, queue_delay_us=-1)
 
 
 def test_nirvana_config_is_its_spec_with_a_bounded_rejecting_queue() -> None:
@@ -71,6 +93,20 @@ def test_cpu_profile_serves_onnx_through_python_models() -> None:
         assert config.backend == "python" and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert "nirvana.serving.onnx_model" in files[f"{name}/1/model.py"]
     assert "nirvana.serving.bls_model" in files["nirvana/1/model.py"]
+
+
+def test_torch_profile_serves_the_checkpoints_modules_and_the_onnx_embedder(tmp_path) -> None:
+    files = render_configs(sd15_specs(), (512, 512), "torch", checkpoint=tmp_path)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        config = _parse(files[f"{name}/config.pbtxt"])
+        assert config.backend == "python" and config.parameters["checkpoint"].string_value == str(tmp_path)
+        # GPU inputs (the text conditioning the orchestrator keeps on the GPU) arrive without a copy to the host.
+        assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+        assert "nirvana.serving.torch_model" in files[f"{name}/1/model.py"]
+    assert "nirvana.serving.onnx_model" in files["prompt_embedder/1/model.py"]
+    assert _parse(files["unet/config.pbtxt"]).dynamic_batching.max_queue_delay_microseconds > 0
+    with pytest.raises(RepositoryError, match="needs the checkpoint"):
+        render_configs(sd15_specs(), (512, 512), "torch")
 
 
 def test_unknown_profile_is_rejected() -> None:

@@ -12,6 +12,7 @@ from nirvana.specs import (
     ModelSpec,
     SpecError,
     TensorSpec,
+    needs_reshape,
     submodel_specs,
     triton_dims,
 )
@@ -48,7 +49,13 @@ def test_specs_of_the_tiny_checkpoint_have_the_fixed_names_dtypes_and_shapes(tin
         {"latent": ("float32", ("batch", 4, 16, 16))},
         {"image": ("float32", ("batch", 3, 64, 64))},
     )
-    assert all(spec.max_batch_size == 0 for spec in specs.values())  # explicit batch axes, see specs docstring
+    # The UNet batches across requests (rows); the others keep explicit batch axes, see the specs docstring.
+    assert {name: spec.max_batch_size for name, spec in specs.items()} == {
+        "text_encoder": 0,
+        "prompt_embedder": 0,
+        "unet": 16,
+        "vae_decoder": 0,
+    }
 
 
 @pytest.mark.parametrize("max_batch", [1, 2, 4])
@@ -56,13 +63,28 @@ def test_profiles_cover_batch_one_to_max_batch(tiny_checkpoint: Checkpoint, max_
     specs = submodel_specs(tiny_checkpoint, max_batch=max_batch, embedder_seq_len=64)
     for spec in specs.values():
         assert set(spec.profile) == set(spec.input_names)
+        if spec.name == "unet":
+            continue
         for name, (lo, opt, hi) in spec.profile.items():
             assert (lo[0], hi[0]) == (1, max_batch), (spec.name, name)
             assert lo[0] <= opt[0] <= hi[0]
-    # The UNet's opt batch is the classifier-free-guidance pair.
-    assert specs["unet"].profile["sample"][1][0] == min(2, max_batch)
     assert specs["prompt_embedder"].profile["input_ids"][0][1] == 1
     assert specs["prompt_embedder"].profile["input_ids"][2][1] == 64
+
+
+@pytest.mark.parametrize(
+    ("unet_max_batch", "profile"), [(16, (2, 8, 16)), (32, (2, 8, 32)), (4, (2, 4, 4)), (2, (2, 2, 2))]
+)
+def test_unet_profile_is_one_pair_to_max_rows_tuned_for_four_requests(
+    tiny_checkpoint: Checkpoint, unet_max_batch: int, profile: tuple[int, int, int]
+) -> None:
+    unet = submodel_specs(tiny_checkpoint, unet_max_batch=unet_max_batch)["unet"]
+    assert unet.max_batch_size == unet_max_batch
+    for name, shapes in unet.profile.items():
+        assert tuple(shape[0] for shape in shapes) == profile, name
+    assert unet.profile["sample"][1] == (profile[1], 4, 16, 16)
+    with pytest.raises(SpecError, match=r"unet max_batch must be ≥ 2"):
+        submodel_specs(tiny_checkpoint, unet_max_batch=1)
 
 
 def test_latent_size_override_changes_unet_and_vae_shapes_only(tiny_checkpoint: Checkpoint) -> None:
@@ -76,6 +98,11 @@ def test_triton_dims_and_dynamic_axes_follow_the_shape(tiny_checkpoint: Checkpoi
     unet = submodel_specs(tiny_checkpoint)["unet"]
     assert triton_dims(unet.input("sample")) == [-1, 4, 16, 16]
     assert triton_dims(unet.input("timestep")) == [-1]
+    # Under max_batch_size > 0 Triton prepends the batch axis; a [batch] tensor becomes [1], reshaped to [].
+    assert triton_dims(unet.input("sample"), batched=True) == [4, 16, 16]
+    assert triton_dims(unet.input("timestep"), batched=True) == [1]
+    assert needs_reshape(unet.input("timestep"), True) and not needs_reshape(unet.input("sample"), True)
+    assert not needs_reshape(unet.input("timestep"), False)
     assert unet.dynamic_axes == {
         "sample": {0: "batch"},
         "timestep": {0: "batch"},
@@ -98,3 +125,8 @@ def test_inconsistent_specs_are_rejected_with_the_model_named() -> None:
         TensorSpec("x", "float64", (1,))
     with pytest.raises(SpecError, match=r"needs sizes"):
         ids.concrete()
+    fixed = TensorSpec("input_ids", "int64", (2, 77))
+    with pytest.raises(SpecError, match=r"'m'.*leading 'batch' axis"):
+        ModelSpec("m", (fixed,), (), {"input_ids": ((2, 77),) * 3}, max_batch_size=4)
+    with pytest.raises(SpecError, match=r"'m'.*profile max batch 8 exceeds max_batch_size 4"):
+        ModelSpec("m", (ids,), (), {"input_ids": ((1, 77), (2, 77), (8, 77))}, max_batch_size=4)

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     CACHE_UNAVAILABLE = "cache-unavailable"  # Milvus, the store of record, is unreachable: served uncached
     BYPASS = "bypass"  # CACHE_MODE=bypass: no lookup, no admission
     REFRESH = "refresh"  # CACHE_MODE=refresh: no lookup, latents re-admitted
+    NON_FINITE = "non-finite"  # a hit produced NaN/inf: the request was run again in full, uncached
 
 
 @dataclass

@@ -19,15 +19,15 @@ class BlsError(RuntimeError):
     """A sub-model request failed inside Triton; the message names the model and Triton's error."""
 
 
-def bls_infer(pb_utils: Any, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
-    """Send one request to `model` and return its outputs as numpy arrays; raise BlsError on any error.
+def _execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], memory: Any) -> dict[str, Any]:
+    """Send one request and return its output tensors (pb_utils.Tensor); raise BlsError on any error.
 
-    The one place that checks `has_error()`, so no call site can check the wrong variable.
+    The one place that checks `has_error()`, so no call site can check the wrong variable. `memory` is where the
+    outputs should be delivered (`pb_utils.PreferredMemory`): a TensorRT model answers in GPU memory unless asked
+    otherwise, and `as_numpy()` on a GPU tensor raises.
     """
     request = pb_utils.InferenceRequest(
-        model_name=model,
-        requested_output_names=list(outputs),
-        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
+        model_name=model, requested_output_names=list(outputs), inputs=tensors, preferred_memory=memory
     )
     response = request.exec()
     if response.has_error():
@@ -37,39 +37,78 @@ def bls_infer(pb_utils: Any, model: str, inputs: Mapping[str, np.ndarray], outpu
         tensor = pb_utils.get_output_tensor_by_name(response, name)
         if tensor is None:
             raise BlsError(f"sub-model {model!r} returned no output {name!r}")
-        result[name] = tensor.as_numpy()
+        result[name] = tensor
     return result
 
 
+def cpu_memory(pb_utils: Any) -> Any:
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def bls_infer(pb_utils: Any, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
+    """Send numpy inputs to `model` and return its outputs as numpy arrays (delivered in CPU memory)."""
+    tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
+    found = _execute(pb_utils, model, tensors, outputs, cpu_memory(pb_utils))
+    return {name: tensor.as_numpy() for name, tensor in found.items()}
+
+
+def bls_infer_torch(
+    pb_utils: Any, model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str], device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Send torch inputs to `model` without copies (DLPack) and return its outputs as torch tensors on the memory
+    they were delivered in: CPU for `device="cpu"`; on "cuda" the outputs stay on the GPU, so a tensor that goes
+    back in every step (the text conditioning) is uploaded once."""
+    tensors = [pb_utils.Tensor.from_dlpack(name, value.contiguous()) for name, value in inputs.items()]
+    if device == "cpu":
+        memory = cpu_memory(pb_utils)
+    else:
+        index = torch.device(device).index or 0
+        memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
+    found = _execute(pb_utils, model, tensors, outputs, memory)
+    return {name: torch.utils.dlpack.from_dlpack(tensor.to_dlpack()) for name, tensor in found.items()}
+
+
 class BlsSubModels:
-    """SubModels whose text encoder, UNet and VAE decoder are other models of the Triton repository."""
+    """SubModels whose text encoder, UNet and VAE decoder are other models of the Triton repository.
+
+    The scheduler arithmetic stays on the CPU (fp32, as in-process); `device` is where the sub-models' outputs are
+    delivered. On "cuda" the text conditioning stays on the GPU for the whole request and only the noise
+    prediction (``[2, C, h, w]``) and the image come back to the CPU.
+    """
 
     def __init__(
-        self, pb_utils: Any, text_encoder: str = "text_encoder", unet: str = "unet", vae_decoder: str = "vae_decoder"
+        self,
+        pb_utils: Any,
+        text_encoder: str = "text_encoder",
+        unet: str = "unet",
+        vae_decoder: str = "vae_decoder",
+        device: str = "cpu",
     ) -> None:
         self._pb, self._names = pb_utils, {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
+        self.device = device
 
-    def _call(self, role: str, inputs: Mapping[str, np.ndarray], output: str) -> torch.Tensor:
-        out = bls_infer(self._pb, self._names[role], inputs, [output])[output]
-        return torch.from_numpy(np.array(out, dtype=np.float32))
+    def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str) -> torch.Tensor:
+        return bls_infer_torch(self._pb, self._names[role], inputs, [output], self.device)[output]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, L] int64 → last hidden state [B, L, D] float32."""
-        return self._call("text_encoder", {"input_ids": input_ids.numpy().astype(np.int64)}, "last_hidden_state")
+        """Token ids [B, L] int64 → last hidden state [B, L, D] float32, on `device`."""
+        return self._call("text_encoder", {"input_ids": input_ids.to(torch.int64)}, "last_hidden_state").float()
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] → noise prediction [B, C, h, w] float32."""
-        timestep = timestep.reshape(-1).expand(sample.shape[0])  # one timestep per batch row, float
+        """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] → noise prediction [B, C, h, w] float32 (CPU)."""
+        # One timestep per row, as [rows, 1]: the batched `unet` config reshapes it to [rows] (Triton needs a
+        # non-batch dim on every input of a batched model).
+        timestep = timestep.reshape(-1).expand(sample.shape[0]).reshape(-1, 1)
         inputs = {
-            "sample": sample.numpy().astype(np.float32),
-            "timestep": timestep.numpy().astype(np.float32),
-            "encoder_hidden_states": encoder_hidden_states.numpy().astype(np.float32),
+            "sample": sample.to(torch.float32),
+            "timestep": timestep.to(torch.float32),
+            "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
-        return self._call("unet", inputs, "noise_pred")
+        return self._call("unet", inputs, "noise_pred").to("cpu", torch.float32)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent [B, C, h, w] already divided by the scaling factor → image [B, 3, H, W] in ≈[-1, 1]."""
-        return self._call("vae_decoder", {"latent": latent.numpy().astype(np.float32)}, "image")
+        """Latent [B, C, h, w] already divided by the scaling factor → image [B, 3, H, W] in ≈[-1, 1] (CPU)."""
+        return self._call("vae_decoder", {"latent": latent.to(torch.float32)}, "image").to("cpu", torch.float32)
 
 
 class BlsEmbedder(Embedder):

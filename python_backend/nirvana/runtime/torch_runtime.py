@@ -1,12 +1,15 @@
-"""SubModels that run the checkpoint's torch modules in-process."""
+"""The checkpoint's torch modules: `TorchSubModels` in-process, `component_runner` for one served sub-model."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from nirvana.checkpoint import Checkpoint
 
-__all__ = ["TorchSubModels"]
+__all__ = ["TorchSubModels", "component_runner"]
 
 
 def _plain_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,3 +56,35 @@ class TorchSubModels:
         with torch.inference_mode():
             image = self.vae.decode(latent.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
         return _plain_fp32(image)
+
+
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def component_runner(component: str, checkpoint_dir: str | Path, device: str, dtype: torch.dtype) -> Runner:
+    """One sub-model of a diffusers checkpoint as ``{input: tensor} → {output: tensor}`` under the Triton names of
+    `nirvana.specs` (outputs float32, on ``device``). Loads only that component's weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(checkpoint_dir)
+    if component == "text_encoder":
+        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
+        return lambda feeds: {"last_hidden_state": encoder(feeds["input_ids"].to(device))[0].float()}
+    if component == "unet":
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
+
+        def run_unet(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = unet(
+                feeds["sample"].to(device, dtype),
+                feeds["timestep"].reshape(-1).to(device),  # one timestep per row
+                encoder_hidden_states=feeds["encoder_hidden_states"].to(device, dtype),
+                return_dict=False,
+            )[0]
+            return {"noise_pred": out.float()}
+
+        return run_unet
+    if component == "vae_decoder":
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
+        return lambda feeds: {"image": vae.decode(feeds["latent"].to(device, dtype), return_dict=False)[0].float()}
+    raise ValueError(f"component={component!r}: choose text_encoder, unet or vae_decoder")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +16,11 @@ import numpy as np
 from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder
-from nirvana.pipeline import Pipeline, RequestError
+from nirvana.pipeline import NonFiniteError, Pipeline, RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
-from nirvana.serving.metrics import CacheMetrics
+from nirvana.runtime.bls_cache import BlsCache
+from nirvana.serving.cache_model import engine_config_path
+from nirvana.serving.metrics import RequestMetrics
 from nirvana.specs import ModelSpec, nirvana_spec
 
 log = logging.getLogger("nirvana.triton")
@@ -74,7 +75,9 @@ def output_arrays(spec: ModelSpec, result: Any) -> dict[str, np.ndarray]:
 
 
 class TritonPythonModel:
-    """The `nirvana` model: one instance; Triton hands it one request per `execute` (`max_batch_size: 0`)."""
+    """One `nirvana` instance (of N, each its own stub process): Triton hands it one request per `execute`
+    (`max_batch_size: 0`), so N requests run at once. The instances hold no cache state: lookups and admissions go
+    to the one `cache` model (`BlsCache`)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -82,18 +85,16 @@ class TritonPythonModel:
         self.pb = pb_utils
         model_config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        config_path = Path(params.get("engine_config", "engine.json"))
-        if not config_path.is_absolute():
-            config_path = Path(args["model_repository"]) / config_path
-        config = load_config(path=config_path)
+        config = load_config(path=engine_config_path(args, params))
         checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
         models = BlsSubModels(pb_utils)
         # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
         embedder = ClipEmbedder(checkpoint, models.encode_text) if config.embedder == "clip" else BlsEmbedder(pb_utils)
-        self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder)
-        self.metrics = CacheMetrics(pb_utils, self.pipeline.cache)
+        cache = BlsCache(pb_utils, config.cache.selection.selector())
+        self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
+        self.metrics = RequestMetrics(pb_utils, cache)
         self.spec = nirvana_spec(checkpoint.image_size)
-        log.info("nirvana model ready: %s", self.pipeline.cache.stats())
+        log.info("nirvana model instance %s ready", args.get("model_instance_name", "?"))
 
     async def execute(self, requests: list) -> list:
         # Off the stub's event loop: a request runs for seconds of blocking sub-model calls.
@@ -107,6 +108,9 @@ class TritonPythonModel:
         except (InputError, RequestError) as err:
             self.metrics.rejected()
             return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
+        except NonFiniteError as err:  # nothing was cached; the message says what to change
+            self.metrics.failed_non_finite()
+            return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INTERNAL))
         except Exception as err:  # the server stays up; the client gets a message it can report
             log.exception("request failed")
             return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(err).__name__}: {err}"))
@@ -128,4 +132,4 @@ class TritonPythonModel:
         return options
 
     def finalize(self) -> None:
-        self.pipeline.close()  # flushes the write-behind queue: no hit count lost on a clean stop
+        self.pipeline.close()  # the cache model flushes the cache at its own finalize

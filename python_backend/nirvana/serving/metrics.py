@@ -1,100 +1,164 @@
-"""Custom Prometheus metrics of the `nirvana` model, through the python backend's `pb_utils.MetricFamily`.
+"""Custom Prometheus metrics through the python backend's `pb_utils.MetricFamily`, on Triton's `/metrics`.
 
-They appear on Triton's metrics endpoint (`/metrics`) beside Triton's own `nv_*` metrics.
+Two sources: each `nirvana` orchestrator instance counts what happened to its requests (`RequestMetrics`), and the
+single `cache` model reports the cache's state (`CacheStateMetrics`).
+
+Several instances (stub processes) create the same families: Triton registers a family name once (prometheus-cpp
+merges a second registration of the same name and kind) and hands every `Metric` with the same labels the one
+underlying series, reference-counted (core `MetricFamily::Add`). So each instance's unlabelled counters and
+histograms increment the same series and the totals add up, while a gauge has a single writer (the `cache` model).
+The names are those of the README ("Metrics"); the descriptions below are shared so every registration agrees.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from nirvana.cache.outcome import Reason
 
+log = logging.getLogger(__name__)
 # Retrieval = search + selection + latent load (ms). Buckets span the sub-millisecond mirror to a slow Milvus.
 RETRIEVAL_BUCKETS_MS = [0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250]
+UNAVAILABLE = ("nirvana_cache_unavailable_total", "Requests served uncached: Milvus or the cache model unreachable")
 
 
-class CacheMetrics:
+class _Families:
+    """Creates unlabelled metrics and keeps their families alive (a MetricFamily must outlive its Metrics)."""
+
+    def __init__(self, pb_utils: Any) -> None:
+        self._family = pb_utils.MetricFamily
+        self._kept: list[Any] = []
+
+    def metric(self, name: str, help_text: str, kind: Any, **kwargs: Any) -> Any:
+        self._kept.append(self._family(name=name, description=help_text, kind=kind))
+        return self._kept[-1].Metric(labels={}, **kwargs)
+
+    def counter(self, name: str, help_text: str) -> Any:
+        return self.metric(name, help_text, self._family.COUNTER)
+
+    def gauge(self, name: str, help_text: str) -> Any:
+        return self.metric(name, help_text, self._family.GAUGE)
+
+
+class _Delta:
+    """Increments a counter by how much a monotonic count read elsewhere grew since the last call."""
+
+    def __init__(self, counter: Any, seen: int) -> None:
+        self.counter, self.seen = counter, seen
+
+    def update(self, value: int) -> None:
+        if value > self.seen:
+            self.counter.increment(value - self.seen)
+            self.seen = value
+
+
+class RequestMetrics:
+    """Per-request counters of one `nirvana` instance; `cache` is its `BlsCache` (calls that failed count as
+    unavailable, in the series the cache model counts Milvus outages in)."""
+
     def __init__(self, pb_utils: Any, cache: Any) -> None:
-        family = pb_utils.MetricFamily
+        make = _Families(pb_utils)
+        self._families = make
         self._cache = cache
-        self._evictions_seen = cache.counters.evictions
         self._lock = threading.Lock()  # requests finish on several threads
-        self._families: list[Any] = []  # a MetricFamily must outlive its Metrics, or updates fail
-
-        def metric(name: str, help_text: str, kind: Any, **kwargs: Any) -> Any:
-            self._families.append(family(name=name, description=help_text, kind=kind))
-            return self._families[-1].Metric(labels={}, **kwargs)
-
-        def counter(name: str, help_text: str) -> Any:
-            return metric(name, help_text, family.COUNTER)
-
-        def gauge(name: str, help_text: str) -> Any:
-            return metric(name, help_text, family.GAUGE)
-
-        self.hits = counter("nirvana_cache_hits_total", "Requests that resumed from a cached latent")
-        self.misses = counter("nirvana_cache_misses_total", "Requests that ran all steps (cache on, no usable entry)")
-        self.bypass = counter("nirvana_cache_bypass_total", "Requests with CACHE_MODE=bypass")
-        self.refresh = counter("nirvana_cache_refresh_total", "Requests with CACHE_MODE=refresh (no lookup, re-admit)")
-        self.rejected_requests = counter("nirvana_requests_rejected_total", "Requests rejected for invalid input")
-        self.skipped = counter("nirvana_skipped_steps_total", "Denoising steps skipped thanks to the cache")
-        self.unet_steps = counter("nirvana_unet_steps_total", "Denoising steps run")
-        self.evictions = counter("nirvana_cache_evictions_total", "Cached latents evicted by LCBFU")
-        self.bytes = gauge("nirvana_cache_bytes", "Bytes of cached latents on disk")
-        self.entries = gauge("nirvana_cache_entries", "Cached latents")
-        self.near_misses = counter("nirvana_near_miss_queries_total", "Misses just below the lowest threshold")
-        self.suspects = gauge("nirvana_probing_suspect_tenants", "Tenants with many near misses (possible probing)")
-        self._near_misses_seen = cache.probes.near_misses
-        self.available = gauge("nirvana_cache_available", "1 while Milvus (the store of record) is reachable")
-        self.unavailable = counter("nirvana_cache_unavailable_total", "Requests served uncached: Milvus unreachable")
-        self._unavailable_seen = cache.counters.unavailable
-        self.retrieval = metric(
+        self.hits = make.counter("nirvana_cache_hits_total", "Requests that resumed from a cached latent")
+        self.misses = make.counter(
+            "nirvana_cache_misses_total", "Requests that ran all steps (cache on, no usable entry)"
+        )
+        self.bypass = make.counter("nirvana_cache_bypass_total", "Requests with CACHE_MODE=bypass")
+        self.refresh = make.counter(
+            "nirvana_cache_refresh_total", "Requests with CACHE_MODE=refresh (no lookup, re-admit)"
+        )
+        self.rejected_requests = make.counter("nirvana_requests_rejected_total", "Requests rejected for invalid input")
+        self.skipped = make.counter("nirvana_skipped_steps_total", "Denoising steps skipped thanks to the cache")
+        self.unet_steps = make.counter("nirvana_unet_steps_total", "Denoising steps run")
+        self.non_finite = make.counter(
+            "nirvana_non_finite_total", "Generations that produced NaN/inf (never cached; retried uncached or failed)"
+        )
+        self.retrieval = make.metric(
             "nirvana_retrieval_latency_ms",
             "Search + selection + latent load (ms)",
-            family.HISTOGRAM,
+            pb_utils.MetricFamily.HISTOGRAM,
             buckets=RETRIEVAL_BUCKETS_MS,
         )
-        self._update_gauges()
+        self._unreachable = _Delta(make.counter(*UNAVAILABLE), getattr(cache, "failures", 0))
 
     def observe(self, result: Any) -> None:
         with self._lock:
-            self._observe(result)
-
-    def _observe(self, result: Any) -> None:
-        if result.reason == Reason.BYPASS:
-            self.bypass.increment(1)
-        elif result.reason == Reason.REFRESH:
-            self.refresh.increment(1)
-        elif result.cache_hit:
-            self.hits.increment(1)
-        else:
-            self.misses.increment(1)
-        self.skipped.increment(result.skipped_steps)
-        self.unet_steps.increment(result.steps - result.skipped_steps)
-        retrieval = sum(result.timings_ms.get(k, 0.0) for k in ("search_ms", "select_ms", "latent_load_ms"))
-        if "search_ms" in result.timings_ms:
-            self.retrieval.observe(retrieval)
-        self._update_gauges()
+            if result.reason == Reason.BYPASS:
+                self.bypass.increment(1)
+            elif result.reason == Reason.REFRESH:
+                self.refresh.increment(1)
+            elif result.cache_hit:
+                self.hits.increment(1)
+            else:
+                self.misses.increment(1)
+            self.non_finite.increment(result.non_finite)
+            self.skipped.increment(result.skipped_steps)
+            self.unet_steps.increment(result.steps - result.skipped_steps)
+            if "search_ms" in result.timings_ms:
+                keys = ("search_ms", "select_ms", "latent_load_ms")
+                self.retrieval.observe(sum(result.timings_ms.get(k, 0.0) for k in keys))
+            self._unreachable.update(getattr(self._cache, "failures", 0))
 
     def rejected(self) -> None:
         with self._lock:
             self.rejected_requests.increment(1)
-            self._update_gauges()
 
-    def _update_gauges(self) -> None:
-        evictions = self._cache.counters.evictions
-        if evictions > self._evictions_seen:
-            self.evictions.increment(evictions - self._evictions_seen)
-            self._evictions_seen = evictions
-        near = self._cache.probes.near_misses
-        if near > self._near_misses_seen:
-            self.near_misses.increment(near - self._near_misses_seen)
-            self._near_misses_seen = near
-        self.suspects.set(self._cache.probes.suspects())
-        self.available.set(1 if self._cache.available else 0)
-        unavailable = self._cache.counters.unavailable
-        if unavailable > self._unavailable_seen:
-            self.unavailable.increment(unavailable - self._unavailable_seen)
-            self._unavailable_seen = unavailable
-        self.bytes.set(self._cache.total_bytes)
-        self.entries.set(self._cache.entries)
+    def failed_non_finite(self) -> None:
+        with self._lock:
+            self.non_finite.increment(1)
+
+
+class CacheStateMetrics:
+    """The cache's state, reported by the one `cache` model: after every request and every `interval_s` (entries
+    change without requests too: another replica's admissions and evictions reach the mirror by refresh)."""
+
+    def __init__(self, pb_utils: Any, cache: Any, interval_s: float = 1.0) -> None:
+        make = _Families(pb_utils)
+        self._families = make
+        self._cache = cache
+        self._lock = threading.Lock()
+        counters, probes = cache.counters, cache.probes
+        self._evictions = _Delta(
+            make.counter("nirvana_cache_evictions_total", "Cached latents evicted by LCBFU"), counters.evictions
+        )
+        self._near_misses = _Delta(
+            make.counter("nirvana_near_miss_queries_total", "Misses just below the lowest threshold"),
+            probes.near_misses,
+        )
+        self._unavailable = _Delta(make.counter(*UNAVAILABLE), counters.unavailable)
+        self.bytes = make.gauge("nirvana_cache_bytes", "Bytes of cached latents on disk")
+        self.entries = make.gauge("nirvana_cache_entries", "Cached latents")
+        self.suspects = make.gauge(
+            "nirvana_probing_suspect_tenants", "Tenants with many near misses (possible probing)"
+        )
+        self.available = make.gauge("nirvana_cache_available", "1 while Milvus (the store of record) is reachable")
+        self.update()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._every, args=(interval_s,), name="cache-metrics", daemon=True)
+        self._thread.start()
+
+    def update(self) -> None:
+        cache = self._cache
+        with self._lock:
+            self._evictions.update(cache.counters.evictions)
+            self._near_misses.update(cache.probes.near_misses)
+            self._unavailable.update(cache.counters.unavailable)
+            self.suspects.set(cache.probes.suspects())
+            self.available.set(1 if cache.available else 0)
+            self.bytes.set(cache.total_bytes)
+            self.entries.set(cache.entries)
+
+    def _every(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.update()
+            except Exception as err:  # never let a metrics hiccup end the reporting thread
+                log.warning("cache metrics update failed: %s", err)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

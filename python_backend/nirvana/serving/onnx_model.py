@@ -3,6 +3,10 @@
 The bundled tritonserver has no onnxruntime backend, so `text_encoder`, `prompt_embedder`, `unet` and
 `vae_decoder` are python models whose `1/model.py` re-exports `TritonPythonModel` from here. Inputs and outputs
 are the names declared in the model's config.pbtxt (generated from `nirvana.specs`).
+
+A model with dynamic batching (the `unet`) receives several requests per `execute`: compatible ones are
+concatenated into one onnxruntime run and split back (`nirvana.runtime.batching.run_merged`). Models with
+`max_batch_size: 0` get one request per `execute` and run it as it is.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.onnx_runtime import OnnxModel, OnnxModelError
+from nirvana.serving.merged import execute_merged
 
 
 class TritonPythonModel:
@@ -27,13 +33,8 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
 
     def execute(self, requests: list) -> list:
+        """N requests in, N responses out, in order (python models are handed the batch unmerged)."""
         pb = self.pb
-        responses = []
-        for request in requests:  # python models get N requests and must return N responses
-            try:
-                feeds = {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
-                out = self.model.run(feeds)
-                responses.append(pb.InferenceResponse([pb.Tensor(name, out[name]) for name in self.outputs]))
-            except OnnxModelError as err:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG)))
-        return responses
+        convert = (lambda tensor: tensor.as_numpy(), pb.Tensor)
+        invalid = (BatchInputError, OnnxModelError)
+        return execute_merged(pb, requests, (self.inputs, self.outputs), self.model.run, convert, invalid)

@@ -1,0 +1,47 @@
+"""Triton glue of the torch profile's sub-models: the checkpoint's own torch modules, on the GPU where there is one.
+
+For machines with CUDA torch but no TensorRT. The outputs are handed to Triton with DLPack where they are: on a GPU
+they stay in GPU memory, which is where TensorRT answers too, so the orchestrator's GPU data path
+(`nirvana.runtime.bls`) runs exactly as it will against engines. Inputs are taken with DLPack as well, so the text
+conditioning the orchestrator keeps on the GPU is not copied. Requests merged by dynamic batching (the `unet`) are
+concatenated into one module call and split back (`nirvana.runtime.batching.run_merged`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from nirvana.runtime.batching import BatchInputError
+from nirvana.runtime.torch_runtime import component_runner
+from nirvana.serving.merged import execute_merged
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        device = params.get("device", "auto")
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = DTYPES[params.get("dtype", "float16" if self.device.startswith("cuda") else "float32")]
+        runner = component_runner(config["name"], params["checkpoint"], self.device, dtype)
+        self.run = torch.inference_mode()(runner)
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+
+    def execute(self, requests: list) -> list:
+        """N requests in, N responses out, in order; tensors stay on the device they are on."""
+        pb = self.pb
+        convert = (lambda tensor: torch.utils.dlpack.from_dlpack(tensor.to_dlpack()), _to_pb(pb))
+        return execute_merged(pb, requests, (self.inputs, self.outputs), self.run, convert, (BatchInputError,))
+
+
+def _to_pb(pb: Any) -> Any:
+    return lambda name, tensor: pb.Tensor.from_dlpack(name, tensor.contiguous())

@@ -1,0 +1,44 @@
+"""The torch profile through the real server: sub-models run the checkpoint's torch modules and answer via DLPack.
+
+On a GPU machine those answers live in GPU memory (as TensorRT's do); here, on the CPU, the same code path runs
+with CPU tensors, so what can be checked without a GPU is checked: the served image equals the in-process one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nirvana.config import load_config
+from nirvana.pipeline import Pipeline
+from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana_dev.install import ServerPorts, free_ports
+from nirvana_dev.launch import ServeOptions, make_server, prepare
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+
+def test_torch_profile_serves_the_in_process_image(tiny_checkpoint, tiny_checkpoint_dir, tmp_path) -> None:
+    options = ServeOptions(
+        cache_dir=tmp_path / "serve",
+        checkpoint=tiny_checkpoint_dir,
+        ports=ServerPorts(*free_ports(3)),
+        profile="torch",
+        instances=2,
+        ready_timeout_s=240,
+    )
+    repo, _ = prepare(options)
+    assert not (repo / "unet" / "1" / "model.onnx").exists()  # the module itself is served, not an export
+    with make_server(options, repo) as server:
+        client = NirvanaClient(server.urls.grpc, "grpc")
+        try:
+            served = client.generate("a red fox in the snow", GenerateOptions(seed=3, steps=8, cache_mode="bypass"))
+        finally:
+            client.close()
+    config = load_config({"checkpoint": str(tiny_checkpoint_dir), "cache": {"dir": str(tmp_path / "local")}})
+    pipe = Pipeline(config, checkpoint=tiny_checkpoint)
+    try:
+        local = pipe.generate("a red fox in the snow", seed=3, steps=8, cache_mode="bypass")
+    finally:
+        pipe.close()
+    assert np.abs(served.image.astype(int) - local.image.astype(int)).max() <= 1

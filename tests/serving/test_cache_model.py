@@ -1,0 +1,196 @@
+"""The `cache` model's glue and its BLS client without Triton: a stand-in `triton_python_backend_utils` carries the
+requests (BYTES tensors through Triton's own serialisation) from `BlsCache` to `cache_model.TritonPythonModel`, which
+runs the production cache (milvus-lite) built from an engine.json. Plus the repository configs of the split."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from nirvana.cache.outcome import Reason
+from nirvana.config import load_config
+from nirvana.runtime.bls_cache import BlsCache
+from nirvana.specs import cache_spec
+from nirvana_export.repository import DEFAULT_INSTANCES, cache_config, render_configs, sd15_specs
+
+
+class FakePbUtils:
+    """The parts of triton_python_backend_utils that BLS, the cache model and its metrics use. Metrics with the same
+    name and labels share one value, as Triton's registry shares one series between stub processes."""
+
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+
+        def __init__(self, message: str, code: str = "INTERNAL") -> None:
+            self._message, self.code = message, code
+
+        def message(self) -> str:
+            return self._message
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            array = np.asarray(array)
+            if array.dtype == np.object_:  # through the BYTES wire form, as between Triton processes
+                array = deserialize_bytes_tensor(serialize_byte_tensor(array).item()).reshape(array.shape)
+            self._name, self._array = name, array
+
+        def name(self) -> str:
+            return self._name
+
+        def as_numpy(self) -> np.ndarray:
+            return self._array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None) -> None:
+            self.output_tensors, self._error = list(output_tensors), error
+
+        def has_error(self) -> bool:
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    TRITONSERVER_MEMORY_CPU = 0
+
+    def __init__(self) -> None:
+        self.models: dict[str, object] = {}
+        self.values: dict[str, float] = {}
+        pb = self
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None) -> None:
+                self.model_name, self.inputs = model_name, {t.name(): t for t in inputs}
+
+            def exec(self):
+                if self.model_name not in pb.models:
+                    return pb.InferenceResponse(error=pb.TritonError(f"model {self.model_name!r} is not ready"))
+                return pb.models[self.model_name].execute([self])[0]
+
+        class MetricFamily:
+            COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+            def __init__(self, name: str, description: str, kind: str) -> None:
+                self.name = name
+
+            def Metric(self, labels: dict, buckets=None):  # Triton's spelling
+                values, name = pb.values, self.name
+
+                class Metric:
+                    def increment(self, value: float) -> None:
+                        values[name] = values.get(name, 0) + value
+
+                    def set(self, value: float) -> None:
+                        values[name] = value
+
+                    def observe(self, value: float) -> None:
+                        values[name + "_count"] = values.get(name + "_count", 0) + 1
+
+                return Metric()
+
+        self.InferenceRequest, self.MetricFamily = InferenceRequest, MetricFamily
+
+    @staticmethod
+    def PreferredMemory(kind: int, device: int) -> tuple[int, int]:
+        return kind, device
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name: str):
+        return request.inputs.get(name)
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name: str):
+        return next((t for t in response.output_tensors if t.name() == name), None)
+
+
+@pytest.fixture
+def served_cache(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    """(fake pb_utils, the cache model) as a repository lays them out: cache/ reads ../nirvana/engine.json."""
+    pb = FakePbUtils()
+    monkeypatch.setitem(__import__("sys").modules, "triton_python_backend_utils", pb)
+    from nirvana.serving.cache_model import TritonPythonModel
+
+    engine = {"checkpoint": str(tiny_checkpoint_dir), "cache": {"dir": str(tmp_path / "state")}}
+    repo = tmp_path / "repo"
+    for name in ("nirvana", "cache"):
+        (repo / name).mkdir(parents=True)
+    (repo / "nirvana" / "engine.json").write_text(json.dumps(engine))
+    config = text_format.Parse(cache_config(), mc.ModelConfig())
+    params = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": params}), "model_repository": str(repo / "cache")})
+    deadline = time.monotonic() + 60
+    while not model.cache.available:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pb.models["cache"] = model
+    yield pb, model
+    model.finalize()
+
+
+def _states() -> dict[int, dict[str, np.ndarray]]:
+    # Values exact in fp16, the latent store's dtype: what comes back must be what went in.
+    latent = (np.arange(4 * 16 * 16, dtype=np.float32).reshape(1, 4, 16, 16) % 64) / 4
+    return {k: {"latent": latent + k, "generator_state": np.zeros(16, np.uint8)} for k in (5, 10)}
+
+
+def test_lookup_and_admit_through_the_cache_model(served_cache) -> None:
+    pb, model = served_cache
+    client = BlsCache(pb, model.cache.config.selection.selector())
+    vector = np.zeros(384, np.float32)
+    vector[0] = 1.0
+    miss = client.lookup(vector, "key", "t", 20)
+    assert (miss.hit, miss.reason, miss.arrays) == (False, Reason.EMPTY, None) and "cache_call_ms" in miss.timings_ms
+    assert client.admit("a red fox", vector, "key", "t", _states(), meta={"negative_prompt": "blurry"}) == 2
+    assert pb.values["nirvana_cache_entries"] == 2 and pb.values["nirvana_cache_bytes"] > 0
+    hit = client.lookup(vector, "key", "t", 20)
+    assert hit.hit and hit.k == 10 and hit.matched_prompt == "a red fox" and hit.similarity == pytest.approx(1.0)
+    assert hit.meta["negative_prompt"] == "blurry"
+    want = _states()[10]
+    assert hit.arrays["latent"].shape == want["latent"].shape
+    np.testing.assert_array_equal(hit.arrays["latent"].astype(np.float32), want["latent"])
+    np.testing.assert_array_equal(hit.arrays["generator_state"], want["generator_state"])
+    assert client.lookup(vector, "key", "other-tenant", 20).reason == Reason.EMPTY
+    record = model.cache.record("key", "t", "a red fox")
+    assert record.entries[10].hits == 1  # the LCBFU count, kept by the one owner
+    assert client.failures == 0
+
+
+def test_malformed_request_is_an_invalid_arg_error(served_cache) -> None:
+    pb, _ = served_cache
+    request = pb.InferenceRequest(
+        "cache", [], [pb.Tensor("REQUEST", np.array([b'{"op": "drop"}'], object)), pb.Tensor("VECTOR", np.zeros(384))]
+    )
+    response = request.exec()
+    assert response.has_error() and response.error().code == "INVALID_ARG" and "op='drop'" in response.error().message()
+
+
+def test_unreachable_cache_model_serves_uncached(served_cache) -> None:
+    pb, _ = served_cache
+    client = BlsCache(pb, load_config({"checkpoint": "."}).cache.selection.selector(), model="no-such-model")
+    vector = np.ones(384, np.float32) / np.sqrt(384)
+    assert client.lookup(vector, "key", "t", 20).reason == Reason.CACHE_UNAVAILABLE
+    assert client.admit("p", vector, "key", "t", _states()) == 0
+    assert client.failures == 2
+
+
+def test_repository_has_n_orchestrators_and_one_cache_owner() -> None:
+    for profile, count in DEFAULT_INSTANCES.items():
+        files = render_configs(sd15_specs(), (512, 512), profile, checkpoint=Path("/models/sd15"))
+        nirvana = text_format.Parse(files["nirvana/config.pbtxt"], mc.ModelConfig())
+        cache = text_format.Parse(files["cache/config.pbtxt"], mc.ModelConfig())
+        assert nirvana.instance_group[0].count == count and cache.instance_group[0].count == 1
+        assert cache.backend == "python" and cache.parameters["engine_config"].string_value == "../nirvana/engine.json"
+        assert "nirvana.serving.cache_model" in files["cache/1/model.py"]
+    files = render_configs(sd15_specs(), (512, 512), "cpu", instances=2)
+    assert text_format.Parse(files["nirvana/config.pbtxt"], mc.ModelConfig()).instance_group[0].count == 2
+    spec = cache_spec()
+    config = text_format.Parse(cache_config(), mc.ModelConfig())
+    assert [t.name for t in config.input] == spec.input_names and [t.name for t in config.output] == spec.output_names
+    assert [t.optional for t in config.input] == [False, False, True]
