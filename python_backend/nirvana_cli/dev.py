@@ -104,9 +104,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     repo_dir: Annotated[Path | None, typer.Option(help="Where the model repository is generated.")] = None,
     profile: Annotated[str, typer.Option(help=PROFILE_HELP)] = "cpu",
-    instances: Annotated[
-        int | None, typer.Option(help="nirvana orchestrator instances (default: cpu 4, gpu/torch 8).", min=1)
-    ] = None,
+    instances: Annotated[int | None, typer.Option(help="nirvana orchestrator instances (default 8).", min=1)] = None,
     queue_delay_us: Annotated[
         int | None, typer.Option(help="How long the UNet batcher waits for other requests' steps (µs).", min=0)
     ] = None,

@@ -26,7 +26,7 @@ class ServeOptions:
     triton_dir: Path | None = None  # an installed tritonserver (e.g. /opt/tritonserver); default: the pytriton wheel's
     ready_timeout_s: float = 300.0
     max_queue_size: int = 64  # requests waiting beyond this are rejected at once (overload → errors, not memory)
-    instances: int | None = None  # `nirvana` orchestrator instances; default per profile (cpu 4, gpu/torch 8)
+    instances: int | None = None  # `nirvana` orchestrator instances; default per profile (8 each)
     queue_delay_us: int | None = None  # UNet dynamic batching delay; default: the repository's (1500 µs)
     log_verbose: int = 0
 

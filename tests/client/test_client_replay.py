@@ -51,6 +51,7 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
         checkpoint=tiny_checkpoint_dir,
         ports=ServerPorts(http_port, grpc_port, metrics_port),
         ready_timeout_s=180,
+        instances=4,
     )
     repo, _ = prepare(options)
     triton = make_server(options, repo)

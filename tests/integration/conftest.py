@@ -8,6 +8,8 @@ from nirvana_client import NirvanaClient
 from nirvana_dev.install import ServerPorts, free_ports
 from nirvana_dev.launch import ServeOptions, make_server, prepare
 
+TEST_INSTANCES = 4
+
 
 def _start_server(checkpoint_dir, cache_dir, config_file=None) -> dict:
     """Prepare the repository and start tritonserver on free loopback ports; returns {server, options, repo}."""
@@ -18,6 +20,8 @@ def _start_server(checkpoint_dir, cache_dir, config_file=None) -> dict:
         config_file=config_file,
         ports=ServerPorts(http, grpc, metrics),
         ready_timeout_s=180,
+        # Several instances, fewer than the default 8: each stub loads torch, and CI starts many servers on 2 cores.
+        instances=TEST_INSTANCES,
     )
     repo, _ = prepare(options)
     server = make_server(options, repo)

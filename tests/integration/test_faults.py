@@ -24,7 +24,12 @@ pytestmark = pytest.mark.integration
 
 def _options(tmp_path, checkpoint, **overrides) -> ServeOptions:
     return ServeOptions(
-        cache_dir=tmp_path, checkpoint=checkpoint, ports=ServerPorts(*free_ports(3)), ready_timeout_s=180, **overrides
+        cache_dir=tmp_path,
+        checkpoint=checkpoint,
+        ports=ServerPorts(*free_ports(3)),
+        ready_timeout_s=180,
+        instances=4,
+        **overrides,
     )
 
 

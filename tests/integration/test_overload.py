@@ -20,6 +20,7 @@ def test_queue_limit_rejects_overload(tiny_checkpoint_dir, tmp_path) -> None:
         checkpoint=tiny_checkpoint_dir,
         ports=ServerPorts(*free_ports(3)),
         max_queue_size=2,
+        instances=4,  # fewer than the default 8: 4 execute, 2 wait, the rest of 12 are rejected
     )
     repo, _ = prepare(options)
     with make_server(options, repo) as server:

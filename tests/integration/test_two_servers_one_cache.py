@@ -98,7 +98,11 @@ def test_two_replicas_share_one_cache(tiny_checkpoint_dir, tmp_path, milvus_uri)
     config_file.write_text(json.dumps({"cache": {"flush_interval_s": 0.5, "refresh_interval_s": 0.5}}))
     # One model repository and one cache dir (latents) for both; each server its own ports and work dir.
     options = ServeOptions(
-        cache_dir=tmp_path / "shared", checkpoint=tiny_checkpoint_dir, milvus_uri=milvus_uri, config_file=config_file
+        cache_dir=tmp_path / "shared",
+        checkpoint=tiny_checkpoint_dir,
+        milvus_uri=milvus_uri,
+        config_file=config_file,
+        instances=2,  # two servers on 2 cores: each stub loads torch
     )
     repo, engine = prepare(options)
     servers = [

@@ -3,8 +3,8 @@
 Closed loop: at each level C, C clients each send their next request as soon as the previous one answered, over
 the ordinary gRPC infer API. Beside the client's figures it reads Triton's own counters before and after each level:
 rows per UNet execution (`nv_inference_count` / `nv_inference_exec_count` of `unet`: above 2 means requests shared
-an execution), UNet ms per execution, and the orchestration overhead per denoising step (server time of a `nirvana`
-request minus the time its sub-model requests took, over the steps it ran).
+an execution), UNet ms per execution, and the orchestration overhead per denoising step (time a `nirvana` instance
+spent on a request, minus the time its sub-model requests took including their queueing, over the steps it ran).
 
 Mixes: `bypass` (every request computes every step, no cache work) and `mixed` (every other request repeats a
 prompt admitted before the run, so it hits and skips K steps; the others are new prompts that miss and admit).
@@ -48,7 +48,8 @@ def server_figures(before: dict, after: dict, steps_run: int) -> dict:
     execs = _delta(after, before, "nv_inference_exec_count", "unet")
     rows = _delta(after, before, "nv_inference_count", "unet")
     requests = _delta(after, before, "nv_inference_request_success", "nirvana")
-    nirvana_us = _delta(after, before, "nv_inference_request_duration_us", "nirvana")
+    # In `execute` (a request queued for a free instance is not orchestration time).
+    nirvana_us = _delta(after, before, "nv_inference_compute_infer_duration_us", "nirvana")
     submodel_us = sum(_delta(after, before, "nv_inference_request_duration_us", m) for m in SUBMODELS)
     return {
         "unet_executions": int(execs),
