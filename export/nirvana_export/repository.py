@@ -145,6 +145,7 @@ def nirvana_config(
     max_queue_size: int = 64,
     queue_timeout_s: int = 300,
     instances: int = DEFAULT_INSTANCES["cpu"],
+    conditioning_device: str = "cpu",
 ) -> str:
     """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.specs.nirvana_spec`), `instances` stateless
     orchestrators (each its own stub process; the cache state lives in the `cache` model)."""
@@ -160,6 +161,8 @@ def nirvana_config(
     policy.default_timeout_microseconds = queue_timeout_s * 1_000_000
     policy.allow_timeout_override = True
     config.parameters["engine_config"].string_value = "engine.json"
+    # Where the text encoder's output is delivered ("auto": the GPU when the stub's torch has CUDA).
+    config.parameters["conditioning_device"].string_value = conditioning_device
     return _render(config)
 
 
@@ -198,7 +201,11 @@ def render_configs(
     for name in MODEL_NAMES if profile != "gpu" else ():
         files[f"{name}/1/model.py"] = TORCH_PY if profile == "torch" and name in TORCH_MODELS else SUBMODEL_PY
     instances = instances or DEFAULT_INSTANCES[profile]
-    files[f"{NIRVANA_MODEL}/config.pbtxt"] = nirvana_config(image_size, instances=instances, **nirvana_options)
+    # Only the torch profile's orchestrators have CUDA torch; the TensorRT image ships CPU torch.
+    device = "auto" if profile == "torch" else "cpu"
+    files[f"{NIRVANA_MODEL}/config.pbtxt"] = nirvana_config(
+        image_size, instances=instances, conditioning_device=device, **nirvana_options
+    )
     files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
     files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
     files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY

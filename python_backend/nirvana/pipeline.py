@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from nirvana.cache.client import CacheClient
-from nirvana.cache.factory import open_cache
 from nirvana.cache.outcome import Lookup, Reason
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import EngineConfig
@@ -100,7 +99,12 @@ class Pipeline:
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
         # served: a client of the one `cache` model; in process: the cache itself
-        self.cache = cache if cache is not None else open_cache(config.cache, self.embedder.dim)
+        if cache is None:  # in-process: this process owns Milvus. Served, `cache` is the BLS client of the `cache`
+            # model, and the orchestrators never load pymilvus (nor the pandas it imports).
+            from nirvana.cache.factory import open_cache
+
+            cache = open_cache(config.cache, self.embedder.dim)
+        self.cache = cache
         self._cache_keys: dict[tuple[int, float], str] = {}
 
     # -- validation ---------------------------------------------------------------------------------

@@ -73,4 +73,7 @@ def make_server(options: ServeOptions, repo: Path) -> TritonServer:
         install=install,
         log_verbose=options.log_verbose,
         ready_timeout_s=options.ready_timeout_s,
+        # GPU outputs of python models travel through this pool; without it the backend falls back to a CUDA IPC
+        # handle per tensor (slower, and it would distort the overhead the GPU check measures).
+        extra_args=() if options.profile == "cpu" else ("--cuda-memory-pool-byte-size=0:268435456",),
     )

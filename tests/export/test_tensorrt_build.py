@@ -17,9 +17,7 @@ from nirvana_export.tensorrt_build import (
 )
 
 
-def test_module_imports_without_tensorrt_and_the_tolerances_are_ordered() -> None:
-    assert set(ENGINE_TOLERANCES) == {"fp32", "fp16"}
-    assert ENGINE_TOLERANCES["fp32"] == (1e-3, 1e-3) and ENGINE_TOLERANCES["fp16"] == (2e-2, 2e-2)
+def test_module_imports_without_tensorrt_and_fp16_is_never_held_to_a_tighter_bound() -> None:
     assert all(a <= b for a, b in zip(ENGINE_TOLERANCES["fp32"], ENGINE_TOLERANCES["fp16"], strict=True))
 
 

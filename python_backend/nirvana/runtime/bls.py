@@ -29,7 +29,10 @@ def _execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], m
     request = pb_utils.InferenceRequest(
         model_name=model, requested_output_names=list(outputs), inputs=tensors, preferred_memory=memory
     )
-    response = request.exec()
+    try:
+        response = request.exec()
+    except Exception as err:  # the stub's own failures (shared memory, a model gone) raise instead of answering
+        raise BlsError(f"sub-model {model!r} could not be called: {type(err).__name__}: {err}") from err
     if response.has_error():
         raise BlsError(f"sub-model {model!r} failed: {response.error().message()}")
     result = {}
@@ -71,9 +74,11 @@ def bls_infer_torch(
 class BlsSubModels:
     """SubModels whose text encoder, UNet and VAE decoder are other models of the Triton repository.
 
-    The scheduler arithmetic stays on the CPU (fp32, as in-process); `device` is where the sub-models' outputs are
-    delivered. On "cuda" the text conditioning stays on the GPU for the whole request and only the noise
-    prediction (``[2, C, h, w]``) and the image come back to the CPU.
+    The scheduler arithmetic stays on the CPU (fp32, as in-process), so the UNet's noise prediction
+    (``[2, C, h, w]``) and the image are asked for in CPU memory. `conditioning_device` is where the text encoder's
+    output is delivered: "cuda" (the torch profile, whose orchestrators have CUDA torch) keeps the text
+    conditioning on the GPU for the whole request, so it is not sent back from the host at every step; "cpu" (the
+    TensorRT image, whose orchestrators have CPU torch) brings it to host memory once per request.
     """
 
     def __init__(
@@ -82,17 +87,18 @@ class BlsSubModels:
         text_encoder: str = "text_encoder",
         unet: str = "unet",
         vae_decoder: str = "vae_decoder",
-        device: str = "cpu",
+        conditioning_device: str = "cpu",
     ) -> None:
         self._pb, self._names = pb_utils, {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
-        self.device = device
+        self.conditioning_device = conditioning_device
 
-    def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str) -> torch.Tensor:
-        return bls_infer_torch(self._pb, self._names[role], inputs, [output], self.device)[output]
+    def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
+        return bls_infer_torch(self._pb, self._names[role], inputs, [output], device)[output]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, L] int64 → last hidden state [B, L, D] float32, on `device`."""
-        return self._call("text_encoder", {"input_ids": input_ids.to(torch.int64)}, "last_hidden_state").float()
+        """Token ids [B, L] int64 → last hidden state [B, L, D] float32, on `conditioning_device`."""
+        ids = {"input_ids": input_ids.to(torch.int64)}
+        return self._call("text_encoder", ids, "last_hidden_state", self.conditioning_device).float()
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] → noise prediction [B, C, h, w] float32 (CPU)."""

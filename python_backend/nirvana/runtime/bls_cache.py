@@ -180,10 +180,10 @@ class BlsCache:
         message = {"op": "lookup", "cache_key": cache_key, "tenant": tenant, "num_steps": int(num_steps)}
         try:
             response, state = self._call(message, vector)
-        except BlsError as err:
+            lookup = lookup_from_message(response, state)
+        except (BlsError, ValueError, KeyError) as err:  # no answer, or one that cannot be read
             self._failed("lookup", err)
             return Lookup(False, Reason.CACHE_UNAVAILABLE, timings_ms={"cache_call_ms": _ms_since(t0)})
-        lookup = lookup_from_message(response, state)
         lookup.timings_ms["cache_call_ms"] = _ms_since(t0)  # the BLS round trip, retrieval included
         return lookup
 
@@ -207,10 +207,10 @@ class BlsCache:
         }
         try:
             response, _ = self._call(message, vector, encode_states(states))
-        except BlsError as err:
+            return int(response["admitted"])
+        except (BlsError, ValueError, KeyError) as err:
             self._failed("admission", err)
             return 0
-        return int(response["admitted"])
 
     def close(self) -> None:
         """Nothing to release here: the `cache` model flushes and closes the cache at its own finalize."""

@@ -1,7 +1,7 @@
 """Triton glue of the `nirvana` BLS model: tensors in, `Pipeline.generate`, tensors out, errors converted once.
 
-`model_repository/nirvana/1/model.py` re-exports `TritonPythonModel` from here. Only this module and
-`nirvana.serving.onnx_model` import `triton_python_backend_utils` (available inside the python backend stub only).
+`model_repository/nirvana/1/model.py` re-exports `TritonPythonModel` from here. Only the modules of
+`nirvana.serving` import `triton_python_backend_utils` (available inside the python backend stub only).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from nirvana.embed import ClipEmbedder
 from nirvana.pipeline import NonFiniteError, Pipeline, RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_cache import BlsCache
-from nirvana.serving.cache_model import engine_config_path
 from nirvana.serving.metrics import RequestMetrics
+from nirvana.serving.params import engine_config_path, model_parameters
 from nirvana.specs import ModelSpec, nirvana_spec
 
 log = logging.getLogger("nirvana.triton")
@@ -84,10 +84,16 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         model_config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        params = model_parameters(model_config)
         config = load_config(path=engine_config_path(args, params))
         checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
-        models = BlsSubModels(pb_utils)
+        # "auto": keep the text conditioning on the GPU when this stub's torch has CUDA (the torch profile).
+        device = params.get("conditioning_device", "cpu")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = BlsSubModels(pb_utils, conditioning_device=device)
         # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
         embedder = ClipEmbedder(checkpoint, models.encode_text) if config.embedder == "clip" else BlsEmbedder(pb_utils)
         cache = BlsCache(pb_utils, config.cache.selection.selector())

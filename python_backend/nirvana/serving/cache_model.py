@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from nirvana.cache.factory import open_cache
@@ -18,14 +17,9 @@ from nirvana.config import load_config
 from nirvana.embed import embedder_dim
 from nirvana.runtime.bls_cache import CacheEndpoint, CacheRequestError, bytes_array
 from nirvana.serving.metrics import CacheStateMetrics
+from nirvana.serving.params import engine_config_path, model_parameters
 
 log = logging.getLogger("nirvana.triton")
-
-
-def engine_config_path(args: dict[str, Any], params: dict[str, str]) -> Path:
-    """The `engine_config` parameter, relative to this model's directory (the `nirvana` model's engine.json)."""
-    path = Path(params.get("engine_config", "engine.json"))
-    return path if path.is_absolute() else Path(args["model_repository"]) / path
 
 
 class TritonPythonModel:
@@ -34,7 +28,7 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         model_config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        params = model_parameters(model_config)
         config = load_config(path=engine_config_path(args, params))
         dim = embedder_dim(config.embedder, load_checkpoint_info(config.checkpoint))
         self.cache = open_cache(config.cache, dim)

@@ -18,6 +18,7 @@ from typing import Any
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.onnx_runtime import OnnxModel, OnnxModelError
 from nirvana.serving.merged import execute_merged
+from nirvana.serving.params import model_parameters
 
 
 class TritonPythonModel:
@@ -26,7 +27,7 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(config)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.model = OnnxModel(path, num_threads=int(params.get("intra_op_threads", "1")))
         self.inputs = [t["name"] for t in config["input"]]

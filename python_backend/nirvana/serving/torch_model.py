@@ -17,6 +17,7 @@ import torch
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.torch_runtime import component_runner
 from nirvana.serving.merged import execute_merged
+from nirvana.serving.params import model_parameters
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,10 +28,12 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(config)
         device = params.get("device", "auto")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = DTYPES[params.get("dtype", "float16" if self.device.startswith("cuda") else "float32")]
+        # fp16 on a GPU, but the VAE in fp32 unless told otherwise: SDXL's VAE overflows in fp16.
+        half = self.device.startswith("cuda") and config["name"] != "vae_decoder"
+        dtype = DTYPES[params.get("dtype", "float16" if half else "float32")]
         runner = component_runner(config["name"], params["checkpoint"], self.device, dtype)
         self.run = torch.inference_mode()(runner)
         self.inputs = [t["name"] for t in config["input"]]

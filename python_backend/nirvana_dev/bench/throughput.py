@@ -20,7 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-SUBMODELS = ("text_encoder", "prompt_embedder", "unet", "vae_decoder")
+# Models a `nirvana` request calls: their time (queueing included) is not the orchestrator's own.
+SUBMODELS = ("text_encoder", "prompt_embedder", "unet", "vae_decoder", "cache")
 _SAMPLE = re.compile(r'^(nv_[a-z_]+)\{model="([^"]+)",version="[^"]*"\} ([0-9.e+-]+)$')
 WARM_PROMPTS = [f"a {c} lighthouse on a cliff at dusk, oil painting number {i}" for i, c in enumerate(
     ["red", "blue", "green", "golden", "silver", "purple", "white", "black"]
