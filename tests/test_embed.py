@@ -58,3 +58,19 @@ def test_clip_pool_matches_the_text_models_pooled_output(eos_token_id: int) -> N
     with torch.no_grad():
         out = model(ids)
     torch.testing.assert_close(clip_pool(out.last_hidden_state, ids, eos_token_id), out.pooler_output)
+
+
+def test_clip_from_the_conditioning_pass_equals_the_embedder(tiny_checkpoint) -> None:
+    from nirvana.denoise import tokenize_prompts
+    from nirvana.runtime.torch_runtime import TorchSubModels
+
+    clip = make_embedder("clip", tiny_checkpoint)
+    for prompt in ["a red fox", "a small red circle in the top left on a white background", "x " * 100]:
+        tokens = tokenize_prompts(tiny_checkpoint.tokenizer, prompt, "blurry")
+        hidden = TorchSubModels(tiny_checkpoint).encode_text(tokens.input_ids)  # [uncond, cond] in one batch
+        pooled = clip.embed_from_hidden(hidden[1:], tokens.input_ids[1:])
+        np.testing.assert_allclose(pooled, clip.embed([prompt]), atol=1e-6)
+
+
+def test_minilm_cannot_pool_from_the_text_encoder() -> None:
+    assert make_embedder("minilm").embed_from_hidden(torch.zeros(1, 77, 32), torch.zeros(1, 77)) is None

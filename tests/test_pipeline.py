@@ -7,7 +7,7 @@ import pytest
 
 from nirvana.cache.records import blob_key
 from nirvana.config import load_config
-from nirvana.embed import make_embedder
+from nirvana.embed import ClipEmbedder, make_embedder
 from nirvana.pipeline import Pipeline, RequestError
 from nirvana.runtime.torch_runtime import TorchSubModels
 
@@ -16,9 +16,13 @@ FOX = "a red fox in the snow, photograph"
 
 
 class CountingModels(TorchSubModels):
-    """The real torch sub-models, counting UNet calls (steps actually run)."""
+    """The real torch sub-models, counting text-encoder calls and UNet calls (steps actually run)."""
 
-    unet_calls = 0
+    text_calls = unet_calls = 0
+
+    def encode_text(self, input_ids, attention_mask=None):
+        self.text_calls += 1
+        return super().encode_text(input_ids, attention_mask)
 
     def unet(self, sample, timestep, encoder_hidden_states):
         self.unet_calls += 1
@@ -171,3 +175,33 @@ def test_a_hit_on_a_non_finite_latent_is_served_uncached(make_pipe) -> None:
     assert (served.reason, served.cache_hit, served.skipped_steps, served.non_finite) == ("non-finite", False, 0, 1)
     bypass = pipe.generate(FOX, seed=5, cache_mode="bypass")
     np.testing.assert_array_equal(served.image, bypass.image)  # the full, uncached image
+
+
+@pytest.mark.parametrize("name", ["clip", "minilm"])
+def test_one_text_encoder_call_per_request_and_clip_retrieval_comes_from_it(
+    name, tiny_checkpoint, embedder, tmp_path, monkeypatch
+) -> None:
+    config = load_config(
+        {"checkpoint": str(tiny_checkpoint.path), "embedder": name, "default_steps": 4, "cache": {"dir": str(tmp_path)}}
+    )
+    models = CountingModels(tiny_checkpoint)
+    # clip as served: pooled from the models' own encode_text, so any separate embedding call would count too
+    used = ClipEmbedder(tiny_checkpoint, encode_text=models.encode_text) if name == "clip" else embedder
+    embed_calls, vectors = [], []
+    embed = used.embed
+    monkeypatch.setattr(used, "embed", lambda texts: embed_calls.append(texts) or embed(texts))
+    pipe = Pipeline(config, checkpoint=tiny_checkpoint, models=models, embedder=used)
+    lookup = pipe.cache.lookup
+    monkeypatch.setattr(pipe.cache, "lookup", lambda vector, *args: vectors.append(vector) or lookup(vector, *args))
+    try:
+        for mode, hit in [("auto", False), ("auto", True), ("refresh", False), ("bypass", False)]:
+            before = (models.text_calls, len(embed_calls))
+            result = pipe.generate(FOX, negative_prompt="blurry", seed=1, cache_mode=mode)
+            assert result.cache_hit == hit
+            own_call = name == "minilm" and mode != "bypass"  # MiniLM is another model: one call of its own
+            assert (models.text_calls - before[0], len(embed_calls) - before[1]) == (1, int(own_call)), mode
+            assert ("embed_ms" in result.timings_ms) == (mode != "bypass")
+    finally:
+        pipe.close()
+    monkeypatch.undo()
+    np.testing.assert_allclose(vectors[0], used.embed_one(FOX), atol=1e-6)  # what the embedder gives alone

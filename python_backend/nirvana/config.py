@@ -95,6 +95,8 @@ class CacheConfig(_Strict):
     near_equal_margin: float = Field(0.0, ge=0, le=1)
     near_equal_candidates: int = Field(4, ge=2, le=64)
     resume_history: Literal["reset", "carry"] = "reset"
+    # Admissions the `cache` model queues to write after answering (`cache.write_behind`); 0: write before answering
+    admission_queue: int = Field(256, ge=0)
     selection: SelectionConfig = SelectionConfig()
     search: SearchConfig = SearchConfig()
     predictor: PredictorConfig = PredictorConfig()

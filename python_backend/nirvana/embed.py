@@ -38,6 +38,11 @@ class Embedder(ABC):
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 
+    def embed_from_hidden(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray | None:
+        """Vectors ``[B, dim]`` pooled from the checkpoint text encoder's last hidden state ``[B, L, D]`` for token
+        ids ``[B, L]`` (the conditioning pass's own output), or None: this embedder needs its own model call."""
+        return None
+
 
 def _normalise(vectors: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy().astype(np.float32)
@@ -129,6 +134,13 @@ class ClipEmbedder(Embedder):
         out = self._encoder(ids.to(self._encoder.device))
         pooled = out.text_embeds if self._has_projection else out.pooler_output
         return _normalise(pooled)
+
+    def embed_from_hidden(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray | None:
+        """What :meth:`embed` gives for the prompts behind ``input_ids``, without another encoder call; None for
+        an encoder with a projection (the SubModels output is not the state it projects)."""
+        if self._has_projection:
+            return None
+        return _normalise(clip_pool(last_hidden_state, input_ids, self._eos_token_id))
 
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {

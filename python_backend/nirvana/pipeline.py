@@ -1,4 +1,4 @@
-"""The request path, independent of Triton: embed → look up → resume at K → denoise → decode → admit.
+"""The request path, independent of Triton: encode text → embed → look up → resume at K → denoise → decode → admit.
 
 Stages follow the README's "How a request flows". Sub-model calls go through a `SubModels` adapter (torch
 in-process here; onnxruntime or Triton BLS when served), so the same code runs in tests, in the benchmark and
@@ -27,9 +27,9 @@ from nirvana.denoise import (
     UnsupportedSchedulerError,
     decode,
     denoise,
-    encode_prompts,
     initial_latent,
     make_scheduler,
+    tokenize_prompts,
 )
 from nirvana.embed import Embedder, make_embedder
 from nirvana.runtime.base import SubModels
@@ -167,23 +167,12 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.cache_key(req.steps, req.guidance)
-        vector = None
-        if req.cache_mode != "bypass":
-            vector = _timed(timings, "embed_ms", self.embedder.embed_one, req.prompt)
+        embeddings, vector = self._encode(req, timings)
         if req.cache_mode == "auto":
             lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
             timings.update(lookup.timings_ms)
         else:
             lookup = Lookup(False, Reason(req.cache_mode))  # bypass or refresh: no lookup
-        embeddings = _timed(
-            timings,
-            "text_encode_ms",
-            encode_prompts,
-            self.checkpoint.tokenizer,
-            self.models,
-            req.prompt,
-            req.negative_prompt,
-        )
         start = self._resume_state(lookup, req)
         admit_ks = self.cache.selector.admit_ks(req.steps) if not lookup.hit and req.cache_mode != "bypass" else []
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
@@ -240,6 +229,23 @@ class Pipeline:
             admitted=admitted,
             timings_ms=timings,
         )
+
+    def _encode(self, req: GenerationRequest, timings: dict[str, float]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Text conditioning ``[2, L, D]`` ``[uncond, cond]`` (one text-encoder call) and the retrieval vector
+        ``[dim]`` (None when bypassing: nothing is looked up or admitted).
+
+        The model's own CLIP embedder pools the vector from the cond row of that same hidden state; any other
+        (MiniLM) makes its own model call.
+        """
+        tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
+        embeddings = _timed(timings, "text_encode_ms", self.models.encode_text, tokens.input_ids, tokens.attention_mask)
+        if req.cache_mode == "bypass":
+            return embeddings, None
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed_from_hidden(embeddings[1:], tokens.input_ids[1:])
+        vector = self.embedder.embed_one(req.prompt) if vectors is None else vectors[0]
+        timings["embed_ms"] = (time.perf_counter() - t0) * 1e3
+        return embeddings, vector
 
     def _retry_uncached(self, req: GenerationRequest, lookup: Lookup) -> GenerationResult:
         log.warning(

@@ -205,12 +205,13 @@ def _check_batch(max_batch: int) -> None:
 def text_encoder_spec(seq_len: int, hidden: int, max_batch: int = 2) -> ModelSpec:
     """CLIP text encoder: ``input_ids`` int64 ``[batch, L]`` → ``last_hidden_state`` float32 ``[batch, L, D]``.
 
-    Profile opt batch 1: the BLS model encodes cond and uncond prompts as two calls (see ``encode_prompts``).
+    Profile opt batch 2: a request encodes its negative and its prompt in one call (see ``encode_prompts``).
     """
     _check_batch(max_batch)
     ids = TensorSpec("input_ids", "int64", ("batch", seq_len))
     out = TensorSpec("last_hidden_state", "float32", ("batch", seq_len, hidden))
-    return ModelSpec("text_encoder", (ids,), (out,), {"input_ids": _batch_profile(ids.shape, 1, max_batch)})
+    profile = _batch_profile(ids.shape, min(2, max_batch), max_batch)
+    return ModelSpec("text_encoder", (ids,), (out,), {"input_ids": profile})
 
 
 def prompt_embedder_spec(max_seq_len: int = 128, max_batch: int = 2) -> ModelSpec:

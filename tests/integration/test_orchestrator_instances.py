@@ -103,6 +103,32 @@ def _warm(client, tenant: str) -> None:
         client.generate(prompt, GenerateOptions(seed=seed, steps=STEPS, tenant=tenant, cache_mode="refresh"))
 
 
+def test_a_request_whose_client_gives_up_does_not_disturb_the_others(served, connect) -> None:
+    """A client deadline that expires mid-request (gRPC DEADLINE_EXCEEDED): the requests in flight beside it still
+    get their single-request images, and the server answers afterwards."""
+    from tritonclient.utils import InferenceServerException
+
+    from nirvana_client import NirvanaClient
+
+    urls = served["server"].urls
+    work = [(f"a glass teapot number {i} on a shelf", GenerateOptions(seed=i, steps=STEPS, cache_mode="bypass"))
+            for i in range(3)]  # fmt: skip
+    alone = [connect("grpc").generate(*w).image for w in work]
+    impatient = NirvanaClient(urls.grpc, "grpc", timeout_s=0.05)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            gave_up = pool.submit(impatient.generate, "a clock that is always late", GenerateOptions(steps=STEPS))
+            others = [pool.submit(connect("grpc").generate, *w) for w in work]
+            with pytest.raises(InferenceServerException, match=r"(?i)deadline"):
+                gave_up.result(timeout=120)
+            images = [f.result(timeout=600).image for f in others]
+    finally:
+        impatient.close()
+    for image, reference in zip(images, alone, strict=True):
+        np.testing.assert_array_equal(image, reference)
+    assert connect("http").generate("after the timeout", GenerateOptions(steps=STEPS)).image.std() > 0
+
+
 def test_concurrent_outcomes_equal_a_sequential_replay_and_every_hit_is_counted(served, connect) -> None:
     client = connect("grpc")
     _warm(client, "replayed")
@@ -132,29 +158,3 @@ def test_concurrent_outcomes_equal_a_sequential_replay_and_every_hit_is_counted(
     }
     cache.close()
     assert stored == {"replayed": sum(r.cache_hit for r in replay), "concurrent": hits}
-
-
-def test_a_request_whose_client_gives_up_does_not_disturb_the_others(served, connect) -> None:
-    """A client deadline that expires mid-request (gRPC DEADLINE_EXCEEDED): the requests in flight beside it still
-    get their single-request images, and the server answers afterwards."""
-    from tritonclient.utils import InferenceServerException
-
-    from nirvana_client import NirvanaClient
-
-    urls = served["server"].urls
-    work = [(f"a glass teapot number {i} on a shelf", GenerateOptions(seed=i, steps=STEPS, cache_mode="bypass"))
-            for i in range(3)]  # fmt: skip
-    alone = [connect("grpc").generate(*w).image for w in work]
-    impatient = NirvanaClient(urls.grpc, "grpc", timeout_s=0.05)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            gave_up = pool.submit(impatient.generate, "a clock that is always late", GenerateOptions(steps=STEPS))
-            others = [pool.submit(connect("grpc").generate, *w) for w in work]
-            with pytest.raises(InferenceServerException, match=r"(?i)deadline"):
-                gave_up.result(timeout=120)
-            images = [f.result(timeout=600).image for f in others]
-    finally:
-        impatient.close()
-    for image, reference in zip(images, alone, strict=True):
-        np.testing.assert_array_equal(image, reference)
-    assert connect("http").generate("after the timeout", GenerateOptions(steps=STEPS)).image.std() > 0

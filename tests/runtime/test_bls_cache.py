@@ -140,3 +140,35 @@ def test_endpoint_refuses_malformed_requests_naming_the_field(request_bytes, vec
     with pytest.raises(CacheRequestError) as err:
         CacheEndpoint(_Cache(), dim=2).serve(bytes_array(request_bytes), np.array(vector, np.float32), None)
     assert needle in str(err.value)
+
+
+class _Queue:
+    """A write-behind queue that holds `room` admissions."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.queued = room, []
+
+    def submit(self, admission) -> bool:
+        if len(self.queued) >= self.room:
+            return False
+        self.queued.append(admission)
+        return True
+
+
+def test_endpoint_with_a_queue_answers_queued_dropped_or_unavailable() -> None:
+    cache, queue = _Cache(), _Queue(room=1)
+    cache.available = True
+    endpoint = CacheEndpoint(cache, dim=2, admissions=queue)
+    vector = np.array([0.6, 0.8], np.float32)
+    states = bytes_array(encode_states({4: {"latent": np.zeros((1, 2), np.float32)}, 8: {"latent": np.ones((1, 2))}}))
+    request = _request(op="admit", prompt="p", cache_key="k", tenant="t", meta={"negative_prompt": "n"})
+    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 2, "queued": True}
+    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 0, "queued": False}  # full
+    cache.available = False
+    queue.room = 2
+    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 0, "queued": False}
+    assert cache.calls == [] and len(queue.queued) == 1  # nothing written on the response path
+    (admission,) = queue.queued
+    assert (admission.prompt, admission.cache_key, admission.tenant) == ("p", "k", "t")
+    assert sorted(admission.states) == [4, 8]
+    assert admission.meta == {"negative_prompt": "n"} and admission.vector.tolist() == pytest.approx([0.6, 0.8])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from nirvana.cache.outcome import Reason
+from nirvana.cache.write_behind import AdmissionQueue
 from nirvana.config import load_config
-from nirvana.runtime.bls_cache import BlsCache
+from nirvana.runtime.bls_cache import BlsCache, CacheEndpoint, bytes_array, encode_states
+from nirvana.serving.metrics import CacheStateMetrics
 from nirvana.specs import cache_spec
 from nirvana_export.repository import DEFAULT_INSTANCES, cache_config, render_configs, sd15_specs
 
@@ -148,7 +151,10 @@ def test_lookup_and_admit_through_the_cache_model(served_cache) -> None:
     miss = client.lookup(vector, "key", "t", 20)
     assert (miss.hit, miss.reason, miss.arrays) == (False, Reason.EMPTY, None) and "cache_call_ms" in miss.timings_ms
     assert client.admit("a red fox", vector, "key", "t", _states(), meta={"negative_prompt": "blurry"}) == 2
+    assert model.admissions.drain(timeout=30)  # answered once queued, written behind
+    model.metrics.update()
     assert pb.values["nirvana_cache_entries"] == 2 and pb.values["nirvana_cache_bytes"] > 0
+    assert pb.values["nirvana_admission_queue_depth"] == 0 and "nirvana_admissions_dropped_total" not in pb.values
     hit = client.lookup(vector, "key", "t", 20)
     assert hit.hit and hit.k == 10 and hit.matched_prompt == "a red fox" and hit.similarity == pytest.approx(1.0)
     assert hit.meta["negative_prompt"] == "blurry"
@@ -160,6 +166,73 @@ def test_lookup_and_admit_through_the_cache_model(served_cache) -> None:
     record = model.cache.record("key", "t", "a red fox")
     assert record.entries[10].hits == 1  # the LCBFU count, kept by the one owner
     assert client.failures == 0
+
+
+def _sd15_states(seed: int) -> dict[int, dict[str, np.ndarray]]:
+    """What one SD1.5 miss admits at 512x512: five Ks, each a 1x4x64x64 latent with its solver's resume arrays."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: {
+            "latent": rng.standard_normal((1, 4, 64, 64)).astype(np.float32),
+            "num_model_outputs": np.array([2], np.int64),
+            "model_output_1": rng.standard_normal((1, 4, 64, 64)).astype(np.float32),
+            "lower_order_nums": np.array([1], np.int64),
+            "generator_state": rng.integers(0, 255, 5056, dtype=np.uint8),
+        }
+        for k in (5, 10, 15, 20, 25)
+    }
+
+
+def test_admit_answers_before_the_write(served_cache) -> None:
+    """The `admit` call as an orchestrator waits for it, over the production cache (milvus-lite): written before the
+    answer (admission_queue = 0) vs queued (the default). Run with -s to see the times."""
+    _, model = served_cache
+    cache, dim, calls = model.cache, model.endpoint.dim, 15
+    blobs = [bytes_array(encode_states(_sd15_states(i))) for i in range(2 * calls)]
+    rng = np.random.default_rng(0)
+    vectors = [v / np.linalg.norm(v) for v in rng.standard_normal((2 * calls, dim)).astype(np.float32)]
+
+    def admit_ms(endpoint: CacheEndpoint, i: int) -> float:
+        request = {"op": "admit", "prompt": f"benchmark prompt {i}", "cache_key": "bench", "tenant": "t"}
+        t0 = time.perf_counter()
+        response, _ = endpoint.serve(bytes_array(json.dumps(request).encode()), vectors[i], blobs[i])
+        elapsed = (time.perf_counter() - t0) * 1e3
+        assert json.loads(response)["admitted"] == 5
+        return elapsed
+
+    synchronous = [admit_ms(CacheEndpoint(cache, dim), i) for i in range(calls)]
+    queue = AdmissionQueue(cache, max_depth=2 * calls)
+    queued_endpoint = CacheEndpoint(cache, dim, queue)
+    queued = []
+    for i in range(calls, 2 * calls):
+        queued.append(admit_ms(queued_endpoint, i))
+        queue.drain(timeout=30)  # one at a time, as misses arrive: the writer does not compete with the next call
+    assert queue.close(timeout=30) and queue.dropped == 0 and queue.failed == 0
+    assert cache.entries >= 2 * calls * 5
+    sync_ms, queued_ms = float(np.median(synchronous)), float(np.median(queued))
+    print(
+        f"\nadmit call, 5 SD1.5 latents, median of {calls}: written first {sync_ms:.2f} ms, queued {queued_ms:.2f} ms"
+    )
+    assert queued_ms < sync_ms
+
+
+def test_queue_depth_and_drops_reach_the_metrics() -> None:
+    pb = FakePbUtils()
+
+    queue = SimpleNamespace(depth=3, dropped=0)
+    cache = SimpleNamespace(
+        counters=SimpleNamespace(evictions=0, unavailable=0),
+        probes=SimpleNamespace(near_misses=0, suspects=lambda: 0),
+        available=True,
+        total_bytes=0,
+        entries=0,
+    )
+    metrics = CacheStateMetrics(pb, cache, interval_s=3600, admissions=queue)
+    assert pb.values["nirvana_admission_queue_depth"] == 3
+    queue.depth, queue.dropped = 0, 4
+    metrics.update()
+    assert pb.values["nirvana_admission_queue_depth"] == 0 and pb.values["nirvana_admissions_dropped_total"] == 4
+    metrics.close()
 
 
 def test_malformed_request_is_an_invalid_arg_error(served_cache) -> None:

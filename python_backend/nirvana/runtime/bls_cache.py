@@ -26,11 +26,13 @@ from safetensors.numpy import save as save_tensors
 
 from nirvana.cache.outcome import Lookup, Reason
 from nirvana.cache.selection import KSelector
+from nirvana.cache.write_behind import Admission
 from nirvana.runtime.bls import BlsError, bls_infer
 from nirvana.specs import CACHE_MODEL
 
 if TYPE_CHECKING:
     from nirvana.cache.manager import ApproximateCache
+    from nirvana.cache.write_behind import AdmissionQueue
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +113,15 @@ def _one_bytes(name: str, array: np.ndarray) -> bytes:
 
 # -- the cache model's side ----------------------------------------------------------------------------
 class CacheEndpoint:
-    """Serves `lookup` and `admit` requests over one `ApproximateCache` of `dim`-dimensional vectors."""
+    """Serves `lookup` and `admit` requests over one `ApproximateCache` of `dim`-dimensional vectors.
 
-    def __init__(self, cache: ApproximateCache, dim: int) -> None:
-        self.cache, self.dim = cache, dim
+    With `admissions` (a write-behind queue) an `admit` is validated, queued and answered at once: `admitted` is then
+    the number of latents queued (an upper bound: Ks the prompt already has are skipped when written), `queued`
+    says whether the queue took it (false: full, the admission dropped). Without, it is written before the answer.
+    """
+
+    def __init__(self, cache: ApproximateCache, dim: int, admissions: AdmissionQueue | None = None) -> None:
+        self.cache, self.dim, self.admissions = cache, dim, admissions
         self._ops: dict[str, Callable[[dict, np.ndarray, bytes], tuple[dict, bytes]]] = {
             "lookup": self._lookup,
             "admit": self._admit,
@@ -143,16 +150,21 @@ class CacheEndpoint:
         )
 
     def _admit(self, message: dict, vector: np.ndarray, blob: bytes) -> tuple[dict, bytes]:
-        admitted = self.cache.admit(
+        admission = Admission(
             _field(message, "prompt"),
-            vector,
+            np.array(vector, np.float32),  # a copy: the request's tensor may be released before the write
             _field(message, "cache_key"),
             _field(message, "tenant"),
             decode_states(blob),
             replace=bool(message.get("replace", False)),
             meta=message.get("meta") or None,
         )
-        return {"admitted": admitted}, b""
+        if self.admissions is None:
+            return {"admitted": admission.write_to(self.cache)}, b""
+        if not admission.states or not self.cache.available:  # what `admit` would refuse anyway: nothing to queue
+            return {"admitted": 0, "queued": False}, b""
+        queued = self.admissions.submit(admission)
+        return {"admitted": len(admission.states) if queued else 0, "queued": queued}, b""
 
 
 def _field(message: dict, name: str, kind: type = str) -> Any:

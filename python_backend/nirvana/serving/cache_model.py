@@ -1,8 +1,10 @@
 """Triton glue of the `cache` model: the one owner of the cache state, serving the `nirvana` instances over BLS.
 
 `model_repository/cache/1/model.py` re-exports `TritonPythonModel` from here. One instance (a milvus-lite file admits
-one process, and Triton runs each instance in its own process), so lookups and admissions from every orchestrator
-are applied one at a time, in the order Triton delivers them. The work is `nirvana.runtime.bls_cache.CacheEndpoint`.
+one process, and Triton runs each instance in its own process), so requests from every orchestrator are served one
+at a time, in the order Triton delivers them. The work is `nirvana.runtime.bls_cache.CacheEndpoint`;
+admissions are answered once queued and written behind by `nirvana.cache.write_behind.AdmissionQueue`
+(`cache.admission_queue`), which `finalize` drains before the cache closes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 from typing import Any
 
 from nirvana.cache.factory import open_cache
+from nirvana.cache.write_behind import AdmissionQueue
 from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.embed import embedder_dim
@@ -20,6 +23,8 @@ from nirvana.serving.metrics import CacheStateMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
 
 log = logging.getLogger("nirvana.triton")
+# A full queue (256 admissions, 7-25 ms each) drains in seconds; past this a stop gives the rest up, as a crash would
+FINALIZE_DRAIN_S = 60.0
 
 
 class TritonPythonModel:
@@ -32,8 +37,10 @@ class TritonPythonModel:
         config = load_config(path=engine_config_path(args, params))
         dim = embedder_dim(config.embedder, load_checkpoint_info(config.checkpoint))
         self.cache = open_cache(config.cache, dim)
-        self.endpoint = CacheEndpoint(self.cache, dim)
-        self.metrics = CacheStateMetrics(pb_utils, self.cache)
+        depth = config.cache.admission_queue
+        self.admissions = AdmissionQueue(self.cache, depth) if depth > 0 else None  # None: admit before answering
+        self.endpoint = CacheEndpoint(self.cache, dim, self.admissions)
+        self.metrics = CacheStateMetrics(pb_utils, self.cache, admissions=self.admissions)
         log.info("cache model ready (%s, %d dims): %s", config.embedder, dim, self.cache.stats())
 
     def execute(self, requests: list) -> list:
@@ -58,5 +65,7 @@ class TritonPythonModel:
         return pb.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
+        if self.admissions is not None:
+            self.admissions.close(timeout=FINALIZE_DRAIN_S)  # writes what is queued: no admission lost on a clean stop
         self.metrics.close()
-        self.cache.close()  # flushes the write-behind queue: no hit count lost on a clean stop
+        self.cache.close()  # flushes the index's write-behind buffer: no hit count lost on a clean stop

@@ -114,12 +114,13 @@ class RequestMetrics:
 
 class CacheStateMetrics:
     """The cache's state, reported by the one `cache` model: after every request and every `interval_s` (entries
-    change without requests too: another replica's admissions and evictions reach the mirror by refresh)."""
+    change without requests too: another replica's admissions and evictions reach the mirror by refresh).
+    `admissions`: the model's write-behind `AdmissionQueue`, if any (its depth and drops; 0 without)."""
 
-    def __init__(self, pb_utils: Any, cache: Any, interval_s: float = 1.0) -> None:
+    def __init__(self, pb_utils: Any, cache: Any, interval_s: float = 1.0, admissions: Any = None) -> None:
         make = _Families(pb_utils)
         self._families = make
-        self._cache = cache
+        self._cache, self._admissions = cache, admissions
         self._lock = threading.Lock()
         counters, probes = cache.counters, cache.probes
         self._evictions = _Delta(
@@ -136,6 +137,11 @@ class CacheStateMetrics:
             "nirvana_probing_suspect_tenants", "Tenants with many near misses (possible probing)"
         )
         self.available = make.gauge("nirvana_cache_available", "1 while Milvus (the store of record) is reachable")
+        self.queue_depth = make.gauge("nirvana_admission_queue_depth", "Admissions queued, not yet written")
+        self._dropped = _Delta(
+            make.counter("nirvana_admissions_dropped_total", "Admissions dropped: the write-behind queue was full"),
+            getattr(admissions, "dropped", 0),
+        )
         self.update()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._every, args=(interval_s,), name="cache-metrics", daemon=True)
@@ -151,6 +157,8 @@ class CacheStateMetrics:
             self.available.set(1 if cache.available else 0)
             self.bytes.set(cache.total_bytes)
             self.entries.set(cache.entries)
+            self.queue_depth.set(getattr(self._admissions, "depth", 0))
+            self._dropped.update(getattr(self._admissions, "dropped", 0))
 
     def _every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
