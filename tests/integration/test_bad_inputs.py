@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,12 @@ def warm(served):
     client = NirvanaClient(served["server"].urls.grpc, "grpc")
     client.generate("a warm-up prompt about lighthouses", GenerateOptions(steps=6))
     client.close()
+    # Admission is written behind the response and the gauges refresh every second: wait until they settle.
+    deadline, last = time.monotonic() + 30, None
+    while (now := _gauges(served)) != last or now[0] == 0:
+        assert time.monotonic() < deadline, f"cache gauges never settled: {now}"
+        last = now
+        time.sleep(1.5)
     return served
 
 

@@ -121,9 +121,10 @@ def test_two_replicas_share_one_cache(tiny_checkpoint_dir, tmp_path, milvus_uri)
 
         admitted = on_a.generate(PROMPT, GenerateOptions(seed=1, steps=STEPS))
         assert not admitted.cache_hit
+        # Admission is written behind the response: wait for A's writer, then for A's flush and B's refresh.
+        _wait_for_entries(a, on_a, 1)
         entries = _metric(a, "nirvana_cache_entries")
-        assert entries > 0
-        _wait_for_entries(b, on_b, entries)  # A's flush, then B's mirror refresh
+        _wait_for_entries(b, on_b, entries)
 
         hit = on_b.generate(PROMPT, GenerateOptions(seed=1, steps=STEPS))
         assert hit.cache_hit and hit.skipped_steps > 0 and hit.similarity > 0.99
