@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +17,29 @@ def _plain_fp32(tensor: torch.Tensor) -> torch.Tensor:
     # Cloned outside inference mode: callers (schedulers, the cache) may update it in place, which an
     # inference tensor forbids.
     return tensor.float().cpu().clone()
+
+
+# The three module calls, shared by the in-process SubModels and the served torch profile: inputs cast to the
+# module's device and dtype, the raw output returned (callers decide where it goes and in which dtype).
+def call_text_encoder(
+    encoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token ids ``[B, L]`` → last hidden state ``[B, L, D]`` (clip_skip None: ``output[0]``)."""
+    mask = None if attention_mask is None else attention_mask.to(encoder.device)
+    return encoder(input_ids.to(encoder.device), attention_mask=mask)[0]
+
+
+def call_unet(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
+    device, dtype = unet.device, unet.dtype
+    return unet(
+        sample.to(device, dtype), timestep.to(device), encoder_hidden_states=text.to(device, dtype), return_dict=False
+    )[0]
+
+
+def call_vae_decoder(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1]."""
+    return vae.decode(latent.to(vae.device, vae.dtype), return_dict=False)[0]
 
 
 class TorchSubModels:
@@ -32,30 +56,20 @@ class TorchSubModels:
         self.use_attention_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids ``[B, L]`` int64 → last hidden state ``[B, L, D]`` float32 (clip_skip None: ``output[0]``)."""
-        device = self.text_encoder.device
-        mask = attention_mask.to(device) if self.use_attention_mask and attention_mask is not None else None
+        """Token ids ``[B, L]`` int64 → last hidden state ``[B, L, D]`` float32."""
+        mask = attention_mask if self.use_attention_mask else None
         with torch.inference_mode():
-            hidden = self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
-        return _plain_fp32(hidden)
+            return _plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
-        device, dtype = self.unet_model.device, self.unet_model.dtype
         with torch.inference_mode():
-            out = self.unet_model(
-                sample.to(device, dtype),
-                timestep.to(device),
-                encoder_hidden_states=encoder_hidden_states.to(device, dtype),
-                return_dict=False,
-            )[0]
-        return _plain_fp32(out)
+            return _plain_fp32(call_unet(self.unet_model, sample, timestep, encoder_hidden_states))
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""
         with torch.inference_mode():
-            image = self.vae.decode(latent.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
-        return _plain_fp32(image)
+            return _plain_fp32(call_vae_decoder(self.vae, latent))
 
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -70,21 +84,15 @@ def component_runner(component: str, checkpoint_dir: str | Path, device: str, dt
     root = Path(checkpoint_dir)
     if component == "text_encoder":
         encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
-        return lambda feeds: {"last_hidden_state": encoder(feeds["input_ids"].to(device))[0].float()}
+        return lambda feeds: {"last_hidden_state": call_text_encoder(encoder, feeds["input_ids"]).float()}
     if component == "unet":
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
-
-        def run_unet(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            out = unet(
-                feeds["sample"].to(device, dtype),
-                feeds["timestep"].reshape(-1).to(device),  # one timestep per row
-                encoder_hidden_states=feeds["encoder_hidden_states"].to(device, dtype),
-                return_dict=False,
-            )[0]
-            return {"noise_pred": out.float()}
-
-        return run_unet
+        return lambda feeds: {  # Triton sends one timestep per row as [rows, 1]
+            "noise_pred": call_unet(
+                unet, feeds["sample"], feeds["timestep"].reshape(-1), feeds["encoder_hidden_states"]
+            ).float()
+        }
     if component == "vae_decoder":
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
-        return lambda feeds: {"image": vae.decode(feeds["latent"].to(device, dtype), return_dict=False)[0].float()}
+        return lambda feeds: {"image": call_vae_decoder(vae, feeds["latent"]).float()}
     raise ValueError(f"component={component!r}: choose text_encoder, unet or vae_decoder")
