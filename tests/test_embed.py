@@ -1,10 +1,21 @@
 """Prompt embedders: the real MiniLM model ranks paraphrases above unrelated prompts; CLIP uses the checkpoint."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from nirvana.embed import ClipEmbedder, EmbedderError, clip_pool, make_embedder
+from nirvana.embed import (
+    CHECKPOINT_SETTINGS,
+    ClipEmbedder,
+    EmbedderError,
+    clip_pool,
+    embedder_dim,
+    make_embedder,
+    resolve_embedder,
+)
 
 
 def test_minilm_paraphrase_is_closer_than_unrelated() -> None:
@@ -74,3 +85,22 @@ def test_clip_from_the_conditioning_pass_equals_the_embedder(tiny_checkpoint) ->
 
 def test_minilm_cannot_pool_from_the_text_encoder() -> None:
     assert make_embedder("minilm").embed_from_hidden(torch.zeros(1, 77, 32), torch.zeros(1, 77)) is None
+
+
+def test_auto_is_the_checkpoints_own_encoder_unless_its_maker_recorded_another(tiny_checkpoint, tmp_path) -> None:
+    # make-tiny-model records MiniLM: a random-weight text encoder's features mean nothing.
+    assert json.loads((tiny_checkpoint.path / CHECKPOINT_SETTINGS).read_text())["embedder"] == "minilm"
+    assert resolve_embedder("auto", tiny_checkpoint) == "minilm"
+    assert embedder_dim("auto", tiny_checkpoint) == 384
+    assert resolve_embedder("clip", tiny_checkpoint) == "clip"  # a named embedder is taken as named
+    unrecorded = dataclasses.replace(tiny_checkpoint, path=tmp_path)  # a checkpoint folder without nirvana.json
+    assert resolve_embedder("auto", unrecorded) == "clip"
+    assert embedder_dim("auto", unrecorded) == tiny_checkpoint.text_hidden_size
+    (tmp_path / CHECKPOINT_SETTINGS).write_text('{"embedder": "e5"}')
+    with pytest.raises(EmbedderError, match="embedder='e5' is unknown"):
+        resolve_embedder("auto", unrecorded)
+    (tmp_path / CHECKPOINT_SETTINGS).write_text("[1, 2")
+    with pytest.raises(EmbedderError, match="cannot be read"):
+        resolve_embedder("auto", unrecorded)
+    with pytest.raises(EmbedderError, match="embedder='auto' needs the checkpoint"):
+        make_embedder("auto")

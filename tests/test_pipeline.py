@@ -19,9 +19,11 @@ class CountingModels(TorchSubModels):
     """The real torch sub-models, counting text-encoder calls and UNet calls (steps actually run)."""
 
     text_calls = unet_calls = 0
+    text_rows: list[int]
 
     def encode_text(self, input_ids, attention_mask=None):
         self.text_calls += 1
+        self.__dict__.setdefault("text_rows", []).append(len(input_ids))
         return super().encode_text(input_ids, attention_mask)
 
     def unet(self, sample, timestep, encoder_hidden_states):
@@ -205,3 +207,17 @@ def test_one_text_encoder_call_per_request_and_clip_retrieval_comes_from_it(
         pipe.close()
     monkeypatch.undo()
     np.testing.assert_allclose(vectors[0], used.embed_one(FOX), atol=1e-6)  # what the embedder gives alone
+
+
+def test_the_empty_negative_prompt_is_encoded_once_and_images_do_not_depend_on_order(make_pipe) -> None:
+    pipe = make_pipe()
+    models = pipe.models
+    first = pipe.generate(FOX, seed=3, cache_mode="bypass")
+    assert models.text_rows == [1, 1]  # the empty negative prompt alone (kept), then the prompt's row
+    again = pipe.generate(FOX, seed=3, cache_mode="bypass")
+    assert models.text_rows == [1, 1, 1]  # from then on: one call of one row per request
+    np.testing.assert_array_equal(first.image, again.image)
+    pipe.generate(FOX, negative_prompt="blurry", seed=3, cache_mode="bypass")
+    assert models.text_rows[-1] == 2  # any other negative prompt: both rows in one call
+    fresh = make_pipe()  # a process that never saw the first request makes the same image
+    np.testing.assert_array_equal(fresh.generate(FOX, seed=3, cache_mode="bypass").image, first.image)

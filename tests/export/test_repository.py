@@ -87,7 +87,7 @@ def test_nirvana_config_is_its_spec_with_a_bounded_rejecting_queue() -> None:
 
 
 def test_cpu_profile_serves_onnx_through_python_models() -> None:
-    files = render_configs(sd15_specs(), (512, 512), "cpu")
+    files = render_configs(sd15_specs(), (512, 512), "cpu", embedder="minilm")
     for name in MODEL_NAMES:
         config = _parse(files[f"{name}/config.pbtxt"])
         assert config.backend == "python" and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -95,8 +95,16 @@ def test_cpu_profile_serves_onnx_through_python_models() -> None:
     assert "nirvana.serving.bls_model" in files["nirvana/1/model.py"]
 
 
+def test_prompt_embedder_is_served_only_for_minilm() -> None:
+    # Retrieval pooled from the text_encoder execution (clip): no MiniLM model loaded, no extra model call.
+    clip = render_configs(sd15_specs(), (512, 512), "cpu")
+    assert not any(path.startswith("prompt_embedder/") for path in clip)
+    assert {"text_encoder/config.pbtxt", "unet/config.pbtxt", "vae_decoder/config.pbtxt"} <= set(clip)
+    assert "prompt_embedder/config.pbtxt" in render_configs(sd15_specs(), (512, 512), "cpu", embedder="minilm")
+
+
 def test_torch_profile_serves_the_checkpoints_modules_and_the_onnx_embedder(tmp_path) -> None:
-    files = render_configs(sd15_specs(), (512, 512), "torch", checkpoint=tmp_path)
+    files = render_configs(sd15_specs(), (512, 512), "torch", checkpoint=tmp_path, embedder="minilm")
     for name in ("text_encoder", "unet", "vae_decoder"):
         config = _parse(files[f"{name}/config.pbtxt"])
         assert config.backend == "python" and config.parameters["checkpoint"].string_value == str(tmp_path)

@@ -22,7 +22,7 @@ def similarity(tiny_checkpoint) -> float:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoint_dir, tmp_path_factory, similarity, start_server):
+def server_url(tiny_checkpoint_dir, tmp_path_factory, similarity, start_server):
     assert 0.1 < similarity < 0.999, similarity  # the tiny encoder tells these prompts apart, a little
     work = tmp_path_factory.mktemp("clip_serve")
     config = work / "clip.toml"  # what `nirvana calibrate --embedder clip` writes: one band just below the pair
@@ -31,10 +31,15 @@ def client(tiny_checkpoint_dir, tmp_path_factory, similarity, start_server):
         f'embedder = "clip"\n[cache.selection]\nreference_steps = {STEPS}\nthresholds = [[{threshold}, 3]]\n'
     )
     state = start_server(tiny_checkpoint_dir, work, config_file=config)
-    made = NirvanaClient(state["server"].urls.grpc, "grpc")
+    yield state["server"].urls.grpc
+    state["server"].stop()
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    made = NirvanaClient(server_url, "grpc")
     yield made
     made.close()
-    state["server"].stop()
 
 
 def test_served_clip_similarity_is_the_checkpoints_text_feature_cosine(client, similarity) -> None:
@@ -43,3 +48,15 @@ def test_served_clip_similarity_is_the_checkpoints_text_feature_cosine(client, s
     second = client.generate(NEW, GenerateOptions(seed=2, steps=STEPS))
     assert second.cache_hit and 0 < second.skipped_steps <= 3
     assert second.similarity == pytest.approx(similarity, abs=1e-4)  # ONNX encoder vs torch: float noise only
+
+
+def test_clip_retrieval_loads_no_prompt_embedder_model(server_url) -> None:
+    import tritonclient.grpc as grpcclient
+
+    triton = grpcclient.InferenceServerClient(server_url)
+    try:
+        served = {m.name for m in triton.get_model_repository_index().models}
+    finally:
+        triton.close()
+    assert {"nirvana", "cache", "text_encoder", "unet", "vae_decoder"} <= served
+    assert "prompt_embedder" not in served

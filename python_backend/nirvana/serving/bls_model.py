@@ -15,7 +15,7 @@ import numpy as np
 
 from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
-from nirvana.embed import ClipEmbedder
+from nirvana.embed import ClipEmbedder, resolve_embedder
 from nirvana.pipeline import NonFiniteError, Pipeline, RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_cache import BlsCache
@@ -95,7 +95,8 @@ class TritonPythonModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         models = BlsSubModels(pb_utils, conditioning_device=device)
         # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
-        embedder = ClipEmbedder(checkpoint, models.encode_text) if config.embedder == "clip" else BlsEmbedder(pb_utils)
+        clip = resolve_embedder(config.embedder, checkpoint) == "clip"
+        embedder = ClipEmbedder(checkpoint, models.encode_text) if clip else BlsEmbedder(pb_utils)
         cache = BlsCache(pb_utils, config.cache.selection.selector())
         self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
         self.metrics = RequestMetrics(pb_utils, cache)
