@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,35 @@ def test_the_empty_negative_prompt_is_encoded_once_and_images_do_not_depend_on_o
     assert models.text_rows[-1] == 2  # any other negative prompt: both rows in one call
     fresh = make_pipe()  # a process that never saw the first request makes the same image
     np.testing.assert_array_equal(fresh.generate(FOX, seed=3, cache_mode="bypass").image, first.image)
+
+
+def test_an_embedder_with_its_own_model_call_runs_beside_the_text_encoder(tiny_checkpoint, embedder, tmp_path) -> None:
+    spans: dict[str, tuple[float, float]] = {}
+
+    def recorded(name, fn, *args):
+        start = time.monotonic()
+        time.sleep(0.3)  # long enough that running one after the other could not look overlapped
+        out = fn(*args)
+        spans[name] = (start, time.monotonic())
+        return out
+
+    class SlowText(CountingModels):
+        def encode_text(self, input_ids, attention_mask=None):
+            return recorded("text", super().encode_text, input_ids, attention_mask)
+
+    class SlowMiniLM(type(embedder)):
+        def __init__(self) -> None:  # the loaded MiniLM, its call slowed and recorded
+            self.__dict__.update(embedder.__dict__)
+
+        def embed(self, texts):
+            return recorded("embed", super().embed, texts)
+
+    config = load_config({"checkpoint": str(tiny_checkpoint.path), "cache": {"dir": str(tmp_path / "cache")}})
+    pipe = Pipeline(config, checkpoint=tiny_checkpoint, models=SlowText(tiny_checkpoint), embedder=SlowMiniLM())
+    try:
+        result = pipe.generate(FOX, negative_prompt="blurry", seed=1, steps=2)
+    finally:
+        pipe.close()
+    (text_start, text_end), (embed_start, embed_end) = spans["text"], spans["embed"]
+    assert embed_start < text_end and text_start < embed_end  # the two calls were in flight together
+    assert not result.cache_hit and "embed_ms" in result.timings_ms

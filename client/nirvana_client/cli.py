@@ -140,6 +140,7 @@ def replay(
     request also runs with the cache off, in alternating blocks, so cache on/off are measured side by side.
     """
     from nirvana_client.benchmark import run_and_report
+    from nirvana_client.efficiency import summary as efficiency_summary
     from nirvana_client.replay import ReplayOptions
 
     if shuffle and (timing == "trace" or (timing is None and speed is not None)):
@@ -163,6 +164,7 @@ def replay(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary_line(report))
+    typer.echo(efficiency_summary(report["cache_efficiency"]))
     typer.echo(f"report: {out / 'report.md'}")
     if report["errors"] and report["errors"] == sum(m["requests"] for m in report["by_mode"].values()):
         raise typer.Exit(1)  # nothing succeeded: a script running this must notice

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nirvana_client.efficiency import Sample, cache_efficiency
 from nirvana_client.replay import ReplayOptions, ReplayRun
 
 STAGES = (
@@ -21,6 +22,7 @@ STAGES = (
     "search_ms",
     "select_ms",
     "latent_load_ms",
+    "cache_call_ms",
     "text_encode_ms",
     "unet_ms",
     "decode_ms",
@@ -78,6 +80,10 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
+def _sample(r) -> Sample:
+    return Sample(r.mode, r.steps, r.skipped_steps, r.cache_hit, r.server_timings_ms, r.index)
+
+
 def _machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
 
@@ -129,6 +135,7 @@ def build_report(run: ReplayRun, options: ReplayOptions, workload: str) -> dict:
         },
         "server_stage_ms": {m: stage_stats(rs) for m, rs in ok.items()},
         "overhead": overhead(cached),
+        "cache_efficiency": cache_efficiency([_sample(r) for r in run.records if r.ok]),
         "schedule_lag_ms": latency_stats(lags),
         "wall_s": run.wall_s,
         "mode_wall_s": run.mode_wall_s,
@@ -169,9 +176,42 @@ def _stage_rows(report: dict) -> list[str]:
     return rows
 
 
+def _efficiency_lines(e: dict) -> list[str]:
+    lines = ["## Cache efficiency", ""]
+    if "unavailable" in e:
+        return [*lines, f"Not computed: {e['unavailable']}."]
+    lines += [
+        "Efficiency = (bypass server time − cached server time) ÷ UNet time saved (skipped steps × "
+        f"{_fmt(e['unet_step_ms'], 2)} ms, the UNet time per step of bypass requests); server times are the "
+        "server's `total_ms`, each cached request paired with the mean of bypass requests of its step count.",
+        "",
+        "| | value |",
+        "|---|---:|",
+        f"| **overall** (all cached requests, hits and misses) | **{_fmt(e['overall'], 3)}** |",
+        f"| server time saved per request (ms) | {_fmt(e['server_saved_ms_mean'], 2)} "
+        f"({_fmt(e['bypass_server_ms_mean'], 2)} bypass − {_fmt(e['cached_server_ms_mean'], 2)} cached) |",
+        f"| UNet time saved per request (ms) | {_fmt(e['unet_saved_ms_mean'], 2)} |",
+    ]
+    if h := e["per_hit"]:
+        lines.append(
+            f"| per hit: mean / p10 / p50 / p90 ({h['count']} hits) | {_fmt(h['mean'], 3)} / {_fmt(h['p10'], 3)} / "
+            f"{_fmt(h['p50'], 3)} / {_fmt(h['p90'], 3)} |"
+        )
+    if m := e["miss"]:
+        phases = " + ".join(f"{p.removesuffix('_ms')} {_fmt(v, 2)}" for p, v in m["cache_ms_by_phase"].items())
+        lines.append(
+            f"| **cache path's share of a miss** ({m['misses']} misses) | **{_fmt(m['share'] and m['share'] * 100)}%** "
+            f"({_fmt(m['cache_ms_mean'], 2)} ms = {phases} of {_fmt(m['bypass_server_ms_mean'], 2)} ms) |"
+        )
+        if m["phases_not_reported"]:
+            lines += ["", f"Phases no miss reported (counted as 0): {', '.join(m['phases_not_reported'])}."]
+    return lines
+
+
 def to_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     """report.md: what a person reads first; report.json has every figure."""
     modes = report["by_mode"]
+    by_k = report["cache_efficiency"].get("by_k", {})
     bypass = modes.get("bypass", {"ok": "–", "errors": "–"})
     t = report["timing"]
     pacing = {
@@ -204,9 +244,12 @@ def to_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         "",
         "## Hits by skipped steps K",
         "",
-        "| K | hits | share of cached requests |",
-        "|---:|---:|---:|",
-        *(f"| {k} | {n} | {n / max(1, modes['cached']['ok']):.1%} |" for k, n in report["k_histogram"].items()),
+        "| K | hits | share of cached requests | cache efficiency (mean) |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {k} | {n} | {n / max(1, modes['cached']['ok']):.1%} | {_fmt(by_k.get(k), 3)} |"
+            for k, n in report["k_histogram"].items()
+        ),
         "",
         "## Server time per stage (ms: mean / p99 (requests in which it ran))",
         "",
@@ -223,6 +266,7 @@ def to_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             f"of {_fmt(o['unet_step_ms_mean'], 2)} ms; admitting latents on a miss: mean {_fmt(o['admit_ms_mean'], 2)} "
             f"ms; skipped steps per request: {_fmt(o['skipped_steps_per_request'], 2)}.",
         ]
+    lines += ["", *_efficiency_lines(report["cache_efficiency"])]
     if report["errors"]:
         lines += ["", f"**{report['errors']} errors**, e.g.:", *(f"- `{e}`" for e in report["error_examples"])]
     if plots:

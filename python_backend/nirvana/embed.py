@@ -40,6 +40,8 @@ class Embedder(ABC):
 
     name: str
     dim: int
+    # True: the vector is pooled from the conditioning pass (embed_from_hidden), no model call of its own.
+    pools_from_conditioning: bool = False
 
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -128,6 +130,7 @@ class ClipEmbedder(Embedder):
                 "embedder='clip' through a served text encoder needs a CLIPTextModel: its projection is not served"
             )
         self._encode_text, self._eos_token_id = encode_text, int(config.eos_token_id)
+        self.pools_from_conditioning = not self._has_projection
         self.dim = projection.out_features if projection is not None else embedder_dim(self.name, checkpoint)
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -110,6 +111,7 @@ class Pipeline:
         self.cache = cache
         self._cache_keys: dict[tuple[int, float], str] = {}
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
+        self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
 
     # -- validation ---------------------------------------------------------------------------------
     def request(
@@ -239,15 +241,21 @@ class Pipeline:
         ``[dim]`` (None when bypassing: nothing is looked up or admitted).
 
         The model's own CLIP embedder pools the vector from the cond row of that same hidden state; any other
-        (MiniLM) makes its own model call.
+        (MiniLM) makes its own model call, overlapped with the text encoder's.
         """
+        own_call = None
+        if req.cache_mode != "bypass" and not self.embedder.pools_from_conditioning:
+            # MiniLM's own model call needs nothing from the text encoder's: the two run at once.
+            own_call = self._side_calls.submit(self.embedder.embed_one, req.prompt)
         tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
         embeddings = _timed(timings, "text_encode_ms", self._conditioning, tokens, bool(req.negative_prompt))
         if req.cache_mode == "bypass":
             return embeddings, None
-        t0 = time.perf_counter()
-        vectors = self.embedder.embed_from_hidden(embeddings[1:], tokens.input_ids[1:])
-        vector = self.embedder.embed_one(req.prompt) if vectors is None else vectors[0]
+        t0 = time.perf_counter()  # embed_ms: what retrieval adds after the text encoder (its hidden part excluded)
+        if own_call is not None:
+            vector = own_call.result()
+        else:
+            vector = self.embedder.embed_from_hidden(embeddings[1:], tokens.input_ids[1:])[0]
         timings["embed_ms"] = (time.perf_counter() - t0) * 1e3
         return embeddings, vector
 
@@ -289,6 +297,7 @@ class Pipeline:
         return (1, self.checkpoint.latent_channels, h, w)
 
     def close(self) -> None:
+        self._side_calls.shutdown(wait=True)
         self.cache.close()
 
 

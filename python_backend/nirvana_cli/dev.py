@@ -240,11 +240,16 @@ def bench_replay(
     steps: Annotated[int, typer.Option(help="Denoising steps per request (N).")] = 50,
     tenant_column: Annotated[str | None, typer.Option(help="Column used as TENANT (e.g. user_name).")] = None,
     config: ConfigFile = None,
+    compare_bypass: Annotated[
+        bool, typer.Option(help="Also run every request with the cache bypassed (blocks alternate): cache efficiency.")
+    ] = True,
+    block_size: Annotated[int, typer.Option(help="--compare-bypass: requests per block.", min=1)] = 25,
     json_path: JsonOut = None,
     work_dir: Annotated[Path | None, typer.Option(help="Cache and model dir (default: a temp dir).")] = None,
     verbose: bool = False,
 ) -> None:
-    """Replay a prompt workload in-process (in timestamp order when it has one): hit rate, K histogram, steps saved."""
+    """Replay a prompt workload in-process (in timestamp order when it has one): hit rate, K histogram, steps saved,
+    and with the bypass comparison the cache efficiency."""
     from nirvana_dev.bench.replay import run_replay
 
     setup_logging(verbose)
@@ -257,5 +262,7 @@ def bench_replay(
         tenant_column=tenant_column,
         config_path=config,
         work_dir=work_dir,
+        compare_bypass=compare_bypass,
+        block_size=block_size,
     )
     emit(report, json_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import http.client
 import json
+import math
 from urllib.parse import urlsplit
 
 import pytest
@@ -117,6 +118,13 @@ def test_report_matches_responses_and_server_counters(server, tmp_path) -> None:
     assert report["latency_ms"]["bypass"]["p99"] > 0 and report["throughput_rps"]["bypass"] > 0
     assert "unet_ms" in report["server_stage_ms"]["bypass"] and "search_ms" in report["server_stage_ms"]["cached"]
     assert "hit_rate=" in result.output and "steps_saved=" in result.output
+    efficiency = report["cache_efficiency"]
+    assert "unavailable" not in efficiency and "cache efficiency: overall=" in result.output
+    assert len(efficiency["requests"]) == len(cached) and efficiency["per_hit"]["count"] == len(hits)
+    figures = [efficiency[k] for k in ("overall", "unet_step_ms", "unet_saved_ms_mean", "server_saved_ms_mean")]
+    figures += [efficiency["per_hit"]["p50"], efficiency["miss"]["share"], efficiency["miss"]["cache_ms_mean"]]
+    assert all(math.isfinite(v) for v in figures) and efficiency["unet_step_ms"] > 0
+    assert efficiency["miss"]["cache_ms_by_phase"]["lookup_ms"] > 0  # the served lookup: the BLS round trip
     for name in ("report.md", "latency_cdf.png", "k_histogram.png", "warmup.png", "stages.png"):
         assert (out / name).stat().st_size > 0
 

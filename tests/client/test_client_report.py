@@ -70,6 +70,14 @@ def test_report_figures(run) -> None:
     overhead = report["overhead"]
     assert overhead["cache_path_ms_mean"] == pytest.approx((1.6 * 4 + 0.4 * 3) / 4)
     assert overhead["unet_step_ms_mean"] == pytest.approx(5.0) and overhead["admit_ms_mean"] == 2.0
+    efficiency = report["cache_efficiency"]  # every total_ms is 10: no server time saved
+    assert efficiency["unet_step_ms"] == 5.0 and efficiency["unet_saved_ms_mean"] == pytest.approx(25 * 5.0 / 4)
+    assert efficiency["overall"] == 0.0 and efficiency["by_k"] == {"5": 0.0, "10": 0.0}
+    assert len(efficiency["requests"]) == 4 and efficiency["per_hit"]["count"] == 3
+    # the one miss: embed 1 + search 0.5 + select 0.1 + admit 2 of a 10 ms bypass request
+    assert efficiency["miss"]["cache_ms_mean"] == pytest.approx(3.6) and efficiency["miss"]["share"] == pytest.approx(
+        0.36
+    )
     json.dumps(report)  # serialisable as it stands
     for key in ("requests", "errors", "hit_rate", "steps_saved_fraction", "k_histogram", "latency_ms"):
         assert key in report
@@ -82,6 +90,8 @@ def test_report_without_bypass_has_empty_ratios(run) -> None:
     assert report["latency_ms"]["bypass"] is None and report["throughput_rps"]["bypass"] is None
     assert report["speedup_mean_latency"] is None
     assert "| latency mean (ms) | 72.5 | – | – |" in to_markdown(report)
+    assert "unavailable" in report["cache_efficiency"]
+    assert "Not computed: needs both cached and bypass requests" in to_markdown(report)
 
 
 def test_markdown_reads_as_a_table(run) -> None:
@@ -89,7 +99,10 @@ def test_markdown_reads_as_a_table(run) -> None:
     text = to_markdown(report, ["latency_cdf.png"])
     assert "**Hit rate 75.0%** (3 of 4)" in text and "steps saved 31.2%" in text
     assert "| latency mean (ms) | 72.5 | 102.0 | 0.711 |" in text
-    assert "| 10 | 2 | 50.0% |" in text and "![latency_cdf.png](latency_cdf.png)" in text
+    assert "| 10 | 2 | 50.0% | 0.000 |" in text and "## Cache efficiency" in text
+    assert "| **overall** (all cached requests, hits and misses) | **0.000** |" in text
+    assert "| **cache path's share of a miss** (1 misses) | **36.0%**" in text
+    assert "![latency_cdf.png](latency_cdf.png)" in text and "![latency_cdf.png](latency_cdf.png)" in text
     assert "**1 errors**" in text and "`boom`" in text
 
 

@@ -48,6 +48,9 @@ def server_figures(before: dict, after: dict, steps_run: int) -> dict:
     """What Triton measured between two scrapes: UNet batching and the orchestration overhead per step."""
     execs = _delta(after, before, "nv_inference_exec_count", "unet")
     rows = _delta(after, before, "nv_inference_count", "unet")
+    # Triton adds a batched execution's compute time once per request in it: per execution = per request.
+    unet_requests = _delta(after, before, "nv_inference_request_success", "unet")
+    unet_us = _delta(after, before, "nv_inference_compute_infer_duration_us", "unet")
     requests = _delta(after, before, "nv_inference_request_success", "nirvana")
     # In `execute` (a request queued for a free instance is not orchestration time).
     nirvana_us = _delta(after, before, "nv_inference_compute_infer_duration_us", "nirvana")
@@ -55,9 +58,7 @@ def server_figures(before: dict, after: dict, steps_run: int) -> dict:
     return {
         "unet_executions": int(execs),
         "unet_rows_per_execution": rows / execs if execs else None,
-        "unet_ms_per_execution": _delta(after, before, "nv_inference_compute_infer_duration_us", "unet") / execs / 1e3
-        if execs
-        else None,
+        "unet_ms_per_execution": unet_us / unet_requests / 1e3 if unet_requests else None,
         "server_ms_per_request": nirvana_us / requests / 1e3 if requests else None,
         # Sub-model request durations include their queueing, so this is what the orchestrator itself adds.
         "overhead_ms_per_step": (nirvana_us - submodel_us) / steps_run / 1e3 if steps_run else None,
