@@ -1,8 +1,10 @@
 """`open_cache`: the production composition of the cache, built from a `CacheConfig`.
 
 Latent blobs under `config.latent_dir`, Milvus (`config.resolved_milvus_uri`) as the store of record, mirrored in
-process and reconciled with the blobs at open; on a Milvus server, a background refresh of the mirror from what
-other replicas wrote. Tests of the request path compose `ApproximateCache` from an in-memory index instead.
+process and reconciled with the blobs at open; with milvus-lite the mirror's vectors and search training are also
+kept in a snapshot file, so a reopen reads neither back (`snapshot`). On a Milvus server, a background refresh of
+the mirror from what other replicas wrote. Tests of the request path compose `ApproximateCache` from an in-memory
+index instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from nirvana.cache.mirror import Mirror
 from nirvana.cache.reconcile import Reconciler
 from nirvana.cache.records import is_server_uri
 from nirvana.cache.replicas import ReplicaSync
+from nirvana.cache.snapshot import snapshot_path
 from nirvana.config import CacheConfig
 
 
@@ -29,12 +32,24 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
     latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
     mirror = Mirror(dim, config.search)
     counters = CacheCounters()
-    reconciler = Reconciler(config, mirror, latents, counters)
+    shared = is_server_uri(config.resolved_milvus_uri)
+    # The mirror snapshot only for milvus-lite: one process, so one writer of the file (see `snapshot`).
+    snapshot = None if shared else snapshot_path(config.dir, config.collection)
+    reconciler = Reconciler(config, mirror, latents, counters, snapshot)
     replicas = ReplicaSync(config, mirror, reconciler)
-    cache = ApproximateCache(config, mirror, latents, counters=counters, replicas=replicas, clock=clock)
+    cache = ApproximateCache(
+        config,
+        mirror,
+        latents,
+        counters=counters,
+        replicas=replicas,
+        clock=clock,
+        on_close=reconciler.save_snapshot,
+        open_timings=reconciler.timings,
+    )
     MilvusConnection(
         config, dim, prepare=reconciler.load, discard=mirror.reset, publish=cache.attach, closed=cache.closed
     ).open()
-    if is_server_uri(config.resolved_milvus_uri) and config.refresh_interval_s > 0:
+    if shared and config.refresh_interval_s > 0:
         replicas.start(lambda: cache.index, cache.closed)
     return cache

@@ -46,6 +46,7 @@ TEMP_SUFFIX = ".tmp"
 # A temporary file younger than this may belong to a put in flight in another process sharing the directory
 # (several Triton model instances, several pods): the cleanup at open leaves it alone.
 STALE_TEMP_AGE_S = 300.0
+SCANNED_KEYS_MAX_AGE_S = 60.0  # the keys found at open are used by a reconciliation that starts sooner than this
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
@@ -69,22 +70,44 @@ class LatentStore:
         self.dtype = dtype
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        self._scanned: tuple[float, set[str]] | None = None  # (time.monotonic(), keys) of the walk at open
         self._total_bytes = self._scan_at_open()
+        self.scan_s = time.perf_counter() - t0
 
     def _scan_at_open(self) -> int:
-        """One walk of the directory (millions of files): returns the bytes of the blobs, and removes stale
-        temporary files and blobs of the pre-safetensors format."""
-        total, legacy, cutoff = 0, 0, time.time() - STALE_TEMP_AGE_S
+        """The one walk of the directory at open (millions of files): returns the bytes of the blobs, keeps their
+        keys for the reconciliation (`take_scanned_keys`), and removes stale temporary files and blobs of the
+        pre-safetensors format."""
+        total, legacy, cutoff, now = 0, 0, time.time() - STALE_TEMP_AGE_S, time.time()
+        keys: set[str] = set()
         for entry in self._files(BLOB_SUFFIX, LEGACY_SUFFIX, TEMP_SUFFIX):
-            if entry.name.endswith(TEMP_SUFFIX):
+            name = entry.name
+            if name.endswith(BLOB_SUFFIX):
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted meanwhile (another process sharing the directory)
+                keys.add(name[: -len(BLOB_SUFFIX)])
+            elif name.endswith(TEMP_SUFFIX):
                 _remove_if_older(entry, cutoff)
-            elif entry.name.endswith(LEGACY_SUFFIX):
-                legacy += _remove_if_older(entry, time.time())
             else:
-                total += _size_or_zero(Path(entry.path))
+                legacy += _remove_if_older(entry, now)
         if legacy:
             log.warning("dropped %d latents in the pre-safetensors format; they will be regenerated", legacy)
+        self._scanned = (time.monotonic(), keys)
         return total
+
+    def take_scanned_keys(self, max_age_s: float = SCANNED_KEYS_MAX_AGE_S) -> set[str] | None:
+        """The keys the walk at open found, handed out once (the reconciliation at open uses them instead of
+        walking the directory again); None once taken, or when the walk is older than ``max_age_s`` (a
+        reconnect long after open): then walk with `keys`. Blobs put or deleted by this process since the walk
+        are accounted for; another process's are not."""
+        with self._lock:
+            scanned, self._scanned = self._scanned, None
+        if scanned is None or time.monotonic() - scanned[0] > max_age_s:
+            return None
+        return scanned[1]
 
     # --- public API ---------------------------------------------------------------------------------------------
 
@@ -108,6 +131,8 @@ class LatentStore:
                 old_size = _size_or_zero(path)
                 os.replace(temp, path)
                 self._total_bytes += len(data) - old_size
+                if self._scanned is not None:
+                    self._scanned[1].add(key)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -132,6 +157,8 @@ class LatentStore:
         path = self._path(key)
         with self._lock:
             size = _size_or_zero(path)
+            if self._scanned is not None:
+                self._scanned[1].discard(key)
             try:
                 path.unlink()
             except FileNotFoundError:

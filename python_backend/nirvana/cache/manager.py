@@ -70,8 +70,13 @@ class ApproximateCache:
         counters: CacheCounters | None = None,
         replicas: ReplicaSync | None = None,
         clock: Callable[[], float] = time.time,
+        on_close: Callable[[], None] | None = None,
+        open_timings: dict[str, float] | None = None,
     ) -> None:
         self.config, self.mirror, self.latents, self._clock = config, mirror, latents, clock
+        # At close, before the index closes (a milvus-lite file stays locked meanwhile): the mirror snapshot
+        self._on_close = on_close
+        self.open_timings = open_timings if open_timings is not None else {}  # phases of the open, in seconds
         self.replica = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.selector = config.selection.selector()
         self.policy = LCBFUPolicy(config.max_entries, config.max_bytes, config.min_entries_per_prompt)
@@ -331,4 +336,6 @@ class ApproximateCache:
                 self.replicas.settle(index)
             except Exception as err:
                 log.warning("last cache mirror refresh failed (hit counts may be behind): %s", err)
+        if self._on_close is not None:
+            self._on_close()
         index.close()

@@ -17,7 +17,7 @@ import numpy as np
 
 from nirvana.cache.policy import EntryStats
 from nirvana.cache.records import EntryMeta, PromptRecord, blob_key
-from nirvana.cache.search import Match, PartitionedSearch, PartitionKey
+from nirvana.cache.search import Match, PartitionedSearch, PartitionKey, Trained
 from nirvana.config import SearchConfig
 
 
@@ -96,8 +96,9 @@ class Mirror:
             self._entries += len(record.entries)
             self.search.add((record.cache_key, record.tenant), record.id, record.vector)
 
-    def add_many(self, records: list[PromptRecord]) -> None:
-        """Prompts new to the mirror, in bulk (at open: one index build per partition, not one per row)."""
+    def add_many(self, records: list[PromptRecord], trained: dict[PartitionKey, Trained] | None = None) -> None:
+        """Prompts new to the mirror, in bulk (at open: one index build per partition, not one per row);
+        `trained`: earlier IVF trainings by partition, reused where still valid (`PartitionedSearch.add_many`)."""
         by_partition: dict[PartitionKey, list[PromptRecord]] = {}
         for record in records:
             by_partition.setdefault((record.cache_key, record.tenant), []).append(record)
@@ -105,8 +106,9 @@ class Mirror:
             for partition, group in by_partition.items():
                 self._records.update((r.id, r) for r in group)
                 self._entries += sum(len(r.entries) for r in group)
-                ids = np.array([r.id for r in group], np.int64)
-                self.search.add_many(partition, ids, np.stack([r.vector for r in group]))
+                ids = np.fromiter((r.id for r in group), np.int64, len(group))
+                vectors = np.stack([r.vector for r in group])
+                self.search.add_many(partition, ids, vectors, (trained or {}).get(partition))
 
     def put_entry(self, record: PromptRecord, k: int, entry: EntryMeta) -> None:
         """Set one entry of a prompt the mirror holds (a new K, or a rewritten one)."""

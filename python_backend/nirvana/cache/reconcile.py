@@ -11,57 +11,156 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+
+import numpy as np
 
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
 from nirvana.cache.manager import CacheCounters
 from nirvana.cache.mirror import Mirror
 from nirvana.cache.records import PromptRecord, blob_key, row_of
+from nirvana.cache.snapshot import Snapshot, load_snapshot, save_snapshot
 from nirvana.config import CacheConfig
 
 log = logging.getLogger(__name__)
 
 MIN_ORPHAN_GRACE_S = 10.0
+SNAPSHOT_REWRITE_FRACTION = 0.05  # rewrite the snapshot at open when more of the vectors than this came from Milvus
+_NO_VECTOR = np.zeros(0, np.float32)  # a record's vector until `_attach_vectors` gives it the real one
+
+
+class _Phases:
+    """Seconds per phase of the open, written into `timings` as each phase ends."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings, self.at = timings, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.at
+        self.at = now
 
 
 class Reconciler:
-    """Loads Milvus into the mirror (`load`) and removes latents no row refers to (`load`, `remove_orphans`)."""
+    """Loads Milvus into the mirror (`load`) and removes latents no row refers to (`load`, `remove_orphans`).
 
-    def __init__(self, config: CacheConfig, mirror: Mirror, latents: LatentStore, counters: CacheCounters) -> None:
+    `snapshot`: where the mirror snapshot (`snapshot`) lives, or None not to use one. `timings` holds the phases
+    of the last `load`, in seconds.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        mirror: Mirror,
+        latents: LatentStore,
+        counters: CacheCounters,
+        snapshot: Path | None = None,
+    ) -> None:
         self.config, self.mirror, self.latents, self.counters = config, mirror, latents, counters
+        self.snapshot = snapshot
         self.opened_at = time.monotonic()
         self._orphan_candidates: set[str] = set()  # unreferenced at open, on a shared cache
+        self.timings: dict[str, float] = {"latent_scan_s": latents.scan_s}
 
     def load(self, index: MilvusIndex) -> None:
-        """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to."""
-        dangling = 0
-        records: list[PromptRecord] = []
-        for record in index.load_all():
-            missing = [k for k in record.entries if blob_key(record.id, k) not in self.latents]
-            for k in missing:
-                del record.entries[k]
-            dangling += len(missing)
-            if missing:
-                index.put(record, removed=missing)  # merged at flush: what another replica added stays
-            if record.entries:
-                records.append(record)
-        self.mirror.add_many(records)
-        unreferenced = sorted(set(self.latents.keys()) - self.mirror.blob_keys())
+        """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to.
+
+        The latent directory is walked once (by `LatentStore` at open; again only for a reconnect long after),
+        rows are read without their vectors, and only the vectors of the rows kept are read: from the snapshot
+        where it has them, from Milvus for the rest.
+        """
+        latent_scan_s = self.timings.get("latent_scan_s", 0.0)
+        self.timings.clear()  # a reconnect's load reports its own phases
+        self.timings["latent_scan_s"] = latent_scan_s
+        clock = _Phases(self.timings)
+        present = self.latents.take_scanned_keys()
+        if present is None:
+            present = set(self.latents.keys())
+            clock.lap("latent_rescan_s")
+        rows = list(index.scan_rows())
+        clock.lap("milvus_rows_s")
+        records, repairs = self._drop_dangling(rows, present)
+        clock.lap("reconcile_rows_s")
+        records, from_milvus, trained = self._attach_vectors(index, records, clock)
+        for record, missing in repairs:
+            index.put(record, removed=missing)  # merged at flush: what another replica added stays
+        dangling = sum(len(missing) for _, missing in repairs)
+        self.mirror.add_many(records, trained)
+        clock.lap("mirror_fill_s")
+        unreferenced = sorted(present - self.mirror.blob_keys())
         if index.shared:  # another replica may have written a latent whose row it has not flushed yet
             self._orphan_candidates, unreferenced = set(unreferenced), []
         orphans = sum(self.latents.delete(key) > 0 for key in unreferenced)
+        clock.lap("orphans_s")
         if dangling or orphans:
             log.warning(
                 "cache reconciled: %d entries without a latent dropped, %d orphan latents removed", dangling, orphans
             )
         with self.mirror.lock:
             self.counters.repaired += dangling + orphans
+        if self.snapshot is not None and from_milvus > SNAPSHOT_REWRITE_FRACTION * len(records):
+            self.save_snapshot()  # a crash before close then costs only the rows admitted since
+            clock.lap("snapshot_save_s")
         log.info(
-            "cache open: %d prompts, %d latents, %d bytes",
+            "cache open: %d prompts, %d latents, %d bytes (%d vectors read from Milvus); %s",
             len(self.mirror),
             self.mirror.entries,
             self.latents.total_bytes,
+            from_milvus,
+            ", ".join(f"{name} {value:.2f}" for name, value in self.timings.items()),
         )
+
+    def _drop_dangling(
+        self, rows: list[dict], present: set[str]
+    ) -> tuple[list[PromptRecord], list[tuple[PromptRecord, list[int]]]]:
+        """Records of the rows (vectors not attached yet) without the entries whose blob is gone, and those
+        entries (record, Ks) for the store of record."""
+        records, repairs = [], []
+        for row in rows:
+            record = PromptRecord.from_row({**row, "vector": _NO_VECTOR})
+            # A key the walk did not see may have been written since by another replica: check the file itself.
+            missing = [
+                k for k in record.entries if (key := blob_key(record.id, k)) not in present and key not in self.latents
+            ]
+            for k in missing:
+                del record.entries[k]
+            if missing:
+                repairs.append((record, missing))
+            if record.entries:
+                records.append(record)
+        return records, repairs
+
+    def _attach_vectors(
+        self, index: MilvusIndex, records: list[PromptRecord], clock: _Phases
+    ) -> tuple[list[PromptRecord], int, dict]:
+        """Give each record its vector, from the snapshot or Milvus; leaves out rows Milvus no longer has.
+        Returns the records, how many vectors came from Milvus, and the snapshot's trainings."""
+        snapshot = load_snapshot(self.snapshot, self.mirror.dim) if self.snapshot else Snapshot.empty(self.mirror.dim)
+        ids = np.fromiter((r.id for r in records), np.int64, len(records))
+        created = np.fromiter((r.created for r in records), np.float64, len(records))
+        at = snapshot.positions(ids, created)
+        clock.lap("snapshot_load_s")
+        fetched = index.fetch_vectors(ids[at < 0].tolist()) if np.any(at < 0) else {}
+        clock.lap("milvus_vectors_s")
+        kept = []
+        for record, i in zip(records, at.tolist(), strict=True):
+            vector = snapshot.vectors[i] if i >= 0 else fetched.get(record.id)
+            if vector is not None:  # None: removed (by another replica) since the scan
+                record.vector = vector
+                kept.append(record)
+        return kept, len(fetched), snapshot.trained
+
+    def save_snapshot(self) -> None:
+        """Write the mirror snapshot (at close, and at open when many vectors came from Milvus); never raises."""
+        if self.snapshot is None:
+            return
+        try:
+            save_snapshot(self.snapshot, self.mirror)
+        except Exception as err:
+            log.warning(
+                "mirror snapshot %s not written (%s): the next open reads vectors from Milvus", self.snapshot, err
+            )
 
     def remove_orphans(self, index: MilvusIndex) -> None:
         """Latents no row referred to at open, and still none now that other replicas had time to flush theirs."""

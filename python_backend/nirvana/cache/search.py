@@ -13,7 +13,7 @@ Milvus is the store of record; this is the request path's copy of its vectors. M
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -21,10 +21,31 @@ import numpy as np
 PartitionKey = tuple[str, str]  # (cache_key, tenant)
 
 
+TRAIN_POINTS_PER_LIST = 40  # k-means sample per IVF list; faiss warns below 39 (64 took 9 s at 100k rows, 2 cores)
+
+
 @dataclass(frozen=True)
 class Match:
     id: int
     similarity: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A partition's IVF training: its centroids ([nlist, dim]), the partition's size when trained, and which
+    list each indexed row was in (`ids` ascending, `lists` aligned), so a rebuild need not assign them again."""
+
+    centroids: np.ndarray
+    rows: int
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lists: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def lists_of(self, ids: np.ndarray) -> np.ndarray:
+        """The list of each of `ids` (-1 where unknown)."""
+        if len(self.ids) == 0:
+            return np.full(len(ids), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[at] == ids, self.lists[at], -1).astype(np.int64)
 
 
 class _ExactRows:
@@ -119,21 +140,57 @@ class _Partition:
             ids, vectors = np.concatenate([ivf_ids, ids]), np.concatenate([ivf_vectors, vectors])
         return ids, vectors
 
-    def _build(self, rows: tuple[np.ndarray, np.ndarray]) -> None:
+    def _build(self, rows: tuple[np.ndarray, np.ndarray], trained: Trained | None = None) -> None:
+        """Index `rows` in a new IVF, trained on them, or on the centroids of an earlier training (`trained`)."""
         ids, vectors = rows
-        # 4·sqrt(n) lists (faiss guideline), but at least ~40 training points per list
-        nlist = int(np.clip(min(4 * np.sqrt(len(ids)), len(ids) / 40), 16, 4096))
         quantizer = faiss.IndexFlatIP(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors
-        if len(vectors) > 64 * nlist:
-            sample = vectors[np.random.default_rng(0).choice(len(vectors), 64 * nlist, replace=False)]
-        ivf.train(sample)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct() and cheap remove_ids() by id
-        ivf.add_with_ids(vectors, ids)
+        if trained is not None:
+            nlist = len(trained.centroids)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            quantizer.add(np.ascontiguousarray(trained.centroids, np.float32))
+            ivf.is_trained = True
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            _add_assigned(ivf, ids, vectors, trained.lists_of(ids))
+        else:
+            # 4·sqrt(n) lists (faiss guideline), but at least ~40 training points per list
+            nlist = int(np.clip(min(4 * np.sqrt(len(ids)), len(ids) / 40), 16, 4096))
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = vectors
+            if len(vectors) > TRAIN_POINTS_PER_LIST * nlist:
+                picked = np.random.default_rng(0).choice(len(vectors), TRAIN_POINTS_PER_LIST * nlist, replace=False)
+                sample = vectors[picked]
+            ivf.train(sample)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct() and cheap remove_ids() by id
+            ivf.add_with_ids(vectors, ids)
         ivf.nprobe = min(self.nprobe, nlist)
-        self.ivf, self.ivf_ids, self.trained_at = ivf, set(ids.tolist()), len(ids)
+        self.ivf, self.ivf_ids = ivf, set(ids.tolist())
+        self.trained_at = trained.rows if trained is not None else len(ids)
         self.tail = _ExactRows(self.dim)
+
+    def trained(self) -> Trained | None:
+        """The IVF's centroids and the rows it was trained on (None while the partition is searched exactly)."""
+        if self.ivf is None:
+            return None
+        ids, lists = [], []
+        for i in range(self.ivf.nlist):
+            if size := self.ivf.invlists.list_size(i):
+                ids.append(faiss.rev_swig_ptr(self.ivf.invlists.get_ids(i), size).copy())
+                lists.append(np.full(size, i, np.int64))
+        ids_all = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        lists_all = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        order = np.argsort(ids_all)
+        centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)
+        return Trained(centroids, self.trained_at, ids_all[order], lists_all[order])
+
+
+def _add_assigned(ivf: faiss.IndexIVFFlat, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> None:
+    """Add rows whose list is known (-1: not known, assigned here) without searching the quantizer for them."""
+    unknown = lists < 0
+    if np.any(unknown):
+        lists[unknown] = ivf.quantizer.assign(np.ascontiguousarray(vectors[unknown]), 1)[:, 0]
+    # faiss reads through these pointers during the call: keep the arrays referenced until it returns
+    vectors, ids, lists = (np.ascontiguousarray(a) for a in (vectors, np.asarray(ids, np.int64), lists))
+    ivf.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 class PartitionedSearch:
@@ -161,15 +218,20 @@ class PartitionedSearch:
             part.add(row_id, vector)
             self._where[row_id] = partition
 
-    def add_many(self, partition: PartitionKey, row_ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Bulk load of new ids (startup): one index build instead of one per doubling."""
+    def add_many(
+        self, partition: PartitionKey, row_ids: np.ndarray, vectors: np.ndarray, trained: Trained | None = None
+    ) -> None:
+        """Bulk load of new ids (startup): one index build instead of one per doubling. `trained`: an earlier
+        training of this partition (`trained()`), reused (no k-means) while the partition has not doubled since."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         with self._lock:
             part = self._partitions.get(partition)
             if part is None:
                 part = self._partitions[partition] = _Partition(self.dim, *self._params)
             if len(part) == 0 and len(row_ids) > part.exact_max_rows:
-                part._build((np.asarray(row_ids, np.int64), vectors))
+                usable = trained is not None and trained.centroids.shape[1:] == (self.dim,)
+                usable = usable and 0 < len(trained.centroids) <= len(row_ids) < 2 * trained.rows
+                part._build((np.asarray(row_ids, np.int64), vectors), trained if usable else None)
             else:
                 for row_id, vector in zip(row_ids, vectors, strict=True):
                     part.add(int(row_id), vector)
@@ -191,6 +253,12 @@ class PartitionedSearch:
     def best(self, partition: PartitionKey, query: np.ndarray) -> Match | None:
         found = self.top(partition, query, 1)
         return found[0] if found else None
+
+    def trained(self) -> dict[PartitionKey, Trained]:
+        """The IVF training of each partition that has one (kept across restarts: `add_many`)."""
+        with self._lock:
+            found = {key: part.trained() for key, part in self._partitions.items()}
+        return {key: t for key, t in found.items() if t is not None}
 
     def partition_sizes(self) -> dict[PartitionKey, int]:
         with self._lock:
