@@ -33,15 +33,26 @@ def generate(
     guidance: float | None = None,
     cache_mode: Annotated[str | None, typer.Option(help="auto | bypass | refresh")] = None,
     tenant: str | None = None,
+    stream: Annotated[bool, typer.Option(help="Stream (gRPC): a progress bar with hit/K as the steps run.")] = False,
+    previews: Annotated[Path | None, typer.Option(help="--stream: write preview PNGs into this folder.")] = None,
+    preview_every: Annotated[int, typer.Option(help="--previews: one preview every N steps run.", min=1)] = 1,
 ) -> None:
     """Generate one image and print hit / skipped steps / similarity / latency."""
     from PIL import Image
     from tritonclient.utils import InferenceServerException
 
+    if (stream or previews) and protocol != "grpc":
+        raise typer.BadParameter("--stream and --previews need --protocol grpc")
     url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     client = NirvanaClient(url, protocol)  # type: ignore[arg-type]
+    options = GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant)
     try:
-        res = client.generate(prompt, GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant))
+        if stream or previews:
+            from nirvana_client.stream_view import generate_with_progress
+
+            res, _ = generate_with_progress(client, prompt, options, previews, preview_every)
+        else:
+            res = client.generate(prompt, options)
     except InferenceServerException as err:
         typer.echo(f"error: {err.message()}", err=True)
         raise typer.Exit(1) from None

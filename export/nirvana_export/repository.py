@@ -215,6 +215,9 @@ def render_configs(
     files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
     files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
     files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY
+    from nirvana_export.stream_config import stream_files  # it builds on this module's helpers
+
+    files |= stream_files(image_size, specs["unet"], conditioning_device=device, **nirvana_options)
     return files
 
 

@@ -13,7 +13,7 @@ for ancestral samplers, the random generator's state.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -241,11 +241,9 @@ def initial_latent(
 def _check_steps(num_steps: int, start: ResumeState | None, capture_at: Iterable[int]) -> set[int]:
     if num_steps < 1:
         raise StepRangeError(f"num_steps must be ≥ 1, got {num_steps}")
-    first = 0
-    if start is not None:
-        if not 0 < start.step < num_steps:
-            raise StepRangeError(f"resume step {start.step} is outside 0 < K < num_steps={num_steps}")
-        first = start.step
+    first = 0 if start is None else start.step
+    if start is not None and not 0 < first < num_steps:
+        raise StepRangeError(f"resume step {first} is outside 0 < K < num_steps={num_steps}")
     captures = {int(k) for k in capture_at}
     for k in sorted(captures):
         if not (0 < k < num_steps and k >= first):
@@ -298,13 +296,15 @@ def denoise(
     latent: torch.Tensor | None = None,
     start: ResumeState | None = None,
     capture_at: Iterable[int] = (),
+    on_step: Callable[[int, torch.Tensor], object] | None = None,
 ) -> DenoiseResult:
     """Run an N-step schedule from x_T (``latent``) or from ``start`` (steps K..N-1 only), with CFG.
 
     ``embeddings`` ``[2, L, D]`` = ``[uncond, cond]``; guidance applies when g > 1 (else only cond is used, as
     in the pipeline). ``generator`` is the CPU generator the pipeline would pass to ``step()``; resuming an
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
-    ``capture_at`` are returned cloned.
+    ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
+    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there.
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):
@@ -319,9 +319,7 @@ def denoise(
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)  # after set_timesteps, which resets it
         _restore(scheduler, start, generator)
-        x = start.latent.to(torch.float32).clone()
-    else:
-        x = latent.to(torch.float32).clone()
+    x = (latent if start is None else start.latent).to(torch.float32).clone()
 
     # 2. Denoising loop.
     guided = guidance_scale > 1.0
@@ -339,6 +337,8 @@ def denoise(
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i, x)
     return DenoiseResult(latent=x, captured=captured, steps_run=len(timesteps) - first)
 
 

@@ -33,6 +33,7 @@ from nirvana.denoise import (
     tokenize_prompts,
 )
 from nirvana.embed import Embedder, make_embedder
+from nirvana.progress import CacheEvent, EventCallback, StepEvent
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
 
@@ -167,8 +168,11 @@ class Pipeline:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     # -- the request path ---------------------------------------------------------------------------
-    def generate(self, prompt: str, **options: object) -> GenerationResult:
-        """Generate one image; options as in `request()`: negative_prompt, seed, steps, guidance, cache_mode, tenant."""
+    def generate(self, prompt: str, on_event: EventCallback | None = None, **options: object) -> GenerationResult:
+        """Generate one image; options as in `request()`: negative_prompt, seed, steps, guidance, cache_mode, tenant.
+
+        ``on_event`` (`nirvana.progress`) gets a CacheEvent once the cache has answered, then a StepEvent after each
+        denoising step; raising `Cancelled` from it stops the request with nothing admitted."""
         req = self.request(prompt, **options)  # type: ignore[arg-type]
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -180,6 +184,8 @@ class Pipeline:
         else:
             lookup = Lookup(False, Reason(req.cache_mode))  # bypass or refresh: no lookup
         start = self._resume_state(lookup, req)
+        if on_event is not None:
+            on_event(CacheEvent(lookup.hit, lookup.k, req.steps, lookup.similarity, str(lookup.reason)))
         admit_ks = self.cache.selector.admit_ks(req.steps) if not lookup.hit and req.cache_mode != "bypass" else []
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         generator = torch.Generator().manual_seed(req.seed)
@@ -197,11 +203,12 @@ class Pipeline:
             latent=latent,
             start=start,
             capture_at=admit_ks,
+            on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
         )
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
         if not (_finite(result.latent) and _finite(pixels)):
             if lookup.hit:  # the cached start may be what broke it: run the request in full, uncached
-                return self._retry_uncached(req, lookup)
+                return self._retry_uncached(req, lookup, on_event)
             raise NonFiniteError(
                 f"the model produced non-finite values (NaN/inf) for this request ({req.steps} steps, guidance "
                 f"{req.guidance}); nothing was cached. An fp16 engine overflowing does this: build it in fp32."
@@ -270,14 +277,17 @@ class Pipeline:
         cond = self.models.encode_text(tokens.input_ids[1:], tokens.attention_mask[1:])
         return torch.cat([self._empty_uncond.to(cond.device), cond])
 
-    def _retry_uncached(self, req: GenerationRequest, lookup: Lookup) -> GenerationResult:
+    def _retry_uncached(
+        self, req: GenerationRequest, lookup: Lookup, on_event: EventCallback | None
+    ) -> GenerationResult:
         log.warning(
             "a hit on %r (K=%d) produced non-finite values; running the request in full, uncached",
             lookup.matched_prompt,
             lookup.k,
         )
         fields = ("negative_prompt", "seed", "steps", "guidance", "tenant")
-        retried = self.generate(req.prompt, cache_mode="bypass", **{f: getattr(req, f) for f in fields})
+        # on_event hears it as a second cache event ("bypass") and steps from 1 again
+        retried = self.generate(req.prompt, on_event, cache_mode="bypass", **{f: getattr(req, f) for f in fields})
         retried.reason, retried.non_finite = Reason.NON_FINITE, retried.non_finite + 1
         return retried
 

@@ -120,3 +120,20 @@ def test_torch_profile_serves_the_checkpoints_modules_and_the_onnx_embedder(tmp_
 def test_unknown_profile_is_rejected() -> None:
     with pytest.raises(RepositoryError, match="profile='tpu'"):
         submodel_config(sd15_specs()["unet"], "tpu")
+
+
+def test_stream_model_is_decoupled_with_the_nirvana_contract_plus_events_and_previews() -> None:
+    from nirvana.stream_spec import nirvana_stream_spec
+
+    files = render_configs(sd15_specs(), (512, 512), "cpu", max_queue_size=5)
+    config = _parse(files["nirvana_stream/config.pbtxt"])
+    spec = nirvana_stream_spec((512, 512), (64, 64))
+    _assert_tensors_match(config, spec)
+    plain = nirvana_spec((512, 512))
+    assert spec.input_names == [*plain.input_names, "PREVIEW_EVERY"] and spec.input("PREVIEW_EVERY").optional
+    assert spec.output_names == [*plain.output_names, "EVENT", "PREVIEW"]
+    assert list(config.output[-1].dims) == [64, 64, 3]  # the latent's size, not the image's
+    assert config.model_transaction_policy.decoupled and config.backend == "python"
+    assert config.parameters["engine_config"].string_value == "../nirvana/engine.json"  # the one engine config
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 5
+    assert "nirvana.serving.stream_model" in files["nirvana_stream/1/model.py"]

@@ -1,7 +1,9 @@
 """Triton glue of the `nirvana` BLS model: tensors in, `Pipeline.generate`, tensors out, errors converted once.
 
 `model_repository/nirvana/1/model.py` re-exports `TritonPythonModel` from here. Only the modules of
-`nirvana.serving` import `triton_python_backend_utils` (available inside the python backend stub only).
+`nirvana.serving` import `triton_python_backend_utils` (available inside the python backend stub only). The
+streaming model (`stream_model`) builds its engine, parses its inputs and converts its errors with the functions
+here, so both models serve one engine the same way.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from nirvana.checkpoint import load_checkpoint_info
+from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder, resolve_embedder
 from nirvana.pipeline import NonFiniteError, Pipeline, RequestError
+from nirvana.progress import EventCallback
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.serving.metrics import RequestMetrics
@@ -41,7 +44,7 @@ class InputError(ValueError):
     pass
 
 
-def _scalar(name: str, array: np.ndarray) -> object:
+def scalar_value(name: str, array: np.ndarray) -> object:
     """The single value of a [1] tensor; strings decoded as strict UTF-8."""
     if array.size != 1:
         raise InputError(f"{name}: expected exactly one value, got shape {list(array.shape)}")
@@ -68,10 +71,71 @@ def output_arrays(spec: ModelSpec, result: Any) -> dict[str, np.ndarray]:
         "TIMINGS": [json.dumps(_rounded(result.timings_ms)).encode()],
     }
     arrays = {}
-    for tensor in spec.outputs:
+    for tensor in (spec.tensor(name) for name in values):
         dtype = np.object_ if tensor.dtype == "string" else np.dtype(tensor.dtype)
         arrays[tensor.name] = np.asarray(values[tensor.name], dtype=dtype)
     return arrays
+
+
+def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, RequestMetrics, CheckpointInfo]:
+    """The engine of one orchestrator instance over BLS sub-models and the `cache` model, from Triton's `initialize`
+    arguments (parameters `engine_config`, `conditioning_device`), with its request metrics."""
+    params = model_parameters(json.loads(args["model_config"]))
+    config = load_config(path=engine_config_path(args, params))
+    checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
+    # "auto": keep the text conditioning on the GPU when this stub's torch has CUDA (the torch profile).
+    device = params.get("conditioning_device", "cpu")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = BlsSubModels(pb_utils, conditioning_device=device)
+    # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
+    clip = resolve_embedder(config.embedder, checkpoint) == "clip"
+    embedder = ClipEmbedder(checkpoint, models.encode_text) if clip else BlsEmbedder(pb_utils)
+    cache = BlsCache(pb_utils, config.cache.selection.selector())
+    pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
+    return pipeline, RequestMetrics(pb_utils, cache), checkpoint
+
+
+def generate_options(pb_utils: Any, spec: ModelSpec, request: Any) -> dict[str, object]:
+    """`Pipeline.generate` keywords from the request's inputs that `GENERATE_KEYWORDS` names (others are the
+    caller's); raises InputError for a missing required input or a tensor that is not one value."""
+    options: dict[str, object] = {}
+    for tensor_spec in spec.inputs:
+        tensor = pb_utils.get_input_tensor_by_name(request, tensor_spec.name)
+        if tensor is not None and tensor_spec.name in GENERATE_KEYWORDS:
+            options[GENERATE_KEYWORDS[tensor_spec.name]] = scalar_value(tensor_spec.name, tensor.as_numpy())
+        elif tensor is None and not tensor_spec.optional:
+            raise InputError(f"{tensor_spec.name}: required input is missing")
+    return options
+
+
+def generate_or_error(
+    pb_utils: Any, pipeline: Pipeline, metrics: RequestMetrics, options: dict, on_event: EventCallback | None = None
+) -> tuple[Any, Any]:
+    """``(result, None)`` or ``(None, error response)``: engine errors become Triton errors here, once. Exceptions
+    the caller owns (`nirvana.progress.Cancelled`) pass through."""
+    pb = pb_utils
+    try:
+        result = pipeline.generate(on_event=on_event, **options)
+    except (InputError, RequestError) as err:
+        metrics.rejected()
+        return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
+    except NonFiniteError as err:  # nothing was cached; the message says what to change
+        metrics.failed_non_finite()
+        return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INTERNAL))
+    try:
+        metrics.observe(result)
+    except Exception:  # a metrics failure must not turn a generated image into an error
+        log.exception("metrics update failed")
+    return result, None
+
+
+def internal_error(pb_utils: Any, err: Exception) -> Any:
+    """The response for an unexpected failure: the server stays up; the client gets a message it can report."""
+    log.exception("request failed")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(err).__name__}: {err}"))
 
 
 class TritonPythonModel:
@@ -83,23 +147,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        model_config = json.loads(args["model_config"])
-        params = model_parameters(model_config)
-        config = load_config(path=engine_config_path(args, params))
-        checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
-        # "auto": keep the text conditioning on the GPU when this stub's torch has CUDA (the torch profile).
-        device = params.get("conditioning_device", "cpu")
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        models = BlsSubModels(pb_utils, conditioning_device=device)
-        # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
-        clip = resolve_embedder(config.embedder, checkpoint) == "clip"
-        embedder = ClipEmbedder(checkpoint, models.encode_text) if clip else BlsEmbedder(pb_utils)
-        cache = BlsCache(pb_utils, config.cache.selection.selector())
-        self.pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
-        self.metrics = RequestMetrics(pb_utils, cache)
+        self.pipeline, self.metrics, checkpoint = served_pipeline(pb_utils, args)
         self.spec = nirvana_spec(checkpoint.image_size)
         log.info("nirvana model instance %s ready", args.get("model_instance_name", "?"))
 
@@ -110,33 +158,17 @@ class TritonPythonModel:
     def _handle(self, request: Any) -> Any:
         pb = self.pb
         try:
-            options = self._parse(request)
-            result = self.pipeline.generate(**options)
-        except (InputError, RequestError) as err:
+            options = generate_options(pb, self.spec, request)
+            result, error = generate_or_error(pb, self.pipeline, self.metrics, options)
+        except InputError as err:
             self.metrics.rejected()
             return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
-        except NonFiniteError as err:  # nothing was cached; the message says what to change
-            self.metrics.failed_non_finite()
-            return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INTERNAL))
-        except Exception as err:  # the server stays up; the client gets a message it can report
-            log.exception("request failed")
-            return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(err).__name__}: {err}"))
-        try:
-            self.metrics.observe(result)
-        except Exception:  # a metrics failure must not turn a generated image into an error
-            log.exception("metrics update failed")
+        except Exception as err:
+            return internal_error(pb, err)
+        if error is not None:
+            return error
         outputs = [pb.Tensor(name, array) for name, array in output_arrays(self.spec, result).items()]
         return pb.InferenceResponse(output_tensors=outputs)
-
-    def _parse(self, request: Any) -> dict[str, object]:
-        options: dict[str, object] = {}
-        for spec in self.spec.inputs:
-            tensor = self.pb.get_input_tensor_by_name(request, spec.name)
-            if tensor is not None:
-                options[GENERATE_KEYWORDS[spec.name]] = _scalar(spec.name, tensor.as_numpy())
-            elif not spec.optional:
-                raise InputError(f"{spec.name}: required input is missing")
-        return options
 
     def finalize(self) -> None:
         self.pipeline.close()  # the cache model flushes the cache at its own finalize
