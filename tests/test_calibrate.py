@@ -28,6 +28,9 @@ SCENE = {"colour": "red", "shape": "circle", "size": "small", "position": "top l
 KS = (4, 8, 16)
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
 GOOD = {16: 0.9, 8: 0.6, 4: 0.3}  # K -> similarity above which cached images are perfect
+# Bands of these toy records hold 2-15 near misses: with no leak their one-sided 95% Wilson bounds are 0.15-0.58, so
+# tests of the fitting rule (not of the evidence it needs) allow a leak rate of 0.6 at the upper bound.
+LENIENT = Budget(min_count=5, max_leak_rate=0.6)
 
 
 def _judged(correct: int, leak: bool | None) -> dict:
@@ -67,7 +70,7 @@ def _records(good_above: dict[int, float], **kwargs) -> list[dict]:
 
 
 def test_fit_finds_the_known_thresholds() -> None:
-    fit = fit_thresholds(_records(GOOD), KS, Budget(min_count=5))
+    fit = fit_thresholds(_records(GOOD), KS, LENIENT)
     assert fit["thresholds"] == [(0.904, 16), (0.604, 8), (0.304, 4)]
     assert [band["n"] for band in fit["bands"]] == [10, 30, 30]
     assert all(band["accuracy_drop"] == 0 and band["leak_rate"] == 0 for band in fit["bands"])
@@ -77,7 +80,7 @@ def test_fit_finds_the_known_thresholds() -> None:
 
 def test_a_k_whose_near_misses_leak_is_rejected() -> None:
     records = _records({**GOOD, 16: 1.0}, leak_ks=(16,))  # K=16 leaks on every near miss
-    fit = fit_thresholds(records, KS, Budget(min_count=5))
+    fit = fit_thresholds(records, KS, LENIENT)
     assert fit["thresholds"] == [(0.604, 8), (0.304, 4)]
     assert fit["rejected"][0]["k"] == 16 and fit["rejected"][0]["reason"] == "over budget"
     assert fit["rejected"][0]["leak_rate"] > 0.01 and fit["rejected"][0]["accuracy_drop"] == 0
@@ -87,14 +90,14 @@ def test_a_k_over_the_accuracy_budget_is_rejected() -> None:
     records = _records({**GOOD, 16: 1.0})
     for record in records:  # K=16 gets one attribute wrong on every pair: a 20-point drop
         record["cached"]["16"] = _judged(4, False if record["relation"] == "near_miss" else None)
-    fit = fit_thresholds(records, KS, Budget(min_count=5))
+    fit = fit_thresholds(records, KS, LENIENT)
     assert [k for _, k in fit["thresholds"]] == [8, 4]
     assert fit["rejected"][0]["accuracy_drop"] == pytest.approx(0.2)
 
 
 def test_a_band_smaller_than_min_count_is_not_admitted() -> None:
     # Only 10 pairs are good at K=16: with min_count=15 the first checkable band already holds bad pairs.
-    fit = fit_thresholds(_records(GOOD), KS, Budget(min_count=15))
+    fit = fit_thresholds(_records(GOOD), KS, Budget(min_count=15, max_leak_rate=0.6))
     assert fit["thresholds"] == [(0.604, 8), (0.304, 4)]
     assert fit["rejected"][0]["k"] == 16
 
@@ -104,7 +107,7 @@ def test_confusions_the_uncached_model_makes_too_are_not_cache_leaks() -> None:
     for record in records:
         if record["relation"] == "near_miss":
             record["uncached"]["leak"] = True  # the model draws A's value even without the cache
-    fit = fit_thresholds(records, KS, Budget(min_count=5))
+    fit = fit_thresholds(records, KS, LENIENT)
     assert fit["thresholds"][0][1] == 16 and fit["bands"][0]["raw_leak_rate"] > 0
     assert fit["bands"][0]["leak_rate"] == 0
 
@@ -145,7 +148,7 @@ def _evaluation() -> dict:
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_calibrate_writes_a_config_the_server_loads(embedder: Embedder, tmp_path: Path, suffix: str) -> None:
-    report = calibrate(_evaluation(), tmp_path / f"thresholds{suffix}", embedder, Budget(min_count=5))
+    report = calibrate(_evaluation(), tmp_path / f"thresholds{suffix}", embedder, LENIENT)
     # Calibration pairs are records 0, 1, 4, 5, ...: lowest admitted similarities 0.905, 0.625 and 0.305.
     assert report["thresholds"] == [[0.904, 16], [0.624, 8], [0.304, 4]]
     config = load_config({"checkpoint": "unused"}, path=report["config"])
@@ -199,6 +202,7 @@ def test_cli_calibrate_from_eval_json(tmp_path: Path) -> None:
     eval_json.write_text(json.dumps(_evaluation()))
     out = tmp_path / "thresholds.toml"
     args = ["calibrate", "--eval-json", str(eval_json), "--out", str(out), "--min-count", "5"]
+    args += ["--max-leak-rate", "0.6"]
     result = CliRunner().invoke(_cli(), args, env=WIDE)
     assert result.exit_code == 0, result.output
     assert load_config({"checkpoint": "unused"}, path=out).cache.selection.thresholds[0] == (0.904, 16)
@@ -210,7 +214,7 @@ def test_cli_calibrate_from_eval_json(tmp_path: Path) -> None:
     [
         (["--eval-json", "{tmp}/missing.json"], "evaluation file does not exist: {tmp}/missing.json"),
         (["--eval-json", "{tmp}/eval.json"], "{tmp}/eval.json is not valid JSON"),
-        ([], "Missing option '--eval-json'"),
+        ([], "give either --eval-json FILE, or --checkpoint DIR and --workload FILE"),
         (["--eval-json", "{tmp}/missing.json", "--max-leak-rate", "2"], "budget fractions must be in [0, 1]"),
     ],
 )
@@ -237,10 +241,21 @@ def test_cli_calibrate_names_a_bad_embedder(tmp_path: Path, embedder_name: str, 
 
 def test_warnings_say_when_the_evidence_is_thin(embedder: Embedder, tmp_path: Path) -> None:
     evaluation = _evaluation()
-    report = calibrate(evaluation, tmp_path / "t.toml", embedder, Budget(min_count=5))
+    report = calibrate(evaluation, tmp_path / "t.toml", embedder, LENIENT)
     assert not any("uncached accuracy" in w for w in report["warnings"])
-    assert any(w.startswith("K=16: 3 near misses, so one leak would be 33.3%") for w in report["warnings"])
     for record in evaluation["records"]:
         record["uncached"]["correct"]["colour"] = record["uncached"]["correct"]["shape"] = False
-    report = calibrate(evaluation, tmp_path / "t.toml", embedder, Budget(min_count=5))
+    report = calibrate(evaluation, tmp_path / "t.toml", embedder, LENIENT)
     assert any(w.startswith("uncached accuracy is only 0.600") for w in report["warnings"])
+
+
+def test_a_band_without_enough_near_misses_is_not_admitted_at_the_default_budget(
+    embedder: Embedder, tmp_path: Path
+) -> None:
+    # Every band is perfect, but 50 near misses with no leak bound the leak rate at 5.1%, above the 1% budget.
+    report = calibrate(_evaluation(), tmp_path / "t.toml", embedder, Budget(min_count=5))
+    assert report["caching_disabled"]
+    first = report["rejected"][0]
+    assert first["k"] == 16 and first["leak_rate"] == 0 and first["leak_rate_upper95"] > 0.01
+    assert first["pairs_needed"]["near_misses"] == 268  # z^2 (1 - b) / b for b = 1%
+    assert any(w.startswith("K=16: rejected on too little evidence") for w in report["warnings"])

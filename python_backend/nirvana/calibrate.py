@@ -14,11 +14,13 @@ fails. If the band reached ``min_count`` and passed at least once, its lowest si
 and the next (smaller) K continues below it; otherwise K is rejected (recorded with the failing figures) and the
 next K tries the same pairs. Pairs below the last band miss.
 
-**Small samples, conservatively.** A band needs at least ``min_count`` pairs (default 20) before it can be admitted,
-growth stops at the first failure instead of looking past it for a band that averages out, thresholds sit just
-below the lowest admitted similarity instead of midway to the next pair, and a band's figures are point estimates
-on the pairs it holds: with 20–50 near misses a 1% leak budget means *no* cache-attributable leak. Each band also
-reports the one-sided 95% upper bound of its leak rate (Wilson), which shows how little such a sample proves.
+**Bounds, not point estimates.** A band is checked against the budget at the one-sided 95% *upper bound* of each
+figure (:mod:`nirvana.calibration.bounds`): Wilson's for the leak rate over its near misses, a seeded bootstrap of the
+mean per-pair accuracy drop. With no leak observed, a 1% leak budget therefore needs 268 near misses in the band; a
+band that is short of evidence is rejected with ``pairs_needed``, the sample size at which its bounds would fit if
+further pairs behaved like these. A band also needs ``min_count`` pairs (default 20), growth stops at the first
+failure instead of looking past it for a band that averages out, and thresholds sit just below the lowest admitted
+similarity instead of midway to the next pair.
 
 **The records** are what ``nirvana-quality eval --json`` writes (the research package ``nirvana_quality``, which
 this module does not import): ``{"report": {"settings": {"steps", "ks", "embedder", ...}}, "records": [...]}``,
@@ -30,7 +32,6 @@ each record holding ``relation`` (``paraphrase``, ``near_miss`` or ``unrelated``
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nirvana.cache.selection import KSelector
+from nirvana.calibration.bounds import bootstrap_upper, leak_pairs_needed, mean_pairs_needed, wilson_upper
 
 if TYPE_CHECKING:  # only the embedder passed in runs torch: fitting and config writing stay numpy-only
     from nirvana.embed import Embedder
@@ -59,7 +61,6 @@ __all__ = [
 MIN_TRUSTED_ACCURACY = 0.8
 # A threshold sits this far below the lowest similarity its band admitted (or at the next pair, if closer).
 _THRESHOLD_MARGIN = 1e-3
-_Z95 = 1.6448536269514722  # one-sided 95%
 
 
 class CalibrationError(ValueError):
@@ -90,17 +91,10 @@ def _cache_leak(record: dict, k: int) -> bool:
     return bool(record["cached"][str(k)]["leak"]) and not record["uncached"]["leak"]
 
 
-def _wilson_upper(successes: int, n: int) -> float | None:
-    if n == 0:
-        return None
-    p, z2 = successes / n, _Z95**2
-    centre = p + z2 / (2 * n)
-    spread = _Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z2 / n))
-
-
 def band_figures(records: Sequence[dict], k: int) -> dict:
-    """Accuracy (cached at ``k`` and uncached), drop, near-miss count and leak rates of ``records`` at ``k``."""
+    """Accuracy (cached at ``k`` and uncached), drop, near-miss count and leak rates of ``records`` at ``k``, with
+    the one-sided 95% upper bounds of drop and leak rate that :func:`fit_thresholds` holds to the budget."""
+    drops = [record_accuracy(r["uncached"]) - record_accuracy(r["cached"][str(k)]) for r in records]
     cached = float(np.mean([record_accuracy(r["cached"][str(k)]) for r in records]))
     uncached = float(np.mean([record_accuracy(r["uncached"]) for r in records]))
     near = [r for r in records if r["relation"] == "near_miss"]
@@ -112,18 +106,34 @@ def band_figures(records: Sequence[dict], k: int) -> dict:
         "accuracy": cached,
         "uncached_accuracy": uncached,
         "accuracy_drop": uncached - cached,
+        "accuracy_drop_upper95": bootstrap_upper(drops),
         "n_near_miss": len(near),
+        "leaks": leaks,
         "leak_rate": leaks / len(near) if near else 0.0,
-        "leak_rate_upper95": _wilson_upper(leaks, len(near)),
+        "leak_rate_upper95": wilson_upper(leaks, len(near)),
         "raw_leak_rate": float(np.mean([bool(r["cached"][str(k)]["leak"]) for r in near])) if near else 0.0,
     }
 
 
 def _within(figures: dict, budget: Budget) -> bool:
+    """Both upper bounds within budget (a band without near misses cannot leak)."""
+    leak_upper = figures["leak_rate_upper95"] or 0.0
     # A tiny tolerance so that a drop of exactly the budget (e.g. 1/100) is not lost to float rounding.
-    return figures["accuracy_drop"] <= budget.max_accuracy_drop + 1e-12 and figures["leak_rate"] <= (
+    return figures["accuracy_drop_upper95"] <= budget.max_accuracy_drop + 1e-12 and leak_upper <= (
         budget.max_leak_rate + 1e-12
     )
+
+
+def pairs_needed(records: Sequence[dict], k: int, budget: Budget) -> dict:
+    """Pairs (and near misses) a band needs before its upper bounds could fit ``budget``, if more pairs behaved like
+    ``records``; None where the observed figure itself is over budget (more pairs of the same kind never help)."""
+    drops = [record_accuracy(r["uncached"]) - record_accuracy(r["cached"][str(k)]) for r in records]
+    near = [r for r in records if r["relation"] == "near_miss"]
+    leaks = sum(_cache_leak(r, k) for r in near)
+    return {
+        "pairs": mean_pairs_needed(drops, budget.max_accuracy_drop + 1e-12),
+        "near_misses": leak_pairs_needed(leaks, len(near), budget.max_leak_rate) if near else None,
+    }
 
 
 def _grow(rows: Sequence[dict], pos: int, k: int, budget: Budget) -> tuple[int | None, dict | None]:
@@ -165,7 +175,11 @@ def fit_thresholds(records: Sequence[dict], ks: Sequence[int], budget: Budget = 
             continue
         end, failed = _grow(rows, pos, k, budget)
         if end is None:
-            rejected.append({"k": k, "reason": "over budget" if failed else "no admissible band", **(failed or {})})
+            entry = {"k": k, "reason": "over budget" if failed else "no admissible band", **(failed or {})}
+            if failed:
+                band = rows[pos : pos + failed["n"]]
+                entry["pairs_needed"] = pairs_needed(band, k, budget)
+            rejected.append(entry)
             continue
         threshold = _threshold(rows, end)
         thresholds.append((threshold, k))
@@ -254,7 +268,7 @@ def write_config(path: str | Path, thresholds: Sequence[tuple[float, int]], step
     return out
 
 
-def _warnings(calibration: dict, bands: Sequence[dict], budget: Budget) -> list[str]:
+def _warnings(calibration: dict, rejected: Sequence[dict]) -> list[str]:
     """What makes a fitted table less trustworthy than its figures suggest."""
     out = []
     if calibration["uncached_accuracy"] < MIN_TRUSTED_ACCURACY:
@@ -262,12 +276,13 @@ def _warnings(calibration: dict, bands: Sequence[dict], budget: Budget) -> list[
             f"uncached accuracy is only {calibration['uncached_accuracy']:.3f}: the model or the judge cannot show "
             "what the cache changes, so these thresholds are not evidence of quality"
         )
-    for band in bands:
-        if band["n_near_miss"] > 0 and 1 / band["n_near_miss"] > budget.max_leak_rate:
+    # An admitted band's bounds are within budget, so its sample is large enough; say which Ks lack the evidence.
+    for entry in rejected:
+        needed = entry.get("pairs_needed") or {}
+        if needed.get("near_misses") or needed.get("pairs"):
             out.append(
-                f"K={band['k']}: {band['n_near_miss']} near misses, so one leak would be "
-                f"{1 / band['n_near_miss']:.1%}; the band passed with none (95% upper bound "
-                f"{band['leak_rate_upper95']:.1%})"
+                f"K={entry['k']}: rejected on too little evidence: the band needs about {needed['pairs']} pairs and "
+                f"{needed['near_misses']} near misses (it had {entry['n']} and {entry['n_near_miss']})"
             )
     return out
 
@@ -324,7 +339,7 @@ def calibrate(evaluation: dict, out: str | Path, embedder: Embedder, budget: Bud
         "caching_disabled": not fit["thresholds"],
         "bands": fit["bands"],
         "rejected": fit["rejected"],
-        "warnings": _warnings(calibration, fit["bands"], budget),
+        "warnings": _warnings(calibration, fit["rejected"]),
         "calibration": calibration,
         "heldout": {
             **apply_thresholds(heldout, selector, ks, steps),

@@ -1,5 +1,7 @@
-"""`nirvana calibrate`: fit similarity -> K thresholds from evaluation records and write them as server config.
+"""`nirvana calibrate`: fit similarity -> K thresholds and write them as server config.
 
+Two sources: ``--checkpoint DIR --workload FILE`` generates and scores the workload's own pairs
+(:mod:`nirvana_cli.calibrate_workload`, any checkpoint); ``--eval-json FILE`` fits the shapes model's judged records.
 Registered in ``nirvana_cli.main`` as ``app.command("calibrate")(calibrate_cmd)``. The records come from
 ``nirvana-quality eval --json`` (the research package ``nirvana_quality``, which also offers ``nirvana-quality
 calibrate --checkpoint DIR`` to evaluate and calibrate in one go through :func:`calibrate_evaluation`).
@@ -72,17 +74,62 @@ def _load_evaluation(path: Path) -> dict:
 
 
 def calibrate_cmd(
-    eval_json: Annotated[Path, typer.Option(help="Records from `nirvana-quality eval --json`.")],
     out: OutOption,
+    eval_json: Annotated[Path | None, typer.Option(help="Records from `nirvana-quality eval --json`.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to calibrate on a workload.")] = None,
+    workload: Annotated[Path | None, typer.Option(help="Prompts (txt/csv/tsv/jsonl/parquet), in replay order.")] = None,
+    scorer: Annotated[str, typer.Option(help="Fidelity of cached vs uncached B: ssim or psnr.")] = "ssim",
+    steps: Annotated[int, typer.Option(help="Denoising steps N of the calibration (and reference_steps).")] = 20,
+    pairs: Annotated[int, typer.Option(help="Pairs to generate, balanced over similarity bands.", min=1)] = 64,
+    ks: Annotated[str | None, typer.Option(help="Candidate Ks, comma-separated (default: scaled to --steps).")] = None,
+    min_score: Annotated[
+        float | None, typer.Option(help="Budget: mean score at its 95% lower bound (default ssim 0.9, psnr 25).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the workload's first prompts.", min=2)] = None,
+    report_dir: Annotated[Path | None, typer.Option(help="Report folder (default: beside --out).")] = None,
     max_accuracy_drop: MaxAccuracyDropOption = 0.01,
     max_leak_rate: MaxLeakRateOption = 0.01,
-    min_count: MinCountOption = 20,
+    min_count: Annotated[
+        int | None, typer.Option(help="Pairs a band needs before it can be admitted (default 20; workload 10).", min=1)
+    ] = None,
     json_path: JsonReportOption = None,
     embedder: EmbedderOption = None,
 ) -> None:
-    """Fit similarity -> K thresholds within the quality budget, write them as server config, check on held-out."""
-    budget = make_budget(max_accuracy_drop, max_leak_rate, min_count)
-    calibrate_evaluation(_load_evaluation(eval_json), out, budget, embedder=embedder, json_path=json_path)
+    """Fit similarity -> K thresholds within the quality budget (at its 95% bound) and write them as server config."""
+    if (eval_json is None) == (checkpoint is None and workload is None):
+        raise typer.BadParameter("give either --eval-json FILE, or --checkpoint DIR and --workload FILE")
+    if eval_json is not None:
+        budget = make_budget(max_accuracy_drop, max_leak_rate, min_count or 20)
+        calibrate_evaluation(_load_evaluation(eval_json), out, budget, embedder=embedder, json_path=json_path)
+        return
+    if checkpoint is None or workload is None:
+        raise typer.BadParameter("--checkpoint and --workload go together")
+    from nirvana_cli.calibrate_workload import WorkloadRun, calibrate_workload
+
+    run = WorkloadRun(
+        checkpoint=checkpoint,
+        workload=workload,
+        out=out,
+        report_dir=report_dir or out.with_name(out.stem + ".report"),
+        scorer=scorer,
+        steps=steps,
+        pairs=pairs,
+        ks=_parse_ks(ks),
+        min_score=min_score,
+        min_count=min_count or 10,
+        embedder=embedder,
+        limit=limit,
+    )
+    calibrate_workload(run)
+
+
+def _parse_ks(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"not a comma-separated list of ints: {text!r}", param_hint="--ks") from None
 
 
 def calibrate_evaluation(

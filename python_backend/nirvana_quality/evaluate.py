@@ -11,7 +11,8 @@ For each :class:`~nirvana_quality.workload.Pair` (cached prompt A, new prompt B,
 Every image is read back by the judge; cached images are compared with the uncached B image (SSIM, PSNR) and, for
 near misses, checked for a *leak*: the judge reads A's value of the changed attribute. Pairs run in batches
 (embeddings ``[uncond×B, cond×B]``, latents ``[B, ...]``); ``tests/quality/test_evaluate.py`` checks that a batch
-gives the images one-by-one generation gives.
+gives the images one-by-one generation gives. The generation itself is ``nirvana.calibration.generate``, shared with
+``nirvana calibrate --workload``.
 """
 
 from __future__ import annotations
@@ -19,21 +20,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
-from nirvana.cache.selection import scale_k
 from nirvana.calibrate import record_accuracy
+from nirvana.calibration.generate import DEFAULT_KS, DEFAULT_STEPS, PairGenerator, PairImages, default_ks
+from nirvana.calibration.generate import PairSettings as EvalSettings
 from nirvana.checkpoint import Checkpoint, load_checkpoint
-from nirvana.denoise import denoise, encode_prompts, initial_latent, make_scheduler
 from nirvana.embed import Embedder, make_embedder
-from nirvana.pipeline import resolve_scheduler
-from nirvana.runtime.torch_runtime import TorchSubModels
 from nirvana_quality.judge import Judge, attribute_correct
 from nirvana_quality.metrics import psnr, ssim
 from nirvana_quality.workload import Pair, make_pairs
@@ -51,124 +48,15 @@ __all__ = [
     "summarise",
 ]
 
-DEFAULT_STEPS = 20
-DEFAULT_KS = (2, 4, 6, 8, 10, 12, 14, 16)  # at DEFAULT_STEPS; scaled for other step counts
 # Per pair: A + B + 8 resumed runs ≈ 128 UNet steps at batch 16 (x2 for guidance). Measured on the shapes model's
 # architecture, 2 CPU cores shared with other jobs: 1.6-2.3 s/pair, so 320 pairs take 9-12 minutes.
 DEFAULT_PAIRS = 320
-DEFAULT_BATCH = 16
 # Cosine-similarity bin edges per embedder; the last bin is closed, so a similarity of 1.0 lands in it. The shapes
 # model's own text encoder puts paraphrases at a median 0.995 and near misses at 0.94, so its bins are finer at the top.
 SIMILARITY_BINS = {
     "minilm": (-1.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0),
     "clip": (-1.0, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0),
 }
-_IMAGE_PROCESSOR = VaeImageProcessor()  # the one nirvana.denoise.decode uses (default config)
-
-
-def default_ks(steps: int) -> tuple[int, ...]:
-    """:data:`DEFAULT_KS` scaled from 20 to ``steps`` denoising steps (distinct, ascending)."""
-    return tuple(sorted({scale_k(k, steps, DEFAULT_STEPS) for k in DEFAULT_KS} - {0}))
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Generation settings shared by every pair: N, the candidate Ks (steps skipped), guidance, batch size."""
-
-    steps: int = DEFAULT_STEPS
-    ks: tuple[int, ...] = DEFAULT_KS
-    guidance: float = 7.5
-    batch_size: int = DEFAULT_BATCH
-    scheduler: str = "auto"
-    latent_dtype: str = "float16"  # as the server's latent store keeps them (cache.latent_dtype)
-
-    def __post_init__(self) -> None:
-        if self.steps < 2:
-            raise ValueError(f"steps must be >= 2, got {self.steps}")
-        bad = [k for k in self.ks if not 0 < k < self.steps]
-        if not self.ks or bad or len(set(self.ks)) != len(self.ks):
-            raise ValueError(f"ks={list(self.ks)}: need distinct Ks in [1, {self.steps - 1}] (steps={self.steps})")
-        if not self.guidance > 1.0:  # denoise() drops the unconditional half at g <= 1, which a batch cannot
-            raise ValueError(f"guidance must be > 1, got {self.guidance}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.latent_dtype not in ("float16", "float32"):
-            raise ValueError(f"latent_dtype must be 'float16' or 'float32', got {self.latent_dtype!r}")
-        object.__setattr__(self, "ks", tuple(sorted(int(k) for k in self.ks)))
-
-
-@dataclass
-class PairImages:
-    """uint8 ``[B, H, W, 3]`` images of a batch of pairs: A and B uncached, B cached at each K."""
-
-    cached_source: np.ndarray
-    uncached: np.ndarray
-    cached: dict[int, np.ndarray]
-
-
-class PairGenerator:
-    """Generates batches of pairs with the engine's own denoise/decode, as the server would serve them."""
-
-    def __init__(self, checkpoint: Checkpoint, settings: EvalSettings) -> None:
-        self.checkpoint = checkpoint
-        self.settings = settings
-        self.models = TorchSubModels(checkpoint)
-        self.scheduler_name = resolve_scheduler(settings.scheduler, checkpoint.scheduler_config)
-        if self.scheduler_name == "euler_a":  # one generator per batch would not give each pair its own noise
-            raise ValueError("scheduler 'euler_a' draws noise in every step; evaluate with ddim, euler or dpmpp")
-
-    def _embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``[2B, L, D]`` = ``[uncond×B, cond×B]``, each row as ``encode_prompts`` builds it for one prompt."""
-        rows = [encode_prompts(self.checkpoint.tokenizer, self.models, p) for p in prompts]
-        return torch.cat([torch.cat([r[:1] for r in rows]), torch.cat([r[1:] for r in rows])])
-
-    def _images(self, latent: torch.Tensor) -> np.ndarray:
-        """Final latents ``[B, C, h, w]`` → uint8 ``[B, H, W, 3]``: ``denoise.decode`` on a batch, then
-        ``Pipeline.generate``'s rounding."""
-        pixels = _IMAGE_PROCESSOR.postprocess(
-            self.models.decode(latent / self.checkpoint.scaling_factor), output_type="np"
-        )
-        return (pixels * 255).round().clip(0, 255).astype(np.uint8)
-
-    def _denoise(self, embeddings: torch.Tensor, seeds: Sequence[int], **kwargs) -> object:
-        scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
-        generator = torch.Generator().manual_seed(int(seeds[0]))  # DDIM (eta=0) never draws from it
-        return denoise(
-            self.models,
-            scheduler,
-            self.settings.steps,
-            embeddings,
-            self.settings.guidance,
-            generator=generator,
-            **kwargs,
-        )
-
-    def x_t(self, seeds: Sequence[int]) -> torch.Tensor:
-        """``[B, C, h, w]`` initial latents, each drawn from its own seed exactly as ``Pipeline.generate`` does."""
-        h, w = self.checkpoint.latent_size
-        shape = (1, self.checkpoint.latent_channels, h, w)
-        rows = []
-        for seed in seeds:
-            scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
-            rows.append(
-                initial_latent(
-                    shape, torch.Generator().manual_seed(int(seed)), scheduler, num_steps=self.settings.steps
-                )
-            )
-        return torch.cat(rows)
-
-    def generate(self, cached_prompts: Sequence[str], new_prompts: Sequence[str], seeds: Sequence[int]) -> PairImages:
-        x_t = self.x_t(seeds)
-        source = self._denoise(self._embeddings(cached_prompts), seeds, latent=x_t, capture_at=self.settings.ks)
-        new_embeddings = self._embeddings(new_prompts)
-        reference = self._denoise(new_embeddings, seeds, latent=x_t)
-        cached = {}
-        for k in self.settings.ks:
-            start = source.captured[k].for_new_prompt("reset")  # what the server does on a hit
-            # ... after a round trip through the latent store's dtype
-            start.latent = start.latent.to(getattr(torch, self.settings.latent_dtype)).to(torch.float32)
-            cached[k] = self._images(self._denoise(new_embeddings, seeds, start=start).latent)
-        return PairImages(self._images(source.latent), self._images(reference.latent), cached)
 
 
 def _judged(judge: Judge, images: np.ndarray, scenes: Sequence) -> list[dict]:
