@@ -41,6 +41,7 @@ import numpy as np
 
 from nirvana.cache.selection import KSelector
 from nirvana.calibration.bounds import bootstrap_upper, leak_pairs_needed, mean_pairs_needed, wilson_upper
+from nirvana.calibration.fit import band_threshold
 
 if TYPE_CHECKING:  # only the embedder passed in runs torch: fitting and config writing stay numpy-only
     from nirvana.embed import Embedder
@@ -59,8 +60,6 @@ __all__ = [
 
 # Below this uncached accuracy the judge sees too little of what a generation shows to tell what the cache changes.
 MIN_TRUSTED_ACCURACY = 0.8
-# A threshold sits this far below the lowest similarity its band admitted (or at the next pair, if closer).
-_THRESHOLD_MARGIN = 1e-3
 
 
 class CalibrationError(ValueError):
@@ -150,13 +149,6 @@ def _grow(rows: Sequence[dict], pos: int, k: int, budget: Budget) -> tuple[int |
     return best, failed
 
 
-def _threshold(rows: Sequence[dict], end: int) -> float:
-    low = rows[end - 1]["similarity"]
-    below = rows[end]["similarity"] if end < len(rows) else -1.0
-    candidate = round(low - _THRESHOLD_MARGIN, 6)
-    return candidate if below <= candidate < low else below
-
-
 def fit_thresholds(records: Sequence[dict], ks: Sequence[int], budget: Budget = Budget()) -> dict:
     """Fit ``thresholds`` ((similarity, K) pairs, both strictly decreasing) on ``records`` (see module docstring).
 
@@ -181,7 +173,7 @@ def fit_thresholds(records: Sequence[dict], ks: Sequence[int], budget: Budget = 
                 entry["pairs_needed"] = pairs_needed(band, k, budget)
             rejected.append(entry)
             continue
-        threshold = _threshold(rows, end)
+        threshold = band_threshold(rows, end)
         thresholds.append((threshold, k))
         # stopped_by: the first larger band that failed (None when the band ran out of pairs)
         bands.append({**band_figures(rows[pos:end], k), "threshold": threshold, "stopped_by": failed})

@@ -25,7 +25,8 @@ from nirvana.calibration.pairs import band_of
 
 __all__ = ["FidelityBudget", "band_table", "fidelity_cell", "fit_fidelity"]
 
-_THRESHOLD_MARGIN = 1e-3  # as nirvana.calibrate: a threshold sits just below the lowest admitted similarity
+# A threshold sits this far below the lowest similarity its band admitted (or at the next pair, if closer).
+_THRESHOLD_MARGIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def _grow(rows: Sequence[dict], pos: int, k: int, budget: FidelityBudget) -> tup
     return best, failed
 
 
-def _threshold(rows: Sequence[dict], end: int) -> float:
+def band_threshold(rows: Sequence[dict], end: int) -> float:
+    """Threshold under the band ending (exclusive) at ``end`` of ``rows`` sorted by similarity, highest first."""
     low = rows[end - 1]["similarity"]
     below = rows[end]["similarity"] if end < len(rows) else -1.0
     candidate = round(low - _THRESHOLD_MARGIN, 6)
@@ -98,7 +100,7 @@ def fit_fidelity(records: Sequence[dict], ks: Sequence[int], budget: FidelityBud
         if end is None:
             rejected.append({"k": k, "reason": "over budget", **(failed or {})})
             continue
-        threshold = _threshold(rows, end)
+        threshold = band_threshold(rows, end)
         thresholds.append((threshold, k))
         cell = fidelity_cell(_scores(rows[pos:end], k), budget)
         span = [rows[end - 1]["similarity"], rows[pos]["similarity"]]
