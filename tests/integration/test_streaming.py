@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -115,3 +116,76 @@ def test_a_cancelled_stream_admits_nothing_and_the_server_stays_healthy(connect)
     # and the stream model still serves
     result, events = generate_stream(client, prompt, GenerateOptions(seed=5, steps=4, tenant="cancel"))
     assert _kinds(events)[-1] == "final" and result.image.shape == (64, 64, 3)
+
+
+def test_eight_streams_and_plain_requests_with_three_cancelled(connect) -> None:
+    """8 streams (the stream model's capacity: 2 instances × 4 threads) beside 4 plain requests, all in flight at
+    once on separate tenants; 3 streams close after a few steps. The others' images equal their single-request
+    images, the cancelled requests leave no entry, the completed ones do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps, cancelled = 12, {1, 4, 6}
+    jobs = [
+        (f"a {animal} in a field of sunflowers", f"load-{i}", 100 + i)
+        for i, animal in enumerate(
+            ["fox", "owl", "hare", "stag", "wolf", "lynx", "bear", "crow", "mole", "seal", "boar", "wren"]
+        )
+    ]
+    streams, plains = jobs[:8], jobs[8:]
+    reference_client = connect("grpc")
+    reference = {
+        tenant: reference_client.generate(prompt, GenerateOptions(seed=seed, steps=steps, cache_mode="bypass")).image
+        for prompt, tenant, seed in jobs
+    }
+
+    barrier = threading.Barrier(len(jobs))
+
+    def stream(index: int):
+        prompt, tenant, seed = streams[index]
+        client = connect("grpc")
+        barrier.wait()
+        progress = []
+
+        def close_after_four_steps(event) -> bool:
+            progress.append(event)
+            return index not in cancelled or len(progress) < 5
+
+        try:
+            return generate_stream(
+                client,
+                prompt,
+                GenerateOptions(seed=seed, steps=steps, tenant=tenant),
+                on_event=close_after_four_steps,
+            )[0]
+        except StreamCancelled:
+            return None
+
+    def plain(index: int):
+        prompt, tenant, seed = plains[index]
+        client = connect("http")
+        barrier.wait()
+        return client.generate(prompt, GenerateOptions(seed=seed, steps=steps, tenant=tenant))
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        stream_futures = [pool.submit(stream, i) for i in range(len(streams))]
+        plain_futures = [pool.submit(plain, i) for i in range(len(plains))]
+        stream_results = [f.result(timeout=300) for f in stream_futures]
+        plain_results = [f.result(timeout=300) for f in plain_futures]
+    wall_s = time.monotonic() - start
+
+    assert [i for i, r in enumerate(stream_results) if r is None] == sorted(cancelled)
+    finished = [(job, r) for job, r in zip(streams, stream_results, strict=True) if r is not None]
+    finished += list(zip(plains, plain_results, strict=True))
+    for (_, tenant, _), result in finished:
+        assert not result.cache_hit
+        np.testing.assert_array_equal(result.image, reference[tenant], err_msg=tenant)
+    # Server time of the finished requests exceeds the window they ran in: they were executing side by side.
+    busy_s = sum(result.server_timings_ms["total_ms"] for _, result in finished) / 1e3
+    print(f"\n9 requests finished in {wall_s:.2f} s, {busy_s:.2f} s of server time")
+    assert busy_s > wall_s
+    assert reference_client.ready()
+    time.sleep(3)  # admissions are written behind the response
+    for index, (prompt, tenant, seed) in enumerate(streams):
+        again = reference_client.generate(prompt, GenerateOptions(seed=seed, steps=steps, tenant=tenant))
+        assert again.cache_hit is (index not in cancelled), (tenant, again.cache_hit)
