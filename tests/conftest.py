@@ -25,3 +25,9 @@ def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
     """The tiny checkpoint loaded through the production loader (fp32, eval)."""
     return load_checkpoint(tiny_checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 2.x's layout at toy size: v-prediction, OpenCLIP-style text encoder, 24×24×4 latent, 96×96 image."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd2"), seed=3, architecture="tiny-sd2")

@@ -1,6 +1,6 @@
 """Load a diffusers-format Stable Diffusion folder: its configuration alone, or with its weights; fingerprint it.
 
-Layout (what ``StableDiffusionPipeline.save_pretrained`` writes)::
+Layout (what ``StableDiffusionPipeline.save_pretrained`` writes; SD 1.x and 2.x, epsilon or v-prediction)::
 
     model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
 
@@ -25,6 +25,7 @@ from transformers import CLIPTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 
 __all__ = [
     "COMPONENTS",
+    "FAMILIES",
     "Checkpoint",
     "CheckpointError",
     "CheckpointInfo",
@@ -42,6 +43,18 @@ _REQUIRED_FILES = {
     "scheduler": "scheduler_config.json",
 }
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+# model_index.json's `_class_name` -> family. SD 1.x and 2.x share one pipeline class (2.x differs in its text
+# encoder, resolution and, for 768 px, v-prediction, all read from the component configs).
+FAMILIES = {"StableDiffusionPipeline": "sd"}
+# Families people will try, refused with what they are rather than a failure deep in a component loader.
+_KNOWN_UNSUPPORTED = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "FLUX",
+    "PixArtAlphaPipeline": "PixArt-α",
+    "StableCascadeCombinedPipeline": "Stable Cascade",
+}
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Hashing a bounded sample of each file keeps fingerprinting a 3.4 GB SD 1.5 folder well under a second.
 _SAMPLE_BYTES = 1 << 20
 
@@ -65,6 +78,12 @@ class CheckpointInfo:
     vae_config: Mapping[str, Any]
     scheduler_config: dict
     fingerprint: str
+    family: str  # "sd" (SD 1.x and 2.x), from model_index.json
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (SD 1.x, SD 2.x base) or "v_prediction" (SD 2.x at 768 px)."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
     def latent_channels(self) -> int:
@@ -164,10 +183,33 @@ def fingerprint_checkpoint(root: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_family(root: Path, index: dict) -> str:
+    """The family of a checkpoint from its ``model_index.json`` ``_class_name``; refuses one this server cannot run,
+    naming it (a folder without the field is taken for SD 1.x, as diffusers itself does for old folders)."""
+    name = index.get("_class_name", "StableDiffusionPipeline")
+    if name in FAMILIES:
+        return FAMILIES[name]
+    what = _KNOWN_UNSUPPORTED.get(name, "an unknown model family")
+    supported = ", ".join(f"{cls} (SD 1.x/2.x)" for cls in FAMILIES)
+    raise CheckpointError(
+        f"{root / 'model_index.json'}: _class_name {name!r} is {what}, which this server does not run; "
+        f"supported: {supported}"
+    )
+
+
+def _check_scheduler(root: Path, config: dict) -> dict:
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in _PREDICTION_TYPES:
+        where = root / "scheduler" / "scheduler_config.json"
+        raise CheckpointError(f"{where}: prediction_type {kind!r} is not one of {_PREDICTION_TYPES}")
+    return config
+
+
 def _check_layout(root: Path) -> dict:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder does not exist: {root}")
     index = _read_json(root / "model_index.json")
+    model_family(root, index)
     for component in COMPONENTS:
         _require(root / component, f"folder '{component}/'")
     for component, name in _REQUIRED_FILES.items():
@@ -220,22 +262,25 @@ def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
     folder :func:`load_checkpoint` rejects for its layout, configs or tokenizer (not for missing weights).
     """
     root = Path(path)
-    _text_encoder_class(root, _check_layout(root))
+    index = _check_layout(root)
+    _text_encoder_class(root, index)
     return CheckpointInfo(
         path=root,
         tokenizer=_load_tokenizer(root),
         text_encoder_config=_load_component(root, "text_encoder", transformers.AutoConfig.from_pretrained),
         unet_config=_module_config(root, "unet", UNet2DConditionModel),
         vae_config=_module_config(root, "vae", AutoencoderKL),
-        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint_checkpoint(root),
+        family=model_family(root, index),
     )
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``."""
     root = Path(path)
-    encoder_cls = _text_encoder_class(root, _check_layout(root))
+    index = _check_layout(root)
+    encoder_cls = _text_encoder_class(root, index)
     text_encoder = _load_component(root, "text_encoder", encoder_cls.from_pretrained, dtype=dtype)
     unet = _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     vae = _load_component(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
@@ -247,8 +292,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         text_encoder_config=text_encoder.config,
         unet_config=unet.config,
         vae_config=vae.config,
-        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint_checkpoint(root),
+        family=model_family(root, index),
         text_encoder=text_encoder,
         unet=unet,
         vae=vae,

@@ -36,7 +36,11 @@ def make_tiny_model_cmd(
         str, typer.Option(help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp.")
     ] = "ddim",
     architecture: Annotated[
-        str, typer.Option(help="tiny (64x64 images, seconds on a CPU) or sd15 (SD 1.5's sizes, for GPUs).")
+        str,
+        typer.Option(
+            help="tiny (64x64 images, seconds on a CPU), tiny-sd2 (SD 2.x layout, v-prediction, 96x96), "
+            "or sd15 / sd21 (SD 1.5's / SD 2.1's sizes, for GPUs)."
+        ),
     ] = "tiny",
     embedder: Annotated[
         str,

@@ -7,7 +7,8 @@ The folder it writes is an ordinary diffusers checkpoint: the product loads it w
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,8 +97,8 @@ def build_clip_tokenizer(out_dir: Path, words: list[str], n_merges: int, max_len
     return tokenizer
 
 
-def sd15_scheduler_config() -> dict:
-    """SD 1.5's scheduler settings."""
+def sd15_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """SD 1.5's scheduler settings; SD 2.x's (768 px) are the same with ``prediction_type="v_prediction"``."""
     return {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -106,14 +107,20 @@ def sd15_scheduler_config() -> dict:
         "steps_offset": 1,
         "set_alpha_to_one": False,
         "clip_sample": False,
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
     }
 
 
 def clip_text_encoder(
-    tokenizer: CLIPTokenizer, hidden_size: int, intermediate_size: int, heads: int, layers: int = 2
+    tokenizer: CLIPTokenizer,
+    hidden_size: int,
+    intermediate_size: int,
+    heads: int,
+    layers: int = 2,
+    hidden_act: str = "quick_gelu",
 ) -> CLIPTextModel:
-    """A random-weight CLIP text encoder sized for ``tokenizer`` (vocabulary, special tokens, max length)."""
+    """A random-weight CLIP text encoder sized for ``tokenizer`` (vocabulary, special tokens, max length).
+    ``hidden_act="gelu"`` is OpenCLIP's, as in SD 2.x."""
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -121,6 +128,7 @@ def clip_text_encoder(
             intermediate_size=intermediate_size,
             num_hidden_layers=layers,
             num_attention_heads=heads,
+            hidden_act=hidden_act,
             max_position_embeddings=tokenizer.model_max_length,
             # Without these the pooled output silently comes from position 0.
             bos_token_id=tokenizer.bos_token_id,
@@ -171,7 +179,66 @@ def _sd15_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
     return text_encoder, unet, vae
 
 
-ARCHITECTURES = {"tiny": _tiny_modules, "sd15": _sd15_modules}
+def _sd2_vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int) -> AutoencoderKL:
+    blocks = len(block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=layers_per_block,
+        latent_channels=4,
+        sample_size=sample_size,
+    )
+
+
+def _tiny_sd2_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """SD 2.x's layout at toy size: OpenCLIP-style text encoder (gelu), a UNet with linear attention projections
+    and per-block head sizes, a 24×24 latent (96×96 images: not the SD 1.x tiny model's resolution)."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2, hidden_act="gelu")
+    unet = UNet2DConditionModel(
+        sample_size=24,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
+    return text_encoder, unet, _sd2_vae((32, 64, 64), 1, 96)
+
+
+def _sd21_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random weights in Stable Diffusion 2.1's architecture (768×768, 96×96×4 latent): OpenCLIP ViT-H text tower
+    (D=1024, 23 layers as SD 2.x ships it), UNet with 5/10/20/20-channel heads and linear projections. For GPUs."""
+    text_encoder = clip_text_encoder(
+        tokenizer, hidden_size=1024, intermediate_size=4096, heads=16, layers=23, hidden_act="gelu"
+    )
+    unet = UNet2DConditionModel(
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+    return text_encoder, unet, _sd2_vae((128, 256, 512, 512), 2, 768)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one random-weight checkpoint: its modules and what its UNet predicts (SD 2.x: v)."""
+
+    modules: Callable[[CLIPTokenizer], tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]]
+    prediction_type: str = "epsilon"
+
+
+ARCHITECTURES = {
+    "tiny": Architecture(_tiny_modules),
+    "sd15": Architecture(_sd15_modules),
+    "tiny-sd2": Architecture(_tiny_sd2_modules, "v_prediction"),
+    "sd21": Architecture(_sd21_modules, "v_prediction"),
+}
 
 
 def make_tiny_model(
@@ -180,7 +247,8 @@ def make_tiny_model(
     """Write a random-weight SD checkpoint (16×16×4 latent, 64×64 image, text D=32, L=77) to ``out_dir``.
 
     ``architecture="sd15"`` makes the same with SD 1.5's sizes (1.03B parameters, 4.1 GB in fp32): a full-size model
-    for GPU throughput measurements, where random weights cost the same as trained ones.
+    for GPU throughput measurements, where random weights cost the same as trained ones. ``"tiny-sd2"`` and
+    ``"sd21"`` are SD 2.x's layout (v-prediction, OpenCLIP-style text encoder), tiny and full-size.
 
     ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
     Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``. Its
@@ -193,21 +261,23 @@ def make_tiny_model(
     from nirvana.embed import CHECKPOINT_SETTINGS, EMBEDDERS
 
     out = Path(out_dir)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[architecture]
+    scheduler_config = sd15_scheduler_config(arch.prediction_type)
     if scheduler in SCHEDULERS:
-        sched = make_scheduler(scheduler, sd15_scheduler_config())
+        sched = make_scheduler(scheduler, scheduler_config)
     elif scheduler in ("pndm", "lms"):
-        sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**sd15_scheduler_config())
+        sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**scheduler_config)
     else:
         raise UnsupportedSchedulerError(
             f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
         )
     if embedder not in EMBEDDERS:
         raise ValueError(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
     tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
     torch.manual_seed(seed)
-    text_encoder, unet, vae = ARCHITECTURES[architecture](tokenizer)
+    text_encoder, unet, vae = arch.modules(tokenizer)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -1,0 +1,136 @@
+"""Model families: an SD 2.x (v-prediction) checkpoint generates like diffusers and resumes at K; a family this
+server cannot run is refused at load, naming it; a latent never crosses checkpoints or resolutions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nirvana.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_info
+from nirvana.config import load_config
+from nirvana.denoise import make_scheduler
+from nirvana.embed import make_embedder
+from nirvana.pipeline import Pipeline
+
+STEPS = 12
+PROMPT = "a red fox in the snow, photograph"
+
+
+@pytest.fixture(scope="module")
+def sd2_dir(tiny_sd2_dir: Path) -> Path:
+    return tiny_sd2_dir
+
+
+@pytest.fixture(scope="module")
+def sd2(sd2_dir: Path):
+    return load_checkpoint(sd2_dir)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return make_embedder("minilm")
+
+
+def _pipe(checkpoint, embedder, cache_dir: Path, scheduler: str = "ddim") -> Pipeline:
+    config = load_config(
+        {
+            "checkpoint": str(checkpoint.path),
+            "scheduler": scheduler,
+            "default_steps": STEPS,
+            "cache": {"dir": str(cache_dir), "latent_dtype": "float32", "predictor": {"enabled": False}},
+        }
+    )
+    return Pipeline(config, checkpoint=checkpoint, embedder=embedder)
+
+
+def test_sd2_checkpoint_is_read_as_v_prediction_at_its_own_resolution(sd2, sd2_dir) -> None:
+    info = load_checkpoint_info(sd2_dir)
+    assert sd2.family == info.family == "sd"
+    assert sd2.prediction_type == info.prediction_type == "v_prediction"
+    assert sd2.image_size == (96, 96) and sd2.latent_size == (24, 24)
+    assert sd2.unet_config["use_linear_projection"] is True
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+def test_sd2_images_equal_diffusers_pipeline_with_v_prediction(sd2, sd2_dir, embedder, tmp_path, scheduler) -> None:
+    reference = StableDiffusionPipeline.from_pretrained(
+        sd2_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = make_scheduler(scheduler, dict(reference.scheduler.config))
+    assert reference.scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(4)
+    expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, generator=generator, output_type="np")
+    expected = expected.images[0]
+    pipe = _pipe(sd2, embedder, tmp_path / "cache", scheduler)
+    try:
+        ours = pipe.generate(PROMPT, seed=4, cache_mode="bypass")
+    finally:
+        pipe.close()
+    expected_u8 = (expected * 255).round().clip(0, 255).astype(np.uint8)
+    assert ours.image.shape == expected_u8.shape == (96, 96, 3)
+    assert ours.image.std() > 2  # not blank: the comparison means something
+    assert np.abs(ours.image.astype(int) - expected_u8.astype(int)).max() <= 1
+
+
+def test_sd2_resumes_at_k_to_the_uninterrupted_image(sd2, embedder, tmp_path) -> None:
+    pipe = _pipe(sd2, embedder, tmp_path / "cache")
+    try:
+        miss = pipe.generate(PROMPT, seed=6)
+        hit = pipe.generate(PROMPT, seed=6)
+        paraphrase = pipe.generate("photo of a red fox in snow", seed=6)
+    finally:
+        pipe.close()
+    assert not miss.cache_hit and miss.admitted > 0
+    assert hit.cache_hit and hit.skipped_steps > 0
+    assert np.abs(hit.image.astype(int) - miss.image.astype(int)).max() <= 1
+    assert paraphrase.cache_hit and paraphrase.skipped_steps > 0 and paraphrase.image.std() > 2
+
+
+def test_a_latent_never_crosses_checkpoints_or_resolutions(sd2, tiny_checkpoint, embedder, tmp_path) -> None:
+    shared = tmp_path / "shared-cache"
+    sd2_pipe = _pipe(sd2, embedder, shared)
+    try:
+        assert sd2_pipe.generate(PROMPT, seed=1).admitted > 0
+        assert sd2_pipe.generate(PROMPT, seed=1).cache_hit
+    finally:
+        sd2_pipe.close()
+    sd1_pipe = _pipe(tiny_checkpoint, embedder, shared)
+    try:
+        other = sd1_pipe.generate(PROMPT, seed=1)
+        assert sd1_pipe.cache_key(STEPS, 7.5) != sd2_pipe.cache_key(STEPS, 7.5)
+    finally:
+        sd1_pipe.close()
+    assert not other.cache_hit and other.image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("class_name", "named"),
+    [
+        ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
+        ("FluxPipeline", "FLUX"),
+        ("StableDiffusionXLPipeline", "SDXL"),
+        ("KandinskyPipeline", "unknown model family"),
+    ],
+)
+def test_an_unsupported_family_is_refused_naming_it(sd2_dir, tmp_path, class_name, named) -> None:
+    copy = Path(shutil.copytree(sd2_dir, tmp_path / "model"))
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    for load in (load_checkpoint, load_checkpoint_info):
+        with pytest.raises(CheckpointError, match=rf"{class_name}.*{named}.*StableDiffusionPipeline"):
+            load(copy)
+
+
+def test_an_unknown_prediction_type_is_refused_naming_it(sd2_dir, tmp_path) -> None:
+    copy = Path(shutil.copytree(sd2_dir, tmp_path / "model"))
+    config_path = copy / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "flow"}))
+    with pytest.raises(CheckpointError, match="prediction_type 'flow'"):
+        load_checkpoint_info(copy)
