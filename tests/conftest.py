@@ -31,3 +31,9 @@ def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
 def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SD 2.x's layout at toy size: v-prediction, OpenCLIP-style text encoder, 24×24×4 latent, 96×96 image."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_sd2"), seed=3, architecture="tiny-sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDXL's layout at toy size: two text encoders, text_time added conditioning, 32×32×4 latent, 128×128 image."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sdxl"), seed=5, architecture="tiny-sdxl")

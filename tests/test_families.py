@@ -1,5 +1,6 @@
-"""Model families: an SD 2.x (v-prediction) checkpoint generates like diffusers and resumes at K; a family this
-server cannot run is refused at load, naming it; a latent never crosses checkpoints or resolutions."""
+"""Model families: SD 2.x (v-prediction) and SDXL checkpoints generate like diffusers' own pipelines and resume at
+K; a family this server cannot run is refused at load, naming it; a latent never crosses checkpoints or
+resolutions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from nirvana.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_info
 from nirvana.config import load_config
@@ -115,7 +116,6 @@ def test_a_latent_never_crosses_checkpoints_or_resolutions(sd2, tiny_checkpoint,
     [
         ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
         ("FluxPipeline", "FLUX"),
-        ("StableDiffusionXLPipeline", "SDXL"),
         ("KandinskyPipeline", "unknown model family"),
     ],
 )
@@ -134,3 +134,78 @@ def test_an_unknown_prediction_type_is_refused_naming_it(sd2_dir, tmp_path) -> N
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "flow"}))
     with pytest.raises(CheckpointError, match="prediction_type 'flow'"):
         load_checkpoint_info(copy)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir: Path):
+    return load_checkpoint(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="module")
+def sdxl_reference(tiny_sdxl_dir: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, add_watermarker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_checkpoint_has_both_encoders_and_its_own_retrieval_vector(sdxl) -> None:
+    assert sdxl.family == "sdxl" and sdxl.text_encoder_2 is not None and sdxl.tokenizer_2 is not None
+    assert sdxl.text_hidden_size == 64 == sdxl.unet_config["cross_attention_dim"]
+    assert sdxl.image_size == (128, 128) and sdxl.force_zeros_for_empty_prompt
+    clip = make_embedder("clip", sdxl)
+    assert clip.pools_from_conditioning and clip.dim == sdxl.text_encoder_2_config.projection_dim
+
+
+@pytest.mark.parametrize(("scheduler", "negative"), [("ddim", ""), ("euler", ""), ("ddim", "blurry, low quality")])
+def test_sdxl_images_equal_diffusers_pipeline(sdxl, sdxl_reference, tmp_path, scheduler, negative) -> None:
+    sdxl_reference.scheduler = make_scheduler(scheduler, dict(sdxl_reference.scheduler.config))
+    expected = sdxl_reference(
+        PROMPT,
+        negative_prompt=negative or None,  # None: SDXL's zeros for an empty negative prompt
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images[0]
+    pipe = _pipe(sdxl, make_embedder("clip", sdxl), tmp_path / "cache", scheduler)
+    try:
+        ours = pipe.generate(PROMPT, negative_prompt=negative, seed=4, guidance=5.0, cache_mode="bypass")
+    finally:
+        pipe.close()
+    expected_u8 = (expected * 255).round().clip(0, 255).astype(np.uint8)
+    assert ours.image.shape == expected_u8.shape == (128, 128, 3)
+    assert ours.image.std() > 2
+    assert np.abs(ours.image.astype(int) - expected_u8.astype(int)).max() <= 1
+
+
+def test_sdxl_resumes_at_k_and_retrieves_from_its_conditioning_pass(sdxl, tmp_path) -> None:
+    clip = make_embedder("clip", sdxl)
+    pipe = _pipe(sdxl, clip, tmp_path / "cache")
+    try:
+        miss = pipe.generate(PROMPT, seed=6)
+        hit = pipe.generate(PROMPT, seed=6)
+        key = pipe.cache_key(STEPS, 7.5)
+    finally:
+        pipe.close()
+    assert not miss.cache_hit and miss.admitted > 0
+    assert hit.cache_hit and hit.skipped_steps > 0 and hit.similarity > 0.999
+    assert np.abs(hit.image.astype(int) - miss.image.astype(int)).max() <= 1
+    # the vector searched is the one SDXL's second encoder pools for the prompt, not a separate embedder's
+    stored = clip.embed([PROMPT])[0]
+    assert abs(float(stored @ clip.embed([PROMPT])[0]) - 1) < 1e-5 and len(key) == 32
+
+
+def test_sdxl_paraphrase_hits_with_minilm_and_latents_stay_apart(sdxl, tiny_checkpoint, embedder, tmp_path) -> None:
+    shared = tmp_path / "shared-cache"
+    pipe = _pipe(sdxl, embedder, shared)
+    try:
+        pipe.generate(PROMPT, seed=1)
+        paraphrase = pipe.generate("photo of a red fox in snow", seed=2)
+    finally:
+        pipe.close()
+    assert paraphrase.cache_hit and paraphrase.skipped_steps > 0 and paraphrase.image.shape == (128, 128, 3)
+    sd1 = _pipe(tiny_checkpoint, embedder, shared)
+    try:
+        assert not sd1.generate(PROMPT, seed=1).cache_hit
+    finally:
+        sd1.close()

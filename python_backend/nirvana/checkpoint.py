@@ -4,6 +4,8 @@ Layout (what ``StableDiffusionPipeline.save_pretrained`` writes; SD 1.x and 2.x,
 
     model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
 
+and for SDXL (``StableDiffusionXLPipeline``) also ``text_encoder_2/  tokenizer_2/``.
+
 Nothing is downloaded: every ``from_pretrained`` call runs with ``local_files_only=True``.
 """
 
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# SDXL's second text encoder (with projection: its pooled text_embeds condition the UNet) and its tokenizer.
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 # Files without which a component cannot load; the tokenizer is checked separately (two accepted layouts).
 _REQUIRED_FILES = {
     "unet": "config.json",
@@ -45,10 +49,10 @@ _REQUIRED_FILES = {
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 # model_index.json's `_class_name` -> family. SD 1.x and 2.x share one pipeline class (2.x differs in its text
 # encoder, resolution and, for 768 px, v-prediction, all read from the component configs).
-FAMILIES = {"StableDiffusionPipeline": "sd"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+_FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
 # Families people will try, refused with what they are rather than a failure deep in a component loader.
 _KNOWN_UNSUPPORTED = {
-    "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX",
     "PixArtAlphaPipeline": "PixArt-α",
@@ -63,7 +67,7 @@ class CheckpointError(ValueError):
     """The checkpoint folder is incomplete or malformed; the message names the folder or file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckpointInfo:
     """What a checkpoint folder says without its weights: tokenizer, component configs, geometry, fingerprint.
 
@@ -78,7 +82,11 @@ class CheckpointInfo:
     vae_config: Mapping[str, Any]
     scheduler_config: dict
     fingerprint: str
-    family: str  # "sd" (SD 1.x and 2.x), from model_index.json
+    family: str  # "sd" (SD 1.x and 2.x) or "sdxl", from model_index.json
+    # SDXL only: the second tokenizer and text encoder, and whether an empty negative prompt is all zeros.
+    tokenizer_2: PreTrainedTokenizerBase | None = None
+    text_encoder_2_config: PretrainedConfig | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def prediction_type(self) -> str:
@@ -124,11 +132,12 @@ class CheckpointInfo:
 
     @property
     def text_hidden_size(self) -> int:
-        """Width D of the text embeddings ``[B, L, D]`` fed to the UNet's cross-attention."""
-        return int(self.text_encoder_config.hidden_size)
+        """Width D of the text embeddings ``[B, L, D]`` fed to the UNet's cross-attention (SDXL: both encoders')."""
+        second = 0 if self.text_encoder_2_config is None else int(self.text_encoder_2_config.hidden_size)
+        return int(self.text_encoder_config.hidden_size) + second
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Checkpoint(CheckpointInfo):
     """A loaded checkpoint: its :class:`CheckpointInfo` (configs taken from the modules) and the modules
     themselves, in eval mode on CPU."""
@@ -136,6 +145,7 @@ class Checkpoint(CheckpointInfo):
     text_encoder: torch.nn.Module
     unet: UNet2DConditionModel
     vae: AutoencoderKL
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection
 
 
 def _require(path: Path, what: str) -> Path:
@@ -153,7 +163,7 @@ def _read_json(path: Path) -> dict:
 
 def _component_files(root: Path) -> list[Path]:
     files = [root / "model_index.json"]
-    for component in COMPONENTS:
+    for component in COMPONENTS + SDXL_COMPONENTS:  # SDXL's folders, where present
         # Hidden entries (e.g. huggingface_hub's .cache/) hold download metadata, not model content.
         files += sorted(
             p
@@ -164,7 +174,7 @@ def _component_files(root: Path) -> list[Path]:
 
 
 def fingerprint_checkpoint(root: str | Path) -> str:
-    """sha256 hex over every file of model_index.json and the five component folders.
+    """sha256 hex over every file of model_index.json and the component folders (five, seven for SDXL).
 
     Each file contributes its relative path, its size and the sha256 of its first and last MiB: small files
     (configs, tokenizer) are hashed whole, weight files cheaply but still change when they are retrained.
@@ -190,7 +200,7 @@ def model_family(root: Path, index: dict) -> str:
     if name in FAMILIES:
         return FAMILIES[name]
     what = _KNOWN_UNSUPPORTED.get(name, "an unknown model family")
-    supported = ", ".join(f"{cls} (SD 1.x/2.x)" for cls in FAMILIES)
+    supported = ", ".join(f"{cls} ({_FAMILY_NAMES[family]})" for cls, family in FAMILIES.items())
     raise CheckpointError(
         f"{root / 'model_index.json'}: _class_name {name!r} is {what}, which this server does not run; "
         f"supported: {supported}"
@@ -209,14 +219,20 @@ def _check_layout(root: Path) -> dict:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder does not exist: {root}")
     index = _read_json(root / "model_index.json")
-    model_family(root, index)
-    for component in COMPONENTS:
+    sdxl = model_family(root, index) == "sdxl"
+    for component in COMPONENTS + (SDXL_COMPONENTS if sdxl else ()):
         _require(root / component, f"folder '{component}/'")
-    for component, name in _REQUIRED_FILES.items():
+    required = {**_REQUIRED_FILES, **({"text_encoder_2": "config.json"} if sdxl else {})}
+    for component, name in required.items():
         _require(root / component / name, f"'{component}/{name}'")
-    tok = root / "tokenizer"
-    if not (tok / "tokenizer.json").exists() and not ((tok / "vocab.json").exists() and (tok / "merges.txt").exists()):
-        raise CheckpointError(f"checkpoint is missing 'tokenizer/tokenizer.json' (or vocab.json + merges.txt): {tok}")
+    for folder in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        tok = root / folder
+        if not (tok / "tokenizer.json").exists() and not (
+            (tok / "vocab.json").exists() and (tok / "merges.txt").exists()
+        ):
+            raise CheckpointError(
+                f"checkpoint is missing '{folder}/tokenizer.json' (or vocab.json + merges.txt): {tok}"
+            )
     return index
 
 
@@ -236,12 +252,24 @@ def _text_encoder_class(root: Path, index: dict) -> type[torch.nn.Module]:
     return getattr(transformers, name)
 
 
-def _load_tokenizer(root: Path) -> PreTrainedTokenizerBase:
-    tokenizer = _load_component(root, "tokenizer", CLIPTokenizer.from_pretrained)
+def _load_tokenizer(root: Path, folder: str = "tokenizer") -> PreTrainedTokenizerBase:
+    tokenizer = _load_component(root, folder, CLIPTokenizer.from_pretrained)
     if tokenizer.model_max_length > 10_000:
         # An unset model_max_length (~1e30) would make padding="max_length" allocate forever.
-        raise CheckpointError(f"'tokenizer/' in {root} has no model_max_length (CLIP expects 77)")
+        raise CheckpointError(f"'{folder}/' in {root} has no model_max_length (CLIP expects 77)")
     return tokenizer
+
+
+def _sdxl_info(root: Path, index: dict, family: str) -> dict:
+    """The SDXL-only fields of :class:`CheckpointInfo` (none for other families)."""
+    if family != "sdxl":
+        return {}
+    return {
+        "tokenizer_2": _load_tokenizer(root, "tokenizer_2"),
+        "text_encoder_2_config": _load_component(root, "text_encoder_2", transformers.AutoConfig.from_pretrained),
+        # The pipeline's own default when the key is absent.
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+    }
 
 
 def _module_config(root: Path, component: str, cls: type) -> FrozenDict:
@@ -264,7 +292,9 @@ def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
     root = Path(path)
     index = _check_layout(root)
     _text_encoder_class(root, index)
+    family = model_family(root, index)
     return CheckpointInfo(
+        **_sdxl_info(root, index, family),
         path=root,
         tokenizer=_load_tokenizer(root),
         text_encoder_config=_load_component(root, "text_encoder", transformers.AutoConfig.from_pretrained),
@@ -272,7 +302,7 @@ def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
         vae_config=_module_config(root, "vae", AutoencoderKL),
         scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint_checkpoint(root),
-        family=model_family(root, index),
+        family=family,
     )
 
 
@@ -284,9 +314,17 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     text_encoder = _load_component(root, "text_encoder", encoder_cls.from_pretrained, dtype=dtype)
     unet = _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     vae = _load_component(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
-    for module in (text_encoder, unet, vae):
-        module.eval()
+    family = model_family(root, index)
+    extra = _sdxl_info(root, index, family)
+    if extra:
+        loader = transformers.CLIPTextModelWithProjection.from_pretrained
+        extra["text_encoder_2"] = _load_component(root, "text_encoder_2", loader, dtype=dtype)
+        extra["text_encoder_2_config"] = extra["text_encoder_2"].config
+    for module in (text_encoder, unet, vae, extra.get("text_encoder_2")):
+        if module is not None:
+            module.eval()
     return Checkpoint(
+        **extra,
         path=root,
         tokenizer=_load_tokenizer(root),
         text_encoder_config=text_encoder.config,
@@ -294,7 +332,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         vae_config=vae.config,
         scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint_checkpoint(root),
-        family=model_family(root, index),
+        family=family,
         text_encoder=text_encoder,
         unet=unet,
         vae=vae,

@@ -297,6 +297,7 @@ def denoise(
     start: ResumeState | None = None,
     capture_at: Iterable[int] = (),
     on_step: Callable[[int, torch.Tensor], object] | None = None,
+    added_cond: dict[str, torch.Tensor] | None = None,
 ) -> DenoiseResult:
     """Run an N-step schedule from x_T (``latent``) or from ``start`` (steps K..N-1 only), with CFG.
 
@@ -304,7 +305,8 @@ def denoise(
     in the pipeline). ``generator`` is the CPU generator the pipeline would pass to ``step()``; resuming an
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
-    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there.
+    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. ``added_cond`` (SDXL, rows as
+    ``embeddings``) goes to every UNet call.
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):
@@ -324,6 +326,7 @@ def denoise(
     # 2. Denoising loop.
     guided = guidance_scale > 1.0
     text = embeddings if guided else embeddings[-1:]
+    added = {} if not added_cond else {"added_cond": {k: v if guided else v[-1:] for k, v in added_cond.items()}}
     step_kwargs = _step_kwargs(scheduler, generator)
     captured: dict[int, ResumeState] = {}
     timesteps = scheduler.timesteps
@@ -332,7 +335,7 @@ def denoise(
         if i in captures:
             captured[i] = _capture(scheduler, x, i, generator)
         model_input = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
-        eps = models.unet(model_input, t.expand(model_input.shape[0]), text)
+        eps = models.unet(model_input, t.expand(model_input.shape[0]), text, **added)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -55,6 +55,10 @@ class Embedder(ABC):
         ids ``[B, L]`` (the conditioning pass's own output), or None: this embedder needs its own model call."""
         return None
 
+    def embed_from_pooled(self, text_embeds: torch.Tensor) -> np.ndarray | None:
+        """SDXL: vectors ``[B, dim]`` from the conditioning pass's pooled ``text_embeds [B, P]``, or None."""
+        return None
+
 
 def _normalise(vectors: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy().astype(np.float32)
@@ -156,6 +160,30 @@ class ClipEmbedder(Embedder):
         return _normalise(clip_pool(last_hidden_state, input_ids, self._eos_token_id))
 
 
+class SdxlClipEmbedder(Embedder):
+    """SDXL's CLIP features: ``text_encoder_2``'s pooled, projected ``text_embeds`` — the vector that encoder was
+    trained to match images with (the first encoder's pooled output never reaches the UNet), and one the UNet is
+    conditioned on, so it comes free from the conditioning pass."""
+
+    name = "clip"
+    pools_from_conditioning = True
+
+    def __init__(self, checkpoint: Checkpoint | CheckpointInfo) -> None:
+        self._tokenizer = checkpoint.tokenizer_2
+        self._encoder = getattr(checkpoint, "text_encoder_2", None)
+        self.dim = int(checkpoint.text_encoder_2_config.projection_dim)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._encoder is None:
+            raise EmbedderError("SDXL clip vectors outside a request need the loaded text_encoder_2")
+        ids = self._tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+        return _normalise(self._encoder(ids.to(self._encoder.device)).text_embeds)
+
+    def embed_from_pooled(self, text_embeds: torch.Tensor) -> np.ndarray:
+        return _normalise(text_embeds)
+
+
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     "minilm": lambda checkpoint=None: MiniLMEmbedder(),
     "clip": lambda checkpoint=None: _clip(checkpoint),
@@ -165,12 +193,16 @@ EMBEDDERS: dict[str, Callable[..., Embedder]] = {
 def _clip(checkpoint: Checkpoint | None) -> Embedder:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    if checkpoint.family == "sdxl":
+        return SdxlClipEmbedder(checkpoint)
     return ClipEmbedder(checkpoint)
 
 
 def _clip_dim(checkpoint: CheckpointInfo | None) -> int:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    if checkpoint.text_encoder_2_config is not None:  # SDXL: the second encoder's projection
+        return int(checkpoint.text_encoder_2_config.projection_dim)
     config = checkpoint.text_encoder_config
     if "CLIPTextModelWithProjection" in (getattr(config, "architectures", None) or []):
         return int(config.projection_dim)

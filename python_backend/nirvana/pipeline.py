@@ -36,6 +36,7 @@ from nirvana.embed import Embedder, make_embedder
 from nirvana.progress import CacheEvent, EventCallback, StepEvent
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
+from nirvana.sdxl import SdxlConditioning, micro_conditioning
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
@@ -112,6 +113,7 @@ class Pipeline:
         self.cache = cache
         self._cache_keys: dict[tuple[int, float], str] = {}
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
+        self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
 
     # -- validation ---------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ class Pipeline:
         return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant)  # type: ignore[arg-type]
 
     def cache_key(self, steps: int, guidance: float) -> str:
-        """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance."""
+        """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
+        SDXL the same micro-conditioning)."""
         key = (steps, round(guidance, 4))
         if key not in self._cache_keys:  # memoised: it builds a scheduler and hashes its config
             self._cache_keys[key] = self._compute_cache_key(steps, guidance)
@@ -165,6 +168,8 @@ class Pipeline:
             "steps": steps,
             "guidance": round(guidance, 4),
         }
+        if self._sdxl is not None:  # only for SDXL, so the keys of SD 1.x/2.x caches already on disk stay valid
+            parts["micro_conditioning"] = micro_conditioning(self.checkpoint)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     # -- the request path ---------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.cache_key(req.steps, req.guidance)
-        embeddings, vector = self._encode(req, timings)
+        embeddings, added_cond, vector = self._encode(req, timings)
         if req.cache_mode == "auto":
             lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
             timings.update(lookup.timings_ms)
@@ -204,6 +209,7 @@ class Pipeline:
             start=start,
             capture_at=admit_ks,
             on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
+            added_cond=added_cond,
         )
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
         if not (_finite(result.latent) and _finite(pixels)):
@@ -243,28 +249,38 @@ class Pipeline:
             timings_ms=timings,
         )
 
-    def _encode(self, req: GenerationRequest, timings: dict[str, float]) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Text conditioning ``[2, L, D]`` ``[uncond, cond]`` (one text-encoder call) and the retrieval vector
-        ``[dim]`` (None when bypassing: nothing is looked up or admitted).
+    def _encode(
+        self, req: GenerationRequest, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, np.ndarray | None]:
+        """Text conditioning ``[2, L, D]`` ``[uncond, cond]`` (one text-encoder call), SDXL's added conditioning
+        (None for SD 1.x/2.x) and the retrieval vector ``[dim]`` (None when bypassing: nothing is looked up or
+        admitted).
 
-        The model's own CLIP embedder pools the vector from the cond row of that same hidden state; any other
-        (MiniLM) makes its own model call, overlapped with the text encoder's.
+        The model's own CLIP embedder pools the vector from the cond row of that same pass (SDXL: its pooled
+        ``text_embeds``); any other (MiniLM) makes its own model call, overlapped with the text encoder's.
         """
         own_call = None
         if req.cache_mode != "bypass" and not self.embedder.pools_from_conditioning:
             # MiniLM's own model call needs nothing from the text encoder's: the two run at once.
             own_call = self._side_calls.submit(self.embedder.embed_one, req.prompt)
-        tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
-        embeddings = _timed(timings, "text_encode_ms", self._conditioning, tokens, bool(req.negative_prompt))
+        added_cond = None
+        if self._sdxl is not None:
+            encode = self._sdxl.encode
+            embeddings, added_cond = _timed(timings, "text_encode_ms", encode, req.prompt, req.negative_prompt)
+        else:
+            tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
+            embeddings = _timed(timings, "text_encode_ms", self._conditioning, tokens, bool(req.negative_prompt))
         if req.cache_mode == "bypass":
-            return embeddings, None
+            return embeddings, added_cond, None
         t0 = time.perf_counter()  # embed_ms: what retrieval adds after the text encoder (its hidden part excluded)
         if own_call is not None:
             vector = own_call.result()
+        elif added_cond is not None:
+            vector = self.embedder.embed_from_pooled(added_cond["text_embeds"][1:])[0]
         else:
             vector = self.embedder.embed_from_hidden(embeddings[1:], tokens.input_ids[1:])[0]
         timings["embed_ms"] = (time.perf_counter() - t0) * 1e3
-        return embeddings, vector
+        return embeddings, added_cond, vector
 
     def _conditioning(self, tokens: BatchEncoding, has_negative: bool) -> torch.Tensor:
         """``[uncond, cond]`` in one text-encoder call. Without a negative prompt (the usual request) the uncond row

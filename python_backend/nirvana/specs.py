@@ -299,6 +299,11 @@ def submodel_specs(
     ``latent_size`` (h, w) overrides the checkpoint's default resolution; spatial axes stay fixed (one engine
     per resolution), since the cache key pins the resolution anyway.
     """
+    if checkpoint.family != "sd":
+        raise SpecError(
+            f"{checkpoint.path}: a {checkpoint.family!r} checkpoint runs in-process (nirvana.pipeline) but has no "
+            "Triton repository yet: its second text encoder and added UNet inputs are not in the specs"
+        )
     size = latent_size or checkpoint.latent_size
     seq_len, hidden = checkpoint.text_max_length, checkpoint.text_hidden_size
     specs = (

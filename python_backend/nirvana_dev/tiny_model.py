@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = ["build_clip_tokenizer", "clip_text_encoder", "make_tiny_model", "sd15_scheduler_config"]
 
@@ -225,12 +227,42 @@ def _sd21_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
     return text_encoder, unet, _sd2_vae((128, 256, 512, 512), 2, 768)
 
 
+def _tiny_sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
+    """SDXL's layout at toy size (as diffusers' own SDXL tests size it): two text encoders (the second with a
+    projection, D=32 each, so cross-attention sees 64), a UNet with "text_time" added conditioning (pooled
+    text_embeds + 6 time ids), a 32×32 latent (128×128 images)."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
+    config = text_encoder.config.to_dict() | {"projection_dim": 32, "hidden_act": "gelu"}
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids × 8 + the pooled projection
+        cross_attention_dim=64,
+    )
+    vae = _sd2_vae((32, 64, 64), 1, 128)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
+    return text_encoder, text_encoder_2, unet, vae
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """How to build one random-weight checkpoint: its modules and what its UNet predicts (SD 2.x: v)."""
+    """How to build one random-weight checkpoint: its modules, what its UNet predicts (SD 2.x: v) and its
+    pipeline family ("sdxl": the modules are two text encoders, UNet and VAE)."""
 
-    modules: Callable[[CLIPTokenizer], tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]]
+    modules: Callable[[CLIPTokenizer], tuple[torch.nn.Module, ...]]
     prediction_type: str = "epsilon"
+    family: str = "sd"
 
 
 ARCHITECTURES = {
@@ -238,7 +270,34 @@ ARCHITECTURES = {
     "sd15": Architecture(_sd15_modules),
     "tiny-sd2": Architecture(_tiny_sd2_modules, "v_prediction"),
     "sd21": Architecture(_sd21_modules, "v_prediction"),
+    "tiny-sdxl": Architecture(_tiny_sdxl_modules, family="sdxl"),
 }
+
+
+def _pipeline(arch: Architecture, tokenizer: CLIPTokenizer, scheduler) -> DiffusionPipeline:
+    if arch.family == "sdxl":
+        text_encoder, text_encoder_2, unet, vae = arch.modules(tokenizer)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,  # one vocabulary for both: enough for a random-weight model
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    text_encoder, unet, vae = arch.modules(tokenizer)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def make_tiny_model(
@@ -248,7 +307,8 @@ def make_tiny_model(
 
     ``architecture="sd15"`` makes the same with SD 1.5's sizes (1.03B parameters, 4.1 GB in fp32): a full-size model
     for GPU throughput measurements, where random weights cost the same as trained ones. ``"tiny-sd2"`` and
-    ``"sd21"`` are SD 2.x's layout (v-prediction, OpenCLIP-style text encoder), tiny and full-size.
+    ``"sd21"`` are SD 2.x's layout (v-prediction, OpenCLIP-style text encoder), tiny and full-size; ``"tiny-sdxl"``
+    is SDXL's (``StableDiffusionXLPipeline``: two text encoders, added time/text conditioning).
 
     ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
     Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``. Its
@@ -277,18 +337,7 @@ def make_tiny_model(
         raise ValueError(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
     tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
     torch.manual_seed(seed)
-    text_encoder, unet, vae = arch.modules(tokenizer)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    _pipeline(arch, tokenizer, sched).save_pretrained(out, safe_serialization=True)
     # Recorded, so `embedder = "auto"` serves this model with it and the file says why.
     why = "random-weight text encoder: its features carry no meaning" if embedder == "minilm" else "chosen at creation"
     settings = {"embedder": embedder, "why": why}

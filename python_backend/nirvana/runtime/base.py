@@ -13,6 +13,9 @@ __all__ = ["SubModels"]
 class SubModels(Protocol):
     """Text encoder, UNet and VAE decoder of one Stable Diffusion checkpoint.
 
+    SDXL adapters add ``encode_text_pair(input_ids, input_ids_2) -> (hidden [B, L, D1 + D2], text_embeds [B, P])``:
+    both encoders' penultimate hidden states and the second's pooled projection (``nirvana.sdxl``).
+
     All tensors are CPU tensors; adapters move them to their device and back. Outputs are float32 whatever the
     adapter computes in, so the scheduler arithmetic stays in fp32.
     """
@@ -29,7 +32,9 @@ class SubModels(Protocol):
         """Noise prediction ε ``[B, C, h, w]`` float32.
 
         ``sample`` ``[B, C, h, w]`` is the scheduler-scaled latent, ``timestep`` ``[B]`` (int64 or float, in
-        training-timestep units 0..999), ``encoder_hidden_states`` ``[B, L, D]``.
+        training-timestep units 0..999), ``encoder_hidden_states`` ``[B, L, D]``. Adapters of SDXL checkpoints
+        also take ``added_cond={"text_embeds": [B, P], "time_ids": [B, 6]}`` (``nirvana.sdxl``); only they are
+        called with it.
         """
         ...
 

@@ -29,12 +29,35 @@ def call_text_encoder(
     return encoder(input_ids.to(encoder.device), attention_mask=mask)[0]
 
 
-def call_unet(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
+def call_unet(
+    unet: Any,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    added_cond: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` (SDXL: and ``added_cond``) → noise
+    prediction ``[B, C, h, w]``."""
     device, dtype = unet.device, unet.dtype
+    added = None if added_cond is None else {k: v.to(device, dtype) for k, v in added_cond.items()}
     return unet(
-        sample.to(device, dtype), timestep.to(device), encoder_hidden_states=text.to(device, dtype), return_dict=False
+        sample.to(device, dtype),
+        timestep.to(device),
+        encoder_hidden_states=text.to(device, dtype),
+        added_cond_kwargs=added,
+        return_dict=False,
     )[0]
+
+
+def call_text_encoders_sdxl(
+    encoder: Any, encoder_2: Any, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: both encoders' penultimate hidden states side by side ``[B, L, D1 + D2]`` (clip_skip None), and the
+    second encoder's pooled projection ``text_embeds [B, P]``, as ``StableDiffusionXLPipeline.encode_prompt``."""
+    first = encoder(input_ids.to(encoder.device), output_hidden_states=True)
+    second = encoder_2(input_ids_2.to(encoder_2.device), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2].device)], -1)
+    return hidden, second.text_embeds
 
 
 def call_vae_decoder(vae: Any, latent: torch.Tensor) -> torch.Tensor:
@@ -50,6 +73,7 @@ class TorchSubModels:
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.text_encoder = checkpoint.text_encoder
+        self.text_encoder_2 = checkpoint.text_encoder_2  # SDXL only
         self.unet_model = checkpoint.unet
         self.vae = checkpoint.vae
         # Mirrors StableDiffusionPipeline.encode_prompt: the mask is passed only when the config asks for it.
@@ -61,10 +85,24 @@ class TorchSubModels:
         with torch.inference_mode():
             return _plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def encode_text_pair(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: token ids of both tokenizers ``[B, L]`` → ``(hidden [B, L, D1 + D2], text_embeds [B, P])``."""
+        if self.text_encoder_2 is None:
+            raise TypeError("encode_text_pair needs an SDXL checkpoint (text_encoder_2)")
+        with torch.inference_mode():
+            hidden, pooled = call_text_encoders_sdxl(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
+            return _plain_fp32(hidden), _plain_fp32(pooled)
+
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
         with torch.inference_mode():
-            return _plain_fp32(call_unet(self.unet_model, sample, timestep, encoder_hidden_states))
+            return _plain_fp32(call_unet(self.unet_model, sample, timestep, encoder_hidden_states, added_cond))
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""
