@@ -10,7 +10,8 @@ import pytest
 from nirvana.cache.records import blob_key
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder, make_embedder
-from nirvana.pipeline import Pipeline, RequestError
+from nirvana.pipeline import Pipeline
+from nirvana.request import RequestError
 from nirvana.runtime.torch_runtime import TorchSubModels
 
 STEPS = 20

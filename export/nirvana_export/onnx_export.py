@@ -55,6 +55,7 @@ DEFAULT_OPSET = 17
 # term leaves room for the larger activations of full-size UNets and VAEs. Override per call where needed.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "text_encoder": (1e-4, 1e-4),
+    "text_encoder_2": (1e-4, 1e-4),
     "prompt_embedder": (1e-5, 1e-4),  # unit-norm 384-d vectors: components ≈ 0.05
     "unet": (1e-4, 1e-3),
     "vae_decoder": (1e-4, 1e-3),
@@ -72,15 +73,24 @@ class ExportCheckError(RuntimeError):
 
 
 class TextEncoderGraph(nn.Module):
-    """``input_ids`` int64 ``[B, L]`` → ``last_hidden_state`` float32 ``[B, L, D]`` (CLIP, no attention mask)."""
+    """``input_ids`` int64 ``[B, L]`` → ``last_hidden_state`` float32 ``[B, L, D]`` (CLIP, no attention mask).
 
-    def __init__(self, text_encoder: nn.Module) -> None:
+    SDXL (``penultimate``): the penultimate hidden state instead, and for its second encoder (with a projection)
+    also ``text_embeds`` ``[B, P]``, as ``nirvana.runtime.torch_runtime.call_text_encoders_sdxl`` takes them.
+    """
+
+    def __init__(self, text_encoder: nn.Module, penultimate: bool = False) -> None:
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.penultimate = text_encoder, penultimate
         self.vocab_size = int(text_encoder.config.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0].float()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.penultimate:
+            return self.text_encoder(input_ids, return_dict=False)[0].float()
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2].float()
+        pooled = getattr(out, "text_embeds", None)
+        return hidden if pooled is None else (hidden, pooled.float())
 
 
 class PromptEmbedderGraph(nn.Module):
@@ -105,18 +115,27 @@ class PromptEmbedderGraph(nn.Module):
 
 
 class UNetGraph(nn.Module):
-    """``sample`` ``[B, C, h, w]``, ``timestep`` ``[B]``, ``encoder_hidden_states`` ``[B, L, D]`` → ``noise_pred``."""
+    """``sample`` ``[B, C, h, w]``, ``timestep`` ``[B]``, ``encoder_hidden_states`` ``[B, L, D]`` (SDXL: and
+    ``text_embeds`` ``[B, P]``, ``time_ids`` ``[B, 6]``) → ``noise_pred``."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.unet.dtype
+        added = None if text_embeds is None else {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
         # The timestep stays float32: the UNet builds its sinusoidal embedding in fp32 and casts it itself.
-        out = self.unet(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), return_dict=False)[0]
+        out = self.unet(
+            sample.to(dtype), timestep, encoder_hidden_states.to(dtype), added_cond_kwargs=added, return_dict=False
+        )[0]
         return out.float()
 
 
@@ -142,8 +161,10 @@ def load_minilm() -> nn.Module:
 
 def build_graph(checkpoint: Checkpoint, spec: ModelSpec) -> nn.Module:
     """The torch graph module for ``spec.name``, over the checkpoint's modules (MiniLM for the embedder)."""
+    sdxl = checkpoint.family == "sdxl"
     factories = {
-        "text_encoder": lambda: TextEncoderGraph(checkpoint.text_encoder),
+        "text_encoder": lambda: TextEncoderGraph(checkpoint.text_encoder, penultimate=sdxl),
+        "text_encoder_2": lambda: TextEncoderGraph(checkpoint.text_encoder_2, penultimate=True),
         "prompt_embedder": lambda: PromptEmbedderGraph(load_minilm()),
         "unet": lambda: UNetGraph(checkpoint.unet),
         "vae_decoder": lambda: VaeDecoderGraph(checkpoint.vae),

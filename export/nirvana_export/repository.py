@@ -31,8 +31,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from nirvana.specs import (
     CACHE_MODEL,
     DEFAULT_UNET_MAX_BATCH,
-    MODEL_NAMES,
     NIRVANA_MODEL,
+    SDXL_MODEL_NAMES,
     TRITON_DTYPES,
     ModelSpec,
     TensorSpec,
@@ -51,7 +51,8 @@ TORCH_PY = (
     '"""Triton python model: runs the checkpoint\'s torch module for this sub-model (torch profile)."""\n\n'
     "from nirvana.serving.torch_model import TritonPythonModel  # noqa: F401\n"
 )
-TORCH_MODELS = ("text_encoder", "unet", "vae_decoder")  # in the torch profile; the embedder stays ONNX
+# In the torch profile; the embedder stays ONNX.
+TORCH_MODELS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 NIRVANA_PY = (
     '"""Triton python model `nirvana`: the BLS orchestrator (glue in nirvana.serving.bls_model)."""\n\n'
     "from nirvana.serving.bls_model import TritonPythonModel  # noqa: F401\n"
@@ -197,7 +198,7 @@ def render_configs(
     batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
     (the `prompt_embedder` model is served for "minilm" only); `nirvana_options`: max_queue_size, queue_timeout_s
     of the BLS model."""
-    names = served_submodels(embedder)
+    names = served_submodels(embedder, specs)
     files = {
         f"{name}/config.pbtxt": submodel_config(
             specs[name], profile, queue_delay_us=queue_delay_us, checkpoint=checkpoint
@@ -221,9 +222,10 @@ def render_configs(
     return files
 
 
-def served_submodels(embedder: str) -> tuple[str, ...]:
-    """The sub-models a repository serves for a resolved `embedder`: MiniLM needs its own model, CLIP does not."""
-    return MODEL_NAMES if embedder == "minilm" else tuple(n for n in MODEL_NAMES if n != "prompt_embedder")
+def served_submodels(embedder: str, specs: dict[str, ModelSpec]) -> tuple[str, ...]:
+    """The sub-models a repository serves for a resolved `embedder` (MiniLM needs its own model, CLIP does not),
+    of those `specs` has (SDXL's include `text_encoder_2`)."""
+    return tuple(name for name in specs if embedder == "minilm" or name != "prompt_embedder")
 
 
 def write_repository(
@@ -255,6 +257,8 @@ def write_repository(
     embedder = resolve_embedder(engine_config.get("embedder", "auto"), checkpoint)
     engine_config = {**engine_config, "embedder": embedder}
     fingerprint = fingerprint_checkpoint(checkpoint_dir)
+    # SDXL's VAE overflows in fp16 (diffusers upcasts it too, `force_upcast`): its engine is built in fp32.
+    vae_fp16 = vae_fp16 and checkpoint.family != "sdxl"
     stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
     stamp |= {"vae_fp16": vae_fp16, "unet_max_batch": unet_max_batch, "embedder": embedder}
     manifest_path = out / MANIFEST
@@ -262,7 +266,7 @@ def write_repository(
     specs = submodel_specs(checkpoint, max_batch=max_batch, unet_max_batch=unet_max_batch)
     if fresh:
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
-        for name in MODEL_NAMES:  # a model the new configuration does not serve must not stay loadable
+        for name in SDXL_MODEL_NAMES:  # a model the new configuration does not serve must not stay loadable
             shutil.rmtree(out / name, ignore_errors=True)
         _export_weights(Path(checkpoint_dir), out, profile, specs, stamp)
     configs = render_configs(
@@ -289,7 +293,7 @@ def _export_weights(checkpoint_dir: Path, out: Path, profile: str, specs: dict[s
     staging = out / ".onnx"
     shutil.rmtree(staging, ignore_errors=True)
     # The torch profile runs the checkpoint's modules itself: only the embedder (if served) needs an ONNX file.
-    served = served_submodels(stamp["embedder"])
+    served = served_submodels(stamp["embedder"], specs)
     names = [n for n in served if n not in TORCH_MODELS] if profile == "torch" else list(served)
     if not names:  # the torch profile retrieving with CLIP: nothing to export, no checkpoint to load for it
         return

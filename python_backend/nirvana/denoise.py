@@ -252,8 +252,7 @@ def _check_steps(num_steps: int, start: ResumeState | None, capture_at: Iterable
 
 
 def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict:
-    # As StableDiffusionPipeline.prepare_extra_step_kwargs: eta=0 (deterministic DDIM) and the generator,
-    # each only where step() accepts it.
+    # As StableDiffusionPipeline.prepare_extra_step_kwargs: eta=0 and the generator, where step() accepts them.
     params = inspect.signature(scheduler.step).parameters
     wanted = {"eta": 0.0, "generator": generator}
     return {name: value for name, value in wanted.items() if name in params}
@@ -305,8 +304,7 @@ def denoise(
     in the pipeline). ``generator`` is the CPU generator the pipeline would pass to ``step()``; resuming an
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
-    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. ``added_cond`` (SDXL, rows as
-    ``embeddings``) goes to every UNet call.
+    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. SDXL: ``added_cond`` to every UNet call.
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from nirvana.denoise import (
 )
 from nirvana.embed import Embedder, make_embedder
 from nirvana.progress import CacheEvent, EventCallback, StepEvent
+from nirvana.request import GenerationRequest, validate_request
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
 from nirvana.sdxl import SdxlConditioning, micro_conditioning
@@ -43,33 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FALLBACK_SCHEDULER = "dpmpp"
-CacheMode = Literal["auto", "bypass", "refresh"]
-CACHE_MODES = ("auto", "bypass", "refresh")
-SEED_MAX = 2**63 - 1
 
 
 class NonFiniteError(RuntimeError):
     """The model produced NaN or infinity (e.g. an fp16 engine that overflowed); nothing of it was cached."""
-
-
-class RequestError(ValueError):
-    """A request field is invalid; `field` and `value` say which."""
-
-    def __init__(self, field_name: str, value: object, reason: str) -> None:
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        super().__init__(f"{field_name}={shown}: {reason}")
-        self.field, self.value = field_name, value
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    cache_mode: CacheMode = "auto"
-    tenant: str = "default"
 
 
 @dataclass
@@ -117,36 +94,10 @@ class Pipeline:
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
 
     # -- validation ---------------------------------------------------------------------------------
-    def request(
-        self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        cache_mode: str | None = None,
-        tenant: str | None = None,
-    ) -> GenerationRequest:
-        """Fill defaults and validate every field; raises RequestError naming the field and value."""
-        limits = self.config.limits
-        _check_text("PROMPT", prompt, limits.max_prompt_chars, allow_empty=False)
-        negative_prompt = negative_prompt or ""
-        _check_text("NEGATIVE_PROMPT", negative_prompt, limits.max_prompt_chars, allow_empty=True)
-        seed = 0 if seed is None else int(seed)
-        if not 0 <= seed <= SEED_MAX:
-            raise RequestError("SEED", seed, f"must be in [0, {SEED_MAX}]")
-        steps = self.config.default_steps if steps is None else int(steps)
-        if not 2 <= steps <= limits.max_steps:
-            raise RequestError("NUM_INFERENCE_STEPS", steps, f"must be in [2, {limits.max_steps}]")
-        guidance = self.config.default_guidance if guidance is None else float(guidance)
-        if not (math.isfinite(guidance) and 1.0 < guidance <= limits.max_guidance):
-            raise RequestError("GUIDANCE_SCALE", guidance, f"must be in (1, {limits.max_guidance}]")
-        cache_mode = cache_mode or "auto"
-        if cache_mode not in CACHE_MODES:
-            raise RequestError("CACHE_MODE", cache_mode, f"must be one of {', '.join(CACHE_MODES)}")
-        tenant = tenant or "default"
-        _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False, allow_newlines=False)
-        return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant)  # type: ignore[arg-type]
+    def request(self, prompt: str, **options: object) -> GenerationRequest:
+        """Fill defaults and validate every field (`nirvana.request.validate_request`); raises RequestError naming
+        the field and value."""
+        return validate_request(self.config, prompt, **options)  # type: ignore[arg-type]
 
     def cache_key(self, steps: int, guidance: float) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
@@ -350,15 +301,3 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         timings[name] = (time.perf_counter() - t0) * 1e3
-
-
-def _check_text(name: str, value: object, max_chars: int, allow_empty: bool, allow_newlines: bool = True) -> None:
-    if not isinstance(value, str):
-        raise RequestError(name, value, f"must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RequestError(name, value, "must not be empty")
-    if len(value) > max_chars:
-        raise RequestError(name, f"<{len(value)} characters>", f"longer than the limit of {max_chars} characters")
-    allowed = "\t\n\r" if allow_newlines else ""
-    if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in value):
-        raise RequestError(name, value, "contains control characters")

@@ -43,7 +43,8 @@ def generate(
     """Generate images in-process (no server) and show what the cache did for each prompt."""
     from PIL import Image
 
-    from nirvana.pipeline import Pipeline, RequestError
+    from nirvana.pipeline import Pipeline
+    from nirvana.request import RequestError
 
     setup_logging(verbose)
     pipe = Pipeline(engine_config(checkpoint, cache_dir, config, scheduler=scheduler))

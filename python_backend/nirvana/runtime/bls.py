@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nirvana.embed import MINILM_MAX_TOKENS, Embedder
+from nirvana.specs import PENULTIMATE
 
 
 class BlsError(RuntimeError):
@@ -88,8 +89,11 @@ class BlsSubModels:
         unet: str = "unet",
         vae_decoder: str = "vae_decoder",
         conditioning_device: str = "cpu",
+        text_encoder_2: str = "text_encoder_2",
     ) -> None:
-        self._pb, self._names = pb_utils, {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
+        self._pb = pb_utils
+        self._names = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
+        self._names["text_encoder_2"] = text_encoder_2  # SDXL only
         self.conditioning_device = conditioning_device
 
     def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
@@ -100,8 +104,25 @@ class BlsSubModels:
         ids = {"input_ids": input_ids.to(torch.int64)}
         return self._call("text_encoder", ids, "last_hidden_state", self.conditioning_device).float()
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] → noise prediction [B, C, h, w] float32 (CPU)."""
+    def encode_text_pair(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: both tokenizers' ids → ``(hidden [B, L, D1 + D2], text_embeds [B, P])`` on `conditioning_device`
+        (``text_embeds`` goes to the UNet at every step, like the hidden state)."""
+        device = self.conditioning_device
+        first = self._call("text_encoder", {"input_ids": input_ids.to(torch.int64)}, PENULTIMATE, device)
+        ids_2 = {"input_ids": input_ids_2.to(torch.int64)}
+        second = bls_infer_torch(self._pb, self._names["text_encoder_2"], ids_2, [PENULTIMATE, "text_embeds"], device)
+        hidden = torch.cat([first.float(), second[PENULTIMATE].float()], dim=-1)
+        return hidden, second["text_embeds"].float()
+
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] (SDXL: ``added_cond``) → noise prediction
+        [B, C, h, w] float32 (CPU)."""
         # One timestep per row, as [rows, 1]: the batched `unet` config reshapes it to [rows] (Triton needs a
         # non-batch dim on every input of a batched model).
         timestep = timestep.reshape(-1).expand(sample.shape[0]).reshape(-1, 1)
@@ -110,6 +131,7 @@ class BlsSubModels:
             "timestep": timestep.to(torch.float32),
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
+        inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
         return self._call("unet", inputs, "noise_pred").to("cpu", torch.float32)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import onnxruntime as ort
 import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from nirvana.specs import PENULTIMATE
+
 __all__ = ["MANIFEST_NAME", "OnnxModel", "OnnxModelError", "OnnxSubModels", "make_session", "onnx_path"]
 
 MANIFEST_NAME = "export_manifest.json"
@@ -102,6 +104,8 @@ class OnnxSubModels:
             return self.model_dir / name / version / "model.onnx" if version else onnx_path(self.model_dir, name)
 
         self.text_encoder = OnnxModel(path("text_encoder"), num_threads)
+        second = path("text_encoder_2")  # SDXL's second encoder, where the export has one
+        self.text_encoder_2 = OnnxModel(second, num_threads) if second.is_file() else None
         self.unet_model = OnnxModel(path("unet"), num_threads)
         self.vae_decoder = OnnxModel(path("vae_decoder"), num_threads)
 
@@ -124,18 +128,33 @@ class OnnxSubModels:
         out = self.text_encoder.run({"input_ids": _numpy(input_ids, np.int64)})
         return _torch(out["last_hidden_state"])
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scaled latent ``[B, C, h, w]``, timestep ``[B]`` or scalar, text ``[B, L, D]`` → noise ``[B, C, h, w]``."""
+    def encode_text_pair(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: token ids of both tokenizers → ``(hidden [B, L, D1 + D2], text_embeds [B, P])``."""
+        if self.text_encoder_2 is None:
+            raise OnnxModelError(f"{self.model_dir} has no text_encoder_2: not an SDXL export")
+        first = self.text_encoder.run({"input_ids": _numpy(input_ids, np.int64)})
+        second = self.text_encoder_2.run({"input_ids": _numpy(input_ids_2, np.int64)})
+        hidden = np.concatenate([first[PENULTIMATE], second[PENULTIMATE]], axis=-1)
+        return _torch(hidden), _torch(second["text_embeds"])
+
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Scaled latent ``[B, C, h, w]``, timestep ``[B]`` or scalar, text ``[B, L, D]`` (SDXL: ``added_cond``)
+        → noise ``[B, C, h, w]``."""
         # The graph takes float32 [B]; DDIM hands int64 timesteps, and integer-valued floats embed identically.
         timesteps = timestep.reshape(-1).to(torch.float32).expand(sample.shape[0])
-        out = self.unet_model.run(
-            {
-                "sample": _numpy(sample, np.float32),
-                "timestep": _numpy(timesteps, np.float32),
-                "encoder_hidden_states": _numpy(encoder_hidden_states, np.float32),
-            }
-        )
-        return _torch(out["noise_pred"])
+        feeds = {
+            "sample": _numpy(sample, np.float32),
+            "timestep": _numpy(timesteps, np.float32),
+            "encoder_hidden_states": _numpy(encoder_hidden_states, np.float32),
+        }
+        feeds |= {name: _numpy(value, np.float32) for name, value in (added_cond or {}).items()}
+        return _torch(self.unet_model.run(feeds)["noise_pred"])
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.specs import PENULTIMATE
 
 __all__ = ["TorchSubModels", "component_runner"]
 
@@ -117,20 +118,37 @@ def component_runner(component: str, checkpoint_dir: str | Path, device: str, dt
     """One sub-model of a diffusers checkpoint as ``{input: tensor} → {output: tensor}`` under the Triton names of
     `nirvana.specs` (outputs float32, on ``device``). Loads only that component's weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint_dir)
-    if component == "text_encoder":
-        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
-        return lambda feeds: {"last_hidden_state": call_text_encoder(encoder, feeds["input_ids"]).float()}
+    sdxl = (root / "text_encoder_2").is_dir()
+    if component in ("text_encoder", "text_encoder_2"):
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        encoder = cls.from_pretrained(root / component, torch_dtype=dtype).to(device).eval()
+        if not sdxl:
+            return lambda feeds: {"last_hidden_state": call_text_encoder(encoder, feeds["input_ids"]).float()}
+        return lambda feeds: _penultimate(encoder(feeds["input_ids"].to(device), output_hidden_states=True))
     if component == "unet":
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
+        added = ("text_embeds", "time_ids") if sdxl else ()
         return lambda feeds: {  # Triton sends one timestep per row as [rows, 1]
             "noise_pred": call_unet(
-                unet, feeds["sample"], feeds["timestep"].reshape(-1), feeds["encoder_hidden_states"]
+                unet,
+                feeds["sample"],
+                feeds["timestep"].reshape(-1),
+                feeds["encoder_hidden_states"],
+                {name: feeds[name] for name in added} or None,
             ).float()
         }
     if component == "vae_decoder":
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
         return lambda feeds: {"image": call_vae_decoder(vae, feeds["latent"]).float()}
-    raise ValueError(f"component={component!r}: choose text_encoder, unet or vae_decoder")
+    raise ValueError(f"component={component!r}: choose text_encoder, text_encoder_2, unet or vae_decoder")
+
+
+def _penultimate(out: Any) -> dict[str, torch.Tensor]:
+    """SDXL's served text encoders: the penultimate hidden state, and the second's pooled projection."""
+    found = {PENULTIMATE: out.hidden_states[-2].float()}
+    if getattr(out, "text_embeds", None) is not None:
+        found["text_embeds"] = out.text_embeds.float()
+    return found

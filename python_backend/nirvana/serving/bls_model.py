@@ -17,9 +17,10 @@ import numpy as np
 
 from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import load_config
-from nirvana.embed import ClipEmbedder, resolve_embedder
-from nirvana.pipeline import NonFiniteError, Pipeline, RequestError
+from nirvana.embed import ClipEmbedder, SdxlClipEmbedder, resolve_embedder
+from nirvana.pipeline import NonFiniteError, Pipeline
 from nirvana.progress import EventCallback
+from nirvana.request import RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.serving.metrics import RequestMetrics
@@ -92,7 +93,12 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
     models = BlsSubModels(pb_utils, conditioning_device=device)
     # "clip" pools the served text_encoder's output here; "minilm" is the prompt_embedder model.
     clip = resolve_embedder(config.embedder, checkpoint) == "clip"
-    embedder = ClipEmbedder(checkpoint, models.encode_text) if clip else BlsEmbedder(pb_utils)
+    if not clip:
+        embedder = BlsEmbedder(pb_utils)
+    elif checkpoint.family == "sdxl":  # pooled text_embeds come with every conditioning pass
+        embedder = SdxlClipEmbedder(checkpoint)
+    else:
+        embedder = ClipEmbedder(checkpoint, models.encode_text)
     cache = BlsCache(pb_utils, config.cache.selection.selector())
     pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
     return pipeline, RequestMetrics(pb_utils, cache), checkpoint
