@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,30 @@ def test_cli_names_a_missing_source(tmp_path: Path) -> None:
     )
 
 
-def test_an_unknown_scorer_names_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ScorerError, match=r"scorer 'judge' is not available here \(.*nirvana-quality calibrate"):
+def test_an_unknown_scorer_names_the_choices_and_the_judge_needs_its_folder(tmp_path: Path) -> None:
+    with pytest.raises(
+        ScorerError, match=r"scorer 'lpips' is not available; choose one of \['judge', 'psnr', 'ssim'\]"
+    ):
+        make_scorer("lpips", tmp_path)
+    with pytest.raises(ScorerError, match=r"scorer 'judge' needs a shapes checkpoint with a judge: .*judge"):
         make_scorer("judge", tmp_path)
+
+
+def test_cli_calibrates_with_the_shapes_judge_through_the_same_code(tiny_checkpoint_dir: Path, tmp_path: Path) -> None:
+    from nirvana_quality.judge import train_judge
+
+    model = Path(shutil.copytree(tiny_checkpoint_dir, tmp_path / "shapes-model"))
+    train_judge(seed=0, steps=2, progress=False, held_out=8)[0].save(model / "judge")
+    workload = tmp_path / "prompts.txt"
+    workload.write_text("\n".join(PROMPTS) + "\n")
+    out, report_dir = tmp_path / "thresholds.toml", tmp_path / "report"
+    args = ["calibrate", "--checkpoint", str(model), "--workload", str(workload), "--out", str(out), "--scorer"]
+    args += ["judge", "--report-dir", str(report_dir), "--steps", "6", "--ks", "2,4", "--pairs", "6"]
+    args += ["--min-count", "2", "--embedder", "minilm"]
+    result = CliRunner().invoke(_cli(), args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["settings"]["scorer"] == "judge" and report["settings"]["min_score"] == 0.99
+    scores = [s for r in report["records"] for s in r["scores"].values()]
+    # shares of four attributes read alike: multiples of 1/4
+    assert len(scores) == 12 and all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in scores)

@@ -78,7 +78,9 @@ def calibrate_cmd(
     eval_json: Annotated[Path | None, typer.Option(help="Records from `nirvana-quality eval --json`.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to calibrate on a workload.")] = None,
     workload: Annotated[Path | None, typer.Option(help="Prompts (txt/csv/tsv/jsonl/parquet), in replay order.")] = None,
-    scorer: Annotated[str, typer.Option(help="Fidelity of cached vs uncached B: ssim or psnr.")] = "ssim",
+    scorer: Annotated[
+        str, typer.Option(help="Fidelity of cached vs uncached B: ssim, psnr, or judge (a shapes checkpoint's judge/).")
+    ] = "ssim",
     steps: Annotated[int, typer.Option(help="Denoising steps N of the calibration (and reference_steps).")] = 20,
     pairs: Annotated[int, typer.Option(help="Pairs to generate, balanced over similarity bands.", min=1)] = 64,
     ks: Annotated[str | None, typer.Option(help="Candidate Ks, comma-separated (default: scaled to --steps).")] = None,

@@ -1,8 +1,9 @@
 """How close a cached generation is to the uncached one, by a scorer chosen by name (higher is closer).
 
 ``ssim`` and ``psnr`` compare the cached image of B with the uncached image of B from the same seed (scikit-image,
-installed by the ``quality`` extra and imported only when a scorer is made). Other packages add scorers with
-:func:`register_scorer`: the research package registers ``judge`` (the shapes model's attribute judge).
+installed by the ``quality`` extra and imported only when a scorer is made). Other packages add scorers through the
+``nirvana.scorers`` entry point group (a factory taking the checkpoint folder), or :func:`register_scorer` in
+process: the research package declares ``judge`` (the shapes model's attribute judge) that way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,7 @@ class PsnrScorer(Scorer):
 
 # name -> factory(checkpoint folder) -> Scorer
 SCORERS: dict[str, Callable[[Path], Scorer]] = {"ssim": lambda _: SsimScorer(), "psnr": lambda _: PsnrScorer()}
-_ELSEWHERE = {"judge": "the shapes model's judge comes with the research package: use `nirvana-quality calibrate`"}
+ENTRY_POINTS = "nirvana.scorers"
 
 
 def register_scorer(name: str, factory: Callable[[Path], Scorer]) -> None:
@@ -85,8 +87,15 @@ def register_scorer(name: str, factory: Callable[[Path], Scorer]) -> None:
 
 
 def make_scorer(name: str, checkpoint_dir: str | Path) -> Scorer:
-    """The scorer registered as ``name`` for the checkpoint in ``checkpoint_dir``; ScorerError names the choices."""
-    if name not in SCORERS:
-        hint = f" ({_ELSEWHERE[name]})" if name in _ELSEWHERE else ""
-        raise ScorerError(f"scorer {name!r} is not available here{hint}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name](Path(checkpoint_dir))
+    """The scorer registered as ``name`` (here or as an entry point) for the checkpoint in ``checkpoint_dir``;
+    ScorerError names the choices, or the extra a plugin's imports need."""
+    plugins = {point.name: point for point in entry_points(group=ENTRY_POINTS)}
+    if name in SCORERS:
+        return SCORERS[name](Path(checkpoint_dir))
+    if name not in plugins:
+        raise ScorerError(f"scorer {name!r} is not available; choose one of {sorted({*SCORERS, *plugins})}")
+    try:
+        factory = plugins[name].load()
+    except ImportError as err:
+        raise ScorerError(f"scorer {name!r} cannot be loaded ({err}): pip install 'nirvana-triton[quality]'") from None
+    return factory(Path(checkpoint_dir))
