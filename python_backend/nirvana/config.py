@@ -135,6 +135,13 @@ class LimitsConfig(_Strict):
     max_tenant_chars: int = Field(128, ge=1)
 
 
+class AdaptersConfig(_Strict):
+    """LoRA adapters a request may name (`nirvana.adapters`): their folder, and how many merged sets stay loaded."""
+
+    dir: Path | None = None
+    max_loaded: int = Field(2, ge=1)
+
+
 class EngineConfig(_Strict):
     """Everything the in-process pipeline needs."""
 
@@ -147,6 +154,7 @@ class EngineConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
 
 
 def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None) -> EngineConfig:

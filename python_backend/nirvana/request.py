@@ -34,6 +34,7 @@ class GenerationRequest:
     guidance: float = 7.5
     cache_mode: CacheMode = "auto"
     tenant: str = "default"
+    lora: str = ""  # "name:scale,…" as sent; parsed against the adapter library by the pipeline
 
 
 def validate_request(
@@ -45,6 +46,7 @@ def validate_request(
     guidance: float | None = None,
     cache_mode: str | None = None,
     tenant: str | None = None,
+    lora: str | None = None,
 ) -> GenerationRequest:
     """Fill defaults and validate every field; raises RequestError naming the field and value."""
     limits = config.limits
@@ -65,7 +67,9 @@ def validate_request(
         raise RequestError("CACHE_MODE", cache_mode, f"must be one of {', '.join(CACHE_MODES)}")
     tenant = tenant or "default"
     _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False, allow_newlines=False)
-    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant)  # type: ignore[arg-type]
+    lora = lora or ""
+    _check_text("LORA", lora, limits.max_prompt_chars, allow_empty=True, allow_newlines=False)
+    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant, lora)  # type: ignore[arg-type]
 
 
 def _check_text(name: str, value: object, max_chars: int, allow_empty: bool, allow_newlines: bool = True) -> None:

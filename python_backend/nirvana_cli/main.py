@@ -38,16 +38,25 @@ def generate(
     cache_mode: Annotated[str, typer.Option(help="auto | bypass | refresh")] = "auto",
     tenant: str = "default",
     scheduler: Annotated[str | None, typer.Option(help="auto, ddim, euler, euler_a, dpmpp")] = None,
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Folder of LoRA adapters (<name>/pytorch_lora_weights.safetensors).")
+    ] = None,
+    lora: Annotated[str, typer.Option(help='Adapters and scales, e.g. "ink:0.8,glow:0.5" (with --adapters-dir).')] = "",
     verbose: bool = False,
 ) -> None:
     """Generate images in-process (no server) and show what the cache did for each prompt."""
     from PIL import Image
 
+    from nirvana.adapters import AdapterError
     from nirvana.pipeline import Pipeline
     from nirvana.request import RequestError
 
     setup_logging(verbose)
-    pipe = Pipeline(engine_config(checkpoint, cache_dir, config, scheduler=scheduler))
+    adapters = {"dir": str(adapters_dir.resolve())} if adapters_dir else None
+    try:
+        pipe = Pipeline(engine_config(checkpoint, cache_dir, config, scheduler=scheduler, adapters=adapters))
+    except AdapterError as err:
+        raise typer.BadParameter(str(err), param_hint="--adapters-dir") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for i, prompt in enumerate(prompts):
@@ -60,6 +69,7 @@ def generate(
                     guidance=guidance,
                     cache_mode=cache_mode,
                     tenant=tenant,
+                    lora=lora,
                 )
             except RequestError as err:
                 raise typer.BadParameter(str(err)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ class TorchSubModels:
         mask = attention_mask if self.use_attention_mask else None
         with torch.inference_mode():
             return _plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
+
+    def with_unet(self, unet: torch.nn.Module) -> TorchSubModels:
+        """The same sub-models around another UNet (one with LoRA adapters fused in, `nirvana.adapters`)."""
+        other = copy.copy(self)
+        other.unet_model = unet
+        return other
 
     def encode_text_pair(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL: token ids of both tokenizers ``[B, L]`` → ``(hidden [B, L, D1 + D2], text_embeds [B, P])``."""
