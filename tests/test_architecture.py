@@ -2,6 +2,7 @@
 
 Direction (a package may import those to its right, never the reverse):
     nirvana_cli → nirvana_dev → nirvana_export → nirvana (engine)        nirvana_client: tritonclient only
+    nirvana_dev → nirvana_sim (replica-pool simulator) → nirvana_client (its routing policies)
     nirvana_quality (research) → nirvana_cli, nirvana_dev, nirvana
 Each check imports real modules in a fresh interpreter, with the packages a module must not reach made
 unimportable, so an import hidden inside a function that runs at import time is caught too.
@@ -26,13 +27,15 @@ PACKAGES = {
     "nirvana_quality": ROOT / "python_backend" / "nirvana_quality",
     "nirvana_export": ROOT / "export" / "nirvana_export",
     "nirvana_client": ROOT / "client" / "nirvana_client",
+    "nirvana_sim": ROOT / "client" / "nirvana_sim",
 }
 # package → our packages it may import (at module level or inside functions)
 ALLOWED = {
     "nirvana": set(),
     "nirvana_export": {"nirvana"},
     "nirvana_client": set(),
-    "nirvana_dev": {"nirvana", "nirvana_export", "nirvana_client"},
+    "nirvana_sim": {"nirvana_client"},
+    "nirvana_dev": {"nirvana", "nirvana_export", "nirvana_client", "nirvana_sim"},
     "nirvana_cli": {"nirvana", "nirvana_export", "nirvana_dev"},
     "nirvana_quality": {"nirvana", "nirvana_cli", "nirvana_dev"},
 }

@@ -9,6 +9,22 @@ import typer
 
 from nirvana_client.client import GenerateOptions, NirvanaClient
 
+Urls = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--url",
+        help="host:port of Triton (gRPC 8001, HTTP 8000 by default). Repeat it for several replicas: requests "
+        "are then placed by --policy (client-side balancer).",
+    ),
+]
+Policy = Annotated[
+    str,
+    typer.Option(
+        help="With several --url: round-robin | least-outstanding | predicted-completion (where the request is "
+        "predicted to finish first, from each replica's learnt step cost and its requests in flight)."
+    ),
+]
+
 if TYPE_CHECKING:  # imported where used, so `generate` starts without matplotlib and friends
     from nirvana_client.load import Timing
     from nirvana_client.workload import WorkItem
@@ -25,7 +41,8 @@ def main() -> None:
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text prompt.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG file to write.")] = Path("out.png"),
-    url: Annotated[str, typer.Option(help="host:port of Triton (gRPC 8001, HTTP 8000 by default).")] = "",
+    url: Urls = None,
+    policy: Policy = "predicted-completion",
     protocol: Annotated[str, typer.Option(help="grpc or http")] = "grpc",
     negative_prompt: str | None = None,
     seed: int | None = None,
@@ -43,9 +60,14 @@ def generate(
 
     if (stream or previews) and protocol != "grpc":
         raise typer.BadParameter("--stream and --previews need --protocol grpc")
-    url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
-    client = NirvanaClient(url, protocol)  # type: ignore[arg-type]
+    urls = _urls(url, protocol, policy)
+    if len(urls) > 1 and (stream or previews):
+        raise typer.BadParameter("--stream and --previews talk to one server: give one --url")
     options = GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant)
+    if len(urls) > 1:
+        _generate_balanced(prompt, out, urls, policy, protocol, options)
+        return
+    client = NirvanaClient(urls[0], protocol)  # type: ignore[arg-type]
     try:
         if stream or previews:
             from nirvana_client.stream_view import generate_with_progress
@@ -61,6 +83,44 @@ def generate(
     Image.fromarray(res.image).save(out)
     typer.echo(
         f"{out}: hit={res.cache_hit} skipped_steps={res.skipped_steps} "
+        f"similarity={res.similarity:.3f} latency_ms={res.latency_ms:.1f}"
+    )
+
+
+def _urls(urls: list[str] | None, protocol: str, policy: str) -> list[str]:
+    """The --url values, or the local default of the protocol; a usage error for an unknown --policy."""
+    from nirvana_client.routing import POLICIES
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
+    from nirvana_client.balancer import expand_urls
+
+    try:
+        return expand_urls(list(urls or [])) or ["127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000"]
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--url") from None
+
+
+def _generate_balanced(
+    prompt: str, out: Path, urls: list[str], policy: str, protocol: str, options: GenerateOptions
+) -> None:
+    """One request through the balancer: the image, and which replica served it."""
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    from nirvana_client.balancer import Balancer
+
+    balancer = Balancer(urls, policy, protocol)  # type: ignore[arg-type]
+    try:
+        res, replica, _ = balancer.generate(prompt, options)
+    except InferenceServerException as err:
+        typer.echo(f"error: {err.message()}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        balancer.close()
+    Image.fromarray(res.image).save(out)
+    typer.echo(
+        f"{out}: replica={urls[replica]} hit={res.cache_hit} skipped_steps={res.skipped_steps} "
         f"similarity={res.similarity:.3f} latency_ms={res.latency_ms:.1f}"
     )
 
@@ -118,7 +178,8 @@ def _timing(
 def replay(
     workload: Workload,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json, report.md, plots.")],
-    url: Annotated[str, typer.Option(help="host:port of Triton (gRPC 8001, HTTP 8000 by default).")] = "",
+    url: Urls = None,
+    policy: Policy = "predicted-completion",
     protocol: Annotated[str, typer.Option(help="grpc or http")] = "grpc",
     column: Column = None,
     seed_column: SeedColumn = None,
@@ -149,6 +210,8 @@ def replay(
 
     The DiffusionDB trace replays in timestamp order: `--timing trace --speed 60`. With --compare-bypass every
     request also runs with the cache off, in alternating blocks, so cache on/off are measured side by side.
+    With several --url values the requests go through the client balancer (--policy) and report.json holds
+    latency, each replica's share and learnt costs, and the error of the predicted server time.
     """
     from nirvana_client.benchmark import run_and_report
     from nirvana_client.efficiency import summary as efficiency_summary
@@ -157,15 +220,23 @@ def replay(
     if shuffle and (timing == "trace" or (timing is None and speed is not None)):
         raise typer.BadParameter("--shuffle breaks a trace's order; use closed or poisson timing")
     items = _load(workload, column, seed_column, timestamp_column, limit, shuffle, seed)
+    urls = _urls(url, protocol, policy)
+    pacing = _timing(timing, speed, concurrency, rate, max_in_flight, seed)
+    if len(urls) > 1:
+        if compare_bypass:
+            raise typer.BadParameter("--compare-bypass runs against one server: give one --url")
+        request = GenerateOptions(negative_prompt, None, steps, guidance, None, tenant)
+        _replay_balanced(items, out, urls, policy, protocol, pacing, request, max_seconds, timeout)
+        return
     try:
         options = ReplayOptions(
-            url=url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000"),
+            url=urls[0],
             protocol=protocol,  # type: ignore[arg-type]
             steps=steps,
             guidance=guidance,
             negative_prompt=negative_prompt,
             tenant=tenant,
-            timing=_timing(timing, speed, concurrency, rate, max_in_flight, seed),
+            timing=pacing,
             compare_bypass=compare_bypass,
             block_size=block_size,
             max_seconds=max_seconds,
@@ -178,6 +249,53 @@ def replay(
     typer.echo(efficiency_summary(report["cache_efficiency"]))
     typer.echo(f"report: {out / 'report.md'}")
     if report["errors"] and report["errors"] == sum(m["requests"] for m in report["by_mode"].values()):
+        raise typer.Exit(1)  # nothing succeeded: a script running this must notice
+
+
+def _replay_balanced(
+    items: list[WorkItem],
+    out: Path,
+    urls: list[str],
+    policy: str,
+    protocol: str,
+    timing: Timing,
+    request: GenerateOptions,
+    max_seconds: float | None,
+    timeout: float,
+) -> None:
+    """Replay over several replicas through the balancer; writes report.json (summary, per-replica learnt state,
+    prediction errors, records). The single-server report (report.md, plots, bypass comparison) needs one URL."""
+    import dataclasses
+    import json
+
+    from nirvana_client.balancer import Balancer, latency_summary, run_balanced
+    from nirvana_client.load import Deadline, schedule
+
+    try:
+        offsets = schedule(timing, len(items), [item.timestamp_s for item in items])
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    pairs = [
+        (item.prompt, dataclasses.replace(request, seed=item.seed, tenant=item.tenant or request.tenant))
+        for item in items
+    ]
+    balancer = Balancer(urls, policy, protocol, timeout_s=timeout)  # type: ignore[arg-type]
+    try:
+        records = run_balanced(balancer, pairs, timing, Deadline(max_seconds), offsets)
+    finally:
+        balancer.close()
+    summary = latency_summary(records, len(urls)) | {"prediction_error": balancer.error_summary()}
+    report = {"urls": urls, "policy": policy, "timing": dataclasses.asdict(timing), **summary}
+    report |= {"replicas": balancer.snapshot(), "records": [dataclasses.asdict(r) for r in records]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    shares = " ".join(f"{u}={s:.0%}" for u, s in zip(urls, summary["share"], strict=True))
+    typer.echo(
+        f"requests={summary['requests']} errors={summary['errors']} hit_rate={summary['hit_rate']:.3f} "
+        f"mean_ms={summary['mean_ms']:.1f} p50_ms={summary['p50_ms']:.1f} p99_ms={summary['p99_ms']:.1f} {shares}"
+    )
+    typer.echo(f"report: {out / 'report.json'}")
+    if summary["errors"] and summary["errors"] == summary["requests"]:
         raise typer.Exit(1)  # nothing succeeded: a script running this must notice
 
 

@@ -6,6 +6,7 @@ They need the `dev` extra (the pytriton wheel's tritonserver, the client): impor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -270,3 +271,40 @@ def bench_replay(
         block_size=block_size,
     )
     emit(report, json_path)
+
+
+@bench_app.command("routing")
+def bench_routing(
+    workload: Annotated[Path, typer.Argument(help="Prompts with a prompt column (e.g. diffusiondb_1k.csv).")],
+    checkpoint: DefaultCheckpoint = None,
+    requests: Annotated[int, typer.Option(help="Requests per policy (the same ones, same arrivals).", min=1)] = 80,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request (N).", min=1)] = 20,
+    load: Annotated[float, typer.Option(help="Poisson rate as a fraction of the measured joint capacity.")] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed of the Poisson arrivals.")] = 0,
+    capacity_seconds: Annotated[float, typer.Option(help="Length of the joint-capacity run.")] = 15.0,
+    policy_limit_s: Annotated[float, typer.Option(help="Stop sending a policy's requests after this long.")] = 150.0,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Two unequal replicas (profile cpu and torch) behind the client balancer: each routing policy on one
+    Poisson schedule, with prediction error and the simulator's mean beside the measured one."""
+    from nirvana_dev.bench.routing import print_table, run_routing
+
+    if not load > 0:
+        raise typer.BadParameter(f"load={load}: must be a positive fraction of capacity")
+    setup_logging(verbose)
+    report = run_routing(
+        workload,
+        checkpoint,
+        requests=requests,
+        steps=steps,
+        load=load,
+        seed=seed,
+        capacity_seconds=capacity_seconds,
+        policy_limit_s=policy_limit_s,
+        work_dir=work_dir,
+    )
+    print_table(report)
+    if json_path:  # the table is the printed figures; the JSON (with per-replica learnt costs) goes to the file
+        json_path.write_text(json.dumps(report, indent=2) + "\n")

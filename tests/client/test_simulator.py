@@ -1,0 +1,84 @@
+"""The replica-pool simulator (nirvana_sim): queueing sanity, cache and policy effects, determinism, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from nirvana_client.routing import make_policy
+from nirvana_sim.cli import app
+from nirvana_sim.engine import DIFFUSIONDB_CLIP, Workload, draw_steps, poisson_arrivals, simulate
+from nirvana_sim.experiments import capacity_rps, run_sweep
+from nirvana_sim.model import BUILTIN_KINDS, parse_pool
+
+H200 = BUILTIN_KINDS["h200"]
+
+
+def _mean_latency(spec: str, load: float, requests: int, policy: str = "round-robin", cache: bool = False) -> float:
+    pool = parse_pool(spec, BUILTIN_KINDS)
+    arrivals = poisson_arrivals(requests, load * capacity_rps(pool), seed=3)
+    workload = Workload(arrivals, draw_steps(requests, 50, DIFFUSIONDB_CLIP if cache else None, seed=3))
+    return float(simulate(pool, workload, make_policy(policy), cache).latencies_ms.mean())
+
+
+def test_one_replica_at_low_load_serves_each_request_in_its_service_time() -> None:
+    service_ms = H200.fixed_ms(cache=False) + 50 * H200.step_cost.ms(2)
+    assert _mean_latency("h200:1", load=0.01, requests=300) == pytest.approx(service_ms, rel=0.01)
+
+
+def test_past_capacity_latency_keeps_growing_with_the_number_of_requests() -> None:
+    short, long = _mean_latency("h200:1", 2.0, 150), _mean_latency("h200:1", 2.0, 300)
+    assert long > 1.5 * short
+
+
+def test_cache_hits_lower_mean_latency_at_equal_load() -> None:
+    assert _mean_latency("h100:2", 0.7, 400, cache=True) < _mean_latency("h100:2", 0.7, 400, cache=False)
+
+
+def test_predicted_completion_beats_round_robin_on_unequal_replicas() -> None:
+    spec = "h100:1,a100:1"
+    predicted = _mean_latency(spec, 0.7, 600, policy="predicted-completion")
+    assert predicted < _mean_latency(spec, 0.7, 600, policy="round-robin")
+
+
+def test_a_sweep_is_identical_for_the_same_seed() -> None:
+    pool = parse_pool("h100:2,l4:2", BUILTIN_KINDS)
+    first, second = (run_sweep(pool, [0.5], 200, seed=7) for _ in range(2))
+    assert first == second and len(first) == 6
+    assert run_sweep(pool, [0.5], 200, seed=8) != first
+
+
+def test_cli_prints_a_table_and_writes_json_and_plot(tmp_path) -> None:
+    out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = ["simulate", "--replicas", "h100:2,l4:2", "--loads", "0.3,0.6", "--requests", "150"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out_json), "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    assert "predicted-completion" in result.output
+    report = json.loads(out_json.read_text())
+    assert report["config"]["pool_size"] == 4 and len(report["rows"]) == 2 * 2 * 3
+    assert np.isfinite([row["p99_ms"] for row in report["rows"]]).all()
+    assert out_png.stat().st_size > 0
+
+
+def test_cli_refuses_an_unknown_kind_and_takes_kinds_from_a_file(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["simulate", "--replicas", "tpu:2", "--requests", "10"])
+    assert result.exit_code == 2 and "tpu" in result.output
+    kinds = tmp_path / "kinds.json"
+    spec = {"rows": [1, 2, 4], "ms": [300.0, 420.0, 700.0], "encode_ms": 40, "decode_ms": 900, "cache_ms": 5}
+    kinds.write_text(json.dumps({"cpu": spec}))
+    args = ["simulate", "--replicas", "cpu:2", "--loads", "0.5", "--requests", "50", "--kinds-file", str(kinds)]
+    result = CliRunner().invoke(app, [*args, "--steps", "20"])
+    assert result.exit_code == 0, result.output
+
+
+def test_trace_arrivals_replay_the_diffusiondb_gaps(tmp_path) -> None:
+    trace = tmp_path / "trace.csv"
+    stamps = ["2022-08-14 00:45:00+00:00"] * 3 + ["2022-08-14 00:47:00+00:00", "2022-08-14 00:46:00+00:00"]
+    trace.write_text("prompt,timestamp\n" + "".join(f"p{i},{s}\n" for i, s in enumerate(stamps)))
+    args = ["simulate", "--replicas", "h100:2", "--loads", "0.5", "--requests", "40", "--trace", str(trace)]
+    out_json = tmp_path / "t.json"
+    assert CliRunner().invoke(app, [*args, "--json", str(out_json)]).exit_code == 0
+    assert json.loads(out_json.read_text())["config"]["trace"] == str(trace)
