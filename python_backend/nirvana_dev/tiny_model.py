@@ -140,48 +140,20 @@ def clip_text_encoder(
     )
 
 
-def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
-    """Random-weight text encoder (D=32, 2 layers), UNet (32/64 channels, 16×16 latent), VAE (×4 upsampling)."""
-    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
-    unet = UNet2DConditionModel(
-        sample_size=16,
+def _tiny_unet(**config: object) -> UNet2DConditionModel:
+    """Two levels of 32/64 channels, one layer each, cross-attention in the lower one; ``config`` adds the rest."""
+    return UNet2DConditionModel(
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
+        **config,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=64,
-    )
-    return text_encoder, unet, vae
 
 
-def _sd15_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
-    """Random weights in Stable Diffusion 1.5's architecture: CLIP ViT-L/14 text tower (D=768, 12 layers), the
-    860M-parameter UNet (64×64×4 latent) and the VAE (×8 upsampling, 512×512 images). For GPU measurements."""
-    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, intermediate_size=3072, heads=12, layers=12)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    return text_encoder, unet, vae
-
-
-def _sd2_vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int) -> AutoencoderKL:
+def _vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int) -> AutoencoderKL:
     blocks = len(block_out_channels)
     return AutoencoderKL(
         block_out_channels=block_out_channels,
@@ -193,23 +165,27 @@ def _sd2_vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_
     )
 
 
+def _tiny_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random-weight text encoder (D=32, 2 layers), UNet (32/64 channels, 16×16 latent), VAE (×4 upsampling)."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
+    unet = _tiny_unet(sample_size=16, cross_attention_dim=32, attention_head_dim=4)
+    return text_encoder, unet, _vae((32, 64, 64), 1, 64)
+
+
+def _sd15_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random weights in Stable Diffusion 1.5's architecture: CLIP ViT-L/14 text tower (D=768, 12 layers), the
+    860M-parameter UNet (64×64×4 latent) and the VAE (×8 upsampling, 512×512 images). For GPU measurements."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, intermediate_size=3072, heads=12, layers=12)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    return text_encoder, unet, _vae((128, 256, 512, 512), 2, 512)
+
+
 def _tiny_sd2_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
     """SD 2.x's layout at toy size: OpenCLIP-style text encoder (gelu), a UNet with linear attention projections
     and per-block head sizes, a 24×24 latent (96×96 images: not the SD 1.x tiny model's resolution)."""
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2, hidden_act="gelu")
-    unet = UNet2DConditionModel(
-        sample_size=24,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-    )
-    return text_encoder, unet, _sd2_vae((32, 64, 64), 1, 96)
+    unet = _tiny_unet(sample_size=24, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    return text_encoder, unet, _vae((32, 64, 64), 1, 96)
 
 
 def _sd21_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
@@ -224,7 +200,7 @@ def _sd21_modules(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DCondit
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     )
-    return text_encoder, unet, _sd2_vae((128, 256, 512, 512), 2, 768)
+    return text_encoder, unet, _vae((128, 256, 512, 512), 2, 768)
 
 
 def _tiny_sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
@@ -234,14 +210,8 @@ def _tiny_sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, heads=2)
     config = text_encoder.config.to_dict() | {"projection_dim": 32, "hidden_act": "gelu"}
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    unet = UNet2DConditionModel(
+    unet = _tiny_unet(
         sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -250,7 +220,7 @@ def _tiny_sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids × 8 + the pooled projection
         cross_attention_dim=64,
     )
-    vae = _sd2_vae((32, 64, 64), 1, 128)
+    vae = _vae((32, 64, 64), 1, 128)
     vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     return text_encoder, text_encoder_2, unet, vae
 
