@@ -11,11 +11,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from nirvana.adapters import WEIGHTS_NAME, AdapterError, AdapterLibrary
+from nirvana.addons import AddOns
 from nirvana.config import load_config
 from nirvana.embed import make_embedder
 from nirvana.pipeline import Pipeline
 from nirvana.request import RequestError
-from nirvana_dev.tiny_lora import make_tiny_lora
+from nirvana_dev.tiny_addons import make_tiny_lora
 
 STEPS = 8
 PROMPT = "a red fox in the snow, photograph"
@@ -80,7 +81,8 @@ def test_a_latent_is_reused_only_within_its_adapter_set(pipe) -> None:
     assert not pipe.generate(prompt, seed=1, lora="ink:0.5").cache_hit  # another scale
     assert not pipe.generate(prompt, seed=1, lora="glow").cache_hit  # another adapter
     assert not pipe.generate(prompt, seed=1).cache_hit  # no adapter
-    keys = {pipe.cache_key(STEPS, 7.5, s) for s in [(), (("ink", 0.8),), (("ink", 0.5),), (("glow", 1.0),)]}
+    sets = [(), (("ink", 0.8),), (("ink", 0.5),), (("glow", 1.0),)]
+    keys = {pipe.cache_key(STEPS, 7.5, AddOns(adapters=s)) for s in sets}
     assert len(keys) == 4
 
 

@@ -142,6 +142,12 @@ class AdaptersConfig(_Strict):
     max_loaded: int = Field(2, ge=1)
 
 
+class ControlNetsConfig(_Strict):
+    """ControlNet models a request may name (`nirvana.controlnet`): the folder of their diffusers folders."""
+
+    dir: Path | None = None
+
+
 class EngineConfig(_Strict):
     """Everything the in-process pipeline needs."""
 
@@ -155,6 +161,7 @@ class EngineConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
+    controlnets: ControlNetsConfig = ControlNetsConfig()
 
 
 def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None) -> EngineConfig:

@@ -18,18 +18,19 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    SchedulerMixin,
-)
+from diffusers import SchedulerMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from nirvana.runtime.base import SubModels
+from nirvana.schedulers import (
+    SCHEDULERS,
+    UnsupportedSchedulerError,
+    check_resumable,
+    make_scheduler,
+    scheduler_name,
+)
 
 __all__ = [
     "SCHEDULERS",
@@ -48,22 +49,9 @@ __all__ = [
     "tokenize_prompts",
 ]
 
-# Schedulers whose whole between-step state a ResumeState can carry.
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp": DPMSolverMultistepScheduler,
-}
-# Config a registered name implies on top of the checkpoint's scheduler config.
-_CONFIG_OVERRIDES: dict[str, dict] = {"dpmpp": {"algorithm_type": "dpmsolver++"}}
 # Samplers that draw fresh noise in step(): their generator state is part of the state at step K.
 _STOCHASTIC = frozenset({"euler_a"})
 _IMAGE_PROCESSOR = VaeImageProcessor()
-
-
-class UnsupportedSchedulerError(ValueError):
-    """The scheduler cannot be resumed at step K (or the name is unknown); the message lists the supported names."""
 
 
 class StepRangeError(ValueError):
@@ -72,48 +60,6 @@ class StepRangeError(ValueError):
 
 class ResumeStateError(ValueError):
     """A ResumeState does not fit the scheduler, or its arrays are incomplete."""
-
-
-def _supported() -> str:
-    return ", ".join(repr(name) for name in SCHEDULERS)
-
-
-def scheduler_name(scheduler: SchedulerMixin) -> str:
-    """Registry name of ``scheduler`` ("ddim", "euler", "euler_a", "dpmpp"); raises if it is not resumable."""
-    detail = ""
-    for name, cls in SCHEDULERS.items():
-        if type(scheduler) is not cls:
-            continue
-        overrides = _CONFIG_OVERRIDES.get(name, {})
-        if all(scheduler.config.get(k) == v for k, v in overrides.items()):
-            return name
-        detail = " with " + ", ".join(f"{k}={scheduler.config.get(k)!r}" for k in overrides)
-    raise UnsupportedSchedulerError(
-        f"{type(scheduler).__name__}{detail} cannot be resumed at step K (its between-step state is not cached); "
-        f"use one of {_supported()}"
-    )
-
-
-def check_resumable(scheduler: SchedulerMixin) -> None:
-    """Raise :class:`UnsupportedSchedulerError` naming the class unless the scheduler is in the registry."""
-    scheduler_name(scheduler)
-
-
-def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
-    """Build scheduler ``name`` from the checkpoint's ``scheduler_config``; "auto" keeps the checkpoint's class."""
-    if name == "auto":
-        class_name = base_config.get("_class_name")
-        for cls in SCHEDULERS.values():
-            if cls.__name__ == class_name:
-                scheduler = cls.from_config(base_config)
-                check_resumable(scheduler)
-                return scheduler
-        raise UnsupportedSchedulerError(
-            f"the checkpoint's scheduler {class_name} cannot be resumed at step K; choose one of {_supported()}"
-        )
-    if name not in SCHEDULERS:
-        raise UnsupportedSchedulerError(f"unknown scheduler {name!r}; use 'auto' or one of {_supported()}")
-    return SCHEDULERS[name].from_config(base_config, **_CONFIG_OVERRIDES.get(name, {}))
 
 
 @dataclass
@@ -297,6 +243,7 @@ def denoise(
     capture_at: Iterable[int] = (),
     on_step: Callable[[int, torch.Tensor], object] | None = None,
     added_cond: dict[str, torch.Tensor] | None = None,
+    control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None,
 ) -> DenoiseResult:
     """Run an N-step schedule from x_T (``latent``) or from ``start`` (steps K..N-1 only), with CFG.
 
@@ -304,7 +251,8 @@ def denoise(
     in the pipeline). ``generator`` is the CPU generator the pipeline would pass to ``step()``; resuming an
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
-    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. SDXL: ``added_cond`` to every UNet call.
+    raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. SDXL: ``added_cond`` to every UNet call;
+    ``control(x_in, t, text)`` gives a ControlNet's residuals for each UNet call (``nirvana.controlnet``).
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):
@@ -333,7 +281,9 @@ def denoise(
         if i in captures:
             captured[i] = _capture(scheduler, x, i, generator)
         model_input = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
-        eps = models.unet(model_input, t.expand(model_input.shape[0]), text, **added)
+        timestep = t.expand(model_input.shape[0])
+        extra = added if control is None else {**added, "residuals": control(model_input, timestep, text)}
+        eps = models.unet(model_input, timestep, text, **extra)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
+from nirvana.addons import AddOnRegistry, AddOns
 from nirvana.cache.client import CacheClient
 from nirvana.cache.outcome import Lookup, Reason
 from nirvana.checkpoint import Checkpoint, load_checkpoint
@@ -34,7 +34,7 @@ from nirvana.denoise import (
 )
 from nirvana.embed import Embedder, make_embedder
 from nirvana.progress import CacheEvent, EventCallback, StepEvent
-from nirvana.request import GenerationRequest, RequestError, validate_request
+from nirvana.request import GenerationRequest, validate_request
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
 from nirvana.sdxl import SdxlConditioning, micro_conditioning
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FALLBACK_SCHEDULER = "dpmpp"
+NO_ADDONS = AddOns()
 
 
 class NonFiniteError(RuntimeError):
@@ -92,7 +93,7 @@ class Pipeline:
         self._cache_keys: dict[tuple[int, float], str] = {}
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
-        self.adapters = self._adapter_library(config)
+        self.addons = AddOnRegistry(config, self.checkpoint, in_process=isinstance(self.models, TorchSubModels))
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
 
     # -- validation ---------------------------------------------------------------------------------
@@ -101,32 +102,15 @@ class Pipeline:
         the field and value."""
         return validate_request(self.config, prompt, **options)  # type: ignore[arg-type]
 
-    def _adapter_library(self, config: EngineConfig) -> AdapterLibrary | None:
-        if config.adapters.dir is None:
-            return None
-        if not isinstance(self.models, TorchSubModels):
-            raise AdapterError("LoRA adapters run in-process (torch sub-models) only so far, not through Triton")
-        return AdapterLibrary(config.adapters.dir, self.checkpoint.unet, config.adapters.max_loaded)
-
-    def _adapter_set(self, lora: str) -> AdapterSet:
-        if not lora:
-            return ()
-        if self.adapters is None:
-            raise RequestError("LORA", lora, "this server has no adapters (set adapters.dir)")
-        try:
-            return parse_adapters(lora, set(self.adapters.files))
-        except AdapterError as err:
-            raise RequestError("LORA", lora, str(err)) from None
-
-    def cache_key(self, steps: int, guidance: float, adapters: AdapterSet = ()) -> str:
+    def cache_key(self, steps: int, guidance: float, addons: AddOns = NO_ADDONS) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
-        SDXL the same micro-conditioning; with LoRA adapters the same files at the same scales)."""
-        key = (steps, round(guidance, 4), adapters)
+        SDXL the same micro-conditioning; with add-ons the same adapter files and scales, ControlNet and image)."""
+        key = (steps, round(guidance, 4), addons)
         if key not in self._cache_keys:  # memoised: it builds a scheduler and hashes its config
-            self._cache_keys[key] = self._compute_cache_key(steps, guidance, adapters)
+            self._cache_keys[key] = self._compute_cache_key(steps, guidance, addons)
         return self._cache_keys[key]
 
-    def _compute_cache_key(self, steps: int, guidance: float, adapters: AdapterSet) -> str:
+    def _compute_cache_key(self, steps: int, guidance: float, addons: AddOns) -> str:
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         parts = {
             "checkpoint": self.checkpoint.fingerprint,
@@ -141,25 +125,22 @@ class Pipeline:
         # Only where they apply, so the keys of caches already on disk stay valid.
         if self._sdxl is not None:
             parts["micro_conditioning"] = micro_conditioning(self.checkpoint)
-        if adapters:
-            parts["lora"] = self.adapters.fingerprint(adapters)  # type: ignore[union-attr]
+        parts |= addons.key_parts(self.addons.adapters)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     # -- the request path ---------------------------------------------------------------------------
     def generate(self, prompt: str, on_event: EventCallback | None = None, **options: object) -> GenerationResult:
         """Generate one image; options as in `request()`: negative_prompt, seed, steps, guidance, cache_mode, tenant,
-        lora (``"name:scale,…"``, `nirvana.adapters`).
+        lora (``"name:scale,…"``), controlnet + control_image + controlnet_scale (`nirvana.addons`).
 
         ``on_event`` (`nirvana.progress`) gets a CacheEvent once the cache has answered, then a StepEvent after each
         denoising step; raising `Cancelled` from it stops the request with nothing admitted."""
         req = self.request(prompt, **options)  # type: ignore[arg-type]
-        adapters = self._adapter_set(req.lora)
+        addons = self.addons.resolve(req)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        key = self.cache_key(req.steps, req.guidance, adapters)
-        models = self.models
-        if adapters:  # waits only when this set is not merged yet
-            models = _timed(timings, "adapter_ms", lambda: self.models.with_unet(self.adapters.unet(adapters)))
+        key = self.cache_key(req.steps, req.guidance, addons)
+        models = self.addons.unet_models(self.models, addons, timings)
         embeddings, added_cond, vector = self._encode(req, timings)
         if req.cache_mode == "auto":
             lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
@@ -188,6 +169,7 @@ class Pipeline:
             capture_at=admit_ks,
             on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
             added_cond=added_cond,
+            control=None if addons.control is None else addons.control.residuals,
         )
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
         if not (_finite(result.latent) and _finite(pixels)):
@@ -279,7 +261,8 @@ class Pipeline:
             lookup.matched_prompt,
             lookup.k,
         )
-        fields = ("negative_prompt", "seed", "steps", "guidance", "tenant", "lora")
+        fields = ("negative_prompt", "seed", "steps", "guidance", "tenant", "lora", "controlnet", "control_image")
+        fields += ("controlnet_scale",)
         # on_event hears it as a second cache event ("bypass") and steps from 1 again
         retried = self.generate(req.prompt, on_event, cache_mode="bypass", **{f: getattr(req, f) for f in fields})
         retried.reason, retried.non_finite = Reason.NON_FINITE, retried.non_finite + 1
@@ -302,8 +285,7 @@ class Pipeline:
 
     def close(self) -> None:
         self._side_calls.shutdown(wait=True)
-        if self.adapters is not None:
-            self.adapters.close()
+        self.addons.close()
         self.cache.close()
 
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from nirvana.config import EngineConfig
 
@@ -34,7 +36,10 @@ class GenerationRequest:
     guidance: float = 7.5
     cache_mode: CacheMode = "auto"
     tenant: str = "default"
-    lora: str = ""  # "name:scale,…" as sent; parsed against the adapter library by the pipeline
+    lora: str = ""  # "name:scale,…" as sent; parsed against the adapter library (nirvana.addons)
+    controlnet: str = ""  # a ControlNet's name, with control_image (uint8 [H, W, 3]) at controlnet_scale
+    control_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    controlnet_scale: float = 1.0
 
 
 def validate_request(
@@ -47,6 +52,9 @@ def validate_request(
     cache_mode: str | None = None,
     tenant: str | None = None,
     lora: str | None = None,
+    controlnet: str | None = None,
+    control_image: np.ndarray | None = None,
+    controlnet_scale: float | None = None,
 ) -> GenerationRequest:
     """Fill defaults and validate every field; raises RequestError naming the field and value."""
     limits = config.limits
@@ -69,7 +77,22 @@ def validate_request(
     _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False, allow_newlines=False)
     lora = lora or ""
     _check_text("LORA", lora, limits.max_prompt_chars, allow_empty=True, allow_newlines=False)
-    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, cache_mode, tenant, lora)  # type: ignore[arg-type]
+    controlnet = controlnet or ""
+    _check_text("CONTROLNET", controlnet, limits.max_tenant_chars, allow_empty=True, allow_newlines=False)
+    scale = 1.0 if controlnet_scale is None else float(controlnet_scale)
+    return GenerationRequest(
+        prompt,
+        negative_prompt,
+        seed,
+        steps,
+        guidance,
+        cache_mode,
+        tenant,
+        lora,
+        controlnet,
+        control_image,
+        scale,  # type: ignore[arg-type]
+    )
 
 
 def _check_text(name: str, value: object, max_chars: int, allow_empty: bool, allow_newlines: bool = True) -> None:

@@ -204,6 +204,22 @@ def bench_serving(
     emit(run_serving(checkpoint, requests, steps, work_dir), json_path)
 
 
+@bench_app.command("addons")
+def bench_addons(
+    checkpoint: DefaultCheckpoint = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request.", min=2)] = 20,
+    repeats: Annotated[int, typer.Option(help="Requests measured per variant.", min=1)] = 5,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """In-process cost of add-ons: LoRA merge time per set, UNet ms per step plain / fused LoRA / ControlNet."""
+    from nirvana_dev.bench.addons import run_addons
+
+    setup_logging(verbose)
+    emit(run_addons(checkpoint, steps, repeats, work_dir), json_path)
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     checkpoint: DefaultCheckpoint = None,

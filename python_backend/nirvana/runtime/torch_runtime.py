@@ -37,9 +37,10 @@ def call_unet(
     timestep: torch.Tensor,
     text: torch.Tensor,
     added_cond: dict[str, torch.Tensor] | None = None,
+    residuals: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` (SDXL: and ``added_cond``) → noise
-    prediction ``[B, C, h, w]``."""
+    """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` (SDXL: and ``added_cond``; with a
+    ControlNet, its ``residuals``) → noise prediction ``[B, C, h, w]``."""
     device, dtype = unet.device, unet.dtype
     added = None if added_cond is None else {k: v.to(device, dtype) for k, v in added_cond.items()}
     return unet(
@@ -48,6 +49,7 @@ def call_unet(
         encoder_hidden_states=text.to(device, dtype),
         added_cond_kwargs=added,
         return_dict=False,
+        **(residuals or {}),
     )[0]
 
 
@@ -107,10 +109,13 @@ class TorchSubModels:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         added_cond: dict[str, torch.Tensor] | None = None,
+        residuals: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
         with torch.inference_mode():
-            return _plain_fp32(call_unet(self.unet_model, sample, timestep, encoder_hidden_states, added_cond))
+            return _plain_fp32(
+                call_unet(self.unet_model, sample, timestep, encoder_hidden_states, added_cond, residuals)
+            )
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""

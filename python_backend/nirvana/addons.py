@@ -1,0 +1,88 @@
+"""Add-on modules of a request (SwiftDiffusion's term): LoRA adapters and a ControlNet. Resolved once per request
+into :class:`AddOns`, which say which UNet runs, what runs beside it at every step, and what the cache key holds —
+a latent made under one add-on set is never reused for another."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
+from nirvana.checkpoint import CheckpointInfo
+from nirvana.config import EngineConfig
+from nirvana.controlnet import Control, ControlNetError, ControlNetLibrary
+from nirvana.request import GenerationRequest, RequestError
+from nirvana.runtime.torch_runtime import TorchSubModels
+
+__all__ = ["AddOnRegistry", "AddOns"]
+
+
+@dataclass(frozen=True)
+class AddOns:
+    """A request's add-ons; the empty default changes nothing (and its cache key is the plain one)."""
+
+    adapters: AdapterSet = ()
+    control: Control | None = None
+
+    def key_parts(self, library: AdapterLibrary | None) -> dict[str, object]:
+        parts: dict[str, object] = {}
+        if self.adapters and library is not None:
+            parts["lora"] = library.fingerprint(self.adapters)
+        if self.control is not None:
+            parts["controlnet"] = list(self.control.key)
+        return parts
+
+
+class AddOnRegistry:
+    """The adapter and ControlNet folders of a configuration (each optional), for in-process torch sub-models."""
+
+    def __init__(self, config: EngineConfig, checkpoint: CheckpointInfo, in_process: bool) -> None:
+        wanted = config.adapters.dir is not None or config.controlnets.dir is not None
+        if wanted and not in_process:
+            raise AdapterError("LoRA adapters and ControlNets run in-process (torch sub-models) only so far")
+        self.adapters = None
+        if config.adapters.dir is not None:
+            unet = checkpoint.unet  # type: ignore[attr-defined]  # in-process: a loaded Checkpoint
+            self.adapters = AdapterLibrary(config.adapters.dir, unet, config.adapters.max_loaded)
+        self.controlnets = None
+        if config.controlnets.dir is not None:
+            self.controlnets = ControlNetLibrary(config.controlnets.dir, checkpoint.image_size)
+
+    def resolve(self, req: GenerationRequest) -> AddOns:
+        """The request's add-ons; RequestError names LORA, CONTROLNET or CONTROL_IMAGE and what is wrong."""
+        return AddOns(self._adapters(req.lora), self._control(req))
+
+    def _adapters(self, lora: str) -> AdapterSet:
+        if not lora:
+            return ()
+        if self.adapters is None:
+            raise RequestError("LORA", lora, "this server has no adapters (set adapters.dir)")
+        try:
+            return parse_adapters(lora, set(self.adapters.files))
+        except AdapterError as err:
+            raise RequestError("LORA", lora, str(err)) from None
+
+    def _control(self, req: GenerationRequest) -> Control | None:
+        if not req.controlnet:
+            if req.control_image is not None:
+                raise RequestError("CONTROL_IMAGE", "<image>", "given without CONTROLNET")
+            return None
+        if self.controlnets is None:
+            raise RequestError("CONTROLNET", req.controlnet, "this server has no controlnets (set controlnets.dir)")
+        try:
+            return self.controlnets.control(req.controlnet, req.control_image, req.controlnet_scale)
+        except ControlNetError as err:
+            raise RequestError("CONTROLNET", req.controlnet, str(err)) from None
+
+    def unet_models(self, models: TorchSubModels, addons: AddOns, timings: dict[str, float]) -> TorchSubModels:
+        """``models`` around the UNet with ``addons``' adapters fused in (waiting only while that set merges)."""
+        if not addons.adapters or self.adapters is None:
+            return models
+        start = time.perf_counter()
+        merged = models.with_unet(self.adapters.unet(addons.adapters))
+        timings["adapter_ms"] = (time.perf_counter() - start) * 1e3
+        return merged
+
+    def close(self) -> None:
+        if self.adapters is not None:
+            self.adapters.close()
