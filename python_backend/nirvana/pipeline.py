@@ -105,12 +105,16 @@ class Pipeline:
     def cache_key(self, steps: int, guidance: float, addons: AddOns = NO_ADDONS) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
         SDXL the same micro-conditioning; with add-ons the same adapter files and scales, ControlNet and image)."""
-        key = (steps, round(guidance, 4), addons)
+        key = (steps, round(guidance, 4))
         if key not in self._cache_keys:  # memoised: it builds a scheduler and hashes its config
-            self._cache_keys[key] = self._compute_cache_key(steps, guidance, addons)
-        return self._cache_keys[key]
+            self._cache_keys[key] = self._base_key(steps, guidance)
+        if addons == NO_ADDONS:
+            return self._cache_keys[key]
+        # Not memoised: every control image is a key of its own, and the memo must stay bounded.
+        parts = {"base": self._cache_keys[key], **addons.key_parts(self.addons.adapters)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
-    def _compute_cache_key(self, steps: int, guidance: float, addons: AddOns) -> str:
+    def _base_key(self, steps: int, guidance: float) -> str:
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         parts = {
             "checkpoint": self.checkpoint.fingerprint,
@@ -122,10 +126,8 @@ class Pipeline:
             "steps": steps,
             "guidance": round(guidance, 4),
         }
-        # Only where they apply, so the keys of caches already on disk stay valid.
-        if self._sdxl is not None:
+        if self._sdxl is not None:  # only for SDXL, so the keys of caches already on disk stay valid
             parts["micro_conditioning"] = micro_conditioning(self.checkpoint)
-        parts |= addons.key_parts(self.addons.adapters)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     # -- the request path ---------------------------------------------------------------------------
