@@ -129,3 +129,21 @@ def test_merged_sets_are_kept_least_recently_used(tiny_checkpoint, adapters_dir)
         assert library.unet(()) is tiny_checkpoint.unet
     finally:
         library.close()
+
+
+def test_a_failed_merge_is_an_error_and_is_tried_again(tiny_checkpoint, adapters_dir, monkeypatch) -> None:
+    library = AdapterLibrary(adapters_dir, tiny_checkpoint.unet)
+    calls = []
+
+    def broken(adapters):  # a fault that cannot be caused otherwise (peft failing inside the merge)
+        calls.append(adapters)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(library, "_merge", broken)
+    try:
+        for _ in range(2):
+            with pytest.raises(AdapterError, match="could not be merged: RuntimeError: out of memory"):
+                library.unet((("ink", 1.0),))
+        assert len(calls) == 2  # not cached as loaded
+    finally:
+        library.close()

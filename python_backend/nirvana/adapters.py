@@ -141,7 +141,13 @@ class AdapterLibrary:
                 while len(self._merged) > self.max_loaded:
                     self._merged.popitem(last=False)  # in-flight users keep their reference
             self._merged.move_to_end(adapters)
-        return future.result()
+        try:
+            return future.result()
+        except Exception as err:  # a failed merge is not kept: the next request for the set tries again
+            with self._lock:
+                if self._merged.get(adapters) is future:
+                    del self._merged[adapters]
+            raise AdapterError(f"adapters {adapters} could not be merged: {type(err).__name__}: {err}") from err
 
     def _merge(self, adapters: AdapterSet) -> torch.nn.Module:
         start = time.perf_counter()
