@@ -105,3 +105,22 @@ def test_contrastive_loss_is_low_for_matching_captions_and_counts_same_scenes_as
     same[0, 1] = same[1, 0] = True
     assert contrastive_loss(twin, twin, same, scale) < contrastive_loss(emb, emb, same, scale)
     assert contrastive_loss(twin, twin, eye, scale) > contrastive_loss(emb, emb, eye, scale)
+
+
+def test_v_prediction_training_saves_a_v_prediction_checkpoint_and_weights_noisy_steps(tmp_path):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from nirvana_dev.tiny_model import sd15_scheduler_config
+    from nirvana_quality.train import _min_snr_weights
+
+    report = train_model(tmp_path, TrainConfig(**{**TOY.__dict__, "prediction_type": "v_prediction"}))
+    assert np.isfinite(report["losses"]["unet"])
+    assert load_checkpoint(tmp_path).prediction_type == "v_prediction"
+    scheduler = DDPMScheduler.from_config(sd15_scheduler_config("v_prediction"))
+    t = torch.tensor([10, 500, 800, 999])
+    eps, v = (_min_snr_weights(scheduler, t, 5.0, kind) for kind in ("epsilon", "v_prediction"))
+    snr = (scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])).float()
+    # in x0 terms (ε loss = SNR·x0 error, v loss = (SNR + 1)·x0 error): ε weighs a noisy step by its SNR, v by ≥ 1
+    assert (eps * snr)[2:].max() < 0.1 and ((v * (snr + 1)) >= 1 - 1e-5).all()
+    assert ((v * (snr + 1)) <= 5 + 1e-5).all()
