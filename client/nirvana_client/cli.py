@@ -216,6 +216,7 @@ def replay(
     from nirvana_client.benchmark import run_and_report
     from nirvana_client.efficiency import summary as efficiency_summary
     from nirvana_client.replay import ReplayOptions
+    from nirvana_client.report import prediction_summary
 
     if shuffle and (timing == "trace" or (timing is None and speed is not None)):
         raise typer.BadParameter("--shuffle breaks a trace's order; use closed or poisson timing")
@@ -247,6 +248,7 @@ def replay(
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary_line(report))
     typer.echo(efficiency_summary(report["cache_efficiency"]))
+    typer.echo(prediction_summary(report))
     typer.echo(f"report: {out / 'report.md'}")
     if report["errors"] and report["errors"] == sum(m["requests"] for m in report["by_mode"].values()):
         raise typer.Exit(1)  # nothing succeeded: a script running this must notice

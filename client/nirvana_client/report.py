@@ -84,6 +84,40 @@ def _sample(r) -> Sample:
     return Sample(r.mode, r.steps, r.skipped_steps, r.cache_hit, r.server_timings_ms, r.index)
 
 
+def prediction_error(records: Sequence) -> dict[str, dict[str, float | int | None]]:
+    """|predicted − actual| / actual server time (TIMINGS predicted_total_ms vs total_ms, both the server's) for
+    hits, misses and all requests that reported a prediction: count, median, p90, and the signed median (> 0:
+    predicted too slow)."""
+    groups: dict[str, list[float]] = {"hits": [], "misses": [], "all": []}
+    for r in records:
+        predicted, actual = r.server_timings_ms.get("predicted_total_ms"), r.server_timings_ms.get("total_ms")
+        if predicted is None or not actual:
+            continue
+        signed = (predicted - actual) / actual
+        groups["hits" if r.cache_hit else "misses"].append(signed)
+        groups["all"].append(signed)
+    out = {}
+    for name, signed in groups.items():
+        errors = np.abs(signed)
+        out[name] = {
+            "count": len(signed),
+            "median": float(np.median(errors)) if signed else None,
+            "p90": float(np.percentile(errors, 90)) if signed else None,
+            "median_signed": float(np.median(signed)) if signed else None,
+        }
+    return out
+
+
+def prediction_summary(report: dict) -> str:
+    """One line per mode: the server's predicted-time error over the requests that reported a prediction."""
+    parts = []
+    for mode, groups in report.get("prediction_error", {}).items():
+        g = groups["all"]
+        if g["count"]:
+            parts.append(f"{mode}: median {g['median']:.1%}, p90 {g['p90']:.1%} over {g['count']}")
+    return "predicted server time error: " + ("; ".join(parts) if parts else "no predictions reported")
+
+
 def _machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
 
@@ -136,6 +170,7 @@ def build_report(run: ReplayRun, options: ReplayOptions, workload: str) -> dict:
         "server_stage_ms": {m: stage_stats(rs) for m, rs in ok.items()},
         "overhead": overhead(cached),
         "cache_efficiency": cache_efficiency([_sample(r) for r in run.records if r.ok]),
+        "prediction_error": {m: prediction_error(rs) for m, rs in ok.items()},
         "schedule_lag_ms": latency_stats(lags),
         "wall_s": run.wall_s,
         "mode_wall_s": run.mode_wall_s,
@@ -208,6 +243,27 @@ def _efficiency_lines(e: dict) -> list[str]:
     return lines
 
 
+def _prediction_lines(report: dict) -> list[str]:
+    lines = [
+        "## Predicted server time",
+        "",
+        "Each answer's TIMINGS carry the server's prediction of its own server time, made once the cache has "
+        "answered (`predicted_total_ms`, from the replica's learnt step costs and the requests beside it). Error = "
+        "|predicted − actual| ÷ actual.",
+        "",
+        "| mode | requests | median | p90 | signed median |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, groups in report.get("prediction_error", {}).items():
+        for name, g in groups.items():
+            if g["count"]:
+                lines.append(
+                    f"| {mode}, {name} | {g['count']} | {_fmt(g['median'] * 100)}% | {_fmt(g['p90'] * 100)}% "
+                    f"| {_fmt(g['median_signed'] * 100)}% |"
+                )
+    return lines
+
+
 def to_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     """report.md: what a person reads first; report.json has every figure."""
     modes = report["by_mode"]
@@ -266,7 +322,7 @@ def to_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             f"of {_fmt(o['unet_step_ms_mean'], 2)} ms; admitting latents on a miss: mean {_fmt(o['admit_ms_mean'], 2)} "
             f"ms; skipped steps per request: {_fmt(o['skipped_steps_per_request'], 2)}.",
         ]
-    lines += ["", *_efficiency_lines(report["cache_efficiency"])]
+    lines += ["", *_efficiency_lines(report["cache_efficiency"]), "", *_prediction_lines(report)]
     if report["errors"]:
         lines += ["", f"**{report['errors']} errors**, e.g.:", *(f"- `{e}`" for e in report["error_examples"])]
     if plots:

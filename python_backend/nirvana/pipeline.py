@@ -38,6 +38,7 @@ from nirvana.request import GenerationRequest, validate_request
 from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
 from nirvana.sdxl import SdxlConditioning, micro_conditioning
+from nirvana.service_time import LoadBoard, ServiceTimes
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
@@ -75,6 +76,7 @@ class Pipeline:
         models: SubModels | None = None,
         embedder: Embedder | None = None,
         cache: CacheClient | None = None,
+        service: ServiceTimes | None = None,
     ) -> None:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -95,6 +97,9 @@ class Pipeline:
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
         self.addons = AddOnRegistry(config, self.checkpoint, in_process=isinstance(self.models, TorchSubModels))
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
+        # served: the board the server's stubs share; in process: this pipeline's own
+        self._own_board = None if service is not None else LoadBoard.private()
+        self.service = service or ServiceTimes(self._own_board)
 
     # -- validation ---------------------------------------------------------------------------------
     def request(self, prompt: str, **options: object) -> GenerationRequest:
@@ -156,23 +161,26 @@ class Pipeline:
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         generator = torch.Generator().manual_seed(req.seed)
         latent = None if start else initial_latent(self._latent_shape(), generator, scheduler, num_steps=req.steps)
-        result = _timed(
-            timings,
-            "unet_ms",
-            denoise,
-            models,
-            scheduler,
-            req.steps,
-            embeddings,
-            req.guidance,
-            generator=generator,
-            latent=latent,
-            start=start,
-            capture_at=admit_ks,
-            on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
-            added_cond=added_cond,
-            control=None if addons.control is None else addons.control.residuals,
-        )
+        with self.service.track(req.steps - (start.step if start else 0)) as loop:
+            # K is known now: the rest is forecast from this replica's step costs and the requests beside it
+            predicted = loop.predict((time.perf_counter() - t_start) * 1e3, admits=bool(admit_ks))
+            result = _timed(
+                timings,
+                "unet_ms",
+                denoise,
+                loop.models(models),
+                scheduler,
+                req.steps,
+                embeddings,
+                req.guidance,
+                generator=generator,
+                latent=latent,
+                start=start,
+                capture_at=admit_ks,
+                on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
+                added_cond=added_cond,
+                control=None if addons.control is None else addons.control.residuals,
+            )
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
         if not (_finite(result.latent) and _finite(pixels)):
             if lookup.hit:  # the cached start may be what broke it: run the request in full, uncached
@@ -198,7 +206,11 @@ class Pipeline:
                 replace=req.cache_mode == "refresh",
                 meta=meta,
             )
-        timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        end = time.perf_counter()
+        timings["total_ms"] = (end - t_start) * 1e3
+        self.service.learn_after(bool(admit_ks), (end - loop.loop_end) * 1e3)
+        if predicted is not None:
+            timings["predicted_total_ms"] = predicted
         return GenerationResult(
             image=(pixels * 255).round().clip(0, 255).astype(np.uint8),
             cache_hit=lookup.hit,
@@ -287,6 +299,8 @@ class Pipeline:
 
     def close(self) -> None:
         self._side_calls.shutdown(wait=True)
+        if self._own_board is not None:
+            self._own_board.close()
         self.addons.close()
         self.cache.close()
 

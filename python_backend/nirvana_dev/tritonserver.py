@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from nirvana.service_time import BOARD_ENV
 from nirvana_dev.install import (
     ServerPorts,
     TritonInstall,
@@ -185,7 +186,8 @@ class TritonServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.work_dir,
-                env=child_env(install, os.environ, self.env),
+                # the orchestrators' load board lives and goes with this server's work directory
+                env=child_env(install, os.environ, {BOARD_ENV: str(self.work_dir / "load-board"), **self.env}),
                 start_new_session=True,  # its own group: stop() signals the server and its stubs together
                 preexec_fn=_die_with_parent(os.getpid()),
             )

@@ -77,6 +77,14 @@ def test_eight_requests_overlap_and_each_gets_its_single_request_image(served, c
         f"(mean {busy_s / wall_s:.2f} in execution); unet rows per execution {rows / max(runs, 1):.2f}"
     )
     assert busy_s > wall_s
+    # Each instance is its own process: a UNet step learnt at more than one request in flight means the
+    # instances saw each other's requests on the load board.
+    shared = {k: v for k, v in after.items() if k.startswith("nirvana_unet_step_ms{")}
+    assert any('requests="1"' not in k and v > 0 for k, v in shared.items()), shared
+    assert all("predicted_total_ms" in r.server_timings_ms for r in together)  # learnt while warming
+    predictions = after["nirvana_prediction_error_ratio_count"] - before["nirvana_prediction_error_ratio_count"]
+    assert predictions == IN_FLIGHT
+    assert after["nirvana_predicted_drain_ms"] >= 0
 
 
 def _workload(tenant: str, scratch: str) -> list[tuple[str, GenerateOptions]]:

@@ -23,6 +23,7 @@ from nirvana.progress import EventCallback
 from nirvana.request import RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_cache import BlsCache
+from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.serving.metrics import RequestMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
 from nirvana.specs import ModelSpec, nirvana_spec
@@ -100,8 +101,9 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
     else:
         embedder = ClipEmbedder(checkpoint, models.encode_text)
     cache = BlsCache(pb_utils, config.cache.selection.selector())
-    pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache)
-    return pipeline, RequestMetrics(pb_utils, cache), checkpoint
+    service = ServiceTimes(LoadBoard.for_server())  # shared with this server's other orchestrator stubs
+    pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache, service=service)
+    return pipeline, RequestMetrics(pb_utils, cache, service), checkpoint
 
 
 def generate_options(pb_utils: Any, spec: ModelSpec, request: Any) -> dict[str, object]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from nirvana.cache.outcome import Reason
@@ -21,6 +22,8 @@ from nirvana.cache.outcome import Reason
 log = logging.getLogger(__name__)
 # Retrieval = search + selection + latent load (ms). Buckets span the sub-millisecond mirror to a slow Milvus.
 RETRIEVAL_BUCKETS_MS = [0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250]
+# |predicted − actual| / actual server time of a request
+PREDICTION_ERROR_BUCKETS = [0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0]
 UNAVAILABLE = ("nirvana_cache_unavailable_total", "Requests served uncached: Milvus or the cache model unreachable")
 
 
@@ -41,6 +44,19 @@ class _Families:
     def gauge(self, name: str, help_text: str) -> Any:
         return self.metric(name, help_text, self._family.GAUGE)
 
+    def labelled_gauges(self, name: str, help_text: str, label: str) -> Callable[[str], Any]:
+        """``get(value)`` → the gauge of this family with ``{label: value}``, made on first use and kept."""
+        family = self._family(name=name, description=help_text, kind=self._family.GAUGE)
+        self._kept.append(family)
+        made: dict[str, Any] = {}
+
+        def get(value: str) -> Any:
+            if value not in made:
+                made[value] = family.Metric(labels={label: value})
+            return made[value]
+
+        return get
+
 
 class _Delta:
     """Increments a counter by how much a monotonic count read elsewhere grew since the last call."""
@@ -56,12 +72,14 @@ class _Delta:
 
 class RequestMetrics:
     """Per-request counters of one `nirvana` instance; `cache` is its `BlsCache` (calls that failed count as
-    unavailable, in the series the cache model counts Milvus outages in)."""
+    unavailable, in the series the cache model counts Milvus outages in). `service`: the engine's `ServiceTimes`,
+    whose predictions a router reads here (the gauges are set as each request finishes, by whichever instance
+    finished it: every instance reads the same load board)."""
 
-    def __init__(self, pb_utils: Any, cache: Any) -> None:
+    def __init__(self, pb_utils: Any, cache: Any, service: Any = None) -> None:
         make = _Families(pb_utils)
         self._families = make
-        self._cache = cache
+        self._cache, self._service = cache, service
         self._lock = threading.Lock()  # requests finish on several threads
         self.hits = make.counter("nirvana_cache_hits_total", "Requests that resumed from a cached latent")
         self.misses = make.counter(
@@ -84,6 +102,18 @@ class RequestMetrics:
             buckets=RETRIEVAL_BUCKETS_MS,
         )
         self._unreachable = _Delta(make.counter(*UNAVAILABLE), getattr(cache, "failures", 0))
+        self.prediction_error = make.metric(
+            "nirvana_prediction_error_ratio",
+            "|predicted - actual| / actual server time per request (predicted once the cache has answered)",
+            pb_utils.MetricFamily.HISTOGRAM,
+            buckets=PREDICTION_ERROR_BUCKETS,
+        )
+        self.drain = make.gauge(
+            "nirvana_predicted_drain_ms", "Predicted ms until the requests now denoising finish their steps"
+        )
+        self.step_ms = make.labelled_gauges(
+            "nirvana_unet_step_ms", "Learnt ms of one UNet execution by the requests sharing it", "requests"
+        )
 
     def observe(self, result: Any) -> None:
         with self._lock:
@@ -102,6 +132,18 @@ class RequestMetrics:
                 keys = ("search_ms", "select_ms", "latent_load_ms")
                 self.retrieval.observe(sum(result.timings_ms.get(k, 0.0) for k in keys))
             self._unreachable.update(getattr(self._cache, "failures", 0))
+            predicted, actual = result.timings_ms.get("predicted_total_ms"), result.timings_ms.get("total_ms")
+            if predicted is not None and actual:
+                self.prediction_error.observe(abs(predicted - actual) / actual)
+            if self._service is not None:
+                self._publish_costs()
+
+    def _publish_costs(self) -> None:
+        drain = self._service.drain_ms()
+        if drain is not None:
+            self.drain.set(drain)
+        for sharing, ms in self._service.step_levels().items():
+            self.step_ms(str(sharing)).set(ms)
 
     def rejected(self) -> None:
         with self._lock:
