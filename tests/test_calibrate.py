@@ -120,6 +120,10 @@ def test_apply_thresholds_serves_each_pair_at_its_k() -> None:
     served = apply_thresholds(records, too_greedy, KS, 20)
     assert served["accuracy"] == pytest.approx(0.1)  # only the 10 pairs above 0.9 are right at K=16
     assert served["steps_saved_own_pair"] == pytest.approx(16 / 20)
+    assert served["hits"] == sum(r["similarity"] > 0 for r in records)
+    assert served["accuracy_drop_upper95"] >= served["accuracy_drop"] > 0
+    # the per-hit bound shrinks with hits: no leak among n hits is bounded by z²/(n + z²)
+    assert served["leak_rate_per_hit_upper95"] >= served["leaks"] / served["hits"]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ def test_forecast_shrinks_the_batch_as_others_finish() -> None:
     # a longer neighbour shares every one of its steps
     assert forecast_ms(5, [30], cost) == 5 * 15.0
     assert forecast_ms(6, [2, 4, 0], cost) == 2 * 18.0 + 2 * 15.0 + 2 * 10.0
+    # under steady load finished neighbours are replaced: the batch does not shrink below the recent level
+    assert forecast_ms(10, [4], cost, level=2) == 10 * 15.0
+    assert forecast_ms(10, [], cost, level=3) == 10 * 18.0
 
 
 def _hold_a_row(path: str, ready, release) -> None:

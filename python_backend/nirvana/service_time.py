@@ -33,6 +33,7 @@ __all__ = ["LoadBoard", "ServiceTimes", "StepTimes", "forecast_ms"]
 SLOTS = 64  # requests in their loops at once, per server: far above any instance count
 _PID, _STEPS = 0, 1
 BOARD_ENV = "NIRVANA_LOAD_BOARD"
+LEVEL_ALPHA = 0.05  # the recent load level remembers about the last 20 steps
 
 
 def _alive(pid: int) -> bool:
@@ -139,7 +140,7 @@ class StepTimes:
         old = self.by_sharing.get(sharing)
         self.by_sharing[sharing] = ms if old is None else old + self.alpha * (ms - old)
 
-    def ms(self, sharing: int) -> float | None:
+    def ms(self, sharing: float) -> float | None:
         """Learnt ms at `sharing`; between learnt levels linear, past the last one along the last two's slope (with
         one level: proportional to the requests, as when every row costs the same), below the first one flat."""
         known = sorted(self.by_sharing)
@@ -162,14 +163,18 @@ class StepTimes:
         return self.by_sharing[last] + slope * (sharing - last)
 
 
-def forecast_ms(own: int, others: Sequence[int], step_ms: Callable[[int], float]) -> float:
+def forecast_ms(own: int, others: Sequence[int], step_ms: Callable[[float], float], level: float = 1.0) -> float:
     """Ms until a request with `own` steps left finishes its loop beside requests with `others` steps left, all
-    stepping together; `step_ms(n)` is one call's cost with n requests sharing it. No new arrivals."""
+    stepping together; `step_ms(n)` is one call's cost with n requests sharing it.
+
+    As the others finish, the batch shrinks, but not below `level`: the replica's recent mean of requests sharing a
+    step, standing for the arrivals that replace them (1 predicts no arrivals; under steady load the recent level
+    is what a request sees on average)."""
     finish_points = sorted({s for s in others if 0 < s < own} | {own})
     total, done = 0.0, 0
     for point in finish_points:
         sharing = 1 + sum(1 for s in others if s > done)
-        total += (point - done) * step_ms(sharing)
+        total += (point - done) * step_ms(max(sharing, level))
         done = point
     return total
 
@@ -180,10 +185,11 @@ class ServiceTimes:
     def __init__(self, board: LoadBoard, alpha: float = 0.2) -> None:
         self.board, self.alpha = board, alpha
         self.steps = StepTimes(alpha)
+        self.level = 1.0  # EWMA of requests sharing each step this process timed: the replica's recent load
         self.after_ms: dict[bool, float] = {}  # admits latents? → EWMA ms from the loop's end to the answer
         self._lock = threading.Lock()
 
-    def _step_ms(self, sharing: int) -> float:
+    def _step_ms(self, sharing: float) -> float:
         return self.steps.ms(sharing) or 0.0
 
     def track(self, steps: int) -> _Tracked:
@@ -195,7 +201,7 @@ class ServiceTimes:
         with self._lock:
             if not self.steps.by_sharing:
                 return None
-            left = sorted(self.board.steps_left(), reverse=True)
+            left = sorted(self.board.steps_left(), reverse=True)  # what is held: no arrivals foreseen
             return forecast_ms(left[0], left[1:], self._step_ms) if left else 0.0
 
     def step_levels(self) -> dict[int, float]:
@@ -235,7 +241,7 @@ class _Tracked:
             if after is None or (self.left > 0 and not service.steps.by_sharing):
                 return None
             others = service.board.steps_left(exclude=self.row)
-            return elapsed_ms + forecast_ms(self.left, others, service._step_ms) + after
+            return elapsed_ms + forecast_ms(self.left, others, service._step_ms, service.level) + after
 
     def models(self, models: Any) -> _TimedUNet:
         return _TimedUNet(models, self)
@@ -246,6 +252,7 @@ class _Tracked:
             self.service.board.update(self.row, max(self.left, 0))
         with self.service._lock:
             self.service.steps.observe(sharing, ms)
+            self.service.level += LEVEL_ALPHA * (sharing - self.service.level)
 
     def sharing(self) -> int:
         return 1 + len(self.service.board.steps_left(exclude=self.row))

@@ -193,7 +193,9 @@ def _print_calibration(report: dict) -> None:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"held-out: accuracy {held['accuracy']:.3f} vs uncached {held['uncached_accuracy']:.3f} "
-        f"(drop {held['accuracy_drop']:+.4f}), cache leak rate {held['leak_rate_near_miss']:.3f}, "
+        f"(drop {held['accuracy_drop']:+.4f}, 95% bound {held['accuracy_drop_upper95'] or 0:+.4f}), cache leak rate "
+        f"{held['leak_rate_near_miss']:.3f} of near misses, {held['leaks']} of {held['hits']} hits (95% bound "
+        f"{held['leak_rate_per_hit_upper95'] or 0:.4f}), "
         f"steps saved on paraphrases {held['paraphrase_steps_saved']:.3f} "
         f"(hit rate {held['paraphrase_hit_rate']:.2f})"
     )
