@@ -122,3 +122,17 @@ def test_plots_are_non_empty_pngs(run, tmp_path) -> None:
 def test_plots_survive_a_run_without_responses(tmp_path) -> None:
     failed = [record(0, "cached", 0.0, ok=False)]
     assert all(p.stat().st_size > 0 for p in write_plots(failed, tmp_path))
+
+
+def test_prediction_error_is_taken_over_the_requests_that_reported_one() -> None:
+    from nirvana_client.report import prediction_error, prediction_summary
+
+    records = [record(i, "cached", 10.0, hit=i % 2 == 0, k=8 if i % 2 == 0 else 0) for i in range(4)]
+    for r, predicted in zip(records, (11.0, 8.0, 10.0), strict=False):  # the last one reported none
+        r.server_timings_ms["predicted_total_ms"] = predicted
+    errors = prediction_error(records)
+    assert errors["all"]["count"] == 3 and errors["hits"]["count"] == 2 and errors["misses"]["count"] == 1
+    assert errors["misses"]["median"] == pytest.approx(0.2) and errors["misses"]["median_signed"] == pytest.approx(-0.2)
+    assert errors["hits"]["median"] == pytest.approx(0.05)  # |+10%| and 0
+    line = prediction_summary({"prediction_error": {"cached": errors}})
+    assert "median 10.0%" in line and "over 3" in line
