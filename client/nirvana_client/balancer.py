@@ -358,6 +358,7 @@ class BalancedRecord:
     ok: bool = True
     error: str | None = None
     schedule_lag_ms: float | None = None
+    server_predicted_ms: float | None = None  # the replica's own prediction (TIMINGS predicted_total_ms)
 
 
 def run_balanced(
@@ -395,6 +396,7 @@ def run_balanced(
             server_ms=result.server_timings_ms.get("total_ms"),
             cache_hit=result.cache_hit,
             skipped_steps=result.skipped_steps,
+            server_predicted_ms=result.server_timings_ms.get("predicted_total_ms"),
         )
 
     done = run(list(enumerate(requests)), send, timing, deadline, offsets)
@@ -417,6 +419,12 @@ def latency_summary(records: Sequence[BalancedRecord], replicas: int) -> dict:
     }
 
 
+def server_prediction_errors(records: Sequence[BalancedRecord]) -> dict[str, float | int | None]:
+    """Error of the replicas' own predictions (made after their lookups, K known) over the answered requests."""
+    pairs = [(r.server_predicted_ms, r.server_ms) for r in records if r.server_predicted_ms and r.server_ms]
+    return relative_error_stats([abs(predicted - actual) / actual for predicted, actual in pairs])
+
+
 def relative_error_stats(errors: Sequence[float]) -> dict[str, float | int | None]:
     """count, median and p90 of relative errors (None when there are none)."""
     if not errors:
@@ -435,4 +443,5 @@ __all__ = [
     "latency_summary",
     "relative_error_stats",
     "run_balanced",
+    "server_prediction_errors",
 ]

@@ -211,3 +211,13 @@ def test_dns_urls_expand_to_every_address_and_bad_ones_are_named() -> None:
         expand_urls(["dns:localhost"])
     with pytest.raises(ValueError, match="does not resolve"):
         expand_urls(["dns:no-such-host.invalid:8001"])
+
+
+def test_server_prediction_errors_skip_answers_without_a_prediction() -> None:
+    from nirvana_client.balancer import BalancedRecord, server_prediction_errors
+
+    def rec(predicted, actual):
+        return BalancedRecord(0, "p", 0.0, 0, 1.0, 1.0, actual, server_predicted_ms=predicted)
+
+    stats = server_prediction_errors([rec(110.0, 100.0), rec(None, 100.0), rec(90.0, 100.0), rec(100.0, None)])
+    assert stats["count"] == 2 and abs(stats["median"] - 0.1) < 1e-9

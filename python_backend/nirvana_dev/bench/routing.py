@@ -143,7 +143,7 @@ def run_routing(
     work_dir: Path | None = None,
 ) -> dict:
     from nirvana_client import GenerateOptions, NirvanaClient
-    from nirvana_client.balancer import Balancer, latency_summary, run_balanced
+    from nirvana_client.balancer import Balancer, latency_summary, run_balanced, server_prediction_errors
     from nirvana_client.load import Deadline, Timing, schedule
     from nirvana_client.workload import load_workload
     from nirvana_dev.tiny_model import make_tiny_model
@@ -185,6 +185,7 @@ def run_routing(
                 balancer = Balancer(urls, policy, max_active=max_active, costs=costs)
                 records = run_balanced(balancer, pairs, timing, Deadline(policy_limit_s), offsets)
                 row = latency_summary(records, len(urls)) | {"prediction_error": balancer.error_summary()}
+                row["server_prediction_error"] = server_prediction_errors(records)
                 row["learnt"] = balancer.snapshot()
                 row["records"] = [dataclasses.asdict(r) for r in records]
                 row["simulated_warm_up_curves"] = _simulated(
@@ -214,11 +215,12 @@ def print_table(report: dict) -> None:
     )
     table = Table(title=title)
     columns = ["policy", "mean ms", "p50 ms", "p99 ms", "share", "hits", "err miss med/p90", "err hit med/p90"]
+    columns.append("server err med/p90")
     for column in [*columns, "sim mean (warm-up / run curves)", "sim/meas"]:
         table.add_column(column, justify="left" if column == "policy" else "right")
     fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
     for policy, row in report["policies"].items():
-        errors = row["prediction_error"]
+        errors, server = row["prediction_error"], row["server_prediction_error"]
         sim_warm, sim_run = row["simulated_warm_up_curves"]["mean_ms"], row["simulated_run_curves"]["mean_ms"]
         table.add_row(
             policy,
@@ -229,6 +231,7 @@ def print_table(report: dict) -> None:
             f"{row['hit_rate']:.0%}",
             f"{fmt(errors['misses']['median'])}/{fmt(errors['misses']['p90'])}",
             f"{fmt(errors['hits']['median'])}/{fmt(errors['hits']['p90'])}",
+            f"{fmt(server['median'])}/{fmt(server['p90'])}",
             f"{sim_warm:.0f} / {sim_run:.0f}",
             f"{sim_warm / row['mean_ms']:.2f} / {sim_run / row['mean_ms']:.2f}",
         )
