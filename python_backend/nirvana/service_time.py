@@ -180,7 +180,8 @@ def forecast_ms(own: int, others: Sequence[int], step_ms: Callable[[float], floa
 
 
 class ServiceTimes:
-    """One replica's cost model and its share of the load board: `track()` each request's loop, `finish()` it."""
+    """One replica's cost model and its share of the load board: `track()` each request's loop (its UNet calls teach
+    the step costs), then `learn_after()` the time from the loop's end to the answer."""
 
     def __init__(self, board: LoadBoard, alpha: float = 0.2) -> None:
         self.board, self.alpha = board, alpha
@@ -234,7 +235,7 @@ class _Tracked:
 
     def predict(self, elapsed_ms: float, admits: bool) -> float | None:
         """Predicted total server ms: `elapsed_ms` so far + the forecast loop + the learnt time after it; None
-        until the replica has timed a step and finished a request of this kind."""
+        until the replica has timed a step and finished a request (of either kind: admitting or not)."""
         service = self.service
         with service._lock:
             after = service.after_ms.get(admits, service.after_ms.get(not admits))
