@@ -275,11 +275,12 @@ def _warnings(calibration: dict, rejected: Sequence[dict]) -> list[str]:
     # An admitted band's bounds are within budget, so its sample is large enough; say which Ks lack the evidence.
     for entry in rejected:
         needed = entry.get("pairs_needed") or {}
-        if needed.get("near_misses") or needed.get("pairs"):
-            out.append(
-                f"K={entry['k']}: rejected on too little evidence: the band needs about {needed['pairs']} pairs and "
-                f"{needed['near_misses']} near misses (it had {entry['n']} and {entry['n_near_miss']})"
-            )
+        wants = [f"{needed['pairs']} pairs"] if needed.get("pairs") else []
+        wants += [f"{needed['near_misses']} near misses"] if needed.get("near_misses") else []
+        if wants:
+            had = f"it had {entry['n']} pairs and {entry['n_near_miss']} near misses"
+            out.append(f"K={entry['k']}: rejected on too little evidence: the band needs about {' and '.join(wants)}")
+            out[-1] += f" ({had})"
     return out
 
 

@@ -80,7 +80,8 @@ def bootstrap_upper(
 
 def mean_pairs_needed(values: Sequence[float], budget: float, z: float = Z95) -> int | None:
     """Pairs at which mean + z·sd/√n falls within ``budget`` if further pairs look like these (the normal
-    approximation the bootstrap converges to); None when the mean itself is not below the budget or no values."""
+    approximation the bootstrap converges to); None when the mean itself is not below the budget, no values, or
+    more than ten million pairs would be needed."""
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         return None
@@ -88,4 +89,5 @@ def mean_pairs_needed(values: Sequence[float], budget: float, z: float = Z95) ->
     if mean >= budget:
         return None
     sd = float(data.std(ddof=1)) if data.size > 1 else 0.0
-    return max(int(data.size), math.ceil((z * sd / (budget - mean)) ** 2))
+    needed = max(int(data.size), math.ceil((z * sd / (budget - mean)) ** 2))
+    return needed if needed <= _MAX_PAIRS else None  # a mean this close to the budget: not by more pairs
