@@ -139,7 +139,7 @@ def test_a_failed_merge_is_an_error_and_is_tried_again(tiny_checkpoint, adapters
         calls.append(adapters)
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(library, "_merge", broken)
+    monkeypatch.setattr(library, "merge", broken)
     try:
         for _ in range(2):
             with pytest.raises(AdapterError, match="could not be merged: RuntimeError: out of memory"):

@@ -50,6 +50,7 @@ def generate(
     guidance: float | None = None,
     cache_mode: Annotated[str | None, typer.Option(help="auto | bypass | refresh")] = None,
     tenant: str | None = None,
+    lora: Annotated[str | None, typer.Option(help='LoRA adapters and scales, e.g. "ink:0.8,glow:0.5".')] = None,
     stream: Annotated[bool, typer.Option(help="Stream (gRPC): a progress bar with hit/K as the steps run.")] = False,
     previews: Annotated[Path | None, typer.Option(help="--stream: write preview PNGs into this folder.")] = None,
     preview_every: Annotated[int, typer.Option(help="--previews: one preview every N steps run.", min=1)] = 1,
@@ -63,7 +64,7 @@ def generate(
     urls = _urls(url, protocol, policy)
     if len(urls) > 1 and (stream or previews):
         raise typer.BadParameter("--stream and --previews talk to one server: give one --url")
-    options = GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant)
+    options = GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant, lora)
     if len(urls) > 1:
         _generate_balanced(prompt, out, urls, policy, protocol, options)
         return
@@ -327,6 +328,7 @@ def perf_data(
     cache_mode: Annotated[str | None, typer.Option(help="auto | bypass | refresh (default: the server's).")] = None,
     tenant: str | None = None,
     negative_prompt: str | None = None,
+    lora: Annotated[str | None, typer.Option(help='LORA of every request, e.g. "ink:0.8".')] = None,
 ) -> None:
     """Write perf_analyzer --input-data JSON for the `nirvana` model: one request per workload prompt."""
     from nirvana_client.perfdata import input_data, write_input_data
@@ -335,7 +337,13 @@ def perf_data(
         raise typer.BadParameter(f"--cache-mode={cache_mode!r}: must be auto, bypass or refresh")
     items = _load(workload, column, seed_column, timestamp_column, limit)
     document = input_data(
-        items, steps=steps, guidance=guidance, cache_mode=cache_mode, tenant=tenant, negative_prompt=negative_prompt
+        items,
+        steps=steps,
+        guidance=guidance,
+        cache_mode=cache_mode,
+        tenant=tenant,
+        negative_prompt=negative_prompt,
+        lora=lora,
     )
     write_input_data(document, out)
     typer.echo(f"{out}: {len(document['data'])} requests for perf_analyzer --input-data")

@@ -22,6 +22,7 @@ INPUT_DATATYPES = {
     "GUIDANCE_SCALE": "FP32",
     "CACHE_MODE": "BYTES",
     "TENANT": "BYTES",
+    "LORA": "BYTES",
 }
 # Outputs: IMAGE is [H, W, 3], the others [1]; TIMINGS is JSON of server-side ms per stage.
 OUTPUT_DATATYPES = {
@@ -42,6 +43,7 @@ class GenerateOptions:
     guidance: float | None = None
     cache_mode: str | None = None  # auto | bypass | refresh
     tenant: str | None = None
+    lora: str | None = None  # LoRA adapters and scales: "name:0.8,other:0.5"
 
 
 @dataclass
@@ -63,6 +65,7 @@ def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str
         ("GUIDANCE_SCALE", options.guidance),
         ("CACHE_MODE", options.cache_mode),
         ("TENANT", options.tenant),
+        ("LORA", options.lora),
     ]
     return [("PROMPT", prompt)] + [(name, value) for name, value in optional if value is not None]
 

@@ -41,13 +41,13 @@ def input_data(
     cache_mode: str | None = None,
     tenant: str | None = None,
     negative_prompt: str | None = None,
+    lora: str | None = None,
 ) -> dict[str, list[dict[str, dict]]]:
     """The perf_analyzer JSON document: one step per work item, with the item's prompt and seed."""
     data = []
     for item in items:
-        options = GenerateOptions(
-            negative_prompt, item.seed, steps, guidance, cache_mode, item.tenant if item.tenant is not None else tenant
-        )
+        tenant_of_item = item.tenant if item.tenant is not None else tenant
+        options = GenerateOptions(negative_prompt, item.seed, steps, guidance, cache_mode, tenant_of_item, lora)
         step = {
             name: {"content": [json_value(name, value)], "shape": [1]}
             for name, value in request_values(item.prompt, options)

@@ -29,6 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.specs import (
+    ADAPTERS_MODEL,
     CACHE_MODEL,
     DEFAULT_UNET_MAX_BATCH,
     NIRVANA_MODEL,
@@ -36,6 +37,7 @@ from nirvana.specs import (
     TRITON_DTYPES,
     ModelSpec,
     TensorSpec,
+    adapters_spec,
     cache_spec,
     needs_reshape,
     nirvana_spec,
@@ -46,6 +48,10 @@ PROFILES = ("cpu", "gpu", "torch")
 SUBMODEL_PY = (
     '"""Triton python model: runs this version\'s model.onnx with onnxruntime (CPU profile)."""\n\n'
     "from nirvana.serving.onnx_model import TritonPythonModel  # noqa: F401\n"
+)
+ADAPTERS_PY = (
+    '"""Triton python model `adapters`: a UNet model per LoRA set (glue in nirvana.serving.adapter_model)."""\n\n'
+    "from nirvana.serving.adapter_model import TritonPythonModel  # noqa: F401\n"
 )
 TORCH_PY = (
     '"""Triton python model: runs the checkpoint\'s torch module for this sub-model (torch profile)."""\n\n'
@@ -181,6 +187,17 @@ def cache_config() -> str:
     return _render(config)
 
 
+def adapters_config() -> str:
+    """config.pbtxt of the decoupled `adapters` model (contract: `nirvana.specs.adapters_spec`): one instance, which
+    loads a UNet model per LoRA set through the model-control API; it reads the `nirvana` model's engine.json."""
+    config = _model_config(adapters_spec())
+    config.backend = "python"
+    config.model_transaction_policy.decoupled = True
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
+    return _render(config)
+
+
 def render_configs(
     specs: dict[str, ModelSpec],
     image_size: tuple[int, int],
@@ -190,14 +207,20 @@ def render_configs(
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     checkpoint: Path | None = None,
     embedder: str = "clip",
+    adapters: bool = False,
     **nirvana_options: int,
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
 
     `instances`: `nirvana` instances (default `DEFAULT_INSTANCES[profile]`); `queue_delay_us`: the UNet's dynamic
     batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
-    (the `prompt_embedder` model is served for "minilm" only); `nirvana_options`: max_queue_size, queue_timeout_s
-    of the BLS model."""
+    (the `prompt_embedder` model is served for "minilm" only); `adapters`: serve LoRA adapter sets (the `adapters`
+    model; cpu profile only so far); `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
+    if adapters and profile != "cpu":
+        raise RepositoryError(
+            f"profile={profile!r}: LoRA adapters are served in the cpu profile only so far (onnxruntime initializer "
+            "overrides); use the in-process engine or the cpu profile"
+        )
     names = served_submodels(embedder, specs)
     files = {
         f"{name}/config.pbtxt": submodel_config(
@@ -216,6 +239,9 @@ def render_configs(
     files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
     files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
     files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY
+    if adapters:
+        files[f"{ADAPTERS_MODEL}/config.pbtxt"] = adapters_config()
+        files[f"{ADAPTERS_MODEL}/1/model.py"] = ADAPTERS_PY
     from nirvana_export.stream_config import stream_files  # it builds on this module's helpers
 
     files |= stream_files(image_size, specs["unet"], conditioning_device=device, **nirvana_options)
@@ -277,8 +303,10 @@ def write_repository(
         queue_delay_us=queue_delay_us,
         checkpoint=Path(checkpoint_dir),
         embedder=embedder,
+        adapters=bool((engine_config.get("adapters") or {}).get("dir")),
         **nirvana_options,
     )
+    shutil.rmtree(out / ADAPTERS_MODEL, ignore_errors=True)  # served only while the configuration names adapters
     for rel, text in configs.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)

@@ -25,11 +25,20 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["MAX_SCALE", "AdapterError", "AdapterLibrary", "AdapterSet", "parse_adapters"]
+__all__ = [
+    "MAX_SCALE",
+    "AdapterCatalog",
+    "AdapterError",
+    "AdapterLibrary",
+    "AdapterSet",
+    "format_adapters",
+    "parse_adapters",
+]
 
 log = logging.getLogger(__name__)
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -63,6 +72,11 @@ def parse_adapters(value: str, known: set[str]) -> AdapterSet:
             raise AdapterError(f"adapter {name!r} is named twice")
         entries[name] = scale
     return tuple(sorted(entries.items()))
+
+
+def format_adapters(adapters: AdapterSet) -> str:
+    """The canonical ``LORA`` text of a set (``parse_adapters`` of it gives the set back)."""
+    return ",".join(f"{name}:{scale!r}" for name, scale in adapters)
 
 
 def _adapter_files(root: Path) -> dict[str, Path]:
@@ -108,25 +122,61 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-class AdapterLibrary:
-    """The adapters of one folder for one checkpoint's UNet, and the merged UNets of the sets in use (LRU)."""
+class AdapterCatalog:
+    """The adapter files of one folder and their digests: enough to parse a request's ``LORA`` and key the cache by
+    it, without loading weights (the served orchestrators; the ``adapters`` model merges and checks)."""
 
-    def __init__(self, root: str | Path, unet: torch.nn.Module, max_loaded: int = 2) -> None:
-        self.root, self._unet, self.max_loaded = Path(root), unet, max(1, max_loaded)
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
         if not self.root.is_dir():
             raise AdapterError(f"adapters folder does not exist: {self.root}")
         self.files = _adapter_files(self.root)
-        for name, path in self.files.items():
-            _check_file(name, path, unet)
         self.digests = {name: _digest(path) for name, path in self.files.items()}
+
+    def parse(self, value: str) -> AdapterSet:
+        return parse_adapters(value, set(self.files))
+
+    def fingerprint(self, adapters: AdapterSet) -> list[tuple[str, str, float]]:
+        """(name, file digest, scale) per adapter: what the cache key holds, so a retrained file never matches."""
+        return [(name, self.digests[name], scale) for name, scale in adapters]
+
+
+class AdapterLibrary(AdapterCatalog):
+    """The adapters of one folder for one checkpoint's UNet, and the merged UNets of the sets in use (LRU).
+
+    ``strict``: a file that cannot serve this UNet stops the library from opening (in-process); otherwise it is
+    left out and recorded in ``refused`` (served: the server stays up, and a request naming it is told why)."""
+
+    def __init__(self, root: str | Path, unet: torch.nn.Module, max_loaded: int = 2, strict: bool = True) -> None:
+        super().__init__(root)
+        self._unet, self.max_loaded = unet, max(1, max_loaded)
+        self.refused: dict[str, str] = {}
+        for name, path in list(self.files.items()):
+            try:
+                _check_file(name, path, unet)
+            except AdapterError as err:
+                if strict:
+                    raise
+                log.error("adapter refused: %s", err)
+                self.refused[name] = str(err)
         self._merged: OrderedDict[AdapterSet, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nirvana-lora")
         self.load_seconds: list[float] = []  # per merged set, for /metrics and the note
 
-    def fingerprint(self, adapters: AdapterSet) -> list[tuple[str, str, float]]:
-        """(name, file digest, scale) per adapter: what the cache key holds, so a retrained file never matches."""
-        return [(name, self.digests[name], scale) for name, scale in adapters]
+    @property
+    def base_unet(self) -> torch.nn.Module:
+        return self._unet
+
+    def check_usable(self, adapters: AdapterSet) -> None:
+        """AdapterError naming the first adapter of the set that was refused when the library opened."""
+        for name, _ in adapters:
+            if name in self.refused:
+                raise AdapterError(f"adapter {name!r} was refused when the server started: {self.refused[name]}")
+
+    def bind(self, models: Any, adapters: AdapterSet) -> Any:
+        """``models`` (in-process torch sub-models) around the UNet with ``adapters`` fused in."""
+        return models.with_unet(self.unet(adapters))
 
     def unet(self, adapters: AdapterSet) -> torch.nn.Module:
         """The UNet with ``adapters`` fused in; merged on the loader thread the first time (callers for other,
@@ -136,7 +186,7 @@ class AdapterLibrary:
         with self._lock:
             future = self._merged.get(adapters)
             if future is None:
-                future = self._loader.submit(self._merge, adapters)
+                future = self._loader.submit(self.merge, adapters)
                 self._merged[adapters] = future
                 while len(self._merged) > self.max_loaded:
                     self._merged.popitem(last=False)  # in-flight users keep their reference
@@ -149,7 +199,9 @@ class AdapterLibrary:
                     del self._merged[adapters]
             raise AdapterError(f"adapters {adapters} could not be merged: {type(err).__name__}: {err}") from err
 
-    def _merge(self, adapters: AdapterSet) -> torch.nn.Module:
+    def merge(self, adapters: AdapterSet) -> torch.nn.Module:
+        """A fresh copy of the UNet with ``adapters`` fused in (diffusers' own LoRA loading and fusing); not kept."""
+        self.check_usable(adapters)
         start = time.perf_counter()
         unet = copy.deepcopy(self._unet)
         names = [name for name, _ in adapters]

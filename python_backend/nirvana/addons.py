@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
+from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, format_adapters
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.config import EngineConfig
 from nirvana.controlnet import Control, ControlNetError, ControlNetLibrary
@@ -24,7 +25,7 @@ class AddOns:
     adapters: AdapterSet = ()
     control: Control | None = None
 
-    def key_parts(self, library: AdapterLibrary | None) -> dict[str, object]:
+    def key_parts(self, library: Any) -> dict[str, object]:
         parts: dict[str, object] = {}
         if self.adapters and library is not None:
             parts["lora"] = library.fingerprint(self.adapters)
@@ -36,12 +37,17 @@ class AddOns:
 class AddOnRegistry:
     """The adapter and ControlNet folders of a configuration (each optional), for in-process torch sub-models."""
 
-    def __init__(self, config: EngineConfig, checkpoint: CheckpointInfo, in_process: bool) -> None:
-        wanted = config.adapters.dir is not None or config.controlnets.dir is not None
-        if wanted and not in_process:
-            raise AdapterError("LoRA adapters and ControlNets run in-process (torch sub-models) only so far")
-        self.adapters = None
-        if config.adapters.dir is not None:
+    def __init__(
+        self, config: EngineConfig, checkpoint: CheckpointInfo, in_process: bool, served_adapters: Any = None
+    ) -> None:
+        """``served_adapters``: the orchestrator's client of the ``adapters`` model (`nirvana.runtime.bls_adapters`),
+        which merges sets into UNet models of their own; in-process, sets are merged here."""
+        if config.controlnets.dir is not None and not in_process:
+            raise ControlNetError("ControlNets run in-process (torch sub-models) only so far")
+        if config.adapters.dir is not None and not in_process and served_adapters is None:
+            raise AdapterError("served LoRA adapters need the `adapters` model (nirvana export renders it)")
+        self.adapters: Any = served_adapters
+        if config.adapters.dir is not None and in_process:
             unet = checkpoint.unet  # type: ignore[attr-defined]  # in-process: a loaded Checkpoint
             self.adapters = AdapterLibrary(config.adapters.dir, unet, config.adapters.max_loaded)
         self.controlnets = None
@@ -58,7 +64,7 @@ class AddOnRegistry:
         if self.adapters is None:
             raise RequestError("LORA", lora, "this server has no adapters (set adapters.dir)")
         try:
-            return parse_adapters(lora, set(self.adapters.files))
+            return self.adapters.parse(lora)
         except AdapterError as err:
             raise RequestError("LORA", lora, str(err)) from None
 
@@ -79,7 +85,10 @@ class AddOnRegistry:
         if not addons.adapters or self.adapters is None:
             return models
         start = time.perf_counter()
-        merged = models.with_unet(self.adapters.unet(addons.adapters))
+        try:
+            merged = self.adapters.bind(models, addons.adapters)
+        except AdapterError as err:  # a refused file, or a set that failed to merge: the request's LORA is at fault
+            raise RequestError("LORA", format_adapters(addons.adapters), str(err)) from None
         timings["adapter_ms"] = (time.perf_counter() - start) * 1e3
         return merged
 

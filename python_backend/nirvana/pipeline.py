@@ -77,7 +77,10 @@ class Pipeline:
         embedder: Embedder | None = None,
         cache: CacheClient | None = None,
         service: ServiceTimes | None = None,
+        served_adapters: object = None,
     ) -> None:
+        """Served, the orchestrator passes its BLS ``models``, ``cache`` client, the server's ``service`` times and
+        its client of the `adapters` model (``served_adapters``, when the configuration names an adapters folder)."""
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -95,7 +98,8 @@ class Pipeline:
         self._cache_keys: dict[tuple[int, float], str] = {}
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
-        self.addons = AddOnRegistry(config, self.checkpoint, in_process=isinstance(self.models, TorchSubModels))
+        in_process = isinstance(self.models, TorchSubModels)
+        self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters)
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
         # served: the board the server's stubs share; in process: this pipeline's own
         self._own_board = None if service is not None else LoadBoard.private()

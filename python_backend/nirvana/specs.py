@@ -177,6 +177,7 @@ def nirvana_spec(image_size: tuple[int, int]) -> ModelSpec:
         TensorSpec("GUIDANCE_SCALE", "float32", one, optional=True),
         TensorSpec("CACHE_MODE", "string", one, optional=True),
         TensorSpec("TENANT", "string", one, optional=True),
+        TensorSpec("LORA", "string", one, optional=True),
     )
     outputs = (
         TensorSpec("IMAGE", "uint8", (h, w, 3)),
@@ -251,3 +252,15 @@ def cache_spec() -> ModelSpec:
     )
     outputs = (TensorSpec("RESPONSE", "string", one), TensorSpec("STATE", "string", one))
     return ModelSpec(CACHE_MODEL, inputs, outputs, profile=None)
+
+
+ADAPTERS_MODEL = "adapters"
+
+
+def adapters_spec() -> ModelSpec:
+    """The decoupled ``adapters`` model's contract (`nirvana.serving.adapter_model`): ``ADAPTERS`` is an adapter set's
+    canonical ``LORA`` text, ``MODEL`` the name of the UNet model that has it fused in."""
+    one = (1,)
+    return ModelSpec(
+        ADAPTERS_MODEL, (TensorSpec("ADAPTERS", "string", one),), (TensorSpec("MODEL", "string", one),), profile=None
+    )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nirvana.config import EngineConfig, load_config
+from nirvana.specs import ADAPTERS_MODEL
 from nirvana_dev.install import ServerPorts, find_tritonserver
 from nirvana_dev.tritonserver import TritonServer
 
@@ -75,5 +76,18 @@ def make_server(options: ServeOptions, repo: Path) -> TritonServer:
         ready_timeout_s=options.ready_timeout_s,
         # GPU outputs of python models travel through this pool; without it the backend falls back to a CUDA IPC
         # handle per tensor (slower, and it would distort the overhead the GPU check measures).
-        extra_args=() if options.profile == "cpu" else ("--cuda-memory-pool-byte-size=0:268435456",),
+        extra_args=(() if options.profile == "cpu" else ("--cuda-memory-pool-byte-size=0:268435456",))
+        + model_control_args(repo),
     )
+
+
+def model_control_args(repo: Path) -> tuple[str, ...]:
+    """The `adapters` model loads a UNet model per LoRA set at run time: that needs explicit model control (every
+    model of the repository is still loaded at start). Without it, the repository is fixed (Triton's default).
+
+    Strict readiness counts a set's model that was unloaded (LRU) as a model not ready, and the whole server would
+    report not ready for good: with adapters, /v2/health/ready means live and serving (Triton opens its endpoints
+    only once every model of the repository has loaded), and a probe that wants more asks /v2/models/nirvana/ready."""
+    if not (repo / ADAPTERS_MODEL).is_dir():
+        return ()
+    return ("--model-control-mode=explicit", "--load-model=*", "--strict-readiness=false")

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from nirvana.service_time import BOARD_ENV
+from nirvana.variant_pool import CONTROL_ENV
 from nirvana_dev.install import (
     ServerPorts,
     TritonInstall,
@@ -186,12 +187,17 @@ class TritonServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.work_dir,
-                # the orchestrators' load board lives and goes with this server's work directory
-                env=child_env(install, os.environ, {BOARD_ENV: str(self.work_dir / "load-board"), **self.env}),
+                env=child_env(install, os.environ, self._child_variables()),
                 start_new_session=True,  # its own group: stop() signals the server and its stubs together
                 preexec_fn=_die_with_parent(os.getpid()),
             )
         log.info("tritonserver started (pid %d), http %s, log %s", self._process.pid, self.urls.http, self.log_path)
+
+    def _child_variables(self) -> dict[str, str]:
+        # the orchestrators' load board lives and goes with this server's work directory; the `adapters` model
+        # loads LoRA sets' UNet models through this server's own gRPC endpoint
+        own = {BOARD_ENV: str(self.work_dir / "load-board"), CONTROL_ENV: self.urls.grpc}
+        return {**own, **self.env}
 
     def wait_ready(self, timeout_s: float | None = None, *, cancel: threading.Event | None = None) -> None:
         """Block until GET /v2/health/ready answers 200 (all models loaded, strict readiness).

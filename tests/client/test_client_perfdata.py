@@ -64,7 +64,9 @@ def test_client_output_table_matches_config_pbtxt() -> None:
 
 def test_every_option_gives_valid_perf_analyzer_data() -> None:
     items = [WorkItem(0, "a red fox", seed=4294731701, tenant="acme"), WorkItem(1, "ünïcode ramen", seed=1)]
-    document = input_data(items, steps=20, guidance=7, cache_mode="bypass", tenant="default", negative_prompt="blurry")
+    document = input_data(
+        items, steps=20, guidance=7, cache_mode="bypass", tenant="default", negative_prompt="blurry", lora="ink:0.8"
+    )
     inputs = model_inputs()
     assert list(document) == ["data"] and len(document["data"]) == 2
     for step in document["data"]:

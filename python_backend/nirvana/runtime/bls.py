@@ -6,7 +6,8 @@ imported, so this module imports anywhere and the Triton dependency stays at the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,15 @@ class BlsSubModels:
         self._names = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
         self._names["text_encoder_2"] = text_encoder_2  # SDXL only
         self.conditioning_device = conditioning_device
+        self._reload_unet: Callable[[], str] | None = None
+
+    def with_unet(self, unet: str, reload: Callable[[], str] | None = None) -> BlsSubModels:
+        """These sub-models with UNet steps sent to model ``unet`` (a LoRA set's); ``reload()`` names it again after
+        a step failed because the model is gone (unloaded), and the step is retried once."""
+        other = copy.copy(self)
+        other._names = {**self._names, "unet": unet}
+        other._reload_unet = reload
+        return other
 
     def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
         return bls_infer_torch(self._pb, self._names[role], inputs, [output], device)[output]
@@ -132,7 +142,14 @@ class BlsSubModels:
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
         inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
-        return self._call("unet", inputs, "noise_pred").to("cpu", torch.float32)
+        try:
+            noise = self._call("unet", inputs, "noise_pred")
+        except BlsError:
+            if self._reload_unet is None:
+                raise
+            self._names["unet"] = self._reload_unet()
+            noise = self._call("unet", inputs, "noise_pred")
+        return noise.to("cpu", torch.float32)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent [B, C, h, w] already divided by the scaling factor → image [B, 3, H, W] in ≈[-1, 1] (CPU)."""

@@ -37,8 +37,13 @@ def onnx_path(model_dir: str | Path, name: str) -> Path:
     return Path(model_dir) / name / "model.onnx"
 
 
-def make_session(path: str | Path, num_threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
-    """A CPU onnxruntime session with ``num_threads`` intra-op threads that sleep instead of spinning when idle."""
+def make_session(
+    path: str | Path, num_threads: int = DEFAULT_THREADS, overrides: Mapping[str, np.ndarray] | None = None
+) -> ort.InferenceSession:
+    """A CPU onnxruntime session with ``num_threads`` intra-op threads that sleep instead of spinning when idle.
+
+    ``overrides``: initializer name → value used instead of the file's (a LoRA set's fused weights,
+    `nirvana.lora_onnx`); onnxruntime reads them before it optimises the graph, so fused kernels see them too."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX file not found: {path} (run the export first)")
@@ -47,15 +52,22 @@ def make_session(path: str | Path, num_threads: int = DEFAULT_THREADS) -> ort.In
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (overrides or {}).values()]
+    for name, value in zip(overrides or {}, values, strict=True):
+        options.add_initializer(name, value)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    session.override_values = values  # onnxruntime uses these buffers without copying: they live with the session
+    return session
 
 
 class OnnxModel:
     """One ONNX sub-model: numpy in, numpy out, with inputs checked against the file's declared names."""
 
-    def __init__(self, path: str | Path, num_threads: int = DEFAULT_THREADS) -> None:
+    def __init__(
+        self, path: str | Path, num_threads: int = DEFAULT_THREADS, overrides: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         self.path = Path(path)
-        self.session = make_session(self.path, num_threads)
+        self.session = make_session(self.path, num_threads, overrides)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -22,6 +22,7 @@ from nirvana.pipeline import NonFiniteError, Pipeline
 from nirvana.progress import EventCallback
 from nirvana.request import RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
+from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.serving.metrics import RequestMetrics
@@ -39,6 +40,7 @@ GENERATE_KEYWORDS = {
     "GUIDANCE_SCALE": "guidance",
     "CACHE_MODE": "cache_mode",
     "TENANT": "tenant",
+    "LORA": "lora",
 }
 
 
@@ -102,7 +104,16 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
         embedder = ClipEmbedder(checkpoint, models.encode_text)
     cache = BlsCache(pb_utils, config.cache.selection.selector())
     service = ServiceTimes(LoadBoard.for_server())  # shared with this server's other orchestrator stubs
-    pipeline = Pipeline(config, checkpoint=checkpoint, models=models, embedder=embedder, cache=cache, service=service)
+    adapters = None if config.adapters.dir is None else BlsAdapters(pb_utils, config.adapters.dir)
+    pipeline = Pipeline(
+        config,
+        checkpoint=checkpoint,
+        models=models,
+        embedder=embedder,
+        cache=cache,
+        service=service,
+        served_adapters=adapters,
+    )
     return pipeline, RequestMetrics(pb_utils, cache, service), checkpoint
 
 

@@ -27,7 +27,7 @@ PREDICTION_ERROR_BUCKETS = [0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0]
 UNAVAILABLE = ("nirvana_cache_unavailable_total", "Requests served uncached: Milvus or the cache model unreachable")
 
 
-class _Families:
+class Families:
     """Creates unlabelled metrics and keeps their families alive (a MetricFamily must outlive its Metrics)."""
 
     def __init__(self, pb_utils: Any) -> None:
@@ -77,7 +77,7 @@ class RequestMetrics:
     finished it: every instance reads the same load board)."""
 
     def __init__(self, pb_utils: Any, cache: Any, service: Any = None) -> None:
-        make = _Families(pb_utils)
+        make = Families(pb_utils)
         self._families = make
         self._cache, self._service = cache, service
         self._lock = threading.Lock()  # requests finish on several threads
@@ -160,7 +160,7 @@ class CacheStateMetrics:
     `admissions`: the model's write-behind `AdmissionQueue`, if any (its depth and drops; 0 without)."""
 
     def __init__(self, pb_utils: Any, cache: Any, interval_s: float = 1.0, admissions: Any = None) -> None:
-        make = _Families(pb_utils)
+        make = Families(pb_utils)
         self._families = make
         self._cache, self._admissions = cache, admissions
         self._lock = threading.Lock()

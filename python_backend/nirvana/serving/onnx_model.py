@@ -7,6 +7,9 @@ are the names declared in the model's config.pbtxt (generated from `nirvana.spec
 A model with dynamic batching (the `unet`) receives several requests per `execute`: compatible ones are
 concatenated into one onnxruntime run and split back (`nirvana.runtime.batching.run_merged`). Models with
 `max_batch_size: 0` get one request per `execute` and run it as it is.
+
+A LoRA set's UNet (`nirvana.serving.adapter_model`) is this model too, with parameters `onnx_file` (the base UNet's
+file) and `initializer_overrides` (a safetensors file of the set's fused weights).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from safetensors.numpy import load_file
 
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.onnx_runtime import OnnxModel, OnnxModelError
@@ -29,7 +34,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = model_parameters(config)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.model = OnnxModel(path, num_threads=int(params.get("intra_op_threads", "1")))
+        overrides = None
+        if "initializer_overrides" in params:  # a LoRA set's UNet (the `adapters` model loads these)
+            path = Path(params["onnx_file"])
+            overrides = load_file(params["initializer_overrides"])
+        self.model = OnnxModel(path, num_threads=int(params.get("intra_op_threads", "1")), overrides=overrides)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 

@@ -1,0 +1,48 @@
+"""The orchestrator's side of served LoRA adapters: parse and fingerprint here, ask the `adapters` model for the
+UNet model of a set (`nirvana.serving.adapter_model`), and run the request's steps on that model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nirvana.adapters import AdapterCatalog, AdapterError, AdapterSet, format_adapters
+from nirvana.runtime.bls import BlsSubModels
+
+__all__ = ["BlsAdapters"]
+
+
+class BlsAdapters(AdapterCatalog):
+    """The adapters folder as the orchestrators see it (names, digests), and the `adapters` model that loads sets."""
+
+    def __init__(self, pb_utils: Any, root: str | Path, model: str = "adapters") -> None:
+        super().__init__(root)
+        self._pb, self._model = pb_utils, model
+
+    def unet(self, adapters: AdapterSet) -> str:
+        """The name of the UNet model with ``adapters`` fused in; waits only while that set loads."""
+        pb = self._pb
+        value = np.array([format_adapters(adapters).encode()], dtype=np.object_)
+        request = pb.InferenceRequest(
+            model_name=self._model, requested_output_names=["MODEL"], inputs=[pb.Tensor("ADAPTERS", value)]
+        )
+        name = None
+        for response in request.exec(decoupled=True):  # one answer, flagged final
+            if response.has_error():
+                raise AdapterError(response.error().message())
+            tensor = pb.get_output_tensor_by_name(response, "MODEL")
+            if tensor is not None:
+                name = bytes(tensor.as_numpy().reshape(-1)[0]).decode()
+        if name is None:
+            raise AdapterError(f"the {self._model!r} model gave no UNet model for {format_adapters(adapters)!r}")
+        return name
+
+    def bind(self, models: BlsSubModels, adapters: AdapterSet) -> BlsSubModels:
+        """``models`` with their UNet steps sent to the set's model; if that model is unloaded mid-request (LRU,
+        another set needed the room), it is loaded again and the step retried."""
+        return models.with_unet(self.unet(adapters), reload=lambda: self.unet(adapters))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,157 @@
+"""Triton glue of the decoupled `adapters` model: one UNet model per LoRA adapter set, loaded on demand (LRU).
+
+An orchestrator asks with ``ADAPTERS`` (a set's canonical ``LORA`` text) and gets ``MODEL``, the name of a UNet model
+with that set fused in. A loaded set is answered inside `execute`; a set not loaded is fused on the loader thread
+(`nirvana.lora_onnx`: diffusers fuses it on the torch UNet, the changed weights override the base ONNX file's
+initializers), written as one safetensors file and loaded through Triton's model-control API as a copy of the `unet`
+model's config (same batching, same instances) that runs the base ONNX file with those overrides. Being decoupled,
+this one instance never makes a request for a loaded set wait behind a load (`nirvana.variant_pool`).
+
+Needs `--model-control-mode=explicit --load-model=*` (the dev launcher passes it when the repository has this model)
+and the server's gRPC endpoint at ``$NIRVANA_MODEL_CONTROL_URL`` (the launcher sets it; default ``127.0.0.1:8001``).
+A file that cannot serve this UNet is refused when the model starts (logged); the server stays up, and a request
+naming it gets INVALID_ARG saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format, text_format
+from safetensors.numpy import save_file
+from tritonclient.grpc import model_config_pb2 as mc
+
+from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
+from nirvana.config import load_config
+from nirvana.lora_onnx import InitializerIndex, fused_overrides, variant_name
+from nirvana.serving.metrics import Families
+from nirvana.serving.params import engine_config_path, model_parameters
+from nirvana.variant_pool import CONTROL_ENV, DEFAULT_CONTROL_URL, VariantPool
+
+log = logging.getLogger("nirvana.adapters")
+VARIANT_PY = (
+    '"""Triton python model: the base UNet ONNX file with one LoRA set\'s fused weights (nirvana adapters)."""\n\n'
+    "from nirvana.serving.onnx_model import TritonPythonModel  # noqa: F401\n"
+)
+
+
+class UNetVariants:
+    """Loads and unloads the UNet model of an adapter set through the server's model-control API (gRPC, at
+    ``$NIRVANA_MODEL_CONTROL_URL``, default the NGC image's own port on the loopback)."""
+
+    def __init__(self, library: AdapterLibrary, repository: Path, work_dir: Path) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.library, self.work_dir = library, work_dir
+        self.control = grpcclient.InferenceServerClient(os.environ.get(CONTROL_ENV, DEFAULT_CONTROL_URL))
+        base = repository / "unet"
+        self.base_config = text_format.Parse((base / "config.pbtxt").read_text(), mc.ModelConfig())
+        self.base_onnx = base / "1" / "model.onnx"
+        self.index = InitializerIndex(self.base_onnx)
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    def load(self, adapters: AdapterSet) -> str:
+        name = variant_name(self.base_config.name, self.library.fingerprint(adapters))
+        weights = self.work_dir / f"{name}.safetensors"
+        start = time.perf_counter()
+        save_file(fused_overrides(self.library, adapters, self.index), str(weights))
+        fused = time.perf_counter()
+        config = mc.ModelConfig()
+        config.CopyFrom(self.base_config)
+        config.name = name
+        config.parameters["onnx_file"].string_value = str(self.base_onnx.resolve())
+        config.parameters["initializer_overrides"].string_value = str(weights.resolve())
+        text = json_format.MessageToJson(config, preserving_proto_field_name=True)
+        self.control.load_model(name, config=text, files={"file:1/model.py": VARIANT_PY.encode()})
+        log.info(
+            "adapters %s: fused in %.3f s, model %s loaded in %.3f s",
+            adapters,
+            fused - start,
+            name,
+            time.perf_counter() - fused,
+        )
+        return name
+
+    def unload(self, name: str) -> None:
+        self.control.unload_model(name)
+        (self.work_dir / f"{name}.safetensors").unlink(missing_ok=True)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+        from diffusers import UNet2DConditionModel
+
+        self.pb = pb_utils
+        params = model_parameters(json.loads(args["model_config"]))
+        config = load_config(path=engine_config_path(args, params))
+        unet = UNet2DConditionModel.from_pretrained(Path(config.checkpoint) / "unet", local_files_only=True)
+        # Merged copies are made one at a time and dropped once their overrides are written.
+        self.library = AdapterLibrary(config.adapters.dir, unet.eval(), max_loaded=1, strict=False)
+        model_dir = Path(args["model_repository"])
+        self.variants = UNetVariants(self.library, model_dir.parent, model_dir / "variants")
+        self.pool = VariantPool(self.variants.load, self.variants.unload, config.adapters.max_loaded)
+        self._metrics(pb_utils)
+        log.info("adapters: %d files, refused: %s", len(self.library.files), sorted(self.library.refused) or "none")
+
+    def _metrics(self, pb: Any) -> None:
+        make = Families(pb)
+        self._load_hist = make.metric(
+            "nirvana_adapter_load_seconds",
+            "Seconds to fuse an adapter set and load its UNet model",
+            pb.MetricFamily.HISTOGRAM,
+            buckets=[0.1, 0.3, 1, 3, 10, 30, 100],
+        )
+        self._loaded_gauge = make.gauge("nirvana_adapter_sets_loaded", "Adapter sets with a UNet model loaded")
+        self._unloads = make.counter("nirvana_adapter_unloads_total", "Adapter sets unloaded (least recently used)")
+        self._families, self._published, self._lock = make, (0, 0), threading.Lock()
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                adapters = self._parse(request)
+            except AdapterError as err:
+                self._answer(sender, None, err)
+                continue
+            self.pool.request(adapters, lambda name, err, sender=sender: self._answer(sender, name, err))
+        return None
+
+    def _parse(self, request: Any) -> AdapterSet:
+        tensor = self.pb.get_input_tensor_by_name(request, "ADAPTERS")
+        value = bytes(tensor.as_numpy().reshape(-1)[0]).decode("utf-8")
+        adapters = parse_adapters(value, set(self.library.files))
+        self.library.check_usable(adapters)
+        return adapters
+
+    def _answer(self, sender: Any, name: str | None, err: Exception | None) -> None:
+        pb = self.pb
+        if err is not None:
+            code = pb.TritonError.INVALID_ARG if isinstance(err, AdapterError) else pb.TritonError.INTERNAL
+            response = pb.InferenceResponse(error=pb.TritonError(f"{type(err).__name__}: {err}", code))
+        else:
+            model = pb.Tensor("MODEL", np.array([name.encode()], dtype=np.object_))
+            response = pb.InferenceResponse(output_tensors=[model])
+        self._publish()
+        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _publish(self) -> None:
+        with self._lock:  # answered from `execute` and from the loader thread
+            loads, unloads = self._published
+            for seconds in self.pool.load_seconds[loads:]:
+                self._load_hist.observe(seconds)
+            self._unloads.increment(self.pool.unloads - unloads)
+            self._published = (len(self.pool.load_seconds), self.pool.unloads)
+            self._loaded_gauge.set(len(self.pool.loaded()))
+
+    def finalize(self) -> None:
+        self.pool.close()
+        self.library.close()
+        self.variants.control.close()

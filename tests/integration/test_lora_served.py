@@ -1,0 +1,134 @@
+"""LoRA adapters through the real server: the `LORA` input, a UNet model per adapter set loaded by the `adapters`
+model (explicit model control, LRU), images equal to diffusers' own pipeline, latents never crossing sets, and bad
+adapter values refused naming them while the server stays up."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from diffusers import StableDiffusionPipeline
+from tritonclient.utils import InferenceServerException
+
+from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana_dev.tiny_addons import make_tiny_lora
+
+pytestmark = pytest.mark.integration
+STEPS = 8
+PROMPT = "a red fox in the snow, photograph"
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("served_adapters")
+    make_tiny_lora(root / "ink", tiny_checkpoint_dir, seed=1)
+    make_tiny_lora(root / "glow", tiny_checkpoint_dir, seed=2)
+    (root / "broken").mkdir()
+    (root / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint_dir, adapters_dir, tmp_path_factory, start_server):
+    work = tmp_path_factory.mktemp("lora_serve")
+    config = work / "engine.toml"
+    config.write_text(f'[adapters]\ndir = "{adapters_dir}"\nmax_loaded = 2\n')
+    state = start_server(tiny_checkpoint_dir, work, config_file=config)
+    yield state["server"]
+    state["server"].stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    made = NirvanaClient(server.urls.grpc, "grpc")
+    yield made
+    made.close()
+
+
+def _generate(client: NirvanaClient, lora: str | None, prompt: str = PROMPT, **options: object):
+    return client.generate(prompt, GenerateOptions(seed=4, steps=STEPS, lora=lora, **options))  # type: ignore[arg-type]
+
+
+def _diffusers(checkpoint_dir: Path, adapters_dir: Path, adapters: dict[str, float]) -> np.ndarray:
+    reference = StableDiffusionPipeline.from_pretrained(
+        checkpoint_dir,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    reference.set_progress_bar_config(disable=True)
+    for name in adapters:
+        reference.load_lora_weights(str(adapters_dir / name), adapter_name=name)
+    reference.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+    image = reference(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(4), output_type="np")
+    return (image.images[0] * 255).round().clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("lora", "adapters"), [("ink:0.8", {"ink": 0.8}), ("glow:0.5, ink", {"ink": 1.0, "glow": 0.5})]
+)
+def test_served_images_equal_diffusers_with_the_same_adapters(
+    client, tiny_checkpoint_dir, adapters_dir, lora, adapters
+) -> None:
+    ours = _generate(client, lora, cache_mode="bypass").image
+    plain = _generate(client, None, cache_mode="bypass").image
+    expected = _diffusers(tiny_checkpoint_dir, adapters_dir, adapters)
+    # onnxruntime with fused weights vs torch with unfused LoRA layers: float rounding only
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 2
+    assert np.abs(ours.astype(int) - plain.astype(int)).max() > 10  # the adapters really change the image
+
+
+def test_a_latent_is_reused_only_within_its_adapter_set(client) -> None:
+    prompt = "a blue lighthouse at night"
+    assert not _generate(client, "ink:0.8", prompt).cache_hit
+    assert _generate(client, "ink:0.8", prompt).cache_hit
+    assert not _generate(client, "glow", prompt).cache_hit  # another set
+    assert not _generate(client, "ink:0.7", prompt).cache_hit  # the same adapter at another scale
+    assert not _generate(client, None, prompt).cache_hit  # no adapters at all
+
+
+@pytest.mark.parametrize(
+    ("lora", "named"),
+    [
+        ("nope", "unknown adapter 'nope'"),
+        ("ink:3", "must be in (0, 2.0]"),
+        ("ink:abc", "not a number"),
+        ("ink,,glow", "empty entry"),
+        ("broken", "adapter 'broken' was refused"),
+    ],
+)
+def test_bad_lora_is_invalid_arg_naming_it(client, lora, named) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        _generate(client, lora)
+    assert "LORA" in raised.value.message() and named in raised.value.message()
+    assert "INVALID_ARG" in str(raised.value.status()) or raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert client.ready()
+
+
+def test_least_recently_used_set_is_unloaded_and_comes_back(client, server) -> None:
+    first = _generate(client, "glow:0.3", cache_mode="bypass").image
+    for lora in ("ink:0.2", "glow:0.4", "ink:0.6"):  # max_loaded = 2: "glow:0.3" is pushed out
+        _generate(client, lora, cache_mode="bypass")
+    metrics = requests.get(server.urls.metrics, timeout=10).text
+    unloads = [line for line in metrics.splitlines() if line.startswith("nirvana_adapter_unloads_total")]
+    assert unloads and float(unloads[0].split()[-1]) >= 2
+    assert "nirvana_adapter_load_seconds_count" in metrics
+    again = _generate(client, "glow:0.3", cache_mode="bypass").image  # loaded again
+    assert np.array_equal(first, again)
+
+
+def test_a_loaded_set_does_not_wait_for_a_set_being_loaded(client) -> None:
+    _generate(client, "ink:0.9", cache_mode="bypass")  # loaded now
+    cold: dict = {}
+    worker = threading.Thread(target=lambda: cold.update(r=_generate(client, "glow:0.9", cache_mode="bypass")))
+    worker.start()
+    warm = [_generate(client, "ink:0.9", cache_mode="bypass") for _ in range(3)]
+    worker.join(timeout=120)
+    waited = cold["r"].server_timings_ms["adapter_ms"]  # fused, written and loaded for this request
+    assert waited > 50
+    assert max(r.server_timings_ms["adapter_ms"] for r in warm) < waited / 5
