@@ -220,6 +220,23 @@ def bench_addons(
     emit(run_addons(checkpoint, steps, repeats, work_dir), json_path)
 
 
+@bench_app.command("lora-served")
+def bench_lora_served(
+    checkpoint: DefaultCheckpoint = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request.", min=2)] = 20,
+    requests: Annotated[int, typer.Option(help="Requests per run (three adapter sets in turn).", min=3)] = 48,
+    in_flight: Annotated[int, typer.Option(help="Requests in flight at once.", min=1)] = 8,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """LoRA sets through tritonserver under mixed load: loaded sets' latency while a third set loads, vs all loaded."""
+    from nirvana_dev.bench.lora_served import run_lora_served
+
+    setup_logging(verbose)
+    emit(run_lora_served(checkpoint, steps, requests, in_flight, work_dir), json_path)
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     checkpoint: DefaultCheckpoint = None,

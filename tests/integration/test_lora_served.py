@@ -132,3 +132,44 @@ def test_a_loaded_set_does_not_wait_for_a_set_being_loaded(client) -> None:
     waited = cold["r"].server_timings_ms["adapter_ms"]  # fused, written and loaded for this request
     assert waited > 50
     assert max(r.server_timings_ms["adapter_ms"] for r in warm) < waited / 5
+
+
+def _variant_counts(server) -> dict[str, tuple[int, int]]:
+    """(inferences, executions) of every loaded adapter-set UNet model, from Triton's own statistics."""
+    import tritonclient.grpc as grpcclient
+
+    triton = grpcclient.InferenceServerClient(server.urls.grpc)
+    try:
+        stats = triton.get_inference_statistics(as_json=True)["model_stats"]
+    finally:
+        triton.close()
+    return {
+        s["name"]: (int(s.get("inference_count", 0)), int(s.get("execution_count", 0)))
+        for s in stats
+        if "_lora_" in s["name"]
+    }
+
+
+def test_requests_with_the_same_set_share_unet_executions(client, server) -> None:
+    _generate(client, "glow:1.5", cache_mode="bypass")  # loaded
+    before = _variant_counts(server)
+    clients = [NirvanaClient(server.urls.grpc, "grpc") for _ in range(4)]
+    try:
+        threads = [
+            threading.Thread(target=_generate, args=(c, "glow:1.5", f"a {i} cat"), kwargs={"cache_mode": "bypass"})
+            for i, c in enumerate(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for c in clients:
+            c.close()
+    grown = {
+        name: (inferences - before.get(name, (0, 0))[0], executions - before.get(name, (0, 0))[1])
+        for name, (inferences, executions) in _variant_counts(server).items()
+    }
+    rows, executions = max(grown.values())
+    assert rows == 4 * STEPS * 2  # a guidance pair per step per client, all on the set's own model
+    assert executions < 4 * STEPS  # Triton's dynamic batcher merged steps of different requests
