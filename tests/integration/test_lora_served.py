@@ -10,16 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
-from diffusers import StableDiffusionPipeline
+from tests.test_adapters import PROMPT, STEPS
+from tests.test_adapters import _reference as diffusers_image
 from tritonclient.utils import InferenceServerException
 
 from nirvana_client import GenerateOptions, NirvanaClient
 from nirvana_dev.tiny_addons import make_tiny_lora
 
 pytestmark = pytest.mark.integration
-STEPS = 8
-PROMPT = "a red fox in the snow, photograph"
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +51,6 @@ def _generate(client: NirvanaClient, lora: str | None, prompt: str = PROMPT, **o
     return client.generate(prompt, GenerateOptions(seed=4, steps=STEPS, lora=lora, **options))  # type: ignore[arg-type]
 
 
-def _diffusers(checkpoint_dir: Path, adapters_dir: Path, adapters: dict[str, float]) -> np.ndarray:
-    reference = StableDiffusionPipeline.from_pretrained(
-        checkpoint_dir,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
-    reference.set_progress_bar_config(disable=True)
-    for name in adapters:
-        reference.load_lora_weights(str(adapters_dir / name), adapter_name=name)
-    reference.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
-    image = reference(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(4), output_type="np")
-    return (image.images[0] * 255).round().clip(0, 255).astype(np.uint8)
-
-
 @pytest.mark.parametrize(
     ("lora", "adapters"), [("ink:0.8", {"ink": 0.8}), ("glow:0.5, ink", {"ink": 1.0, "glow": 0.5})]
 )
@@ -77,7 +59,7 @@ def test_served_images_equal_diffusers_with_the_same_adapters(
 ) -> None:
     ours = _generate(client, lora, cache_mode="bypass").image
     plain = _generate(client, None, cache_mode="bypass").image
-    expected = _diffusers(tiny_checkpoint_dir, adapters_dir, adapters)
+    expected = diffusers_image(tiny_checkpoint_dir, adapters_dir, adapters)
     # onnxruntime with fused weights vs torch with unfused LoRA layers: float rounding only
     assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 2
     assert np.abs(ours.astype(int) - plain.astype(int)).max() > 10  # the adapters really change the image
