@@ -24,8 +24,15 @@ Policy = Annotated[
         "predicted to finish first, from each replica's learnt step cost and its requests in flight)."
     ),
 ]
+ControlNetName = Annotated[str | None, typer.Option(help="A ControlNet of the server, by name.")]
+ControlImage = Annotated[
+    Path | None, typer.Option(help="--controlnet: its control image (PNG/JPEG at the model's image size).")
+]
+ControlNetScale = Annotated[float | None, typer.Option(help="--controlnet: conditioning scale, 0–2 (default 1).")]
 
 if TYPE_CHECKING:  # imported where used, so `generate` starts without matplotlib and friends
+    import numpy
+
     from nirvana_client.load import Timing
     from nirvana_client.workload import WorkItem
 
@@ -35,6 +42,19 @@ app = typer.Typer(help="Client for a nirvana-triton server (Triton gRPC/HTTP).",
 @app.callback()
 def main() -> None:
     """Client for a nirvana-triton server (Triton gRPC/HTTP)."""
+
+
+def _pixels(path: Path | None) -> numpy.ndarray | None:
+    """A control image file as uint8 RGB ``[H, W, 3]`` (the server says which size it needs)."""
+    if path is None:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except OSError as err:
+        raise typer.BadParameter(f"--control-image {path}: {err}") from None
 
 
 @app.command()
@@ -51,6 +71,9 @@ def generate(
     cache_mode: Annotated[str | None, typer.Option(help="auto | bypass | refresh")] = None,
     tenant: str | None = None,
     lora: Annotated[str | None, typer.Option(help='LoRA adapters and scales, e.g. "ink:0.8,glow:0.5".')] = None,
+    controlnet: ControlNetName = None,
+    control_image: ControlImage = None,
+    controlnet_scale: ControlNetScale = None,
     stream: Annotated[bool, typer.Option(help="Stream (gRPC): a progress bar with hit/K as the steps run.")] = False,
     previews: Annotated[Path | None, typer.Option(help="--stream: write preview PNGs into this folder.")] = None,
     preview_every: Annotated[int, typer.Option(help="--previews: one preview every N steps run.", min=1)] = 1,
@@ -64,7 +87,10 @@ def generate(
     urls = _urls(url, protocol, policy)
     if len(urls) > 1 and (stream or previews):
         raise typer.BadParameter("--stream and --previews talk to one server: give one --url")
-    options = GenerateOptions(negative_prompt, seed, steps, guidance, cache_mode, tenant, lora)
+    pixels = _pixels(control_image)
+    options = GenerateOptions(
+        negative_prompt, seed, steps, guidance, cache_mode, tenant, lora, controlnet, pixels, controlnet_scale
+    )
     if len(urls) > 1:
         _generate_balanced(prompt, out, urls, policy, protocol, options)
         return
@@ -329,6 +355,9 @@ def perf_data(
     tenant: str | None = None,
     negative_prompt: str | None = None,
     lora: Annotated[str | None, typer.Option(help='LORA of every request, e.g. "ink:0.8".')] = None,
+    controlnet: ControlNetName = None,
+    control_image: ControlImage = None,
+    controlnet_scale: ControlNetScale = None,
 ) -> None:
     """Write perf_analyzer --input-data JSON for the `nirvana` model: one request per workload prompt."""
     from nirvana_client.perfdata import input_data, write_input_data
@@ -344,6 +373,9 @@ def perf_data(
         tenant=tenant,
         negative_prompt=negative_prompt,
         lora=lora,
+        controlnet=controlnet,
+        control_image=_pixels(control_image),
+        controlnet_scale=controlnet_scale,
     )
     write_input_data(document, out)
     typer.echo(f"{out}: {len(document['data'])} requests for perf_analyzer --input-data")

@@ -11,7 +11,8 @@ import numpy as np
 
 Protocol = Literal["grpc", "http"]
 MODEL = "nirvana"
-# Inputs of the `nirvana` model (Triton datatypes, each of shape [1]); PROMPT is required, the rest optional.
+# Inputs of the `nirvana` model (Triton datatypes, each of shape [1] but CONTROL_IMAGE); PROMPT is required, the rest
+# optional.
 # The one place the client names them: requests, perf_analyzer input data and tests all read this table. The
 # client depends on tritonclient only, so this is its own copy of the server's spec, checked against it by a test.
 INPUT_DATATYPES = {
@@ -23,6 +24,9 @@ INPUT_DATATYPES = {
     "CACHE_MODE": "BYTES",
     "TENANT": "BYTES",
     "LORA": "BYTES",
+    "CONTROLNET": "BYTES",
+    "CONTROL_IMAGE": "UINT8",  # [H, W, 3], the image's size
+    "CONTROLNET_SCALE": "FP32",
 }
 # Outputs: IMAGE is [H, W, 3], the others [1]; TIMINGS is JSON of server-side ms per stage.
 OUTPUT_DATATYPES = {
@@ -32,7 +36,7 @@ OUTPUT_DATATYPES = {
     "SIMILARITY": "FP32",
     "TIMINGS": "BYTES",
 }
-_NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+_NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class GenerateOptions:
     cache_mode: str | None = None  # auto | bypass | refresh
     tenant: str | None = None
     lora: str | None = None  # LoRA adapters and scales: "name:0.8,other:0.5"
+    controlnet: str | None = None  # a ControlNet's name, with control_image (uint8 [H, W, 3]) at controlnet_scale
+    control_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    controlnet_scale: float | None = None
 
 
 @dataclass
@@ -56,7 +63,7 @@ class GenerateResult:
     server_timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, measured in the server
 
 
-def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str | int | float]]:
+def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str | int | float | np.ndarray]]:
     """(input name, value) of one request: PROMPT first, then each optional input that is set."""
     optional = [
         ("NEGATIVE_PROMPT", options.negative_prompt),
@@ -66,6 +73,9 @@ def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str
         ("CACHE_MODE", options.cache_mode),
         ("TENANT", options.tenant),
         ("LORA", options.lora),
+        ("CONTROLNET", options.controlnet),
+        ("CONTROL_IMAGE", options.control_image),
+        ("CONTROLNET_SCALE", options.controlnet_scale),
     ]
     return [("PROMPT", prompt)] + [(name, value) for name, value in optional if value is not None]
 
@@ -88,7 +98,8 @@ class NirvanaClient:
         return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
 
     def _input(self, name: str, value: object, datatype: str, np_type: type) -> object:
-        array = np.array([value], dtype=np_type)
+        # An image goes as it is; every other input is one value of shape [1].
+        array = np.ascontiguousarray(value, np_type) if isinstance(value, np.ndarray) else np.array([value], np_type)
         tensor = self._tc.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         return tensor

@@ -39,6 +39,7 @@ __all__ = [
     "UNetGraph",
     "VaeDecoderGraph",
     "build_graph",
+    "check_graph",
     "check_onnx",
     "example_inputs",
     "export_all",
@@ -286,7 +287,11 @@ def check_onnx(
     default_atol, default_rtol = TOLERANCES.get(spec.name, (1e-4, 1e-4))
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
-    graph = build_graph(checkpoint, spec)
+    return check_graph(build_graph(checkpoint, spec), spec, onnx_path, atol, rtol)
+
+
+def check_graph(graph: nn.Module, spec: ModelSpec, onnx_path: str | Path, atol: float, rtol: float) -> float:
+    """:func:`check_onnx` for any graph module whose forward is ``spec`` (a ControlNet's, `controlnet_export`)."""
     device = next(graph.parameters()).device
     model = OnnxModel(onnx_path, num_threads=2)
     worst = 0.0

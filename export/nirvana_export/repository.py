@@ -208,6 +208,7 @@ def render_configs(
     checkpoint: Path | None = None,
     embedder: str = "clip",
     adapters: bool = False,
+    control: dict[str, ModelSpec] | None = None,
     **nirvana_options: int,
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
@@ -215,12 +216,16 @@ def render_configs(
     `instances`: `nirvana` instances (default `DEFAULT_INSTANCES[profile]`); `queue_delay_us`: the UNet's dynamic
     batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
     (the `prompt_embedder` model is served for "minilm" only); `adapters`: serve LoRA adapter sets (the `adapters`
-    model; cpu profile only so far); `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
+    model; cpu profile only so far); `control`: the served ControlNets' specs (`unet_control`, `controlnet_<name>`;
+    cpu and gpu profiles); `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
     if adapters and profile != "cpu":
         raise RepositoryError(
             f"profile={profile!r}: LoRA adapters are served in the cpu profile only so far (onnxruntime initializer "
             "overrides); use the in-process engine or the cpu profile"
         )
+    if control and profile == "torch":
+        raise RepositoryError("profile='torch': ControlNets are served in the cpu and gpu profiles, or in-process")
+    specs = {**specs, **(control or {})}
     names = served_submodels(embedder, specs)
     files = {
         f"{name}/config.pbtxt": submodel_config(
@@ -276,6 +281,7 @@ def write_repository(
     from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
     from nirvana.embed import resolve_embedder
     from nirvana.specs import submodel_specs
+    from nirvana_export.controlnet_export import remove_stale, served_controlnets
 
     out = Path(out)
     checkpoint = load_checkpoint_info(checkpoint_dir)
@@ -287,6 +293,7 @@ def write_repository(
     vae_fp16 = vae_fp16 and checkpoint.family != "sdxl"
     stamp = {"fingerprint": fingerprint, "profile": profile, "max_batch": max_batch, "fp16": fp16}
     stamp |= {"vae_fp16": vae_fp16, "unet_max_batch": unet_max_batch, "embedder": embedder}
+    control, stamp["controlnets"] = served_controlnets(Path(checkpoint_dir), engine_config, unet_max_batch)
     manifest_path = out / MANIFEST
     fresh = not (manifest_path.exists() and json.loads(manifest_path.read_text()) == stamp)
     specs = submodel_specs(checkpoint, max_batch=max_batch, unet_max_batch=unet_max_batch)
@@ -294,7 +301,8 @@ def write_repository(
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
         for name in SDXL_MODEL_NAMES:  # a model the new configuration does not serve must not stay loadable
             shutil.rmtree(out / name, ignore_errors=True)
-        _export_weights(Path(checkpoint_dir), out, profile, specs, stamp)
+        remove_stale(out)
+        _export_weights(Path(checkpoint_dir), out, profile, specs, stamp, control)
     configs = render_configs(
         specs,
         checkpoint.image_size,
@@ -304,6 +312,7 @@ def write_repository(
         checkpoint=Path(checkpoint_dir),
         embedder=embedder,
         adapters=bool((engine_config.get("adapters") or {}).get("dir")),
+        control=control,
         **nirvana_options,
     )
     shutil.rmtree(out / ADAPTERS_MODEL, ignore_errors=True)  # served only while the configuration names adapters
@@ -315,7 +324,10 @@ def write_repository(
     return out
 
 
-def _export_weights(checkpoint_dir: Path, out: Path, profile: str, specs: dict[str, ModelSpec], stamp: dict) -> None:
+def _export_weights(
+    checkpoint_dir: Path, out: Path, profile: str, specs: dict[str, ModelSpec], stamp: dict, control: dict
+) -> None:
+    """Export (and on gpu build) the served sub-models of ``specs`` and the served ControlNets of ``control``."""
     from nirvana_export.onnx_export import export_all
 
     staging = out / ".onnx"
@@ -328,6 +340,11 @@ def _export_weights(checkpoint_dir: Path, out: Path, profile: str, specs: dict[s
     paths = export_all(
         checkpoint_dir, staging, max_batch=stamp["max_batch"], unet_max_batch=stamp["unet_max_batch"], names=names
     )
+    if control:
+        from nirvana_export.controlnet_export import export_control_models
+
+        paths |= export_control_models(checkpoint_dir, Path(stamp["controlnets"]["dir"]), control, staging)
+        specs = specs | control
     for name, onnx_file in paths.items():
         version_dir = out / name / "1"
         version_dir.mkdir(parents=True)

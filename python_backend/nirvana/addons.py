@@ -11,7 +11,7 @@ from typing import Any
 from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, format_adapters
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.config import EngineConfig
-from nirvana.controlnet import Control, ControlNetError, ControlNetLibrary
+from nirvana.controlnet import Control, ControlNetCatalog, ControlNetError, ControlNetLibrary
 from nirvana.request import GenerationRequest, RequestError
 from nirvana.runtime.torch_runtime import TorchSubModels
 
@@ -35,28 +35,38 @@ class AddOns:
 
 
 class AddOnRegistry:
-    """The adapter and ControlNet folders of a configuration (each optional), for in-process torch sub-models."""
+    """The adapter and ControlNet folders of a configuration (each optional), run in-process or served."""
 
     def __init__(
-        self, config: EngineConfig, checkpoint: CheckpointInfo, in_process: bool, served_adapters: Any = None
+        self,
+        config: EngineConfig,
+        checkpoint: CheckpointInfo,
+        in_process: bool,
+        served_adapters: Any = None,
+        served_controlnets: ControlNetCatalog | None = None,
     ) -> None:
         """``served_adapters``: the orchestrator's client of the ``adapters`` model (`nirvana.runtime.bls_adapters`),
-        which merges sets into UNet models of their own; in-process, sets are merged here."""
-        if config.controlnets.dir is not None and not in_process:
-            raise ControlNetError("ControlNets run in-process (torch sub-models) only so far")
+        which merges sets into UNet models of their own; in-process, sets are merged here. ``served_controlnets``:
+        the ControlNets as Triton models (`nirvana.runtime.bls_control`); in-process, they run here."""
+        if config.controlnets.dir is not None and not in_process and served_controlnets is None:
+            raise ControlNetError("served ControlNets need their models (nirvana export renders them)")
         if config.adapters.dir is not None and not in_process and served_adapters is None:
             raise AdapterError("served LoRA adapters need the `adapters` model (nirvana export renders it)")
         self.adapters: Any = served_adapters
         if config.adapters.dir is not None and in_process:
             unet = checkpoint.unet  # type: ignore[attr-defined]  # in-process: a loaded Checkpoint
             self.adapters = AdapterLibrary(config.adapters.dir, unet, config.adapters.max_loaded)
-        self.controlnets = None
-        if config.controlnets.dir is not None:
+        self.controlnets = served_controlnets
+        if config.controlnets.dir is not None and in_process:
             self.controlnets = ControlNetLibrary(config.controlnets.dir, checkpoint.image_size)
+        self.in_process = in_process
 
     def resolve(self, req: GenerationRequest) -> AddOns:
         """The request's add-ons; RequestError names LORA, CONTROLNET or CONTROL_IMAGE and what is wrong."""
-        return AddOns(self._adapters(req.lora), self._control(req))
+        addons = AddOns(self._adapters(req.lora), self._control(req))
+        if addons.adapters and addons.control is not None and not self.in_process:
+            raise RequestError("LORA", req.lora, "LoRA adapters with a CONTROLNET are served in-process only so far")
+        return addons
 
     def _adapters(self, lora: str) -> AdapterSet:
         if not lora:

@@ -1,9 +1,10 @@
-"""ControlNet per request, in-process: a folder of diffusers ControlNet models, one chosen by name per request with
-its control image and conditioning scale, run at every step beside the UNet (its residuals go into the UNet).
+"""ControlNet per request: a folder of diffusers ControlNet models, one chosen by name per request with its control
+image and conditioning scale, run at every step beside the UNet (its residuals go into the UNet) — in-process here,
+or as Triton models of their own (`nirvana.runtime.bls_control`).
 
 Layout: ``controlnets_dir/<name>/config.json + diffusion_pytorch_model.safetensors`` (what
-``ControlNetModel.save_pretrained`` writes). A model is loaded when first named and kept; each request's control
-image is prepared once, as diffusers' ``StableDiffusionControlNetPipeline`` prepares it (RGB, [0, 1], not
+``ControlNetModel.save_pretrained`` writes). In-process, a model is loaded when first named and kept; each request's
+control image is prepared once, as diffusers' ``StableDiffusionControlNetPipeline`` prepares it (RGB, [0, 1], not
 normalised), at the checkpoint's resolution.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 
-__all__ = ["MAX_CONTROL_SCALE", "Control", "ControlNetError", "ControlNetLibrary"]
+__all__ = ["MAX_CONTROL_SCALE", "Control", "ControlNetCatalog", "ControlNetError", "ControlNetLibrary", "Residuals"]
 
 MAX_CONTROL_SCALE = 2.0
 _PREPARE = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
@@ -37,34 +39,50 @@ def _digest_folder(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# A ControlNet's residuals for one step: (sample, timestep, text, prepared image, scale) → the UNet's extra inputs.
+Residuals = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], dict[str, object]]
+
+
 @dataclass(frozen=True)
 class Control:
-    """One request's ControlNet: the model, its prepared image ``[1, 3, H, W]`` and scale. ``key`` is what the cache
-    key holds (name, weights digest, scale, image digest): a latent made under another control never matches."""
+    """One request's ControlNet: what runs it, its prepared image ``[1, 3, H, W]`` and scale. ``key`` is what the
+    cache key holds (name, weights digest, scale, image digest): a latent made under another control never matches."""
 
-    model: ControlNetModel = field(compare=False, repr=False)
+    run: Residuals = field(compare=False, repr=False)
     image: torch.Tensor = field(compare=False, repr=False)
     scale: float
     key: tuple[str, str, float, str]
 
     def residuals(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, object]:
-        """The UNet's extra inputs for this step: down-block and mid-block residuals (every row, as the pipeline
-        does without guess mode)."""
-        device, dtype = self.model.device, self.model.dtype
+        """The UNet's extra inputs for this step (every row, as the pipeline does without guess mode)."""
+        return self.run(sample, timestep, text, self.image, self.scale)
+
+
+def torch_residuals(model: ControlNetModel) -> Residuals:
+    """In-process: the module's down-block and mid-block residuals, as diffusers' UNet takes them."""
+
+    def run(
+        sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor, scale: float
+    ) -> dict[str, object]:
+        device, dtype = model.device, model.dtype
         with torch.inference_mode():
-            down, mid = self.model(
+            down, mid = model(
                 sample.to(device, dtype),
                 timestep.to(device),
                 encoder_hidden_states=text.to(device, dtype),
-                controlnet_cond=self.image.repeat(len(sample), 1, 1, 1).to(device, dtype),
-                conditioning_scale=self.scale,
+                controlnet_cond=image.repeat(len(sample), 1, 1, 1).to(device, dtype),
+                conditioning_scale=scale,
                 return_dict=False,
             )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
+    return run
 
-class ControlNetLibrary:
-    """The ControlNets of one folder, loaded on first use (in ``dtype``, on the CPU) and kept."""
+
+class ControlNetCatalog:
+    """The ControlNets of one folder (names, weight digests) and the checks and preparation of a request's control;
+    what runs a ControlNet is a subclass's (:class:`ControlNetLibrary` in-process, `nirvana.runtime.bls_control`
+    served)."""
 
     def __init__(self, root: str | Path, image_size: tuple[int, int]) -> None:
         self.root, self.image_size = Path(root), image_size
@@ -72,8 +90,6 @@ class ControlNetLibrary:
             raise ControlNetError(f"controlnets folder does not exist: {self.root}")
         self.folders = {p.parent.name: p.parent for p in sorted(self.root.glob("*/config.json"))}
         self.digests = {name: _digest_folder(folder) for name, folder in self.folders.items()}
-        self._loaded: dict[str, ControlNetModel] = {}
-        self._lock = threading.Lock()
 
     def control(self, name: str, image: object, scale: float) -> Control:
         """The :class:`Control` of one request; ControlNetError names the bad part."""
@@ -84,7 +100,10 @@ class ControlNetLibrary:
         pixels = self._check_image(image)
         prepared = _PREPARE.preprocess(pixels[None].astype(np.float32) / 255.0, *self.image_size).float()
         digest = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
-        return Control(self._model(name), prepared, float(scale), (name, self.digests[name], float(scale), digest))
+        return Control(self.runner(name), prepared, float(scale), (name, self.digests[name], float(scale), digest))
+
+    def runner(self, name: str) -> Residuals:
+        raise NotImplementedError
 
     def _check_image(self, image: object) -> np.ndarray:
         height, width = self.image_size
@@ -93,7 +112,16 @@ class ControlNetLibrary:
             raise ControlNetError(f"CONTROL_IMAGE must be uint8 [{height}, {width}, 3] (the image size), got {got}")
         return image
 
-    def _model(self, name: str) -> ControlNetModel:
+
+class ControlNetLibrary(ControlNetCatalog):
+    """In-process: each ControlNet loaded on first use (on the CPU) and kept."""
+
+    def __init__(self, root: str | Path, image_size: tuple[int, int]) -> None:
+        super().__init__(root, image_size)
+        self._loaded: dict[str, ControlNetModel] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, name: str) -> Residuals:
         with self._lock:
             if name not in self._loaded:
                 try:
@@ -101,4 +129,4 @@ class ControlNetLibrary:
                 except (OSError, ValueError) as err:
                     raise ControlNetError(f"controlnet {name!r} cannot be loaded: {err}") from None
                 self._loaded[name] = model.eval()
-            return self._loaded[name]
+            return torch_residuals(self._loaded[name])

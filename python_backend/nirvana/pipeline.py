@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -78,9 +78,11 @@ class Pipeline:
         cache: CacheClient | None = None,
         service: ServiceTimes | None = None,
         served_adapters: object = None,
+        served_controlnets: Any = None,
     ) -> None:
-        """Served, the orchestrator passes its BLS ``models``, ``cache`` client, the server's ``service`` times and
-        its client of the `adapters` model (``served_adapters``, when the configuration names an adapters folder)."""
+        """Served, the orchestrator passes its BLS ``models``, ``cache`` client, the server's ``service`` times, its
+        client of the `adapters` model (``served_adapters``, when the configuration names an adapters folder) and
+        of the ControlNet models (``served_controlnets``, when it names a controlnets folder)."""
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -99,7 +101,7 @@ class Pipeline:
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
         in_process = isinstance(self.models, TorchSubModels)
-        self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters)
+        self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters, served_controlnets)
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
         # served: the board the server's stubs share; in process: this pipeline's own
         self._own_board = None if service is not None else LoadBoard.private()

@@ -166,7 +166,8 @@ def vae_decoder_spec(channels: int, latent_size: tuple[int, int], scale_factor: 
 
 def nirvana_spec(image_size: tuple[int, int]) -> ModelSpec:
     """The ``nirvana`` orchestrator's contract (README, "Triton tensor contract"): every input and output is one
-    value of shape [1] except ``IMAGE``, uint8 ``[H, W, 3]``. ``TIMINGS`` is JSON of server-side ms per stage."""
+    value of shape [1] except ``IMAGE`` and ``CONTROL_IMAGE``, uint8 ``[H, W, 3]``. ``TIMINGS`` is JSON of
+    server-side ms per stage."""
     h, w = image_size
     one = (1,)
     inputs = (
@@ -178,6 +179,9 @@ def nirvana_spec(image_size: tuple[int, int]) -> ModelSpec:
         TensorSpec("CACHE_MODE", "string", one, optional=True),
         TensorSpec("TENANT", "string", one, optional=True),
         TensorSpec("LORA", "string", one, optional=True),
+        TensorSpec("CONTROLNET", "string", one, optional=True),
+        TensorSpec("CONTROL_IMAGE", "uint8", (h, w, 3), optional=True),
+        TensorSpec("CONTROLNET_SCALE", "float32", one, optional=True),
     )
     outputs = (
         TensorSpec("IMAGE", "uint8", (h, w, 3)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -40,7 +41,10 @@ def check_step(step: dict, inputs: dict[str, dict]) -> None:
     assert {n for n, spec in inputs.items() if not spec["optional"]} <= set(step), "required inputs present"
     for name, tensor in step.items():
         spec = inputs[name]
-        assert tensor["shape"] == spec["dims"] and len(tensor["content"]) == 1
+        assert tensor["shape"] == spec["dims"] and len(tensor["content"]) == int(np.prod(spec["dims"]))
+        if spec["datatype"] == "UINT8":  # the control image, row-major
+            assert all(isinstance(v, int) and 0 <= v <= 255 for v in tensor["content"])
+            continue
         value = tensor["content"][0]
         if spec["datatype"] == "BYTES":
             assert isinstance(value, str)
@@ -64,8 +68,17 @@ def test_client_output_table_matches_config_pbtxt() -> None:
 
 def test_every_option_gives_valid_perf_analyzer_data() -> None:
     items = [WorkItem(0, "a red fox", seed=4294731701, tenant="acme"), WorkItem(1, "ünïcode ramen", seed=1)]
+    image = np.full(model_inputs()["CONTROL_IMAGE"]["dims"], 200, np.uint8)
+    control = {"controlnet": "edges", "control_image": image, "controlnet_scale": 1}
     document = input_data(
-        items, steps=20, guidance=7, cache_mode="bypass", tenant="default", negative_prompt="blurry", lora="ink:0.8"
+        items,
+        steps=20,
+        guidance=7,
+        cache_mode="bypass",
+        tenant="default",
+        negative_prompt="blurry",
+        lora="ink:0.8",
+        **control,
     )
     inputs = model_inputs()
     assert list(document) == ["data"] and len(document["data"]) == 2
@@ -77,6 +90,8 @@ def test_every_option_gives_valid_perf_analyzer_data() -> None:
     assert first["TENANT"]["content"] == ["acme"] and second["TENANT"]["content"] == ["default"]
     assert first["GUIDANCE_SCALE"]["content"] == [7.0] and '"content": [7.0]' in json.dumps(first["GUIDANCE_SCALE"])
     assert first["NUM_INFERENCE_STEPS"]["content"] == [20]
+    assert first["CONTROL_IMAGE"]["content"][:3] == [200, 200, 200]
+    assert first["CONTROLNET_SCALE"]["content"] == [1.0]
 
 
 def test_server_defaults_leave_optional_inputs_out() -> None:

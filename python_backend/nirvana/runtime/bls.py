@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nirvana.controlnet_spec import UNET_CONTROL_MODEL
 from nirvana.embed import MINILM_MAX_TOKENS, Embedder
 from nirvana.specs import PENULTIMATE
 
@@ -95,6 +96,7 @@ class BlsSubModels:
         self._pb = pb_utils
         self._names = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
         self._names["text_encoder_2"] = text_encoder_2  # SDXL only
+        self._names["unet_control"] = UNET_CONTROL_MODEL  # with a ControlNet's residuals
         self.conditioning_device = conditioning_device
         self._reload_unet: Callable[[], str] | None = None
 
@@ -130,9 +132,11 @@ class BlsSubModels:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         added_cond: dict[str, torch.Tensor] | None = None,
+        residuals: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Scaled latent [B, C, h, w], timestep [B], text [B, L, D] (SDXL: ``added_cond``) → noise prediction
-        [B, C, h, w] float32 (CPU)."""
+        [B, C, h, w] float32 (CPU). With a ControlNet's ``residuals`` (`nirvana.runtime.bls_control`) the step goes
+        to the ``unet_control`` model."""
         # One timestep per row, as [rows, 1]: the batched `unet` config reshapes it to [rows] (Triton needs a
         # non-batch dim on every input of a batched model).
         timestep = timestep.reshape(-1).expand(sample.shape[0]).reshape(-1, 1)
@@ -142,6 +146,9 @@ class BlsSubModels:
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
         inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
+        if residuals:
+            inputs |= residuals
+            return self._call("unet_control", inputs, "noise_pred").to("cpu", torch.float32)
         try:
             noise = self._call("unet", inputs, "noise_pred")
         except BlsError:

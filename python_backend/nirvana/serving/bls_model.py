@@ -24,6 +24,7 @@ from nirvana.request import RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
 from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_cache import BlsCache
+from nirvana.runtime.bls_control import BlsControlNets
 from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.serving.metrics import RequestMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
@@ -41,7 +42,11 @@ GENERATE_KEYWORDS = {
     "CACHE_MODE": "cache_mode",
     "TENANT": "tenant",
     "LORA": "lora",
+    "CONTROLNET": "controlnet",
+    "CONTROLNET_SCALE": "controlnet_scale",
 }
+# Inputs handed over as arrays, not single values.
+ARRAY_KEYWORDS = {"CONTROL_IMAGE": "control_image"}
 
 
 class InputError(ValueError):
@@ -105,6 +110,9 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
     cache = BlsCache(pb_utils, config.cache.selection.selector())
     service = ServiceTimes(LoadBoard.for_server())  # shared with this server's other orchestrator stubs
     adapters = None if config.adapters.dir is None else BlsAdapters(pb_utils, config.adapters.dir)
+    controlnets = None
+    if config.controlnets.dir is not None:
+        controlnets = BlsControlNets(pb_utils, config.controlnets.dir, checkpoint)
     pipeline = Pipeline(
         config,
         checkpoint=checkpoint,
@@ -113,6 +121,7 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
         cache=cache,
         service=service,
         served_adapters=adapters,
+        served_controlnets=controlnets,
     )
     return pipeline, RequestMetrics(pb_utils, cache, service), checkpoint
 
@@ -125,6 +134,8 @@ def generate_options(pb_utils: Any, spec: ModelSpec, request: Any) -> dict[str, 
         tensor = pb_utils.get_input_tensor_by_name(request, tensor_spec.name)
         if tensor is not None and tensor_spec.name in GENERATE_KEYWORDS:
             options[GENERATE_KEYWORDS[tensor_spec.name]] = scalar_value(tensor_spec.name, tensor.as_numpy())
+        elif tensor is not None and tensor_spec.name in ARRAY_KEYWORDS:
+            options[ARRAY_KEYWORDS[tensor_spec.name]] = tensor.as_numpy()
         elif tensor is None and not tensor_spec.optional:
             raise InputError(f"{tensor_spec.name}: required input is missing")
     return options
