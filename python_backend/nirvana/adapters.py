@@ -174,8 +174,9 @@ class AdapterLibrary(AdapterCatalog):
             if name in self.refused:
                 raise AdapterError(f"adapter {name!r} was refused when the server started: {self.refused[name]}")
 
-    def bind(self, models: Any, adapters: AdapterSet) -> Any:
-        """``models`` (in-process torch sub-models) around the UNet with ``adapters`` fused in."""
+    def bind(self, models: Any, adapters: AdapterSet, control: bool = False) -> Any:
+        """``models`` (in-process torch sub-models) around the UNet with ``adapters`` fused in (the same module
+        takes a ControlNet's residuals: ``control`` changes nothing here)."""
         return models.with_unet(self.unet(adapters))
 
     def unet(self, adapters: AdapterSet) -> torch.nn.Module:

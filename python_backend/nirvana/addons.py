@@ -59,14 +59,10 @@ class AddOnRegistry:
         self.controlnets = served_controlnets
         if config.controlnets.dir is not None and in_process:
             self.controlnets = ControlNetLibrary(config.controlnets.dir, checkpoint.image_size)
-        self.in_process = in_process
 
     def resolve(self, req: GenerationRequest) -> AddOns:
         """The request's add-ons; RequestError names LORA, CONTROLNET or CONTROL_IMAGE and what is wrong."""
-        addons = AddOns(self._adapters(req.lora), self._control(req))
-        if addons.adapters and addons.control is not None and not self.in_process:
-            raise RequestError("LORA", req.lora, "LoRA adapters with a CONTROLNET are served in-process only so far")
-        return addons
+        return AddOns(self._adapters(req.lora), self._control(req))
 
     def _adapters(self, lora: str) -> AdapterSet:
         if not lora:
@@ -96,7 +92,7 @@ class AddOnRegistry:
             return models
         start = time.perf_counter()
         try:
-            merged = self.adapters.bind(models, addons.adapters)
+            merged = self.adapters.bind(models, addons.adapters, control=addons.control is not None)
         except AdapterError as err:  # a refused file, or a set that failed to merge: the request's LORA is at fault
             raise RequestError("LORA", format_adapters(addons.adapters), str(err)) from None
         timings["adapter_ms"] = (time.perf_counter() - start) * 1e3

@@ -263,8 +263,8 @@ ADAPTERS_MODEL = "adapters"
 
 def adapters_spec() -> ModelSpec:
     """The decoupled ``adapters`` model's contract (`nirvana.serving.adapter_model`): ``ADAPTERS`` is an adapter set's
-    canonical ``LORA`` text, ``MODEL`` the name of the UNet model that has it fused in."""
+    canonical ``LORA`` text, ``BASE`` the UNet model to fuse it into (``unet``, the default, or ``unet_control``
+    with a ControlNet), ``MODEL`` the name of the model that has it fused in."""
     one = (1,)
-    return ModelSpec(
-        ADAPTERS_MODEL, (TensorSpec("ADAPTERS", "string", one),), (TensorSpec("MODEL", "string", one),), profile=None
-    )
+    inputs = (TensorSpec("ADAPTERS", "string", one), TensorSpec("BASE", "string", one, optional=True))
+    return ModelSpec(ADAPTERS_MODEL, inputs, (TensorSpec("MODEL", "string", one),), profile=None)

@@ -98,14 +98,15 @@ class BlsSubModels:
         self._names["text_encoder_2"] = text_encoder_2  # SDXL only
         self._names["unet_control"] = UNET_CONTROL_MODEL  # with a ControlNet's residuals
         self.conditioning_device = conditioning_device
-        self._reload_unet: Callable[[], str] | None = None
+        self._reload: tuple[str, Callable[[], str]] | None = None
 
-    def with_unet(self, unet: str, reload: Callable[[], str] | None = None) -> BlsSubModels:
-        """These sub-models with UNet steps sent to model ``unet`` (a LoRA set's); ``reload()`` names it again after
-        a step failed because the model is gone (unloaded), and the step is retried once."""
+    def with_unet(self, unet: str, reload: Callable[[], str] | None = None, role: str = "unet") -> BlsSubModels:
+        """These sub-models with UNet steps sent to model ``unet`` (a LoRA set's) instead of ``role``'s (``unet``, or
+        ``unet_control`` for steps with ControlNet residuals); ``reload()`` names it again after a step failed
+        because the model is gone (unloaded), and the step is retried once."""
         other = copy.copy(self)
-        other._names = {**self._names, "unet": unet}
-        other._reload_unet = reload
+        other._names = {**self._names, role: unet}
+        other._reload = None if reload is None else (role, reload)
         return other
 
     def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
@@ -146,16 +147,15 @@ class BlsSubModels:
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
         inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
-        if residuals:
-            inputs |= residuals
-            return self._call("unet_control", inputs, "noise_pred").to("cpu", torch.float32)
+        inputs |= residuals or {}
+        role = "unet_control" if residuals else "unet"
         try:
-            noise = self._call("unet", inputs, "noise_pred")
+            noise = self._call(role, inputs, "noise_pred")
         except BlsError:
-            if self._reload_unet is None:
+            if self._reload is None or self._reload[0] != role:
                 raise
-            self._names["unet"] = self._reload_unet()
-            noise = self._call("unet", inputs, "noise_pred")
+            self._names[role] = self._reload[1]()
+            noise = self._call(role, inputs, "noise_pred")
         return noise.to("cpu", torch.float32)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from nirvana.adapters import AdapterCatalog, AdapterError, AdapterSet, format_adapters
+from nirvana.controlnet_spec import UNET_CONTROL_MODEL
 from nirvana.runtime.bls import BlsSubModels
 
 __all__ = ["BlsAdapters"]
@@ -21,13 +22,15 @@ class BlsAdapters(AdapterCatalog):
         super().__init__(root)
         self._pb, self._model = pb_utils, model
 
-    def unet(self, adapters: AdapterSet) -> str:
-        """The name of the UNet model with ``adapters`` fused in; waits only while that set loads."""
+    def unet(self, adapters: AdapterSet, base: str = "unet") -> str:
+        """The name of the model ``base`` (``unet`` or ``unet_control``) with ``adapters`` fused in; waits only while
+        that set loads."""
         pb = self._pb
-        value = np.array([format_adapters(adapters).encode()], dtype=np.object_)
-        request = pb.InferenceRequest(
-            model_name=self._model, requested_output_names=["MODEL"], inputs=[pb.Tensor("ADAPTERS", value)]
-        )
+        inputs = [
+            pb.Tensor("ADAPTERS", np.array([format_adapters(adapters).encode()], dtype=np.object_)),
+            pb.Tensor("BASE", np.array([base.encode()], dtype=np.object_)),
+        ]
+        request = pb.InferenceRequest(model_name=self._model, requested_output_names=["MODEL"], inputs=inputs)
         name = None
         for response in request.exec(decoupled=True):  # one answer, flagged final
             if response.has_error():
@@ -39,10 +42,12 @@ class BlsAdapters(AdapterCatalog):
             raise AdapterError(f"the {self._model!r} model gave no UNet model for {format_adapters(adapters)!r}")
         return name
 
-    def bind(self, models: BlsSubModels, adapters: AdapterSet) -> BlsSubModels:
-        """``models`` with their UNet steps sent to the set's model; if that model is unloaded mid-request (LRU,
-        another set needed the room), it is loaded again and the step retried."""
-        return models.with_unet(self.unet(adapters), reload=lambda: self.unet(adapters))
+    def bind(self, models: BlsSubModels, adapters: AdapterSet, control: bool = False) -> BlsSubModels:
+        """``models`` with their UNet steps sent to the set's model (with a ControlNet: the set fused into
+        ``unet_control``); if that model is unloaded mid-request (LRU, another set needed the room), it is loaded
+        again and the step retried."""
+        base = UNET_CONTROL_MODEL if control else "unet"
+        return models.with_unet(self.unet(adapters, base), reload=lambda: self.unet(adapters, base), role=base)
 
     def close(self) -> None:
         pass

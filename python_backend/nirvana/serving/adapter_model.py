@@ -4,7 +4,8 @@ An orchestrator asks with ``ADAPTERS`` (a set's canonical ``LORA`` text) and get
 with that set fused in. A loaded set is answered inside `execute`; a set not loaded is fused on the loader thread
 (`nirvana.lora_onnx`: diffusers fuses it on the torch UNet, the changed weights override the base ONNX file's
 initializers), written as one safetensors file and loaded through Triton's model-control API as a copy of the `unet`
-model's config (same batching, same instances) that runs the base ONNX file with those overrides. Being decoupled,
+model's config (same batching, same instances) that runs the base ONNX file with those overrides. With a ControlNet
+(``BASE`` = ``unet_control``) the set is fused the same way into the UNet with residual inputs. Being decoupled,
 this one instance never makes a request for a loaded set wait behind a load (`nirvana.variant_pool`).
 
 Needs `--model-control-mode=explicit --load-model=*` (the dev launcher passes it when the repository has this model)
@@ -30,6 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
 from nirvana.config import load_config
+from nirvana.controlnet_spec import UNET_CONTROL_MODEL
 from nirvana.lora_onnx import InitializerIndex, fused_overrides, variant_name
 from nirvana.serving.metrics import Families
 from nirvana.serving.params import engine_config_path, model_parameters
@@ -44,29 +46,36 @@ VARIANT_PY = (
 
 class UNetVariants:
     """Loads and unloads the UNet model of an adapter set through the server's model-control API (gRPC, at
-    ``$NIRVANA_MODEL_CONTROL_URL``, default the NGC image's own port on the loopback)."""
+    ``$NIRVANA_MODEL_CONTROL_URL``, default the NGC image's own port on the loopback). A set is fused into a base
+    model of the repository: ``unet``, or ``unet_control`` (residual inputs) for requests with a ControlNet."""
 
     def __init__(self, library: AdapterLibrary, repository: Path, work_dir: Path) -> None:
         import tritonclient.grpc as grpcclient
 
-        self.library, self.work_dir = library, work_dir
+        self.library, self.repository, self.work_dir = library, repository, work_dir
         self.control = grpcclient.InferenceServerClient(os.environ.get(CONTROL_ENV, DEFAULT_CONTROL_URL))
-        base = repository / "unet"
-        self.base_config = text_format.Parse((base / "config.pbtxt").read_text(), mc.ModelConfig())
-        self.base_onnx = base / "1" / "model.onnx"
-        self.index = InitializerIndex(self.base_onnx)
+        self.bases = [name for name in ("unet", UNET_CONTROL_MODEL) if (repository / name / "config.pbtxt").exists()]
+        self._indexes: dict[str, InitializerIndex] = {}  # built on a base's first set (the loader thread)
         work_dir.mkdir(parents=True, exist_ok=True)
 
-    def load(self, adapters: AdapterSet) -> str:
-        name = variant_name(self.base_config.name, self.library.fingerprint(adapters))
+    def _index(self, base: str) -> InitializerIndex:
+        if base not in self._indexes:
+            self._indexes[base] = InitializerIndex(self.repository / base / "1" / "model.onnx")
+        return self._indexes[base]
+
+    def load(self, key: tuple[str, AdapterSet]) -> str:
+        base, adapters = key
+        base_config = text_format.Parse((self.repository / base / "config.pbtxt").read_text(), mc.ModelConfig())
+        name = variant_name(base, self.library.fingerprint(adapters))
         weights = self.work_dir / f"{name}.safetensors"
         start = time.perf_counter()
-        save_file(fused_overrides(self.library, adapters, self.index), str(weights))
+        index = self._index(base)
+        save_file(fused_overrides(self.library, adapters, index), str(weights))
         fused = time.perf_counter()
         config = mc.ModelConfig()
-        config.CopyFrom(self.base_config)
+        config.CopyFrom(base_config)
         config.name = name
-        config.parameters["onnx_file"].string_value = str(self.base_onnx.resolve())
+        config.parameters["onnx_file"].string_value = str(index.path.resolve())
         config.parameters["initializer_overrides"].string_value = str(weights.resolve())
         text = json_format.MessageToJson(config, preserving_proto_field_name=True)
         self.control.load_model(name, config=text, files={"file:1/model.py": VARIANT_PY.encode()})
@@ -117,19 +126,24 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                adapters = self._parse(request)
+                key = self._parse(request)
             except AdapterError as err:
                 self._answer(sender, None, err)
                 continue
-            self.pool.request(adapters, lambda name, err, sender=sender: self._answer(sender, name, err))
+            self.pool.request(key, lambda name, err, sender=sender: self._answer(sender, name, err))
         return None
 
-    def _parse(self, request: Any) -> AdapterSet:
+    def _parse(self, request: Any) -> tuple[str, AdapterSet]:
+        """The pool's key of a request: (base model, adapter set)."""
         tensor = self.pb.get_input_tensor_by_name(request, "ADAPTERS")
         value = bytes(tensor.as_numpy().reshape(-1)[0]).decode("utf-8")
         adapters = parse_adapters(value, set(self.library.files))
         self.library.check_usable(adapters)
-        return adapters
+        tensor = self.pb.get_input_tensor_by_name(request, "BASE")
+        base = "unet" if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0]).decode("utf-8")
+        if base not in self.variants.bases:
+            raise AdapterError(f"BASE={base!r}: this repository serves {self.variants.bases}")
+        return base, adapters
 
     def _answer(self, sender: Any, name: str | None, err: Exception | None) -> None:
         pb = self.pb
