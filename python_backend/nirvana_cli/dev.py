@@ -209,15 +209,20 @@ def bench_addons(
     checkpoint: DefaultCheckpoint = None,
     steps: Annotated[int, typer.Option(help="Denoising steps per request.", min=2)] = 20,
     repeats: Annotated[int, typer.Option(help="Requests measured per variant.", min=1)] = 5,
+    served: Annotated[bool, typer.Option(help="Through tritonserver: ControlNet models, --in-flight at once.")] = False,
+    in_flight: Annotated[int, typer.Option(help="--served: requests in flight in the concurrent part.", min=2)] = 4,
     json_path: JsonOut = None,
     work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
     verbose: bool = False,
 ) -> None:
-    """In-process cost of add-ons: LoRA merge time per set, UNet ms per step plain / fused LoRA / ControlNet."""
+    """Cost of add-ons: LoRA merge time per set, UNet ms per step plain / fused LoRA / ControlNet (in-process, or
+    --served through the ControlNet models of tritonserver)."""
     from nirvana_dev.bench.addons import run_addons
+    from nirvana_dev.bench.addons_served import run_addons_served
 
     setup_logging(verbose)
-    emit(run_addons(checkpoint, steps, repeats, work_dir), json_path)
+    run = run_addons_served(checkpoint, steps, repeats, in_flight, work_dir) if served else None
+    emit(run or run_addons(checkpoint, steps, repeats, work_dir), json_path)
 
 
 @bench_app.command("lora-served")
