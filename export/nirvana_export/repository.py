@@ -28,6 +28,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
 from nirvana.specs import (
     ADAPTERS_MODEL,
     CACHE_MODEL,
@@ -131,11 +132,14 @@ def submodel_config(
     config = _model_config(spec)
     if spec.max_batch_size > 0:
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    if profile == "torch" and spec.name in TORCH_MODELS:
+    if profile == "torch" and _torch_module(spec.name):
         if checkpoint is None:
             raise RepositoryError(f"profile='torch': model {spec.name!r} needs the checkpoint folder")
         config.backend = "python"
         config.parameters["checkpoint"].string_value = str(Path(checkpoint).resolve())
+        if spec.name.startswith(CONTROLNET_PREFIX):  # its folder comes from the engine configuration
+            config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
+            config.parameters["controlnet"].string_value = spec.name.removeprefix(CONTROLNET_PREFIX)
         config.parameters["device"].string_value = "auto"  # cuda:0 when torch sees a GPU, else cpu
         # Hand GPU inputs over as they are (the orchestrator keeps the text conditioning on the GPU).
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
@@ -148,6 +152,11 @@ def submodel_config(
     kind = mc.ModelInstanceGroup.KIND_GPU if profile == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=instances, kind=kind)
     return _render(config)
+
+
+def _torch_module(name: str) -> bool:
+    """Whether the torch profile runs model ``name`` as a torch module (all but the MiniLM embedder)."""
+    return name in TORCH_MODELS or name == UNET_CONTROL_MODEL or name.startswith(CONTROLNET_PREFIX)
 
 
 def nirvana_config(
@@ -216,15 +225,13 @@ def render_configs(
     `instances`: `nirvana` instances (default `DEFAULT_INSTANCES[profile]`); `queue_delay_us`: the UNet's dynamic
     batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
     (the `prompt_embedder` model is served for "minilm" only); `adapters`: serve LoRA adapter sets (the `adapters`
-    model; cpu profile only so far); `control`: the served ControlNets' specs (`unet_control`, `controlnet_<name>`;
-    cpu and gpu profiles); `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
-    if adapters and profile != "cpu":
+    model; cpu and torch profiles); `control`: the served ControlNets' specs (`unet_control`, `controlnet_<name>`);
+    `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
+    if adapters and profile == "gpu":
         raise RepositoryError(
-            f"profile={profile!r}: LoRA adapters are served in the cpu profile only so far (onnxruntime initializer "
-            "overrides); use the in-process engine or the cpu profile"
+            "profile='gpu': LoRA adapters are served in the cpu and torch profiles only so far (TensorRT refit is "
+            "not built); use the torch profile on a GPU"
         )
-    if control and profile == "torch":
-        raise RepositoryError("profile='torch': ControlNets are served in the cpu and gpu profiles, or in-process")
     specs = {**specs, **(control or {})}
     names = served_submodels(embedder, specs)
     files = {
@@ -234,7 +241,7 @@ def render_configs(
         for name in names
     }
     for name in names if profile != "gpu" else ():
-        files[f"{name}/1/model.py"] = TORCH_PY if profile == "torch" and name in TORCH_MODELS else SUBMODEL_PY
+        files[f"{name}/1/model.py"] = TORCH_PY if profile == "torch" and _torch_module(name) else SUBMODEL_PY
     instances = instances or DEFAULT_INSTANCES[profile]
     # Only the torch profile's orchestrators have CUDA torch; the TensorRT image ships CPU torch.
     device = "auto" if profile == "torch" else "cpu"
@@ -340,7 +347,7 @@ def _export_weights(
     paths = export_all(
         checkpoint_dir, staging, max_batch=stamp["max_batch"], unet_max_batch=stamp["unet_max_batch"], names=names
     )
-    if control:
+    if control and profile != "torch":  # the torch profile runs the modules themselves
         from nirvana_export.controlnet_export import export_control_models
 
         paths |= export_control_models(checkpoint_dir, Path(stamp["controlnets"]["dir"]), control, staging)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from nirvana.controlnet_graphs import ControlNetGraph
 from nirvana.controlnet_spec import (
     UNET_CONTROL_MODEL,
     control_specs,
@@ -22,7 +23,7 @@ from nirvana.controlnet_spec import (
 from nirvana.runtime.onnx_runtime import OnnxModel
 from nirvana.specs import SpecError, unet_spec
 from nirvana_dev.tiny_addons import make_tiny_controlnet
-from nirvana_export.controlnet_export import ControlNetGraph, served_controlnets
+from nirvana_export.controlnet_export import served_controlnets
 from nirvana_export.onnx_export import export_graph
 from nirvana_export.repository import RepositoryError, render_configs, sd15_specs
 
@@ -106,6 +107,13 @@ def test_control_models_get_their_own_batched_configs(profile: str, marker: str)
     assert ("controlnet_canny/1/model.py" in files) == (profile == "cpu")
 
 
-def test_torch_profile_refuses_served_controlnets(tmp_path: Path) -> None:
-    with pytest.raises(RepositoryError, match="ControlNets are served in the cpu and gpu profiles"):
-        render_configs(sd15_specs(), (512, 512), "torch", checkpoint=tmp_path, control=_sd15_control())
+def test_torch_profile_serves_the_controlnet_modules_themselves(tmp_path: Path) -> None:
+    files = render_configs(sd15_specs(), (512, 512), "torch", checkpoint=tmp_path, control=_sd15_control())
+    config = files["controlnet_canny/config.pbtxt"]
+    assert 'key: "controlnet"' in config and 'string_value: "canny"' in config and "engine.json" in config
+    assert "torch_model" in files["controlnet_canny/1/model.py"] and "torch_model" in files["unet_control/1/model.py"]
+
+
+def test_gpu_profile_refuses_served_lora_until_tensorrt_refit_exists() -> None:
+    with pytest.raises(RepositoryError, match="use the torch profile on a GPU"):
+        render_configs(sd15_specs(), (512, 512), "gpu", adapters=True)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.controlnet_graphs import ControlNetGraph, UNetControlGraph
+from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, residual_names
 from nirvana.specs import PENULTIMATE
 
 __all__ = ["TorchSubModels", "component_runner"]
@@ -126,14 +128,33 @@ class TorchSubModels:
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def component_runner(component: str, checkpoint_dir: str | Path, device: str, dtype: torch.dtype) -> Runner:
+def component_runner(
+    component: str,
+    checkpoint_dir: str | Path,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    controlnet: str | Path | None = None,
+    lora: tuple[str | Path, str] | None = None,
+) -> Runner:
     """One sub-model of a diffusers checkpoint as ``{input: tensor} → {output: tensor}`` under the Triton names of
-    `nirvana.specs` (outputs float32, on ``device``). Loads only that component's weights."""
+    `nirvana.specs` (outputs float32, on ``device``). Loads only that component's weights.
+
+    Served add-ons: ``unet_control`` is the UNet with ControlNet residual inputs, ``controlnet_<name>`` the ControlNet
+    in folder ``controlnet`` (`nirvana.controlnet_spec`); ``lora`` = (adapters folder, ``LORA`` text) fuses that
+    adapter set into ``unet`` or ``unet_control`` (a set's model, loaded by the `adapters` model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint_dir)
     sdxl = (root / "text_encoder_2").is_dir()
+    if component.startswith(CONTROLNET_PREFIX):
+        if controlnet is None:
+            raise ValueError(f"component={component!r} needs its ControlNet folder")
+        return _controlnet_runner(Path(controlnet), device, dtype)
+    if component == UNET_CONTROL_MODEL:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
+        return _unet_control_runner(unet if lora is None else _fused(unet, *lora), device)
     if component in ("text_encoder", "text_encoder_2"):
         cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
         encoder = cls.from_pretrained(root / component, torch_dtype=dtype).to(device).eval()
@@ -142,6 +163,7 @@ def component_runner(component: str, checkpoint_dir: str | Path, device: str, dt
         return lambda feeds: _penultimate(encoder(feeds["input_ids"].to(device), output_hidden_states=True))
     if component == "unet":
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
+        unet = unet if lora is None else _fused(unet, *lora)
         added = ("text_embeds", "time_ids") if sdxl else ()
         return lambda feeds: {  # Triton sends one timestep per row as [rows, 1]
             "noise_pred": call_unet(
@@ -156,6 +178,41 @@ def component_runner(component: str, checkpoint_dir: str | Path, device: str, dt
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
         return lambda feeds: {"image": call_vae_decoder(vae, feeds["latent"]).float()}
     raise ValueError(f"component={component!r}: choose text_encoder, text_encoder_2, unet or vae_decoder")
+
+
+def _fused(unet: torch.nn.Module, adapters_dir: str | Path, lora: str) -> torch.nn.Module:
+    """``unet`` with the adapter set ``lora`` of ``adapters_dir`` fused in (`nirvana.adapters`)."""
+    from nirvana.adapters import AdapterLibrary
+
+    library = AdapterLibrary(adapters_dir, unet, max_loaded=1, strict=False)
+    return library.merge(library.parse(lora))
+
+
+def _unet_control_runner(unet: torch.nn.Module, device: str) -> Runner:
+    graph = UNetControlGraph(unet)
+
+    def run(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = residual_names(sum(1 for name in feeds if "residual" in name))
+        inputs = (feeds["sample"], feeds["timestep"].reshape(-1), feeds["encoder_hidden_states"])
+        inputs += tuple(feeds[name] for name in names)
+        return {"noise_pred": graph(*(t.to(device) for t in inputs))}
+
+    return run
+
+
+def _controlnet_runner(folder: Path, device: str, dtype: torch.dtype) -> Runner:
+    from diffusers import ControlNetModel
+
+    graph = ControlNetGraph(ControlNetModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval())
+    names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale")
+
+    def run(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = [feeds[name].to(device) for name in names]
+        inputs[1], inputs[4] = inputs[1].reshape(-1), inputs[4].reshape(-1)  # per row, as [rows]
+        residuals = graph(*inputs)
+        return dict(zip(residual_names(len(residuals)), residuals, strict=True))
+
+    return run
 
 
 def _penultimate(out: Any) -> dict[str, torch.Tensor]:

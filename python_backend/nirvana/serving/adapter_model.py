@@ -29,18 +29,23 @@ from google.protobuf import json_format, text_format
 from safetensors.numpy import save_file
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, parse_adapters
+from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, format_adapters, parse_adapters
 from nirvana.config import load_config
 from nirvana.controlnet_spec import UNET_CONTROL_MODEL
 from nirvana.lora_onnx import InitializerIndex, fused_overrides, variant_name
 from nirvana.serving.metrics import Families
 from nirvana.serving.params import engine_config_path, model_parameters
+from nirvana.specs import NIRVANA_MODEL
 from nirvana.variant_pool import CONTROL_ENV, DEFAULT_CONTROL_URL, VariantPool
 
 log = logging.getLogger("nirvana.adapters")
 VARIANT_PY = (
     '"""Triton python model: the base UNet ONNX file with one LoRA set\'s fused weights (nirvana adapters)."""\n\n'
     "from nirvana.serving.onnx_model import TritonPythonModel  # noqa: F401\n"
+)
+TORCH_VARIANT_PY = (
+    '"""Triton python model: the checkpoint\'s UNet with a LoRA set fused in (nirvana adapters, torch profile)."""\n\n'
+    "from nirvana.serving.torch_model import TritonPythonModel  # noqa: F401\n"
 )
 
 
@@ -65,20 +70,26 @@ class UNetVariants:
 
     def load(self, key: tuple[str, AdapterSet]) -> str:
         base, adapters = key
-        base_config = text_format.Parse((self.repository / base / "config.pbtxt").read_text(), mc.ModelConfig())
+        config = text_format.Parse((self.repository / base / "config.pbtxt").read_text(), mc.ModelConfig())
         name = variant_name(base, self.library.fingerprint(adapters))
-        weights = self.work_dir / f"{name}.safetensors"
         start = time.perf_counter()
-        index = self._index(base)
-        save_file(fused_overrides(self.library, adapters, index), str(weights))
+        if "checkpoint" in config.parameters:  # the torch profile: the set's model fuses it into its own module
+            config.parameters["lora"].string_value = format_adapters(adapters)
+            config.parameters["component"].string_value = base
+            engine = self.repository / NIRVANA_MODEL / "engine.json"
+            config.parameters["engine_config"].string_value = str(engine.resolve())
+            model_py = TORCH_VARIANT_PY
+        else:  # onnxruntime: the base file with the set's fused weights as initializer overrides
+            weights = self.work_dir / f"{name}.safetensors"
+            index = self._index(base)
+            save_file(fused_overrides(self.library, adapters, index), str(weights))
+            config.parameters["onnx_file"].string_value = str(index.path.resolve())
+            config.parameters["initializer_overrides"].string_value = str(weights.resolve())
+            model_py = VARIANT_PY
         fused = time.perf_counter()
-        config = mc.ModelConfig()
-        config.CopyFrom(base_config)
         config.name = name
-        config.parameters["onnx_file"].string_value = str(index.path.resolve())
-        config.parameters["initializer_overrides"].string_value = str(weights.resolve())
         text = json_format.MessageToJson(config, preserving_proto_field_name=True)
-        self.control.load_model(name, config=text, files={"file:1/model.py": VARIANT_PY.encode()})
+        self.control.load_model(name, config=text, files={"file:1/model.py": model_py.encode()})
         log.info(
             "adapters %s: fused in %.3f s, model %s loaded in %.3f s",
             adapters,

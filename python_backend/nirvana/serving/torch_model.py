@@ -10,14 +10,16 @@ concatenated into one module call and split back (`nirvana.runtime.batching.run_
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from nirvana.config import load_config
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.torch_runtime import component_runner
 from nirvana.serving.merged import execute_merged
-from nirvana.serving.params import model_parameters
+from nirvana.serving.params import engine_config_path, model_parameters
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,7 +36,8 @@ class TritonPythonModel:
         # fp16 on a GPU, but the VAE in fp32 unless told otherwise: SDXL's VAE overflows in fp16.
         half = self.device.startswith("cuda") and config["name"] != "vae_decoder"
         dtype = DTYPES[params.get("dtype", "float16" if half else "float32")]
-        runner = component_runner(config["name"], params["checkpoint"], self.device, dtype)
+        component = params.get("component", config["name"])  # a LoRA set's model runs its base's component
+        runner = component_runner(component, params["checkpoint"], self.device, dtype, **_addons(args, params))
         self.run = torch.inference_mode()(runner)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
@@ -44,6 +47,20 @@ class TritonPythonModel:
         pb = self.pb
         convert = (lambda tensor: torch.utils.dlpack.from_dlpack(tensor.to_dlpack()), _to_pb(pb))
         return execute_merged(pb, requests, (self.inputs, self.outputs), self.run, convert, (BatchInputError,))
+
+
+def _addons(args: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    """A served add-on's part (`component_runner`'s keywords): the ControlNet folder of a ``controlnet_<name>`` model,
+    the adapter set of a LoRA set's UNet model (parameter ``lora``), both found through the engine configuration."""
+    if "engine_config" not in params:
+        return {}
+    config = load_config(path=engine_config_path(args, params))
+    found: dict[str, Any] = {}
+    if "lora" in params:
+        found["lora"] = (config.adapters.dir, params["lora"])
+    if "controlnet" in params:
+        found["controlnet"] = Path(config.controlnets.dir or ".") / params["controlnet"]
+    return found
 
 
 def _to_pb(pb: Any) -> Any:
