@@ -7,6 +7,9 @@
 # latency, UNet rows and ms per execution (Triton's own counters), the orchestration overhead per denoising step
 # (server time of a request minus its sub-model requests, over the steps it ran), and a cached vs bypass request.
 # Goals in the issue: >= 2x images/s at 8 vs 1, <= 0.5 ms overhead per step.
+# Then served add-ons on the same model (torch profile): a random ControlNet and LoRA adapter made for it, the
+# UNet ms per step plain / with the ControlNet / with both, rows per execution, and an adapter set's load time
+# ($OUT/addons.json; skip with ADDONS=0).
 #
 # Run from the repository root on a GPU machine whose python3 has CUDA torch:
 #   bash export/gpu_served_check.sh            # set up (idempotent), make the model, run the benchmark
@@ -66,3 +69,6 @@ echo "python LIBDIR: $("$PY" -c 'import sysconfig; print(sysconfig.get_config_va
 [ "${PREPARE_ONLY:-0}" = 1 ] && exit 0
 nirvana bench throughput --checkpoint "$WORK/sd15" --profile torch --levels 1,8 --requests 16 --steps 20 \
     --mix bypass --mix mixed --work-dir "$WORK" --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+[ "${ADDONS:-1}" = 1 ] || exit 0
+nirvana bench addons --served --profile torch --checkpoint "$WORK/sd15" --steps 20 --repeats 3 --in-flight 4 \
+    --work-dir "$WORK" --json "$OUT/addons.json" 2>&1 | tee "$OUT/addons.log"

@@ -211,6 +211,7 @@ def bench_addons(
     repeats: Annotated[int, typer.Option(help="Requests measured per variant.", min=1)] = 5,
     served: Annotated[bool, typer.Option(help="Through tritonserver: ControlNet models, --in-flight at once.")] = False,
     in_flight: Annotated[int, typer.Option(help="--served: requests in flight in the concurrent part.", min=2)] = 4,
+    profile: Annotated[str, typer.Option(help="--served: cpu or torch.")] = "cpu",
     json_path: JsonOut = None,
     work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
     verbose: bool = False,
@@ -221,7 +222,7 @@ def bench_addons(
     from nirvana_dev.bench.addons_served import run_addons_served
 
     setup_logging(verbose)
-    run = run_addons_served(checkpoint, steps, repeats, in_flight, work_dir) if served else None
+    run = run_addons_served(checkpoint, steps, repeats, in_flight, work_dir, profile) if served else None
     emit(run or run_addons(checkpoint, steps, repeats, work_dir), json_path)
 
 

@@ -5,7 +5,8 @@ every request runs all N steps. One request at a time: the server's UNet ms per 
 ``controlnet_<name>`` model's call per step where there is one) plain, with the ControlNet, and with the ControlNet
 and a fused adapter set. Then ``--in-flight`` requests at once, half plain, half controlled, each with its own
 control image and scale: their UNet ms per step, and rows per execution of the ``unet_control`` and ControlNet
-models from Triton's statistics (> 2 rows: requests with different control images shared an execution).
+models from Triton's statistics (> 2 rows: requests with different control images shared an execution), and how
+long the first request for a new adapter set waited while its model was fused and loaded.
 """
 
 from __future__ import annotations
@@ -80,7 +81,17 @@ def _concurrent(clients: _Clients, steps: int, requests: int, in_flight: int, si
     }
 
 
-def run_addons_served(checkpoint: Path | None, steps: int, repeats: int, in_flight: int, work_dir: Path | None) -> dict:
+def _adapter_load_ms(clients: _Clients, steps: int) -> float:
+    """How long the first request for a new adapter set waited for its model (fused and loaded for it)."""
+    from nirvana_client import GenerateOptions
+
+    options = GenerateOptions(seed=0, steps=steps, cache_mode="bypass", lora="ink:0.3")
+    return clients.get().generate(PROMPTS[0], options).server_timings_ms["adapter_ms"]
+
+
+def run_addons_served(
+    checkpoint: Path | None, steps: int, repeats: int, in_flight: int, work_dir: Path | None, profile: str = "cpu"
+) -> dict:
     from nirvana.checkpoint import load_checkpoint_info
     from nirvana_dev.install import ServerPorts, free_ports
     from nirvana_dev.launch import ServeOptions, make_server, prepare
@@ -95,11 +106,14 @@ def run_addons_served(checkpoint: Path | None, steps: int, repeats: int, in_flig
         config = root / "engine.toml"
         config.write_text(f'[adapters]\ndir = "{root / "adapters"}"\n\n[controlnets]\ndir = "{root / "controlnets"}"\n')
         ports = ServerPorts(*free_ports(3))
-        options = ServeOptions(cache_dir=root / "serve", checkpoint=checkpoint, config_file=config, ports=ports)
+        options = ServeOptions(
+            cache_dir=root / "serve", checkpoint=checkpoint, config_file=config, ports=ports, profile=profile
+        )
         repo, _ = prepare(options)
         size = load_checkpoint_info(checkpoint).image_size
         control = {"controlnet": "edges", "control_image": _control_image(size, 0)}
-        report: dict = {"steps": steps, "repeats": repeats, "in_flight": in_flight, "one_at_a_time": {}}
+        report: dict = {"profile": profile, "steps": steps, "repeats": repeats, "in_flight": in_flight}
+        report["one_at_a_time"] = {}
         with make_server(options, repo) as server:
             clients = _Clients(server.urls.grpc)
             try:
@@ -110,6 +124,7 @@ def run_addons_served(checkpoint: Path | None, steps: int, repeats: int, in_flig
                     clients, steps, repeats, lora="ink:0.8", **control
                 )
                 report["concurrent"] = _concurrent(clients, steps, 2 * in_flight, in_flight, size)
+                report["adapter_load_ms"] = _adapter_load_ms(clients, steps)
             finally:
                 clients.close()
     alone = report["one_at_a_time"]
