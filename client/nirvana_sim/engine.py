@@ -5,6 +5,11 @@ in one UNet execution of 2 rows per request, costing `step_cost.ms(rows)` for th
 the running batch at the next step boundary. Its fixed costs (encode, cache path, decode) are added to its own
 latency and do not block the step loop.
 
+Replicas may share a host (`hosts`): CPU servers on one machine, or GPUs sharing a PCIe switch. While any other
+replica on its host holds work, a replica's steps and fixed costs take its kind's `shared_slowdown` times longer.
+The factor is applied at step boundaries, like a join: a neighbour starting or stopping reschedules the next
+boundary of every busy replica beside it.
+
 Events are batch changes, not steps: between two changes the batch is fixed, so the next completion time is known
 in closed form. That keeps a run at a few heap operations per request (64 replicas × 2000 requests in well under a
 second), where one event per step would cost ~25× more.
@@ -115,14 +120,20 @@ class _Replica:
         "cost",
         "drain_end",
         "event_at",
+        "index",
         "max_active",
+        "siblings",
+        "slowdown",
         "state",
         "step_ms",
         "version",
         "waiting",
     )
 
-    def __init__(self, kind: GpuKind, max_active: int, cache: bool) -> None:
+    def __init__(self, index: int, kind: GpuKind, max_active: int, cache: bool) -> None:
+        self.index = index
+        self.siblings: list[_Replica] = []  # other replicas on this one's host
+        self.slowdown = kind.shared_slowdown
         self.cost = kind.step_cost
         self.max_active = max_active
         self.active: list[list[int]] = []
@@ -152,9 +163,13 @@ class _Replica:
         self.clock = t
         while self.waiting and len(self.active) < self.max_active:
             self.active.append(self.waiting.popleft())
-        self.step_ms = self.cost.ms(2 * len(self.active)) if self.active else 0.0
+        self.step_ms = self.cost.ms(2 * len(self.active)) * self.contention() if self.active else 0.0
         self.refresh_drain(t)
         return finished
+
+    def contention(self) -> float:
+        """The time factor of this replica's work now: its `shared_slowdown` while a neighbour holds work."""
+        return self.slowdown if any(sibling.active for sibling in self.siblings) else 1.0
 
     def next_completion(self) -> float:
         return self.clock + min(held[1] for held in self.active) * self.step_ms
@@ -166,11 +181,29 @@ class _Replica:
         self.drain_end = boundary + predict_drain_ms(self.cost, left, self.max_active)
 
 
+def _link_hosts(replicas: list[_Replica], hosts: Sequence[int] | None) -> None:
+    if hosts is None:
+        return
+    if len(hosts) != len(replicas):
+        raise ValueError(f"hosts must name one host per replica: {len(hosts)} for {len(replicas)} replicas")
+    for replica in replicas:
+        replica.siblings = [r for r in replicas if r is not replica and hosts[r.index] == hosts[replica.index]]
+
+
 def simulate(
-    pool: Sequence[GpuKind], workload: Workload, policy: Policy, cache: bool, max_active: int = 8
+    pool: Sequence[GpuKind],
+    workload: Workload,
+    policy: Policy,
+    cache: bool,
+    max_active: int = 8,
+    hosts: Sequence[int] | None = None,
 ) -> SimResult:
-    """Run `workload` through `pool`, each request placed by `policy` on the replicas' state at its arrival."""
-    replicas = [_Replica(kind, max_active, cache) for kind in pool]
+    """Run `workload` through `pool`, each request placed by `policy` on the replicas' state at its arrival.
+
+    `hosts`: a host id per replica; replicas with the same id slow each other down (see the module text).
+    """
+    replicas = [_Replica(index, kind, max_active, cache) for index, kind in enumerate(pool)]
+    _link_hosts(replicas, hosts)
     states = [replica.state for replica in replicas]
     arrivals, steps = workload.arrivals_ms.tolist(), workload.steps.tolist()
     finish = [0.0] * len(arrivals)
@@ -186,10 +219,17 @@ def simulate(
         sequence += 1
         heapq.heappush(events, (at, sequence, index, replica.version))
 
+    def nudge_siblings(replica: _Replica, at: float) -> None:
+        """`replica` started or stopped holding work: its busy neighbours change speed at their next boundary."""
+        for sibling in replica.siblings:
+            if sibling.active and (join_at := sibling.next_boundary(at)) < sibling.event_at:
+                schedule(sibling.index, join_at)
+
     def boundary(at: float, index: int, version: int) -> None:
         replica = replicas[index]
         if version != replica.version:
             return  # superseded by an earlier join boundary
+        was_busy = bool(replica.active)
         for request, _ in replica.advance(at):
             finish[request] = at
         replica.state.outstanding = len(replica.active) + len(replica.waiting)
@@ -197,6 +237,8 @@ def simulate(
             schedule(index, replica.next_completion())
         else:
             replica.event_at = math.inf
+        if was_busy != bool(replica.active):
+            nudge_siblings(replica, at)
 
     for request, (now, request_steps) in enumerate(zip(arrivals, steps, strict=True)):
         while events and events[0][0] <= now:
@@ -206,13 +248,14 @@ def simulate(
             replica.state.predicted_drain_ms = max(0.0, replica.drain_end - now)
         index = policy.choose(states, request_steps)
         replica = replicas[index]
-        fixed[request] = replica.state.fixed_ms
+        fixed[request] = replica.state.fixed_ms * replica.contention()
         replica.waiting.append([request, request_steps])
         replica.state.outstanding += 1
         if not replica.active:
             replica.clock = now
             replica.advance(now)
             schedule(index, replica.next_completion())
+            nudge_siblings(replica, now)
         else:
             join_at = replica.next_boundary(now)
             if len(replica.active) < max_active and join_at < replica.event_at:

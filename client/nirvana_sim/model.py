@@ -17,13 +17,22 @@ from nirvana_client.routing import StepCost
 
 @dataclass(frozen=True)
 class GpuKind:
-    """One replica kind: ms of one UNet execution by row count, and per-request ms outside the step loop."""
+    """One replica kind: ms of one UNet execution by row count, and per-request ms outside the step loop.
+
+    `shared_slowdown`: the time factor of all its work while another replica on its host holds work (2 CPU
+    servers on one machine's cores; 1.0 for a GPU of its own). Only used where the simulation is given hosts.
+    """
 
     name: str
     step_cost: StepCost
     encode_ms: float
     decode_ms: float
     cache_ms: float
+    shared_slowdown: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.shared_slowdown < 1.0:
+            raise ValueError(f"kind {self.name!r}: shared_slowdown must be >= 1, got {self.shared_slowdown}")
 
     def fixed_ms(self, cache: bool) -> float:
         """Per-request ms added to its latency outside the shared step loop (cache path only when on)."""
@@ -74,7 +83,8 @@ BUILTIN_KINDS: dict[str, GpuKind] = {name: _scaled_kind(name, f) for name, f in 
 
 
 def load_kinds(path: Path) -> dict[str, GpuKind]:
-    """Kinds from a JSON file: {"name": {"rows": [...], "ms": [...], "encode_ms": x, "decode_ms": y, "cache_ms": z}}."""
+    """Kinds from a JSON file: {"name": {"rows": [...], "ms": [...], "encode_ms": x, "decode_ms": y, "cache_ms": z}}
+    (optionally "shared_slowdown")."""
     raw = json.loads(Path(path).read_text())
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a JSON object of kinds, got {type(raw).__name__}")
@@ -89,6 +99,7 @@ def load_kinds(path: Path) -> dict[str, GpuKind]:
             encode_ms=float(spec["encode_ms"]),
             decode_ms=float(spec["decode_ms"]),
             cache_ms=float(spec["cache_ms"]),
+            shared_slowdown=float(spec.get("shared_slowdown", 1.0)),
         )
     return kinds
 

@@ -30,6 +30,7 @@ class ServeOptions:
     instances: int | None = None  # `nirvana` orchestrator instances; default per profile (8 each)
     queue_delay_us: int | None = None  # UNet dynamic batching delay; default: the repository's (1500 µs)
     log_verbose: int = 0
+    cpus: tuple[int, ...] | None = None  # confine the server (and its stubs, milvus-lite) to these cores
 
 
 def engine_config(options: ServeOptions, checkpoint: Path) -> EngineConfig:
@@ -74,6 +75,7 @@ def make_server(options: ServeOptions, repo: Path) -> TritonServer:
         install=install,
         log_verbose=options.log_verbose,
         ready_timeout_s=options.ready_timeout_s,
+        cpus=options.cpus,
         # GPU outputs of python models travel through this pool; without it the backend falls back to a CUDA IPC
         # handle per tensor (slower, and it would distort the overhead the GPU check measures).
         extra_args=(() if options.profile == "cpu" else ("--cuda-memory-pool-byte-size=0:268435456",))

@@ -48,8 +48,20 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A `preexec_fn` that makes the child receive SIGTERM when the launcher dies (as pytriton does for its server).
+def _check_cpus(cpus: Sequence[int] | None) -> frozenset[int] | None:
+    """`cpus` as a set, refused at once (not in the child) when it names a core this process may not use."""
+    if cpus is None:
+        return None
+    allowed = os.sched_getaffinity(0)
+    wanted = frozenset(int(c) for c in cpus)
+    if not wanted or not wanted <= allowed:
+        raise TritonServerError(f"cpus={sorted(wanted)}: must be a non-empty subset of the usable {sorted(allowed)}")
+    return wanted
+
+
+def _die_with_parent(parent_pid: int, cpus: frozenset[int] | None = None) -> Callable[[], None]:
+    """A `preexec_fn` that makes the child receive SIGTERM when the launcher dies (as pytriton does for its server),
+    and confines it to `cpus` when given (its stubs and milvus-lite inherit that).
 
     SIGTERM rather than SIGKILL: Triton then unloads its models, so `finalize` flushes the cache and stops
     milvus-lite, and the stubs exit with it. The signal is tied to the launching *thread*: start the server from
@@ -60,6 +72,8 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the launcher died between fork and prctl
             os.kill(os.getpid(), signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
 
     return set_death_signal
 
@@ -110,6 +124,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         ready_timeout_s: float = 120.0,
+        cpus: Sequence[int] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.ports = ports
@@ -120,6 +135,7 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.env = dict(env or {})
         self.ready_timeout_s = ready_timeout_s
+        self.cpus = _check_cpus(cpus)
         self.log_path = self.work_dir / "tritonserver.log"
         self.returncode: int | None = None
         self.removed_shm_regions = 0  # set by stop(): leftover regions of this server that it removed
@@ -189,7 +205,7 @@ class TritonServer:
                 cwd=self.work_dir,
                 env=child_env(install, os.environ, self._child_variables()),
                 start_new_session=True,  # its own group: stop() signals the server and its stubs together
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=_die_with_parent(os.getpid(), self.cpus),
             )
         log.info("tritonserver started (pid %d), http %s, log %s", self._process.pid, self.urls.http, self.log_path)
 
@@ -197,6 +213,8 @@ class TritonServer:
         # the orchestrators' load board lives and goes with this server's work directory; the `adapters` model
         # loads LoRA sets' UNet models through this server's own gRPC endpoint
         own = {BOARD_ENV: str(self.work_dir / "load-board"), CONTROL_ENV: self.urls.grpc}
+        if self.cpus:  # thread pools sized to the cores it may use (torch and OpenMP read these at start)
+            own |= {name: str(len(self.cpus)) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         return {**own, **self.env}
 
     def wait_ready(self, timeout_s: float | None = None, *, cancel: threading.Event | None = None) -> None:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from nirvana_client.routing import make_policy
+from nirvana_client.routing import StepCost, make_policy
 from nirvana_sim.cli import app
 from nirvana_sim.engine import DIFFUSIONDB_CLIP, Workload, draw_steps, poisson_arrivals, simulate
 from nirvana_sim.experiments import capacity_rps, run_sweep
-from nirvana_sim.model import BUILTIN_KINDS, parse_pool
+from nirvana_sim.model import BUILTIN_KINDS, GpuKind, parse_pool
 
 H200 = BUILTIN_KINDS["h200"]
 
@@ -82,3 +82,35 @@ def test_trace_arrivals_replay_the_diffusiondb_gaps(tmp_path) -> None:
     out_json = tmp_path / "t.json"
     assert CliRunner().invoke(app, [*args, "--json", str(out_json)]).exit_code == 0
     assert json.loads(out_json.read_text())["config"]["trace"] == str(trace)
+
+
+def _flat_kind(step_ms: float, fixed_ms: float, shared_slowdown: float) -> GpuKind:
+    return GpuKind("flat", StepCost((2,), (step_ms,)), fixed_ms, 0.0, 0.0, shared_slowdown)
+
+
+def test_replicas_sharing_a_host_slow_each_other_only_while_both_hold_work() -> None:
+    pool = [_flat_kind(10.0, 0.0, 2.0)] * 2
+    # request 0 runs 5 steps alone (50 ms), then 5 beside request 1 at 20 ms; request 1 runs 5 at 20 ms until
+    # request 0 finishes at 150 ms, then its last 5 alone at 10 ms
+    workload = Workload(np.array([0.0, 50.0]), np.array([10, 10]))
+    shared = simulate(pool, workload, make_policy("round-robin"), cache=False, hosts=[0, 0])
+    assert shared.latencies_ms.tolist() == pytest.approx([150.0, 150.0])
+    apart = simulate(pool, workload, make_policy("round-robin"), cache=False, hosts=[0, 1])
+    assert apart.latencies_ms.tolist() == pytest.approx([100.0, 100.0])
+    assert simulate(pool, workload, make_policy("round-robin"), cache=False).latencies_ms.tolist() == [100.0, 100.0]
+
+
+def test_fixed_costs_take_the_slowdown_when_a_neighbour_is_busy_at_arrival() -> None:
+    pool = [_flat_kind(10.0, 30.0, 1.5)] * 2
+    workload = Workload(np.array([0.0, 0.0, 1000.0]), np.array([10, 10, 10]))
+    latencies = simulate(pool, workload, make_policy("round-robin"), cache=False, hosts=[7, 7]).latencies_ms
+    # both at t=0: the first arrives beside an idle neighbour (fixed 30) but steps at 15 once the second starts
+    assert latencies.tolist() == pytest.approx([30.0 + 150.0, 45.0 + 150.0, 30.0 + 100.0])
+
+
+def test_hosts_must_name_one_host_per_replica_and_slowdown_is_at_least_one() -> None:
+    workload = Workload(np.array([0.0]), np.array([5]))
+    with pytest.raises(ValueError, match="one host per replica"):
+        simulate([H200, H200], workload, make_policy("round-robin"), cache=False, hosts=[0])
+    with pytest.raises(ValueError, match="shared_slowdown"):
+        _flat_kind(10.0, 0.0, 0.5)

@@ -27,3 +27,27 @@ def test_learnt_costs_become_simulator_kinds_and_replay_the_measured_steps() -> 
     ]
     summary = _simulated(kinds, np.array([0.0, 10.0, 20.0]), records, 20, "predicted-completion", max_active=8)
     assert summary["mean_ms"] == pytest.approx(80.0 + (20 + 15 + 20) / 3 * 10.0)
+
+
+def test_the_measured_shared_host_slowdown_reaches_the_simulator() -> None:
+    costs = [_cost(10.0, 50.0, 50.0), _cost(10.0, 50.0, 50.0)]
+    kinds = _sim_kinds(costs, ["0:cpu", "1:torch"], [1.5, 2.0])
+    assert [k.shared_slowdown for k in kinds] == [1.5, 2.0]
+    records = [BalancedRecord(i, "p", 0.0, 0, 100.0, 100.0, 100.0) for i in range(2)]
+    args = (np.array([0.0, 0.0]), records, 20, "round-robin")
+    apart, shared = (_simulated(kinds, *args, max_active=8, shared=s)["mean_ms"] for s in (False, True))
+    # side by side from t=0: the first runs 20 steps at 15 ms (300); the second, whose fixed ms doubled, runs 15
+    # steps at 20 ms by then and its last 5 alone at 10
+    assert apart == pytest.approx(50.0 + 200.0)
+    assert shared == pytest.approx((50.0 + 300.0 + 100.0 + 350.0) / 2)
+
+
+def test_pinning_splits_the_usable_cores_evenly_between_the_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from nirvana_dev.bench.routing import _cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    assert _cores(2, pin=True) == [(0, 1), (2, 3)]
+    assert _cores(2, pin=False) == [None, None]
+    assert _cores(6, pin=True) == [None] * 6  # fewer cores than replicas: no pinning

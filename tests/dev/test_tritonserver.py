@@ -353,3 +353,22 @@ def test_server_and_stubs_die_with_a_launcher_killed_by_sigkill(echo_repo: Path,
             child.kill()
         for pid in _servers_on(ports.http):
             os.killpg(pid, signal.SIGKILL)
+
+
+@integration
+def test_a_server_confined_to_one_core_keeps_its_stubs_there(echo_repo: Path, tmp_path: Path) -> None:
+    core = max(os.sched_getaffinity(0))
+    with _server(echo_repo, tmp_path, cpus=[core]) as server:
+        stubs = _stubs_of(server.pid)
+        assert stubs, "the echo model's stub is running"
+        for pid in [server.pid, *stubs]:
+            assert os.sched_getaffinity(pid) == {core}
+        environ = Path(f"/proc/{next(iter(stubs))}/environ").read_bytes().split(b"\0")
+        assert b"OMP_NUM_THREADS=1" in environ
+
+
+def test_cpus_outside_this_process_are_refused_before_start(echo_repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(TritonServerError, match="cpus=\\[4096\\]"):
+        _server(echo_repo, tmp_path, cpus=[4096])
+    with pytest.raises(TritonServerError, match="non-empty"):
+        _server(echo_repo, tmp_path, cpus=[])

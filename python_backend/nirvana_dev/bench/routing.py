@@ -2,17 +2,21 @@
 
 Two real tritonservers on this machine serve the same tiny model, made unequal honestly by their runtime: one
 with profile `cpu` (ONNX Runtime sub-models), one with profile `torch` (torch sub-models), each with its own
-cache. One run:
+cache. With `pin`, the machine's cores are split between them (each replica of a real pool has its own GPU);
+the client runs on all cores. One run:
 
 1. Speed: the same prompts, sequential, CACHE_MODE=bypass, on each replica; the ratio of median server ms.
-2. Warm-up: a balancer learns each replica's cost model (bypass, 1, 2 and 4 requests at once, one replica at
+2. Warm-up: a balancer learns each replica's cost model (bypass, 1, 2, 3, 4 and 6 requests at once, one replica at
    a time); every policy's balancer starts from a copy of it.
-3. Capacity: both replicas busy at once (closed loop, bypass, `capacity_concurrency` each, the two share this
-   machine's cores) — the joint no-cache requests/s. Load is a fraction of it, as in `nirvana_sim`.
+3. Capacity: each replica busy alone, then both at once (closed loop, bypass, 2 requests each) — the joint
+   no-cache requests/s, of which load is a fraction as in `nirvana_sim`. Unpinned, the two share this machine's
+   cores, so each runs slower beside the other: alone ÷ joint requests/s is its shared-host slowdown.
 4. Policies: each runs the same seeded Poisson schedule of the same workload prompts (its own TENANT, so each
    starts from an empty cache) through a `Balancer`; latency, replica shares, prediction error by hit/miss.
-5. Simulation: `nirvana_sim` with both replicas' learnt step-cost curves and fixed ms, on the same arrivals
-   and each policy's measured steps per request; simulated mean beside the measured one.
+5. Simulation: `nirvana_sim` on the same arrivals and each policy's measured steps per request, with the
+   curves and fixed ms learnt in the warm-up (each replica alone) — as separate hosts, and as one host with the
+   measured slowdowns — and with the curves learnt during the policy's own run; simulated means beside the
+   measured one.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def _median_server_ms(client, prompts: list[str], steps: int) -> dict:
     return {"server_ms": statistics.median(server), "latency_ms": statistics.median(latency)}
 
 
-def _joint_capacity(urls: list[str], steps: int, concurrency: int, seconds: float) -> dict:
-    """Requests/s both replicas complete together, each kept `concurrency` busy (bypass), for about `seconds`."""
+def _capacity(urls: list[str], steps: int, concurrency: int, seconds: float) -> dict:
+    """Requests/s the replicas complete together, each kept `concurrency` busy (bypass), for about `seconds`."""
     import threading
 
     from nirvana_client import GenerateOptions, NirvanaClient
@@ -81,20 +85,36 @@ def _joint_capacity(urls: list[str], steps: int, concurrency: int, seconds: floa
     }
 
 
-def _sim_kinds(costs: list, names: list[str]) -> list:
-    """`nirvana_sim` replica kinds from learnt cost models: their step-cost curve, bypass fixed ms as encode+decode,
-    and what the cached path adds on top as cache ms."""
+def _shared_host_capacity(urls: list[str], steps: int, seconds: float) -> dict:
+    """Each replica alone, then all together: joint requests/s and each replica's slowdown beside the others."""
+    alone = [_capacity([url], steps, 2, seconds)["joint_rps"] for url in urls]
+    joint = _capacity(urls, steps, 2, seconds)
+    slowdown = [max(a / j, 1.0) for a, j in zip(alone, joint["per_replica_rps"], strict=True)]
+    return joint | {"alone_rps": alone, "shared_slowdown": slowdown}
+
+
+def _sim_kinds(
+    costs: list, names: list[str], slowdowns: list[float] | None = None, client_ms: list[float] | None = None
+) -> list:
+    """`nirvana_sim` replica kinds from learnt cost models: their step-cost curve, bypass fixed ms (plus the
+    client's own ms per request, measured latency − server time) as encode+decode, what the cached path adds on
+    top as cache ms, and the slowdown beside the other replica (None: 1.0)."""
     from nirvana_sim.model import GpuKind
 
     kinds = []
-    for name, cost in zip(names, costs, strict=True):
+    for i, (name, cost) in enumerate(zip(names, costs, strict=True)):
         bypass_ms, cached_ms = cost.fixed(bypass=True), cost.fixed(bypass=False)
-        kinds.append(GpuKind(name, cost.curve(), bypass_ms, 0.0, max(cached_ms - bypass_ms, 0.0)))
+        slowdown = slowdowns[i] if slowdowns else 1.0
+        fixed_ms = bypass_ms + (client_ms[i] if client_ms else 0.0)
+        kinds.append(GpuKind(name, cost.curve(), fixed_ms, 0.0, max(cached_ms - bypass_ms, 0.0), slowdown))
     return kinds
 
 
-def _simulated(kinds: list, offsets: np.ndarray, records: list, steps: int, policy: str, max_active: int) -> dict:
-    """The same arrivals and each request's measured steps (N − K it skipped) through the simulator."""
+def _simulated(
+    kinds: list, offsets: np.ndarray, records: list, steps: int, policy: str, max_active: int, shared: bool = False
+) -> dict:
+    """The same arrivals and each request's measured steps (N − K it skipped) through the simulator; `shared`:
+    all replicas on one host."""
     from nirvana_client.routing import make_policy
     from nirvana_sim.engine import Workload, simulate
     from nirvana_sim.experiments import summarise
@@ -103,11 +123,24 @@ def _simulated(kinds: list, offsets: np.ndarray, records: list, steps: int, poli
     sent = sorted(r.index for r in records)
     run_steps = np.array([max(steps - skipped.get(i, 0), 1) for i in sent])
     workload = Workload(np.asarray(offsets)[sent] * 1e3, run_steps)
-    return summarise(simulate(kinds, workload, make_policy(policy), cache=True, max_active=max_active))
+    hosts = [0] * len(kinds) if shared else None
+    return summarise(simulate(kinds, workload, make_policy(policy), cache=True, max_active=max_active, hosts=hosts))
+
+
+def _cores(count: int, pin: bool) -> list[tuple[int, ...] | None]:
+    """The usable cores split evenly between `count` replicas when pinning (and there are enough); else None for
+    each: every replica may use all of them."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if not pin or len(cores) < count:
+        return [None] * count
+    share = len(cores) // count
+    return [tuple(cores[i * share : (i + 1) * share]) for i in range(count)]
 
 
 @contextlib.contextmanager
-def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...]):
+def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...], pin: bool):
     """Start one tritonserver per profile (own cache and repository), all READY before yielding their gRPC URLs."""
     from nirvana_dev.install import ServerPorts, free_ports
     from nirvana_dev.launch import ServeOptions, make_server, prepare
@@ -115,12 +148,13 @@ def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...]):
     ports = free_ports(3 * len(profiles))  # all at once, so they are distinct
     with contextlib.ExitStack() as stack:
         urls = []
-        for i, profile in enumerate(profiles):
+        for i, (profile, cpus) in enumerate(zip(profiles, _cores(len(profiles), pin), strict=True)):
             options = ServeOptions(
                 cache_dir=root / f"replica-{i}-{profile}",
                 checkpoint=checkpoint,
                 ports=ServerPorts(*ports[3 * i : 3 * i + 3]),
                 profile=profile,
+                cpus=cpus,
             )
             repo, _ = prepare(options)
             server = stack.enter_context(make_server(options, repo))
@@ -140,6 +174,7 @@ def run_routing(
     max_in_flight: int = 16,
     capacity_seconds: float = 15.0,
     policy_limit_s: float = 150.0,
+    pin: bool = False,
     work_dir: Path | None = None,
 ) -> dict:
     from nirvana_client import GenerateOptions, NirvanaClient
@@ -152,11 +187,12 @@ def run_routing(
     names = [f"{i}:{profile}" for i, profile in enumerate(profiles)]
     report: dict = {"workload": str(workload), "requests": len(items), "steps": steps, "load": load, "seed": seed}
     report |= {"replicas": names, "max_active": max_active, "max_in_flight": max_in_flight}
+    report["cores"] = _cores(len(profiles), pin)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         root = Path(tmp)
         checkpoint = checkpoint or make_tiny_model(root / "tiny-model")
-        with _replicas(root, checkpoint, profiles) as urls:
+        with _replicas(root, checkpoint, profiles, pin) as urls:
             report["startup_s"] = time.perf_counter() - started
             speed = {}
             for name, url in zip(names, urls, strict=True):
@@ -166,15 +202,16 @@ def run_routing(
             medians = [speed[n]["server_ms"] for n in names]
             report["speed"] = speed | {"slow_over_fast": max(medians) / min(medians)}
             warm = Balancer(urls, max_active=max_active)
-            warm.warm_up(STEPS_PROMPTS[:4], steps, concurrency=(1, 2, 4))
+            warm.warm_up(STEPS_PROMPTS * 2, steps, concurrency=(1, 2, 3, 4, 6))
             report["warm_up"] = warm.snapshot()
             costs = warm.learnt_costs()
             warm.close()
-            capacity = _joint_capacity(urls, steps, 2, capacity_seconds)
+            capacity = _shared_host_capacity(urls, steps, capacity_seconds)
             rate = load * capacity["joint_rps"]
             report["capacity"] = capacity | {"rate_rps": rate}
             timing = Timing("poisson", rate=rate, max_in_flight=max_in_flight, seed=seed)
             offsets = schedule(timing, len(items))
+            report["offsets_s"] = [float(o) for o in offsets]
             report["policies"] = {}
             for policy in POLICY_NAMES:
                 # its own tenant: every policy starts from an empty cache on both replicas
@@ -188,11 +225,13 @@ def run_routing(
                 row["server_prediction_error"] = server_prediction_errors(records)
                 row["learnt"] = balancer.snapshot()
                 row["records"] = [dataclasses.asdict(r) for r in records]
-                row["simulated_warm_up_curves"] = _simulated(
-                    _sim_kinds(costs, names), offsets, records, steps, policy, max_active
-                )
+                sim_args = (offsets, records, steps, policy, max_active)
+                row["simulated_warm_up_curves"] = _simulated(_sim_kinds(costs, names), *sim_args)
+                client_ms = [speed[n]["latency_ms"] - speed[n]["server_ms"] for n in names]
+                shared_kinds = _sim_kinds(costs, names, capacity["shared_slowdown"], client_ms)
+                row["simulated_shared_host"] = _simulated(shared_kinds, *sim_args, shared=True)
                 loaded = _sim_kinds(balancer.learnt_costs(), names)
-                row["simulated_run_curves"] = _simulated(loaded, offsets, records, steps, policy, max_active)
+                row["simulated_run_curves"] = _simulated(loaded, *sim_args)
                 balancer.close()
                 report["policies"][policy] = row
     report["wall_s"] = time.perf_counter() - started
@@ -208,20 +247,23 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     speed, capacity = report["speed"], report["capacity"]
+    slowdown = "/".join(f"{f:.2f}" for f in capacity["shared_slowdown"])
     title = (
-        f"{' vs '.join(report['replicas'])}: slow/fast {speed['slow_over_fast']:.2f}x, joint capacity "
+        f"{' vs '.join(report['replicas'])}: slow/fast {speed['slow_over_fast']:.2f}x, shared-host slowdown "
+        f"{slowdown}, joint capacity "
         f"{capacity['joint_rps']:.2f} req/s, Poisson {capacity['rate_rps']:.2f} req/s ({report['load']:.0%}), "
         f"{report['requests']} requests, N={report['steps']}"
     )
     table = Table(title=title)
     columns = ["policy", "mean ms", "p50 ms", "p99 ms", "share", "hits", "err miss med/p90", "err hit med/p90"]
     columns.append("server err med/p90")
-    for column in [*columns, "sim mean (warm-up / run curves)", "sim/meas"]:
+    sims = ("simulated_warm_up_curves", "simulated_shared_host", "simulated_run_curves")
+    for column in [*columns, "sim mean: alone / shared host / run curves", "sim/meas"]:
         table.add_column(column, justify="left" if column == "policy" else "right")
     fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
     for policy, row in report["policies"].items():
         errors, server = row["prediction_error"], row["server_prediction_error"]
-        sim_warm, sim_run = row["simulated_warm_up_curves"]["mean_ms"], row["simulated_run_curves"]["mean_ms"]
+        simulated = [row[key]["mean_ms"] for key in sims]
         table.add_row(
             policy,
             f"{row['mean_ms']:.0f}",
@@ -232,8 +274,8 @@ def print_table(report: dict) -> None:
             f"{fmt(errors['misses']['median'])}/{fmt(errors['misses']['p90'])}",
             f"{fmt(errors['hits']['median'])}/{fmt(errors['hits']['p90'])}",
             f"{fmt(server['median'])}/{fmt(server['p90'])}",
-            f"{sim_warm:.0f} / {sim_run:.0f}",
-            f"{sim_warm / row['mean_ms']:.2f} / {sim_run / row['mean_ms']:.2f}",
+            " / ".join(f"{ms:.0f}" for ms in simulated),
+            " / ".join(f"{ms / row['mean_ms']:.2f}" for ms in simulated),
         )
     console = Console(width=170)
     console.print(table)
