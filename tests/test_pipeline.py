@@ -256,3 +256,25 @@ def test_an_embedder_with_its_own_model_call_runs_beside_the_text_encoder(tiny_c
     (text_start, text_end), (embed_start, embed_end) = spans["text"], spans["embed"]
     assert embed_start < text_end and text_start < embed_end  # the two calls were in flight together
     assert not result.cache_hit and "embed_ms" in result.timings_ms
+
+
+def test_a_miss_admits_beside_the_vae_decode_and_counts_only_the_wait(make_pipe) -> None:
+    pipe = make_pipe()
+    spans: dict[str, tuple[float, float]] = {}
+    decode, admit = pipe.models.decode, pipe.cache.admit
+
+    def recorded(name, fn, *args, **kwargs):
+        start = time.monotonic()
+        time.sleep(0.3)  # long enough that running one after the other could not look overlapped
+        out = fn(*args, **kwargs)
+        spans[name] = (start, time.monotonic())
+        return out
+
+    pipe.models.decode = lambda latent: recorded("decode", decode, latent)
+    pipe.cache.admit = lambda *args, **kwargs: recorded("admit", admit, *args, **kwargs)
+    result = pipe.generate(FOX, seed=2)
+    (decode_start, decode_end), (admit_start, admit_end) = spans["decode"], spans["admit"]
+    assert admit_start < decode_end and decode_start < admit_end  # in flight together
+    assert result.admitted > 0 and pipe.cache.entries == result.admitted  # written before the answer, as before
+    timings = result.timings_ms
+    assert timings["admit_call_ms"] >= 300 and timings["admit_ms"] < 150  # the response waited for little of it

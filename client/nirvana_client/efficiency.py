@@ -10,11 +10,15 @@ Both are computed from the server's own per-request TIMINGS (ms per phase), for 
   ÷ its UNet time saved. 1.0: the hit saved exactly the UNet steps it skipped; less: the cache path and the
   resume ate some of it; above 1: noise, or the hit also skipped something else;
 - overall efficiency: (mean paired bypass server time − mean cached server time) ÷ mean UNet time saved per
-  request, over every cached request (hits and misses), so what misses pay counts against what hits save;
+  request, over every cached request (hits and misses), so what misses pay counts against what hits save; with
+  a 95% bootstrap interval (cached and bypass requests resampled), because a few % of drift in step time between
+  the two modes moves it by tenths: N − K steps run at the drifted speed against K saved;
 - the cache path's share of a miss: a miss's cache work (embedding + lookup + admission) ÷ the mean bypass
   server time (same step count). The lookup is `cache_call_ms` when the server reports it (the BLS round trip to
-  the `cache` model, search, selection and latent load included), else search + select + latent load. Capturing
-  the latents to admit happens inside the denoising loop: it is in `unet_ms`, not in the cache path.
+  the `cache` model, search, selection and latent load included), else search + select + latent load. The
+  admission is `admit_ms`: what the response waited for it after the VAE decode, beside which it runs (its whole
+  call is `admit_call_ms`). Capturing the latents to admit happens inside the denoising loop: it is in
+  `unet_ms`, not in the cache path.
 """
 
 from __future__ import annotations
@@ -138,6 +142,33 @@ def miss_share(misses: Sequence[Sample], baselines: Mapping[int, float]) -> dict
     }
 
 
+def overall_interval(
+    rows: Sequence[Mapping], bypass: Sequence[Sample], draws: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95% bootstrap interval of the overall efficiency: cached rows and bypass requests resampled separately."""
+    timed = [s for s in bypass if "total_ms" in s.timings]
+    if not rows or not timed:
+        return None
+    rng = np.random.default_rng(seed)
+    server = np.array([r["server_ms"] for r in rows])
+    saved = np.array([r["unet_saved_ms"] for r in rows])
+    row_steps = np.array([r["steps"] for r in rows])
+    bypass_ms = np.array([float(s.timings["total_ms"]) for s in timed])
+    bypass_steps = np.array([s.steps for s in timed])
+    values = []
+    for _ in range(draws):
+        pick, base_pick = rng.integers(len(rows), size=len(rows)), rng.integers(len(timed), size=len(timed))
+        means = {n: bypass_ms[base_pick][bypass_steps[base_pick] == n] for n in set(row_steps[pick].tolist())}
+        if saved[pick].mean() <= 0 or any(len(v) == 0 for v in means.values()):
+            continue  # a draw without a hit, or without a baseline for some step count
+        baseline = np.array([means[n].mean() for n in row_steps[pick]])
+        values.append((baseline.mean() - server[pick].mean()) / saved[pick].mean())
+    if len(values) < draws // 2:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def cache_efficiency(samples: Sequence[Sample]) -> dict:
     """The efficiency figures of a run (see the module's docstring); `unavailable` says why when they are not."""
     cached = [s for s in samples if s.mode == "cached"]
@@ -164,6 +195,7 @@ def cache_efficiency(samples: Sequence[Sample]) -> dict:
         "unet_saved_ms_mean": saved_mean,
         "server_saved_ms_mean": bypass_mean - cached_mean,
         "overall": (bypass_mean - cached_mean) / saved_mean if saved_mean > 0 else None,
+        "overall_ci95": overall_interval(rows, bypass),
         "per_hit": _stats([r["efficiency"] for r in hits]),
         "by_k": {str(k): float(np.mean(v)) for k, v in sorted(by_k.items())},
         "miss": miss_share([s for s in cached if not s.hit], baselines),
@@ -178,8 +210,10 @@ def summary(figures: Mapping) -> str:
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)  # noqa: E731
     per_hit = figures["per_hit"]
     miss = figures["miss"]
+    interval = figures.get("overall_ci95")
+    ci = f" (95% CI {interval[0]:.3f}–{interval[1]:.3f})" if interval else ""
     return (
-        f"cache efficiency: overall={fmt(figures['overall'])} per-hit median={fmt(per_hit and per_hit['p50'])} "
+        f"cache efficiency: overall={fmt(figures['overall'])}{ci} per-hit median={fmt(per_hit and per_hit['p50'])} "
         f"(UNet step {figures['unet_step_ms']:.2f} ms); cache path share of a miss="
         f"{fmt(miss and miss['share'], '.1%')}"
     )

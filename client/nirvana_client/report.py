@@ -211,6 +211,11 @@ def _stage_rows(report: dict) -> list[str]:
     return rows
 
 
+def _interval(e: dict) -> str:
+    interval = e.get("overall_ci95")
+    return f" (95% CI {_fmt(interval[0], 3)}–{_fmt(interval[1], 3)})" if interval else ""
+
+
 def _efficiency_lines(e: dict) -> list[str]:
     lines = ["## Cache efficiency", ""]
     if "unavailable" in e:
@@ -222,7 +227,7 @@ def _efficiency_lines(e: dict) -> list[str]:
         "",
         "| | value |",
         "|---|---:|",
-        f"| **overall** (all cached requests, hits and misses) | **{_fmt(e['overall'], 3)}** |",
+        f"| **overall** (all cached requests, hits and misses) | **{_fmt(e['overall'], 3)}**{_interval(e)} |",
         f"| server time saved per request (ms) | {_fmt(e['server_saved_ms_mean'], 2)} "
         f"({_fmt(e['bypass_server_ms_mean'], 2)} bypass − {_fmt(e['cached_server_ms_mean'], 2)} cached) |",
         f"| UNet time saved per request (ms) | {_fmt(e['unet_saved_ms_mean'], 2)} |",

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +102,8 @@ class Pipeline:
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
         in_process = isinstance(self.models, TorchSubModels)
         self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters, served_controlnets)
-        self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-embed")
+        # side calls: MiniLM beside the text encoder, admission beside the VAE decode
+        self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-side")
         # served: the board the server's stubs share; in process: this pipeline's own
         self._own_board = None if service is not None else LoadBoard.private()
         self.service = service or ServiceTimes(self._own_board)
@@ -187,30 +188,19 @@ class Pipeline:
                 added_cond=added_cond,
                 control=None if addons.control is None else addons.control.residuals,
             )
+        admission = None
+        if admit_ks and _finite(result.latent):
+            # Admission needs the captured states, not the image: it runs beside the VAE decode.
+            admission = self._admit_beside(req, vector, key, result.captured)
         pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
+        admitted = 0 if admission is None else self._admitted(admission, timings)
         if not (_finite(result.latent) and _finite(pixels)):
             if lookup.hit:  # the cached start may be what broke it: run the request in full, uncached
                 return self._retry_uncached(req, lookup, on_event)
+            cached = f"its {admitted} finite latents were cached" if admitted else "nothing was cached"
             raise NonFiniteError(
                 f"the model produced non-finite values (NaN/inf) for this request ({req.steps} steps, guidance "
-                f"{req.guidance}); nothing was cached. An fp16 engine overflowing does this: build it in fp32."
-            )
-        admitted = 0
-        if admit_ks:
-            # Never cache a non-finite latent: a later hit would serve it to other requests.
-            states = {k: s.to_arrays() for k, s in result.captured.items() if _finite(s.latent)}
-            meta = {"negative_prompt": req.negative_prompt}
-            admitted = _timed(
-                timings,
-                "admit_ms",
-                self.cache.admit,
-                req.prompt,
-                vector,
-                key,
-                req.tenant,
-                states,
-                replace=req.cache_mode == "refresh",
-                meta=meta,
+                f"{req.guidance}); {cached}. An fp16 engine overflowing does this: build it in fp32."
             )
         end = time.perf_counter()
         timings["total_ms"] = (end - t_start) * 1e3
@@ -228,6 +218,30 @@ class Pipeline:
             admitted=admitted,
             timings_ms=timings,
         )
+
+    def _admit_beside(
+        self, req: GenerationRequest, vector: np.ndarray, key: str, captured: dict[int, ResumeState]
+    ) -> Future[tuple[int, float]]:
+        """Start admitting a miss's captured states on a side thread; the future gives (admitted, call ms)."""
+        # Never cache a non-finite latent: a later hit would serve it to other requests.
+        states = {k: s.to_arrays() for k, s in captured.items() if _finite(s.latent)}
+        meta = {"negative_prompt": req.negative_prompt}
+        replace = req.cache_mode == "refresh"
+
+        def admit() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            admitted = self.cache.admit(req.prompt, vector, key, req.tenant, states, replace=replace, meta=meta)
+            return admitted, (time.perf_counter() - t0) * 1e3
+
+        return self._side_calls.submit(admit)
+
+    @staticmethod
+    def _admitted(admission: Future[tuple[int, float]], timings: dict[str, float]) -> int:
+        """Wait for it. `admit_ms`: the wait after the decode (its cost on the response path); `admit_call_ms`."""
+        t0 = time.perf_counter()
+        admitted, timings["admit_call_ms"] = admission.result()
+        timings["admit_ms"] = (time.perf_counter() - t0) * 1e3
+        return admitted
 
     def _encode(
         self, req: GenerationRequest, timings: dict[str, float]

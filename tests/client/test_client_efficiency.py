@@ -132,3 +132,22 @@ def test_summary_line() -> None:
     line = summary(e)
     assert "overall=" in line and "per-hit median=1.000" in line and "UNet step 5.00 ms" in line
     assert math.isfinite(e["overall"]) and "share of a miss=2.4%" in line
+
+
+def test_the_overall_interval_covers_the_estimate_and_widens_with_noise() -> None:
+    def run(spread: float) -> dict:
+        samples = []
+        for i in range(40):
+            jitter = spread * (1 if i % 2 else -1)
+            samples += [bypass(150.0 + jitter, index=i), hit(100.0 - jitter, k=10, index=i)]
+        return cache_efficiency(samples)
+
+    quiet, noisy = run(1.0), run(10.0)
+    for e in (quiet, noisy):
+        low, high = e["overall_ci95"]
+        assert e["overall"] == pytest.approx(1.0) and low <= e["overall"] <= high
+    assert noisy["overall_ci95"][1] - noisy["overall_ci95"][0] > 5 * (
+        quiet["overall_ci95"][1] - quiet["overall_ci95"][0]
+    )
+    assert "95% CI" in summary(noisy)
+    assert cache_efficiency([bypass(150.0), miss(152.0)])["overall_ci95"] is None  # nothing saved: no interval

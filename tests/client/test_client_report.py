@@ -100,7 +100,7 @@ def test_markdown_reads_as_a_table(run) -> None:
     assert "**Hit rate 75.0%** (3 of 4)" in text and "steps saved 31.2%" in text
     assert "| latency mean (ms) | 72.5 | 102.0 | 0.711 |" in text
     assert "| 10 | 2 | 50.0% | 0.000 |" in text and "## Cache efficiency" in text
-    assert "| **overall** (all cached requests, hits and misses) | **0.000** |" in text
+    assert "| **overall** (all cached requests, hits and misses) | **0.000** (95% CI " in text
     assert "| **cache path's share of a miss** (1 misses) | **36.0%**" in text
     assert "![latency_cdf.png](latency_cdf.png)" in text and "![latency_cdf.png](latency_cdf.png)" in text
     assert "**1 errors**" in text and "`boom`" in text
