@@ -1,4 +1,4 @@
-"""The request path, independent of Triton: encode text → embed → look up → resume at K → denoise → decode → admit.
+"""The request path, independent of Triton: encode → embed → look up → resume at K → denoise → decode ∥ admit.
 
 Stages follow the README's "How a request flows". Sub-model calls go through a `SubModels` adapter (torch
 in-process here; onnxruntime or Triton BLS when served), so the same code runs in tests, in the benchmark and
