@@ -75,6 +75,8 @@ def bench_addons(
     from nirvana_dev.bench.addons import run_addons
     from nirvana_dev.bench.addons_served import run_addons_served
 
+    if profile not in ("cpu", "torch"):
+        raise typer.BadParameter(f"profile={profile!r}: --served runs the cpu or the torch profile")
     setup_logging(verbose)
     run = run_addons_served(checkpoint, steps, repeats, in_flight, work_dir, profile) if served else None
     emit(run or run_addons(checkpoint, steps, repeats, work_dir), json_path)

@@ -140,7 +140,7 @@ def _cores(count: int, pin: bool) -> list[tuple[int, ...] | None]:
 
 
 @contextlib.contextmanager
-def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...], pin: bool):
+def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...], cores: list[tuple[int, ...] | None]):
     """Start one tritonserver per profile (own cache and repository), all READY before yielding their gRPC URLs."""
     from nirvana_dev.install import ServerPorts, free_ports
     from nirvana_dev.launch import ServeOptions, make_server, prepare
@@ -148,7 +148,7 @@ def _replicas(root: Path, checkpoint: Path, profiles: tuple[str, ...], pin: bool
     ports = free_ports(3 * len(profiles))  # all at once, so they are distinct
     with contextlib.ExitStack() as stack:
         urls = []
-        for i, (profile, cpus) in enumerate(zip(profiles, _cores(len(profiles), pin), strict=True)):
+        for i, (profile, cpus) in enumerate(zip(profiles, cores, strict=True)):
             options = ServeOptions(
                 cache_dir=root / f"replica-{i}-{profile}",
                 checkpoint=checkpoint,
@@ -192,7 +192,7 @@ def run_routing(
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         root = Path(tmp)
         checkpoint = checkpoint or make_tiny_model(root / "tiny-model")
-        with _replicas(root, checkpoint, profiles, pin) as urls:
+        with _replicas(root, checkpoint, profiles, report["cores"]) as urls:
             report["startup_s"] = time.perf_counter() - started
             speed = {}
             for name, url in zip(names, urls, strict=True):
@@ -212,6 +212,9 @@ def run_routing(
             timing = Timing("poisson", rate=rate, max_in_flight=max_in_flight, seed=seed)
             offsets = schedule(timing, len(items))
             report["offsets_s"] = [float(o) for o in offsets]
+            alone_kinds = _sim_kinds(costs, names)
+            client_ms = [speed[n]["latency_ms"] - speed[n]["server_ms"] for n in names]
+            shared_kinds = _sim_kinds(costs, names, capacity["shared_slowdown"], client_ms)
             report["policies"] = {}
             for policy in POLICY_NAMES:
                 # its own tenant: every policy starts from an empty cache on both replicas
@@ -226,9 +229,7 @@ def run_routing(
                 row["learnt"] = balancer.snapshot()
                 row["records"] = [dataclasses.asdict(r) for r in records]
                 sim_args = (offsets, records, steps, policy, max_active)
-                row["simulated_warm_up_curves"] = _simulated(_sim_kinds(costs, names), *sim_args)
-                client_ms = [speed[n]["latency_ms"] - speed[n]["server_ms"] for n in names]
-                shared_kinds = _sim_kinds(costs, names, capacity["shared_slowdown"], client_ms)
+                row["simulated_warm_up_curves"] = _simulated(alone_kinds, *sim_args)
                 row["simulated_shared_host"] = _simulated(shared_kinds, *sim_args, shared=True)
                 loaded = _sim_kinds(balancer.learnt_costs(), names)
                 row["simulated_run_curves"] = _simulated(loaded, *sim_args)
