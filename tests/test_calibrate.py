@@ -141,6 +141,20 @@ def test_steps_saved_counts_hits_on_the_nearest_cached_prompt(embedder: Embedder
     saved = steps_saved(records, selector, KS, 20, embedder)
     assert saved["paraphrase_steps_saved"] == pytest.approx(16 / 40)
     assert saved["paraphrase_hit_rate"] == 0.5 and saved["cached_prompts"] == 2
+    assert saved["all_hits_on_other_scene"] is None  # these records name no scenes
+
+
+def test_steps_saved_counts_nearest_hits_on_another_scene(embedder: Embedder) -> None:
+    red = "a small red circle in the top left on a white background"
+    blue = {**SCENE, "colour": "blue"}
+    records = [  # B's nearest cached prompt is pair 0's A both times: pair 1's B is a blue circle
+        {"relation": "paraphrase", "cached_prompt": red, "new_prompt": red, "cached_scene": SCENE, "new_scene": SCENE},
+        {"relation": "near_miss", "cached_prompt": "a huge green triangle, dark", "new_prompt": red,
+         "cached_scene": {**SCENE, "colour": "green"}, "new_scene": blue},
+    ]  # fmt: skip
+    selector = KSelector(thresholds=((0.99, 16),), reference_steps=20)
+    saved = steps_saved(records, selector, KS, 20, embedder)
+    assert saved["all_hit_rate"] == 1.0 and saved["all_hits_on_other_scene"] == 1
 
 
 def _evaluation() -> dict:

@@ -224,22 +224,27 @@ def apply_thresholds(records: Sequence[dict], selector: KSelector | None, ks: Se
 def steps_saved(
     records: Sequence[dict], selector: KSelector | None, ks: Sequence[int], steps: int, embedder: Embedder
 ) -> dict:
-    """NIRVANA's computation saved, Σ K_hit / Σ N, when every record's A is cached and each B hits its *nearest*
-    cached prompt (by ``embedder``): over the paraphrase pairs (the paraphrase workload) and over all pairs."""
-    cached = embedder.embed(sorted({r["cached_prompt"] for r in records}))
+    """NIRVANA's computation saved, Σ K_hit / Σ N, when every A is cached and each B hits its *nearest* cached prompt
+    (by ``embedder``), over paraphrases and over all pairs; hits on another scene's prompt (None: no scenes)."""
+    prompts = sorted({r["cached_prompt"] for r in records})
+    cached = embedder.embed(prompts)
     new = embedder.embed([r["new_prompt"] for r in records])
-    nearest = (new @ cached.T).max(axis=1)
+    similarity = new @ cached.T
+    nearest, source = similarity.max(axis=1), similarity.argmax(axis=1)
     ks_hit = np.array([_choose(selector, float(s), ks, steps) for s in nearest])
     paraphrase = np.array([r["relation"] == "paraphrase" for r in records])
+    # These hits' images were never generated: where records name scenes, count hits on another scene's prompt.
+    scenes = {r["cached_prompt"]: r.get("cached_scene") for r in records}
+    hit = [(r, prompts[j]) for r, j, k in zip(records, source, ks_hit, strict=True) if k and r.get("new_scene")]
+    other_scene = [scenes[a] != r["new_scene"] for r, a in hit]
     return {
         "cached_prompts": len(cached),
         "paraphrase_pairs": int(paraphrase.sum()),
-        "paraphrase_steps_saved": float(ks_hit[paraphrase].sum() / (steps * paraphrase.sum()))
-        if paraphrase.any()
-        else 0.0,
+        "paraphrase_steps_saved": float(ks_hit[paraphrase].sum() / (steps * max(int(paraphrase.sum()), 1))),
         "paraphrase_hit_rate": float((ks_hit[paraphrase] > 0).mean()) if paraphrase.any() else 0.0,
         "all_steps_saved": float(ks_hit.sum() / (steps * len(records))),
         "all_hit_rate": float((ks_hit > 0).mean()),
+        "all_hits_on_other_scene": int(sum(other_scene)) if other_scene else None,
     }
 
 

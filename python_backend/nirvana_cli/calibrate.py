@@ -199,5 +199,10 @@ def _print_calibration(report: dict) -> None:
         f"steps saved on paraphrases {held['paraphrase_steps_saved']:.3f} "
         f"(hit rate {held['paraphrase_hit_rate']:.2f})"
     )
+    other = held.get("all_hits_on_other_scene")
+    console.print(
+        f"held-out, every B against all cached prompts: steps saved {held['all_steps_saved']:.3f} "
+        f"(hit rate {held['all_hit_rate']:.2f})" + ("" if other is None else f", {other} hits on another scene")
+    )
     typer.echo(json.dumps({k: report[k] for k in ("config", "thresholds", "heldout")}, indent=2))
     console.print(f"config written: {report['config']} (nirvana serve --config {report['config']})")
