@@ -3,7 +3,9 @@
 On a replica, the requests it holds (up to `max_active`; the rest queue FIFO) advance one denoising step together
 in one UNet execution of 2 rows per request, costing `step_cost.ms(rows)` for the replica's kind. A request joins
 the running batch at the next step boundary. Its fixed costs (encode, cache path, decode) are added to its own
-latency and do not block the step loop.
+latency and do not block the step loop. A kind whose curve was learnt by requests in flight (`by_in_flight`) has
+it looked up by the requests its replica holds, each finished one until its fixed ms are over, at step boundaries:
+the curve already holds what their encode and decode cost the steps beside them.
 
 Replicas may share a host (`hosts`): CPU servers on one machine, or GPUs sharing a PCIe switch. While any other
 replica on its host holds work, a replica's steps and fixed costs take its kind's `shared_slowdown` times longer.
@@ -111,11 +113,12 @@ def draw_steps(count: int, steps: int, profile: CacheProfile | None, seed: int) 
 
 
 class _Replica:
-    """One server's step loop; `held` entries are [request index, steps left as of `clock`]."""
+    """One server's step loop; `held` entries are [request index, steps left as of `clock`, fixed ms]."""
 
     __slots__ = (
         "active",
         "busy_ms",
+        "by_in_flight",
         "clock",
         "cost",
         "drain_end",
@@ -126,6 +129,7 @@ class _Replica:
         "slowdown",
         "state",
         "step_ms",
+        "tails",
         "version",
         "waiting",
     )
@@ -135,6 +139,8 @@ class _Replica:
         self.siblings: list[_Replica] = []  # other replicas on this one's host
         self.slowdown = kind.shared_slowdown
         self.cost = kind.step_cost
+        self.by_in_flight = kind.by_in_flight
+        self.tails: list[float] = []  # when finished requests' fixed ms end (by_in_flight only)
         self.max_active = max_active
         self.active: list[list[int]] = []
         self.waiting: deque[list[int]] = deque()
@@ -163,9 +169,17 @@ class _Replica:
         self.clock = t
         while self.waiting and len(self.active) < self.max_active:
             self.active.append(self.waiting.popleft())
-        self.step_ms = self.cost.ms(2 * len(self.active)) * self.contention() if self.active else 0.0
+        held = self.in_flight(t, finished)  # also when idle: it records the finished requests' fixed ms
+        self.step_ms = self.cost.ms(2 * held) * self.contention() if self.active else 0.0
         self.refresh_drain(t)
         return finished
+
+    def in_flight(self, t: float, finished: list[list[int]]) -> int:
+        """Requests the step cost is looked up by: the batch, plus (by_in_flight) those still in their fixed ms."""
+        if not self.by_in_flight:
+            return len(self.active)
+        self.tails = [end for end in self.tails if end > t] + [t + held[2] for held in finished]
+        return min(len(self.active) + len(self.tails), self.max_active)
 
     def contention(self) -> float:
         """The time factor of this replica's work now: its `shared_slowdown` while a neighbour holds work."""
@@ -230,7 +244,7 @@ def simulate(
         if version != replica.version:
             return  # superseded by an earlier join boundary
         was_busy = bool(replica.active)
-        for request, _ in replica.advance(at):
+        for request, *_ in replica.advance(at):
             finish[request] = at
         replica.state.outstanding = len(replica.active) + len(replica.waiting)
         if replica.active:
@@ -249,7 +263,7 @@ def simulate(
         index = policy.choose(states, request_steps)
         replica = replicas[index]
         fixed[request] = replica.state.fixed_ms * replica.contention()
-        replica.waiting.append([request, request_steps])
+        replica.waiting.append([request, request_steps, fixed[request]])
         replica.state.outstanding += 1
         if not replica.active:
             replica.clock = now

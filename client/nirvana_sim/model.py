@@ -21,6 +21,8 @@ class GpuKind:
 
     `shared_slowdown`: the time factor of all its work while another replica on its host holds work (2 CPU
     servers on one machine's cores; 1.0 for a GPU of its own). Only used where the simulation is given hosts.
+    `by_in_flight`: `step_cost` is indexed by requests the replica holds, its outside-the-loop ms included (2 rows
+    each), as a balancer learns it from answers (`ReplicaCost`), not by rows in the UNet batch (published curves).
     """
 
     name: str
@@ -29,6 +31,7 @@ class GpuKind:
     decode_ms: float
     cache_ms: float
     shared_slowdown: float = 1.0
+    by_in_flight: bool = False
 
     def __post_init__(self) -> None:
         if self.shared_slowdown < 1.0:

@@ -114,3 +114,15 @@ def test_hosts_must_name_one_host_per_replica_and_slowdown_is_at_least_one() -> 
         simulate([H200, H200], workload, make_policy("round-robin"), cache=False, hosts=[0])
     with pytest.raises(ValueError, match="shared_slowdown"):
         _flat_kind(10.0, 0.0, 0.5)
+
+
+def test_a_curve_learnt_by_requests_in_flight_counts_those_still_in_their_fixed_ms() -> None:
+    curve = StepCost((2, 4), (10.0, 20.0))  # ms per step with 1 and 2 requests
+    workload = Workload(np.array([0.0, 10.0]), np.array([1, 1]))
+    # request 0 steps alone (0-10 ms), then spends 100 fixed ms; request 1 arrives at 10 ms, as 0 leaves the batch
+    by_rows = GpuKind("rows", curve, 100.0, 0.0, 0.0)
+    latencies = simulate([by_rows], workload, make_policy("round-robin"), cache=False).latencies_ms
+    assert latencies.tolist() == pytest.approx([110.0, 110.0])  # 1 row-pair in the batch: 10 ms
+    by_in_flight = GpuKind("learnt", curve, 100.0, 0.0, 0.0, by_in_flight=True)
+    latencies = simulate([by_in_flight], workload, make_policy("round-robin"), cache=False).latencies_ms
+    assert latencies.tolist() == pytest.approx([110.0, 120.0])  # request 0 is still held until 110 ms: 20 ms
