@@ -112,22 +112,6 @@ def _sim_kinds(
     return kinds
 
 
-def _pooled(costs_by_run: list[list]) -> list:
-    """One cost model per replica from several runs' learnt ones: each concurrency level's ms/step and each path's
-    fixed ms averaged over the runs that saw it."""
-    from nirvana_client.balancer import ReplicaCost
-
-    pooled = []
-    for runs in zip(*costs_by_run, strict=True):
-        cost = ReplicaCost(max_active=runs[0].max_active)
-        for level in sorted({level for run in runs for level in run.step_ms}):
-            cost.step_ms[level] = float(np.mean([run.step_ms[level] for run in runs if level in run.step_ms]))
-        for path in sorted({path for run in runs for path in run.fixed_ms}):
-            cost.fixed_ms[path] = float(np.mean([run.fixed_ms[path] for run in runs if path in run.fixed_ms]))
-        pooled.append(cost)
-    return pooled
-
-
 def _simulated(
     kinds: list, offsets: np.ndarray, records: list, steps: int, policy: str, max_active: int, shared: bool = False
 ) -> dict:
@@ -234,7 +218,6 @@ def run_routing(
             client_ms = [speed[n]["latency_ms"] - speed[n]["server_ms"] for n in names]
             shared_kinds = _sim_kinds(costs, names, capacity["shared_slowdown"], client_ms)
             report["policies"] = {}
-            learnt, kept = [], []  # each policy's learnt cost models; its records and row
             for policy in POLICY_NAMES:
                 # its own tenant: every policy starts from an empty cache on both replicas
                 pairs = [
@@ -250,16 +233,10 @@ def run_routing(
                 sim_args = (offsets, records, steps, policy, max_active)
                 row["simulated_warm_up_curves"] = _simulated(alone_kinds, *sim_args)
                 row["simulated_shared_host"] = _simulated(shared_kinds, *sim_args, shared=True)
-                learnt.append(balancer.learnt_costs())
-                row["simulated_run_curves"] = _simulated(_sim_kinds(learnt[-1], names), *sim_args)
+                # curves learnt during this policy's run: on a shared host they hold what its neighbour's load cost
+                row["simulated_run_curves"] = _simulated(_sim_kinds(balancer.learnt_costs(), names), *sim_args)
                 balancer.close()
                 report["policies"][policy] = row
-                kept.append((policy, records, row))
-            # One set of curves for every policy, learnt over all three runs (the warm-up's bypass requests leave
-            # out what the cache path costs the steps beside it).
-            pooled = _sim_kinds(_pooled(learnt), names)
-            for policy, records, row in kept:
-                row["simulated_pooled_run_curves"] = _simulated(pooled, offsets, records, steps, policy, max_active)
     report["wall_s"] = time.perf_counter() - started
     rows = report["policies"]
     rr, pc = rows["round-robin"]["mean_ms"], rows["predicted-completion"]["mean_ms"]
@@ -283,8 +260,8 @@ def print_table(report: dict) -> None:
     table = Table(title=title)
     columns = ["policy", "mean ms", "p50 ms", "p99 ms", "share", "hits", "err miss med/p90", "err hit med/p90"]
     columns.append("server err med/p90")
-    sims = ("simulated_warm_up_curves", "simulated_shared_host", "simulated_run_curves", "simulated_pooled_run_curves")
-    for column in [*columns, "sim mean: warm-up alone / shared host / own run / all runs", "sim/meas"]:
+    sims = ("simulated_warm_up_curves", "simulated_shared_host", "simulated_run_curves")
+    for column in [*columns, "sim mean: warm-up alone / shared host / run curves", "sim/meas"]:
         table.add_column(column, justify="left" if column == "policy" else "right")
     fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
     for policy, row in report["policies"].items():
