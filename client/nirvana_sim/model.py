@@ -87,7 +87,7 @@ BUILTIN_KINDS: dict[str, GpuKind] = {name: _scaled_kind(name, f) for name, f in 
 
 def load_kinds(path: Path) -> dict[str, GpuKind]:
     """Kinds from a JSON file: {"name": {"rows": [...], "ms": [...], "encode_ms": x, "decode_ms": y, "cache_ms": z}}
-    (optionally "shared_slowdown")."""
+    (optionally "shared_slowdown", and "by_in_flight": true for a curve a balancer learnt by requests in flight)."""
     raw = json.loads(Path(path).read_text())
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a JSON object of kinds, got {type(raw).__name__}")
@@ -103,6 +103,7 @@ def load_kinds(path: Path) -> dict[str, GpuKind]:
             decode_ms=float(spec["decode_ms"]),
             cache_ms=float(spec["cache_ms"]),
             shared_slowdown=float(spec.get("shared_slowdown", 1.0)),
+            by_in_flight=bool(spec.get("by_in_flight", False)),
         )
     return kinds
 

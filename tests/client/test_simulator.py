@@ -12,7 +12,7 @@ from nirvana_client.routing import StepCost, make_policy
 from nirvana_sim.cli import app
 from nirvana_sim.engine import DIFFUSIONDB_CLIP, Workload, draw_steps, poisson_arrivals, simulate
 from nirvana_sim.experiments import capacity_rps, run_sweep
-from nirvana_sim.model import BUILTIN_KINDS, GpuKind, parse_pool
+from nirvana_sim.model import BUILTIN_KINDS, GpuKind, load_kinds, parse_pool
 
 H200 = BUILTIN_KINDS["h200"]
 
@@ -72,6 +72,8 @@ def test_cli_refuses_an_unknown_kind_and_takes_kinds_from_a_file(tmp_path) -> No
     args = ["simulate", "--replicas", "cpu:2", "--loads", "0.5", "--requests", "50", "--kinds-file", str(kinds)]
     result = CliRunner().invoke(app, [*args, "--steps", "20"])
     assert result.exit_code == 0, result.output
+    kinds.write_text(json.dumps({"cpu": spec | {"by_in_flight": True}}))
+    assert load_kinds(kinds)["cpu"].by_in_flight and not BUILTIN_KINDS["h100"].by_in_flight
 
 
 def test_trace_arrivals_replay_the_diffusiondb_gaps(tmp_path) -> None:
@@ -122,7 +124,7 @@ def test_a_curve_learnt_by_requests_in_flight_counts_those_still_in_their_fixed_
     # request 0 steps alone (0-10 ms), then spends 100 fixed ms; request 1 arrives at 10 ms, as 0 leaves the batch
     by_rows = GpuKind("rows", curve, 100.0, 0.0, 0.0)
     latencies = simulate([by_rows], workload, make_policy("round-robin"), cache=False).latencies_ms
-    assert latencies.tolist() == pytest.approx([110.0, 110.0])  # 1 row-pair in the batch: 10 ms
+    assert latencies.tolist() == pytest.approx([110.0, 110.0])  # 1 request in the batch: 10 ms
     by_in_flight = GpuKind("learnt", curve, 100.0, 0.0, 0.0, by_in_flight=True)
     latencies = simulate([by_in_flight], workload, make_policy("round-robin"), cache=False).latencies_ms
     assert latencies.tolist() == pytest.approx([110.0, 120.0])  # request 0 is still held until 110 ms: 20 ms
