@@ -169,17 +169,15 @@ class _Replica:
         self.clock = t
         while self.waiting and len(self.active) < self.max_active:
             self.active.append(self.waiting.popleft())
-        held = self.in_flight(t, finished)  # also when idle: it records the finished requests' fixed ms
-        self.step_ms = self.cost.ms(2 * held) * self.contention() if self.active else 0.0
+        if self.by_in_flight:  # finished requests stay held until their fixed ms are over
+            self.tails = [end for end in self.tails if end > t] + [t + held[2] for held in finished]
+        self.step_ms = self.cost.ms(2 * self.in_flight()) * self.contention() if self.active else 0.0
         self.refresh_drain(t)
         return finished
 
-    def in_flight(self, t: float, finished: list[list[int]]) -> int:
+    def in_flight(self) -> int:
         """Requests the step cost is looked up by: the batch, plus (by_in_flight) those still in their fixed ms."""
-        if not self.by_in_flight:
-            return len(self.active)
-        self.tails = [end for end in self.tails if end > t] + [t + held[2] for held in finished]
-        return min(len(self.active) + len(self.tails), self.max_active)
+        return min(len(self.active) + len(self.tails), self.max_active) if self.by_in_flight else len(self.active)
 
     def contention(self) -> float:
         """The time factor of this replica's work now: its `shared_slowdown` while a neighbour holds work."""
