@@ -29,6 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
+from nirvana.serving.internal import SECRET_PARAMETER
 from nirvana.specs import (
     ADAPTERS_MODEL,
     CACHE_MODEL,
@@ -73,6 +74,7 @@ CACHE_PY = (
 # 8 in flight): 4 instances gave 3.7 rows per UNet execution, 8 gave 6.7, at the same images/s.
 DEFAULT_INSTANCES = {"cpu": 8, "gpu": 8, "torch": 8}
 MANIFEST = "repository_manifest.json"
+SECRET_FILE = "internal.secret"  # at the repository's root, beside the model folders (Triton ignores files there)
 # How long Triton holds a batched model's first queued request for others to join (µs): about a tenth of a UNet
 # step on a GPU, so a lone request waits little and concurrent requests' steps merge. No preferred_batch_size: the
 # batcher sends what has arrived when the delay ends instead of waiting for a batch size.
@@ -105,6 +107,8 @@ def _model_config(spec: ModelSpec) -> mc.ModelConfig:
 
 
 def _render(config: mc.ModelConfig) -> str:
+    if config.backend == "python":  # every python model checks or sends the internal credential (nirvana.security)
+        config.parameters[SECRET_PARAMETER].string_value = f"../{SECRET_FILE}"
     # text_format leaves out fields at their default; say so where the default is a decision (batching).
     header = "# Generated from nirvana.specs by nirvana_export.repository: do not edit.\n"
     header += f"# max_batch_size: {config.max_batch_size}"
@@ -327,8 +331,25 @@ def write_repository(
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)
     (out / "nirvana" / "engine.json").write_text(json.dumps(engine_config, indent=2, default=str) + "\n")
+    place_secret(out, (engine_config.get("security") or {}).get("internal_secret_file"))
     manifest_path.write_text(json.dumps(stamp, indent=2) + "\n")
     return out
+
+
+def place_secret(out: Path, configured: str | Path | None) -> Path:
+    """`out`/internal.secret, which every python model's config names: a link to the configured secret (e.g. a
+    mounted Kubernetes Secret, which need not exist yet where the repository is built), else a file generated once."""
+    from nirvana.security.credential import ensure_secret_file
+
+    path = out / SECRET_FILE
+    if configured is None:
+        if path.is_symlink():  # it pointed at a secret the configuration no longer names
+            path.unlink()
+        return ensure_secret_file(path)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to(Path(configured))
+    return path
 
 
 def _export_weights(

@@ -77,6 +77,8 @@ class CacheConfig(_Strict):
 
     dir: Path = Path(".nirvana-cache")
     milvus_uri: str | None = None  # default: a milvus-lite file under `dir`; or http://host:19530
+    # A Milvus server with authentication on: a file holding "user:password" (or a token), e.g. a mounted Secret
+    milvus_token_file: Path | None = None
     collection: str = Field("nirvana_cache", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     max_entries: int | None = Field(200_000, ge=1)
     max_bytes: int | None = Field(16 * GiB, ge=1)
@@ -91,12 +93,22 @@ class CacheConfig(_Strict):
     reconnect_interval_s: float = Field(10.0, gt=0, le=3600)  # retry period while Milvus is unreachable
     rpc_timeout_s: float = Field(30.0, gt=0, le=600)  # per Milvus call: a hung Milvus must not hang a flush
     tenant_isolation: bool = True
+    # Per-tenant budget (tenant isolation on; None: no cap): an admission over it evicts inside that tenant first,
+    # so one tenant's traffic cannot evict the others'. Default: a quarter of the global default budget.
+    max_entries_per_tenant: int | None = Field(50_000, ge=1)
+    max_bytes_per_tenant: int | None = Field(4 * GiB, ge=1)
     # > 0: pick at random among the best `near_equal_candidates` matches within this margin of the best similarity
-    near_equal_margin: float = Field(0.0, ge=0, le=1)
+    # (on by default: which cached prompt serves a request is then not a deterministic function of the query)
+    near_equal_margin: float = Field(0.005, ge=0, le=1)
     near_equal_candidates: int = Field(4, ge=2, le=64)
     resume_history: Literal["reset", "carry"] = "reset"
     # Admissions the `cache` model queues to write after answering (`cache.write_behind`); 0: write before answering
     admission_queue: int = Field(256, ge=0)
+    # Reconciliation at open deletes latents no Milvus row refers to; when that would be most of them (Milvus looks
+    # empty or foreign: a wrong URI/collection, a fresh server) it refuses and logs an error unless this is set.
+    reconcile_allow_mass_delete: bool = False
+    # Hit counts of a replica (replica_id) that counted nothing for this long are folded into one anonymous count
+    replica_retire_s: float = Field(7 * 86400.0, gt=0)
     selection: SelectionConfig = SelectionConfig()
     search: SearchConfig = SearchConfig()
     predictor: PredictorConfig = PredictorConfig()
@@ -111,10 +123,10 @@ class CacheConfig(_Strict):
     @model_validator(mode="after")
     def _budget_fits_one_request(self) -> CacheConfig:
         admitted = len(self.selection.thresholds)  # latents one generated request may admit
-        if self.max_entries is not None and self.max_entries < admitted:
-            raise ValueError(
-                f"max_entries={self.max_entries} is smaller than the {admitted} latents one request admits"
-            )
+        for name in ("max_entries", "max_entries_per_tenant"):
+            value = getattr(self, name)
+            if value is not None and value < admitted:
+                raise ValueError(f"{name}={value} is smaller than the {admitted} latents one request admits")
         return self
 
     @property
@@ -136,16 +148,64 @@ class LimitsConfig(_Strict):
 
 
 class AdaptersConfig(_Strict):
-    """LoRA adapters a request may name (`nirvana.adapters`): their folder, and how many merged sets stay loaded."""
+    """LoRA adapters a request may name (`nirvana.adapters`): their folder, and how many merged sets stay loaded.
+
+    Every distinct set is a UNet to fuse and load, so what a stream of new sets may cost is bounded: scales are
+    rounded to `scale_step` (a multiple of 0.05, so a set's canonical text reads back as itself on every side); at
+    most `max_pending_loads` distinct sets wait for or undergo a load (a request for one more is refused at once,
+    UNAVAILABLE, naming the limit); a request waits at most `load_wait_s` for its set (then UNAVAILABLE; the load
+    goes on and the set serves the next request)."""
 
     dir: Path | None = None
     max_loaded: int = Field(2, ge=1)
+    scale_step: float = Field(0.05, ge=0.05, le=1.0)
+    max_pending_loads: int = Field(4, ge=1)
+    load_wait_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _step_on_grid(self) -> AdaptersConfig:
+        if abs(self.scale_step / 0.05 - round(self.scale_step / 0.05)) > 1e-9:
+            raise ValueError(f"adapters.scale_step={self.scale_step}: must be a multiple of 0.05")
+        return self
 
 
 class ControlNetsConfig(_Strict):
     """ControlNet models a request may name (`nirvana.controlnet`): the folder of their diffusers folders."""
 
     dir: Path | None = None
+
+
+TenantSource = Literal["client", "header", "token"]
+
+
+class SecurityConfig(_Strict):
+    """Who may call what (README "Security model").
+
+    `internal_secret_file`: the deployment's internal credential. Every internal model (`cache`, the sub-models)
+    refuses a request that does not carry it; the orchestrators send it with each BLS request. `nirvana export` /
+    `nirvana serve` create one beside the repository when none is configured (a Kubernetes Secret in production).
+
+    `tenant_source`: where a request's tenant comes from. "header": the identity header an authenticating gateway
+    set (`tenant_header`, forwarded by Triton's `--grpc-header-forward-pattern`/`--http-header-forward-pattern`);
+    "token": a signed token `<tenant>.<hex HMAC-SHA256(tenant_token_secret, tenant)>` in that header or in
+    `TENANT`; "client": the `TENANT` input as the client typed it (development only: anyone can name any tenant).
+    """
+
+    internal_secret_file: Path | None = None
+    tenant_source: TenantSource = "header"
+    tenant_header: str = Field("x-nirvana-tenant", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    tenant_token_secret_file: Path | None = None
+    # What a miss reports as SIMILARITY: nothing (NaN), so no client can climb toward a cached prompt
+    similarity_on_miss: bool = False
+    # Per-tenant token bucket on cache lookups (probing defence): sustained rate and burst; 0 turns it off
+    tenant_lookups_per_s: float = Field(20.0, ge=0)
+    tenant_lookup_burst: int = Field(40, ge=1)
+
+    @model_validator(mode="after")
+    def _token_needs_secret(self) -> SecurityConfig:
+        if self.tenant_source == "token" and self.tenant_token_secret_file is None:
+            raise ValueError("tenant_source='token' needs tenant_token_secret_file")
+        return self
 
 
 class EngineConfig(_Strict):
@@ -162,6 +222,7 @@ class EngineConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
     controlnets: ControlNetsConfig = ControlNetsConfig()
+    security: SecurityConfig = SecurityConfig()
 
 
 def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None) -> EngineConfig:

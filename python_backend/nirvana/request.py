@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,11 +12,23 @@ import numpy as np
 
 from nirvana.config import EngineConfig
 
-__all__ = ["CACHE_MODES", "SEED_MAX", "CacheMode", "GenerationRequest", "RequestError", "validate_request"]
+__all__ = [
+    "CACHE_MODES",
+    "DEFAULT_TENANT",
+    "SEED_MAX",
+    "CacheMode",
+    "GenerationRequest",
+    "RequestError",
+    "check_tenant",
+    "validate_request",
+]
 
 CacheMode = Literal["auto", "bypass", "refresh"]
 CACHE_MODES = ("auto", "bypass", "refresh")
 SEED_MAX = 2**63 - 1
+DEFAULT_TENANT = "default"  # a request that names no tenant, where the client names it (`tenant_source="client"`)
+RESERVED_TENANTS = frozenset({"*"})  # the shared partition's name when isolation is off
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
 
 
 class RequestError(ValueError):
@@ -73,13 +86,16 @@ def validate_request(
     cache_mode = cache_mode or "auto"
     if cache_mode not in CACHE_MODES:
         raise RequestError("CACHE_MODE", cache_mode, f"must be one of {', '.join(CACHE_MODES)}")
-    tenant = tenant or "default"
-    _check_text("TENANT", tenant, limits.max_tenant_chars, allow_empty=False, allow_newlines=False)
+    tenant = check_tenant("TENANT", DEFAULT_TENANT if tenant is None else tenant)
+    if len(tenant) > limits.max_tenant_chars:
+        raise RequestError("TENANT", tenant, f"longer than the limit of {limits.max_tenant_chars} characters")
     lora = lora or ""
     _check_text("LORA", lora, limits.max_prompt_chars, allow_empty=True, allow_newlines=False)
     controlnet = controlnet or ""
     _check_text("CONTROLNET", controlnet, limits.max_tenant_chars, allow_empty=True, allow_newlines=False)
     scale = 1.0 if controlnet_scale is None else float(controlnet_scale)
+    if not math.isfinite(scale):  # refused even without a ControlNet: no non-finite value gets past validation
+        raise RequestError("CONTROLNET_SCALE", scale, "must be a finite number")
     return GenerationRequest(
         prompt,
         negative_prompt,
@@ -105,3 +121,15 @@ def _check_text(name: str, value: object, max_chars: int, allow_empty: bool, all
     allowed = "\t\n\r" if allow_newlines else ""
     if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in value):
         raise RequestError(name, value, "contains control characters")
+
+
+def check_tenant(field_name: str, tenant: str) -> str:
+    """`tenant` if it is a usable tenant name; RequestError naming `field_name` otherwise (empty and reserved names
+    included: an empty name must not fall into a shared partition)."""
+    if tenant in RESERVED_TENANTS:
+        raise RequestError(field_name, tenant, "is reserved")
+    if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
+        raise RequestError(
+            field_name, tenant, "must be 1-128 characters: letters, digits and ._:@/+=- (a letter or digit first)"
+        )
+    return tenant

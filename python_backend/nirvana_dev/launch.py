@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nirvana.config import EngineConfig, load_config
-from nirvana.specs import ADAPTERS_MODEL
+from nirvana.security.credential import ensure_secret_file, read_secret
+from nirvana.specs import ADAPTERS_MODEL, NIRVANA_MODEL
 from nirvana_dev.install import ServerPorts, find_tritonserver
 from nirvana_dev.tritonserver import TritonServer
 
 log = logging.getLogger(__name__)
+RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
+ADMIN_KEY_HEADER = "nirvana-admin-key"
+ADMIN_KEY_ENV = "NIRVANA_ADMIN_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,27 @@ class ServeOptions:
     queue_delay_us: int | None = None  # UNet dynamic batching delay; default: the repository's (1500 µs)
     log_verbose: int = 0
     cpus: tuple[int, ...] | None = None  # confine the server (and its stubs, milvus-lite) to these cores
+    # Where a request's tenant comes from (`SecurityConfig.tenant_source`); default: the config file's, else
+    # "client" (development: TENANT as typed)
+    tenant_source: str | None = None
+    # Key of Triton's restricted APIs (model repository, shared memory, logging, trace); default: generated
+    admin_key_file: Path | None = None
 
 
 def engine_config(options: ServeOptions, checkpoint: Path) -> EngineConfig:
     cache: dict = {"dir": str(options.cache_dir.resolve() / "cache")}
     if options.milvus_uri:
         cache["milvus_uri"] = options.milvus_uri
-    return load_config({"checkpoint": str(checkpoint.resolve()), "cache": cache}, options.config_file)
+    data: dict = {"checkpoint": str(checkpoint.resolve()), "cache": cache}
+    configured = load_config({"checkpoint": "."}, options.config_file) if options.config_file else None
+    named = configured is not None and "tenant_source" in configured.security.model_fields_set
+    source = options.tenant_source or (None if named else "client")
+    if source is not None:
+        data["security"] = {"tenant_source": source}
+    config = load_config(data, options.config_file)
+    if config.security.tenant_source == "client":
+        log.warning("tenant_source='client': TENANT is taken as the client typed it (development only)")
+    return config
 
 
 def prepare(options: ServeOptions) -> tuple[Path, EngineConfig]:
@@ -67,11 +85,16 @@ def prepare(options: ServeOptions) -> tuple[Path, EngineConfig]:
 
 def make_server(options: ServeOptions, repo: Path) -> TritonServer:
     install = find_tritonserver(options.triton_dir) if options.triton_dir else None
+    work_dir = options.cache_dir / "triton"
+    key_file = options.admin_key_file or ensure_secret_file(work_dir / "admin.key")
+    admin_key = read_secret(key_file, "admin key file")
+    security = load_config(path=repo / NIRVANA_MODEL / "engine.json").security
     return TritonServer(
         repo,
         options.ports,
         host=options.host,
-        work_dir=options.cache_dir / "triton",
+        work_dir=work_dir,
+        env={ADMIN_KEY_ENV: str(Path(key_file).resolve())},  # for a model that must call the restricted APIs
         install=install,
         log_verbose=options.log_verbose,
         ready_timeout_s=options.ready_timeout_s,
@@ -79,7 +102,22 @@ def make_server(options: ServeOptions, repo: Path) -> TritonServer:
         # GPU outputs of python models travel through this pool; without it the backend falls back to a CUDA IPC
         # handle per tensor (slower, and it would distort the overhead the GPU check measures).
         extra_args=(() if options.profile == "cpu" else ("--cuda-memory-pool-byte-size=0:268435456",))
-        + model_control_args(repo),
+        + model_control_args(repo)
+        + security_args(admin_key, security.tenant_header),
+    )
+
+
+def security_args(admin_key: str, tenant_header: str) -> tuple[str, ...]:
+    """Triton flags of the security model (README "Security model"): the APIs that change or reveal the server
+    (model repository and control, shared memory, logging, trace) answer only requests with the `nirvana-admin-key`
+    header (gRPC: `triton-grpc-protocol-nirvana-admin-key`), and the gateway's identity header reaches the models."""
+    restricted = f"{RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={admin_key}"
+    pattern = f"^{tenant_header}$"
+    return (
+        f"--grpc-restricted-protocol={restricted}",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-header-forward-pattern={pattern}",
+        f"--http-header-forward-pattern={pattern}",
     )
 
 

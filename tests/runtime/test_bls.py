@@ -29,7 +29,7 @@ def _fake_pb(outputs: dict[str, torch.Tensor], fail: bool = False):
     asked: list[tuple[str, tuple]] = []
 
     class Request:
-        def __init__(self, model_name, requested_output_names, inputs, preferred_memory) -> None:
+        def __init__(self, model_name, requested_output_names, inputs, preferred_memory, parameters=None) -> None:
             self.model, self.memory = model_name, preferred_memory
             self.inputs = {t.name: t.value for t in inputs}
 

@@ -20,6 +20,8 @@ from nirvana.runtime.bls_cache import (
     lookup_from_message,
     lookup_message,
 )
+from nirvana.runtime.cache_checks import CacheLimits
+from nirvana.security.ratelimit import TenantBuckets
 
 
 def _resume_arrays(seed: int) -> dict[str, np.ndarray]:
@@ -89,15 +91,22 @@ def test_bytes_array_keeps_trailing_nul_bytes() -> None:
     _assert_same(decode_arrays(array[0]), {"x": np.zeros(4, np.float32)})
 
 
-class _Cache:
-    """Records what the endpoint asks of the cache."""
+KEY = "0123456789abcdef" * 2  # what `Pipeline.cache_key` makes: 32 hex digits
+LIMITS = CacheLimits(dim=2, latent_shape=(2, 1, 1), max_steps=50, max_prompt_chars=100)
+LATENT = np.zeros((1, 2, 1, 1), np.float32)
+VECTOR = np.array([0.6, 0.8], np.float32)
 
-    def __init__(self) -> None:
+
+class _Cache:
+    """Records what the endpoint asks of the cache; answers lookups with `answer`."""
+
+    def __init__(self, answer: Lookup | None = None) -> None:
         self.calls: list[tuple] = []
+        self.answer = answer or Lookup(True, Reason.HIT, 1.0, 3, "p", {"latent": np.ones((1, 2), np.float32)})
 
     def lookup(self, vector, cache_key, tenant, num_steps) -> Lookup:
         self.calls.append(("lookup", vector.tolist(), cache_key, tenant, num_steps))
-        return Lookup(True, Reason.HIT, 1.0, 3, "p", {"latent": np.ones((1, 2), np.float32)})
+        return self.answer
 
     def admit(self, prompt, vector, cache_key, tenant, states, replace=False, meta=None) -> int:
         self.calls.append(("admit", prompt, cache_key, tenant, sorted(states), replace, meta))
@@ -108,38 +117,109 @@ def _request(**fields) -> np.ndarray:
     return bytes_array(json.dumps(fields).encode())
 
 
+def _lookup(**overrides) -> np.ndarray:
+    return _request(**({"op": "lookup", "cache_key": KEY, "tenant": "t", "num_steps": 20} | overrides))
+
+
+def _admit(**overrides) -> np.ndarray:
+    return _request(**({"op": "admit", "prompt": "p", "cache_key": KEY, "tenant": "t"} | overrides))
+
+
 def test_endpoint_dispatches_lookup_and_admit() -> None:
     cache = _Cache()
-    endpoint = CacheEndpoint(cache, dim=2)
-    vector = np.array([0.6, 0.8], np.float32)
-    response, state = endpoint.serve(_request(op="lookup", cache_key="k", tenant="t", num_steps=20), vector, None)
+    endpoint = CacheEndpoint(cache, LIMITS)
+    response, state = endpoint.serve(_lookup(), VECTOR, None)
     lookup = lookup_from_message(json.loads(response), state)
     assert lookup.hit and lookup.k == 3 and lookup.arrays["latent"].tolist() == [[1.0, 1.0]]
-    states = bytes_array(encode_states({4: {"latent": np.zeros((1, 2), np.float32)}}))
-    request = _request(op="admit", prompt="p", cache_key="k", tenant="t", replace=True, meta={"negative_prompt": "n"})
-    response, state = endpoint.serve(request, vector, states)
+    states = bytes_array(encode_states({4: {"latent": LATENT}}))
+    response, state = endpoint.serve(_admit(replace=True, meta={"negative_prompt": "n"}), VECTOR, states)
     assert json.loads(response) == {"admitted": 1} and state == b""
     assert cache.calls == [
-        ("lookup", [pytest.approx(0.6), pytest.approx(0.8)], "k", "t", 20),
-        ("admit", "p", "k", "t", [4], True, {"negative_prompt": "n"}),
+        ("lookup", [pytest.approx(0.6), pytest.approx(0.8)], KEY, "t", 20),
+        ("admit", "p", KEY, "t", [4], True, {"negative_prompt": "n"}),
     ]
 
 
-@pytest.mark.parametrize(
-    ("request_bytes", "vector", "needle"),
-    [
-        (b"not json", [1.0, 0.0], "REQUEST: not JSON"),
-        (json.dumps({"op": "delete"}).encode(), [1.0, 0.0], "op='delete'"),
-        (json.dumps(["lookup"]).encode(), [1.0, 0.0], "op=['lookup']"),
-        (json.dumps({"op": "lookup", "cache_key": "k", "tenant": "t"}).encode(), [1.0, 0.0], "num_steps=None"),
-        (json.dumps({"op": "lookup", "cache_key": 3, "tenant": "t", "num_steps": 2}).encode(), [1.0, 0.0], "cache_key"),
-        (json.dumps({"op": "lookup", "cache_key": "k", "tenant": "t", "num_steps": 2}).encode(), [1.0], "VECTOR"),
-    ],
-)
+BAD_LOOKUPS = [
+    (b"not json", VECTOR, "REQUEST: not JSON"),
+    (json.dumps({"op": "delete"}).encode(), VECTOR, "op='delete'"),
+    (json.dumps(["lookup"]).encode(), VECTOR, "op=['lookup']"),
+    (_lookup(num_steps=None)[0], VECTOR, "num_steps=None"),
+    (_lookup(num_steps=51)[0], VECTOR, "num_steps=51"),
+    (_lookup(cache_key=3)[0], VECTOR, "cache_key=3"),
+    (_lookup(cache_key="k")[0], VECTOR, "cache_key='k'"),
+    (_lookup(tenant="")[0], VECTOR, "tenant=''"),
+    (_lookup(tenant="*")[0], VECTOR, "is reserved"),
+    (_lookup(tenant=["a"])[0], VECTOR, "tenant=['a']"),
+    (_lookup()[0], np.array([1.0], np.float32), "VECTOR: expected 2"),
+    (_lookup()[0], np.array([1000.0, 1000.0], np.float32), "VECTOR: norm"),  # outscores any real cosine
+    (_lookup()[0], np.array([np.nan, 1.0], np.float32), "VECTOR: holds NaN"),
+    (_lookup()[0], np.array([np.inf, 0.0], np.float32), "VECTOR: holds NaN"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "vector", "needle"), BAD_LOOKUPS)
 def test_endpoint_refuses_malformed_requests_naming_the_field(request_bytes, vector, needle) -> None:
+    cache = _Cache()
     with pytest.raises(CacheRequestError) as err:
-        CacheEndpoint(_Cache(), dim=2).serve(bytes_array(request_bytes), np.array(vector, np.float32), None)
-    assert needle in str(err.value)
+        CacheEndpoint(cache, LIMITS).serve(bytes_array(request_bytes), vector, None)
+    assert needle in str(err.value) and cache.calls == []
+
+
+BAD_ADMISSIONS = [
+    ({"prompt": ""}, {4: {"latent": LATENT}}, "prompt=''"),
+    ({"prompt": "x" * 101}, {4: {"latent": LATENT}}, "over the limit"),
+    ({"meta": {"a": [1, 2]}}, {4: {"latent": LATENT}}, "meta="),
+    ({"meta": {"a": "x" * 5000}}, {4: {"latent": LATENT}}, "meta: over"),
+    ({}, {50: {"latent": LATENT}}, "K must be in [1, 50)"),
+    ({}, {4: {"latent": np.zeros((1, 2, 2, 2), np.float32)}}, "expected float [1, 2, 1, 1]"),  # wrong shape
+    ({}, {4: {"latent": np.full((1, 2, 1, 1), np.nan, np.float32)}}, "holds NaN"),
+    ({}, {4: {"latent": LATENT.astype(np.int32)}}, "expected float"),
+    ({}, {4: {"latent": LATENT, "model_output_0": np.full((1, 2, 1, 1), np.inf, np.float32)}}, "holds NaN"),
+    ({}, {4: {"latent": LATENT, "payload": np.zeros(3, np.float32)}}, "unexpected tensor 'payload'"),
+    ({}, {4: {"latent": LATENT, "lower_order_nums": np.array([99], np.int64)}}, "lower_order_nums"),
+    ({}, {4: {"latent": LATENT, "generator_state": np.zeros(20000, np.uint8)}}, "generator_state"),
+    ({}, {4: {"model_output_0": LATENT}}, "no 'latent'"),
+]
+
+
+@pytest.mark.parametrize(("fields", "states", "needle"), BAD_ADMISSIONS)
+def test_endpoint_refuses_admissions_that_would_break_later_requests(fields, states, needle) -> None:
+    cache = _Cache()
+    with pytest.raises(CacheRequestError) as err:
+        CacheEndpoint(cache, LIMITS).serve(_admit(**fields), VECTOR, bytes_array(encode_states(states)))
+    assert needle in str(err.value) and cache.calls == []
+
+
+def test_endpoint_refuses_a_states_blob_that_is_not_one() -> None:
+    with pytest.raises(CacheRequestError, match="STATES: not a safetensors blob"):
+        CacheEndpoint(_Cache(), LIMITS).serve(_admit(), VECTOR, bytes_array(b"\xff" * 64))
+    forged = bytes_array(encode_arrays({"x/latent": LATENT}))
+    with pytest.raises(CacheRequestError, match="not named '<K>/<name>'"):
+        CacheEndpoint(_Cache(), LIMITS).serve(_admit(), VECTOR, forged)
+
+
+def test_a_miss_reports_no_similarity_unless_configured() -> None:
+    near = Lookup(False, Reason.BELOW_THRESHOLD, 0.62)
+    quiet = json.loads(CacheEndpoint(_Cache(near), LIMITS).serve(_lookup(), VECTOR, None)[0])
+    assert quiet["hit"] is False and quiet["similarity"] is None  # nothing for a prober to climb
+    near = Lookup(False, Reason.BELOW_THRESHOLD, 0.62)
+    told = json.loads(CacheEndpoint(_Cache(near), LIMITS, similarity_on_miss=True).serve(_lookup(), VECTOR, None)[0])
+    assert told["similarity"] == pytest.approx(0.62)
+
+
+def test_lookups_over_a_tenants_rate_are_refused_with_a_retry_hint() -> None:
+    clock = [0.0]
+    buckets = TenantBuckets(rate=2.0, burst=3, clock=lambda: clock[0])
+    cache = _Cache()
+    endpoint = CacheEndpoint(cache, LIMITS, buckets=buckets)
+    answers = [json.loads(endpoint.serve(_lookup(tenant="mallory"), VECTOR, None)[0]) for _ in range(5)]
+    assert [a.get("rate_limited", False) for a in answers] == [False, False, False, True, True]
+    assert answers[3]["retry_after_s"] == pytest.approx(0.5)
+    assert "rate_limited" not in json.loads(endpoint.serve(_lookup(tenant="alice"), VECTOR, None)[0])  # others: not
+    clock[0] = 0.5  # one token back
+    assert "rate_limited" not in json.loads(endpoint.serve(_lookup(tenant="mallory"), VECTOR, None)[0])
+    assert buckets.refused == 2 and len(cache.calls) == 5  # refused lookups never reach the cache
 
 
 class _Queue:
@@ -158,17 +238,16 @@ class _Queue:
 def test_endpoint_with_a_queue_answers_queued_dropped_or_unavailable() -> None:
     cache, queue = _Cache(), _Queue(room=1)
     cache.available = True
-    endpoint = CacheEndpoint(cache, dim=2, admissions=queue)
-    vector = np.array([0.6, 0.8], np.float32)
-    states = bytes_array(encode_states({4: {"latent": np.zeros((1, 2), np.float32)}, 8: {"latent": np.ones((1, 2))}}))
-    request = _request(op="admit", prompt="p", cache_key="k", tenant="t", meta={"negative_prompt": "n"})
-    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 2, "queued": True}
-    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 0, "queued": False}  # full
+    endpoint = CacheEndpoint(cache, LIMITS, admissions=queue)
+    states = bytes_array(encode_states({4: {"latent": LATENT}, 8: {"latent": LATENT + 1}}))
+    request = _admit(meta={"negative_prompt": "n"})
+    assert json.loads(endpoint.serve(request, VECTOR, states)[0]) == {"admitted": 2, "queued": True}
+    assert json.loads(endpoint.serve(request, VECTOR, states)[0]) == {"admitted": 0, "queued": False}  # full
     cache.available = False
     queue.room = 2
-    assert json.loads(endpoint.serve(request, vector, states)[0]) == {"admitted": 0, "queued": False}
+    assert json.loads(endpoint.serve(request, VECTOR, states)[0]) == {"admitted": 0, "queued": False}
     assert cache.calls == [] and len(queue.queued) == 1  # nothing written on the response path
     (admission,) = queue.queued
-    assert (admission.prompt, admission.cache_key, admission.tenant) == ("p", "k", "t")
+    assert (admission.prompt, admission.cache_key, admission.tenant) == ("p", KEY, "t")
     assert sorted(admission.states) == [4, 8]
     assert admission.meta == {"negative_prompt": "n"} and admission.vector.tolist() == pytest.approx([0.6, 0.8])

@@ -18,10 +18,15 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 from nirvana.cache.outcome import Reason
 from nirvana.cache.write_behind import AdmissionQueue
 from nirvana.config import load_config
+from nirvana.runtime.bls import use_credential
 from nirvana.runtime.bls_cache import BlsCache, CacheEndpoint, bytes_array, encode_states
+from nirvana.runtime.cache_checks import CacheLimits
+from nirvana.security.credential import INTERNAL_PARAMETER, read_secret
 from nirvana.serving.metrics import CacheStateMetrics
 from nirvana.specs import cache_spec
-from nirvana_export.repository import DEFAULT_INSTANCES, cache_config, render_configs, sd15_specs
+from nirvana_export.repository import DEFAULT_INSTANCES, cache_config, place_secret, render_configs, sd15_specs
+
+KEY = "0123456789abcdef" * 2  # a cache key as `Pipeline.cache_key` makes them: 32 hex digits
 
 
 class FakePbUtils:
@@ -29,7 +34,7 @@ class FakePbUtils:
     name and labels share one value, as Triton's registry shares one series between stub processes."""
 
     class TritonError:
-        INVALID_ARG = "INVALID_ARG"
+        INVALID_ARG, UNAVAILABLE = "INVALID_ARG", "UNAVAILABLE"
 
         def __init__(self, message: str, code: str = "INTERNAL") -> None:
             self._message, self.code = message, code
@@ -68,8 +73,12 @@ class FakePbUtils:
         pb = self
 
         class InferenceRequest:
-            def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None) -> None:
+            def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None, parameters=None):
                 self.model_name, self.inputs = model_name, {t.name(): t for t in inputs}
+                self._parameters = json.dumps(dict(parameters or {}))  # what Triton hands the model: JSON text
+
+            def parameters(self) -> str:
+                return self._parameters
 
             def exec(self):
                 if self.model_name not in pb.models:
@@ -124,6 +133,7 @@ def served_cache(tiny_checkpoint_dir, tmp_path, monkeypatch):
     for name in ("nirvana", "cache"):
         (repo / name).mkdir(parents=True)
     (repo / "nirvana" / "engine.json").write_text(json.dumps(engine))
+    use_credential(read_secret(place_secret(repo, None)))  # what an orchestrator's stub does at start
     config = text_format.Parse(cache_config(), mc.ModelConfig())
     params = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
     model = TritonPythonModel()
@@ -135,6 +145,7 @@ def served_cache(tiny_checkpoint_dir, tmp_path, monkeypatch):
     pb.models["cache"] = model
     yield pb, model
     model.finalize()
+    use_credential(None)
 
 
 def _states() -> dict[int, dict[str, np.ndarray]]:
@@ -148,22 +159,22 @@ def test_lookup_and_admit_through_the_cache_model(served_cache) -> None:
     client = BlsCache(pb, model.cache.config.selection.selector())
     vector = np.zeros(384, np.float32)
     vector[0] = 1.0
-    miss = client.lookup(vector, "key", "t", 20)
+    miss = client.lookup(vector, KEY, "t", 20)
     assert (miss.hit, miss.reason, miss.arrays) == (False, Reason.EMPTY, None) and "cache_call_ms" in miss.timings_ms
-    assert client.admit("a red fox", vector, "key", "t", _states(), meta={"negative_prompt": "blurry"}) == 2
+    assert client.admit("a red fox", vector, KEY, "t", _states(), meta={"negative_prompt": "blurry"}) == 2
     assert model.admissions.drain(timeout=30)  # answered once queued, written behind
     model.metrics.update()
     assert pb.values["nirvana_cache_entries"] == 2 and pb.values["nirvana_cache_bytes"] > 0
     assert pb.values["nirvana_admission_queue_depth"] == 0 and "nirvana_admissions_dropped_total" not in pb.values
-    hit = client.lookup(vector, "key", "t", 20)
+    hit = client.lookup(vector, KEY, "t", 20)
     assert hit.hit and hit.k == 10 and hit.matched_prompt == "a red fox" and hit.similarity == pytest.approx(1.0)
     assert hit.meta["negative_prompt"] == "blurry"
     want = _states()[10]
     assert hit.arrays["latent"].shape == want["latent"].shape
     np.testing.assert_array_equal(hit.arrays["latent"].astype(np.float32), want["latent"])
     np.testing.assert_array_equal(hit.arrays["generator_state"], want["generator_state"])
-    assert client.lookup(vector, "key", "other-tenant", 20).reason == Reason.EMPTY
-    record = model.cache.record("key", "t", "a red fox")
+    assert client.lookup(vector, KEY, "other-tenant", 20).reason == Reason.EMPTY
+    record = model.cache.record(KEY, "t", "a red fox")
     assert record.entries[10].hits == 1  # the LCBFU count, kept by the one owner
     assert client.failures == 0
 
@@ -187,22 +198,23 @@ def test_admit_answers_before_the_write(served_cache) -> None:
     """The `admit` call as an orchestrator waits for it, over the production cache (milvus-lite): written before the
     answer (admission_queue = 0) vs queued (the default). Run with -s to see the times."""
     _, model = served_cache
-    cache, dim, calls = model.cache, model.endpoint.dim, 15
+    cache, dim, calls = model.cache, model.endpoint.limits.dim, 15
+    sd15 = CacheLimits(dim, (4, 64, 64), max_steps=200, max_prompt_chars=2000)
     blobs = [bytes_array(encode_states(_sd15_states(i))) for i in range(2 * calls)]
     rng = np.random.default_rng(0)
     vectors = [v / np.linalg.norm(v) for v in rng.standard_normal((2 * calls, dim)).astype(np.float32)]
 
     def admit_ms(endpoint: CacheEndpoint, i: int) -> float:
-        request = {"op": "admit", "prompt": f"benchmark prompt {i}", "cache_key": "bench", "tenant": "t"}
+        request = {"op": "admit", "prompt": f"benchmark prompt {i}", "cache_key": KEY, "tenant": "t"}
         t0 = time.perf_counter()
         response, _ = endpoint.serve(bytes_array(json.dumps(request).encode()), vectors[i], blobs[i])
         elapsed = (time.perf_counter() - t0) * 1e3
         assert json.loads(response)["admitted"] == 5
         return elapsed
 
-    synchronous = [admit_ms(CacheEndpoint(cache, dim), i) for i in range(calls)]
+    synchronous = [admit_ms(CacheEndpoint(cache, sd15), i) for i in range(calls)]
     queue = AdmissionQueue(cache, max_depth=2 * calls)
-    queued_endpoint = CacheEndpoint(cache, dim, queue)
+    queued_endpoint = CacheEndpoint(cache, sd15, queue)
     queued = []
     for i in range(calls, 2 * calls):
         queued.append(admit_ms(queued_endpoint, i))
@@ -235,21 +247,35 @@ def test_queue_depth_and_drops_reach_the_metrics() -> None:
     metrics.close()
 
 
+def _raw_request(pb, message: bytes, parameters: dict | None = None):
+    tensors = [pb.Tensor("REQUEST", np.array([message], object)), pb.Tensor("VECTOR", np.zeros(384))]
+    return pb.InferenceRequest("cache", [], tensors, parameters=parameters)
+
+
 def test_malformed_request_is_an_invalid_arg_error(served_cache) -> None:
-    pb, _ = served_cache
-    request = pb.InferenceRequest(
-        "cache", [], [pb.Tensor("REQUEST", np.array([b'{"op": "drop"}'], object)), pb.Tensor("VECTOR", np.zeros(384))]
-    )
-    response = request.exec()
+    pb, model = served_cache
+    secret = {INTERNAL_PARAMETER: model.gate._secret}
+    response = _raw_request(pb, b'{"op": "drop"}', secret).exec()
     assert response.has_error() and response.error().code == "INVALID_ARG" and "op='drop'" in response.error().message()
+
+
+@pytest.mark.parametrize("parameters", [None, {INTERNAL_PARAMETER: "a guess of sixteen chars"}, {"other": "x"}])
+def test_a_caller_without_the_internal_credential_is_refused_first(served_cache, parameters) -> None:
+    pb, model = served_cache
+    lookup = json.dumps({"op": "lookup", "cache_key": KEY, "tenant": "t", "num_steps": 20}).encode()
+    response = _raw_request(pb, lookup, parameters).exec()
+    assert response.has_error() and response.error().code == "UNAVAILABLE"
+    assert "not served to clients" in response.error().message() and "cache" not in response.error().message()
+    model.metrics.update()
+    assert pb.values["nirvana_internal_refused_total"] == model.gate.refused >= 1
 
 
 def test_unreachable_cache_model_serves_uncached(served_cache) -> None:
     pb, _ = served_cache
     client = BlsCache(pb, load_config({"checkpoint": "."}).cache.selection.selector(), model="no-such-model")
     vector = np.ones(384, np.float32) / np.sqrt(384)
-    assert client.lookup(vector, "key", "t", 20).reason == Reason.CACHE_UNAVAILABLE
-    assert client.admit("p", vector, "key", "t", _states()) == 0
+    assert client.lookup(vector, KEY, "t", 20).reason == Reason.CACHE_UNAVAILABLE
+    assert client.admit("p", vector, KEY, "t", _states()) == 0
     assert client.failures == 2
 
 

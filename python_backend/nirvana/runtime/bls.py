@@ -15,11 +15,24 @@ import torch
 
 from nirvana.controlnet_spec import UNET_CONTROL_MODEL
 from nirvana.embed import MINILM_MAX_TOKENS, Embedder
+from nirvana.security.credential import INTERNAL_PARAMETER
 from nirvana.specs import PENULTIMATE
+
+# The deployment's internal credential, sent with every BLS request (`nirvana.security.credential`). One per stub
+# process: an orchestrator's stub serves one deployment, and every call site in it must carry the same secret.
+_parameters: dict[str, str] = {}
 
 
 class BlsError(RuntimeError):
     """A sub-model request failed inside Triton; the message names the model and Triton's error."""
+
+
+def use_credential(secret: str | None) -> None:
+    """Send `secret` with every later BLS request of this process (the internal models refuse requests without);
+    None: send none."""
+    _parameters.pop(INTERNAL_PARAMETER, None)
+    if secret is not None:
+        _parameters[INTERNAL_PARAMETER] = secret
 
 
 def _execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], memory: Any) -> dict[str, Any]:
@@ -30,7 +43,11 @@ def _execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], m
     otherwise, and `as_numpy()` on a GPU tensor raises.
     """
     request = pb_utils.InferenceRequest(
-        model_name=model, requested_output_names=list(outputs), inputs=tensors, preferred_memory=memory
+        model_name=model,
+        requested_output_names=list(outputs),
+        inputs=tensors,
+        preferred_memory=memory,
+        parameters=_parameters,
     )
     try:
         response = request.exec()

@@ -28,6 +28,18 @@ from nirvana.cache.outcome import Lookup, Reason
 from nirvana.cache.selection import KSelector
 from nirvana.cache.write_behind import Admission
 from nirvana.runtime.bls import BlsError, bls_infer
+from nirvana.runtime.cache_checks import (
+    CacheLimits,
+    CacheRequestError,
+    check_key,
+    check_meta,
+    check_prompt,
+    check_states,
+    check_steps,
+    check_tenant_field,
+    check_vector,
+)
+from nirvana.security.ratelimit import RateLimited, TenantBuckets
 from nirvana.specs import CACHE_MODEL
 
 if TYPE_CHECKING:
@@ -37,10 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 States = Mapping[int, Mapping[str, np.ndarray]]
-
-
-class CacheRequestError(ValueError):
-    """A request to the `cache` model is malformed; the message names the field and the value."""
 
 
 # -- wire format ----------------------------------------------------------------------------------------
@@ -61,9 +69,16 @@ def encode_states(states: States) -> bytes:
 
 
 def decode_states(blob: bytes) -> dict[int, dict[str, np.ndarray]]:
+    """Inverse of `encode_states`; CacheRequestError for a blob that is not one."""
+    try:
+        arrays = decode_arrays(blob) or {}
+    except Exception as err:  # safetensors raises its own error types for a malformed header
+        raise CacheRequestError(f"STATES: not a safetensors blob ({type(err).__name__})") from None
     states: dict[int, dict[str, np.ndarray]] = {}
-    for key, array in (decode_arrays(blob) or {}).items():
+    for key, array in arrays.items():
         k, _, name = key.partition("/")
+        if not k.isdigit():
+            raise CacheRequestError(f"STATES: tensor {key[:40]!r} is not named '<K>/<name>'")
         states.setdefault(int(k), {})[name] = array
     return states
 
@@ -113,15 +128,26 @@ def _one_bytes(name: str, array: np.ndarray) -> bytes:
 
 # -- the cache model's side ----------------------------------------------------------------------------
 class CacheEndpoint:
-    """Serves `lookup` and `admit` requests over one `ApproximateCache` of `dim`-dimensional vectors.
+    """Serves `lookup` and `admit` requests over one `ApproximateCache`, every field checked first
+    (`nirvana.runtime.cache_checks`).
 
     With `admissions` (a write-behind queue) an `admit` is validated, queued and answered at once: `admitted` is then
     the number of latents queued (an upper bound: Ks the prompt already has are skipped when written), `queued`
     says whether the queue took it (false: full, the admission dropped). Without, it is written before the answer.
+    `buckets` rate-limits lookups per tenant (answered `rate_limited` with `retry_after_s`); a miss reports no
+    similarity unless `similarity_on_miss` (a continuous signal a prober could climb).
     """
 
-    def __init__(self, cache: ApproximateCache, dim: int, admissions: AdmissionQueue | None = None) -> None:
-        self.cache, self.dim, self.admissions = cache, dim, admissions
+    def __init__(
+        self,
+        cache: ApproximateCache,
+        limits: CacheLimits,
+        admissions: AdmissionQueue | None = None,
+        buckets: TenantBuckets | None = None,
+        similarity_on_miss: bool = False,
+    ) -> None:
+        self.cache, self.limits, self.admissions = cache, limits, admissions
+        self.buckets, self.similarity_on_miss = buckets, similarity_on_miss
         self._ops: dict[str, Callable[[dict, np.ndarray, bytes], tuple[dict, bytes]]] = {
             "lookup": self._lookup,
             "admit": self._admit,
@@ -135,29 +161,36 @@ class CacheEndpoint:
             raise CacheRequestError(f"REQUEST: not JSON ({err})") from None
         if not isinstance(message, dict) or message.get("op") not in self._ops:
             op = message.get("op") if isinstance(message, dict) else message
-            raise CacheRequestError(f"REQUEST op={op!r}: must be one of {sorted(self._ops)}")
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if vector.shape != (self.dim,):
-            raise CacheRequestError(f"VECTOR: expected {self.dim} values, got {vector.size}")
+            shown = repr(op) if len(repr(op)) <= 40 else repr(op)[:37] + "..."
+            raise CacheRequestError(f"REQUEST op={shown}: must be one of {sorted(self._ops)}")
+        vector = check_vector(vector, self.limits.dim)
         blob = b"" if states is None else _one_bytes("STATES", states)
         response, state = self._ops[message["op"]](message, vector, blob)
         return json.dumps(response).encode(), state
 
     def _lookup(self, message: dict, vector: np.ndarray, _: bytes) -> tuple[dict, bytes]:
-        num_steps = _field(message, "num_steps", int)
-        return lookup_message(
-            self.cache.lookup(vector, _field(message, "cache_key"), _field(message, "tenant"), num_steps)
-        )
+        key, tenant = check_key(message), check_tenant_field(message)
+        num_steps = check_steps(message, self.limits)
+        wait = None if self.buckets is None else self.buckets.take(tenant)
+        if wait is not None:
+            return {"rate_limited": True, "retry_after_s": wait}, b""
+        lookup = self.cache.lookup(vector, key, tenant, num_steps)
+        if not lookup.hit and not self.similarity_on_miss:
+            lookup.similarity = None
+        return lookup_message(lookup)
 
     def _admit(self, message: dict, vector: np.ndarray, blob: bytes) -> tuple[dict, bytes]:
+        prompt, key, tenant = check_prompt(message, self.limits), check_key(message), check_tenant_field(message)
+        states = decode_states(blob)
+        check_states(states, self.limits)
         admission = Admission(
-            _field(message, "prompt"),
+            prompt,
             np.array(vector, np.float32),  # a copy: the request's tensor may be released before the write
-            _field(message, "cache_key"),
-            _field(message, "tenant"),
-            decode_states(blob),
-            replace=bool(message.get("replace", False)),
-            meta=message.get("meta") or None,
+            key,
+            tenant,
+            states,
+            replace=message.get("replace") is True,
+            meta=check_meta(message),
         )
         if self.admissions is None:
             return {"admitted": admission.write_to(self.cache)}, b""
@@ -165,13 +198,6 @@ class CacheEndpoint:
             return {"admitted": 0, "queued": False}, b""
         queued = self.admissions.submit(admission)
         return {"admitted": len(admission.states) if queued else 0, "queued": queued}, b""
-
-
-def _field(message: dict, name: str, kind: type = str) -> Any:
-    value = message.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise CacheRequestError(f"REQUEST {name}={value!r}: expected {kind.__name__}")
-    return value
 
 
 # -- the orchestrators' side ---------------------------------------------------------------------------
@@ -192,10 +218,15 @@ class BlsCache:
         message = {"op": "lookup", "cache_key": cache_key, "tenant": tenant, "num_steps": int(num_steps)}
         try:
             response, state = self._call(message, vector)
-            lookup = lookup_from_message(response, state)
+            if response.get("rate_limited"):
+                limited = RateLimited(float(response["retry_after_s"]))
+            else:
+                limited, lookup = None, lookup_from_message(response, state)
         except (BlsError, ValueError, KeyError) as err:  # no answer, or one that cannot be read
             self._failed("lookup", err)
             return Lookup(False, Reason.CACHE_UNAVAILABLE, timings_ms={"cache_call_ms": _ms_since(t0)})
+        if limited is not None:
+            raise limited  # the client's to handle (UNAVAILABLE, retry later), not a cache failure
         lookup.timings_ms["cache_call_ms"] = _ms_since(t0)  # the BLS round trip, retrieval included
         return lookup
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,11 +21,15 @@ from nirvana.embed import ClipEmbedder, SdxlClipEmbedder, resolve_embedder
 from nirvana.pipeline import NonFiniteError, Pipeline
 from nirvana.progress import EventCallback
 from nirvana.request import RequestError
-from nirvana.runtime.bls import BlsEmbedder, BlsSubModels
+from nirvana.runtime.bls import BlsEmbedder, BlsSubModels, use_credential
 from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.runtime.bls_control import BlsControlNets
+from nirvana.security.credential import read_secret
+from nirvana.security.ratelimit import RateLimited
+from nirvana.security.tenancy import TenantResolver
 from nirvana.service_time import LoadBoard, ServiceTimes
+from nirvana.serving.internal import secret_path
 from nirvana.serving.metrics import RequestMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
 from nirvana.specs import ModelSpec, nirvana_spec
@@ -53,12 +57,15 @@ class InputError(ValueError):
     pass
 
 
-def scalar_value(name: str, array: np.ndarray) -> object:
-    """The single value of a [1] tensor; strings decoded as strict UTF-8."""
+def scalar_value(name: str, array: np.ndarray, max_bytes: int | None = None) -> object:
+    """The single value of a [1] tensor; strings decoded as strict UTF-8, refused before decoding when longer than
+    `max_bytes`."""
     if array.size != 1:
         raise InputError(f"{name}: expected exactly one value, got shape {list(array.shape)}")
     value = array.reshape(-1)[0]
     if isinstance(value, bytes | np.bytes_):
+        if max_bytes is not None and len(value) > max_bytes:
+            raise InputError(f"{name}: {len(value)} bytes, over the limit of {max_bytes}")
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as err:
@@ -86,10 +93,22 @@ def output_arrays(spec: ModelSpec, result: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, RequestMetrics, CheckpointInfo]:
+class ServedEngine(NamedTuple):
+    """What an orchestrator instance serves with: the engine, its request metrics, the checkpoint's facts, where
+    each request's tenant comes from, and the most bytes a string input may have."""
+
+    pipeline: Pipeline
+    metrics: RequestMetrics
+    checkpoint: CheckpointInfo
+    tenants: TenantResolver
+    max_string_bytes: int
+
+
+def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> ServedEngine:
     """The engine of one orchestrator instance over BLS sub-models and the `cache` model, from Triton's `initialize`
-    arguments (parameters `engine_config`, `conditioning_device`), with its request metrics."""
+    arguments (parameters `engine_config`, `conditioning_device`, `internal_secret_file`), with its request metrics."""
     params = model_parameters(json.loads(args["model_config"]))
+    use_credential(read_secret(secret_path(args, params)))  # every BLS request of this stub carries it
     config = load_config(path=engine_config_path(args, params))
     checkpoint = load_checkpoint_info(config.checkpoint)  # weights live in the sub-models
     # "auto": keep the text conditioning on the GPU when this stub's torch has CUDA (the torch profile).
@@ -123,21 +142,28 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> tuple[Pipeline, Requ
         served_adapters=adapters,
         served_controlnets=controlnets,
     )
-    return pipeline, RequestMetrics(pb_utils, cache, service), checkpoint
+    metrics = RequestMetrics(pb_utils, cache, service)
+    # UTF-8 takes at most 4 bytes a character: anything longer fails the character limit anyway
+    max_bytes = 4 * max(config.limits.max_prompt_chars, config.limits.max_tenant_chars, 1024)
+    return ServedEngine(pipeline, metrics, checkpoint, TenantResolver(config.security), max_bytes)
 
 
-def generate_options(pb_utils: Any, spec: ModelSpec, request: Any) -> dict[str, object]:
+def generate_options(pb_utils: Any, spec: ModelSpec, request: Any, engine: ServedEngine) -> dict[str, object]:
     """`Pipeline.generate` keywords from the request's inputs that `GENERATE_KEYWORDS` names (others are the
-    caller's); raises InputError for a missing required input or a tensor that is not one value."""
+    caller's), the tenant the deployment established (`nirvana.security.tenancy`); raises InputError for a missing
+    required input or a tensor that is not one value, RequestError for a tenant that is not allowed."""
     options: dict[str, object] = {}
     for tensor_spec in spec.inputs:
         tensor = pb_utils.get_input_tensor_by_name(request, tensor_spec.name)
         if tensor is not None and tensor_spec.name in GENERATE_KEYWORDS:
-            options[GENERATE_KEYWORDS[tensor_spec.name]] = scalar_value(tensor_spec.name, tensor.as_numpy())
+            value = scalar_value(tensor_spec.name, tensor.as_numpy(), engine.max_string_bytes)
+            options[GENERATE_KEYWORDS[tensor_spec.name]] = value
         elif tensor is not None and tensor_spec.name in ARRAY_KEYWORDS:
             options[ARRAY_KEYWORDS[tensor_spec.name]] = tensor.as_numpy()
         elif tensor is None and not tensor_spec.optional:
             raise InputError(f"{tensor_spec.name}: required input is missing")
+    typed = options.get("tenant")
+    options["tenant"] = engine.tenants.resolve(None if typed is None else str(typed), request.parameters())
     return options
 
 
@@ -152,6 +178,9 @@ def generate_or_error(
     except (InputError, RequestError) as err:
         metrics.rejected()
         return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
+    except RateLimited as err:  # the client may retry: UNAVAILABLE, with the wait in the message
+        metrics.rejected()
+        return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.UNAVAILABLE))
     except NonFiniteError as err:  # nothing was cached; the message says what to change
         metrics.failed_non_finite()
         return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INTERNAL))
@@ -177,8 +206,9 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        self.pipeline, self.metrics, checkpoint = served_pipeline(pb_utils, args)
-        self.spec = nirvana_spec(checkpoint.image_size)
+        self.engine = served_pipeline(pb_utils, args)
+        self.pipeline, self.metrics = self.engine.pipeline, self.engine.metrics
+        self.spec = nirvana_spec(self.engine.checkpoint.image_size)
         log.info("nirvana model instance %s ready", args.get("model_instance_name", "?"))
 
     async def execute(self, requests: list) -> list:
@@ -188,9 +218,9 @@ class TritonPythonModel:
     def _handle(self, request: Any) -> Any:
         pb = self.pb
         try:
-            options = generate_options(pb, self.spec, request)
+            options = generate_options(pb, self.spec, request, self.engine)
             result, error = generate_or_error(pb, self.pipeline, self.metrics, options)
-        except InputError as err:
+        except (InputError, RequestError) as err:
             self.metrics.rejected()
             return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
         except Exception as err:

@@ -15,10 +15,13 @@ from typing import Any
 
 from nirvana.cache.factory import open_cache
 from nirvana.cache.write_behind import AdmissionQueue
-from nirvana.checkpoint import load_checkpoint_info
-from nirvana.config import load_config
+from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
+from nirvana.config import EngineConfig, load_config
 from nirvana.embed import embedder_dim
 from nirvana.runtime.bls_cache import CacheEndpoint, CacheRequestError, bytes_array
+from nirvana.runtime.cache_checks import CacheLimits
+from nirvana.security.ratelimit import TenantBuckets
+from nirvana.serving.internal import InternalGate
 from nirvana.serving.metrics import CacheStateMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
 
@@ -34,20 +37,31 @@ class TritonPythonModel:
         self.pb = pb_utils
         model_config = json.loads(args["model_config"])
         params = model_parameters(model_config)
+        self.gate = InternalGate(pb_utils, args, params)  # before anything else: no credential, no cache
         config = load_config(path=engine_config_path(args, params))
-        dim = embedder_dim(config.embedder, load_checkpoint_info(config.checkpoint))
-        self.cache = open_cache(config.cache, dim)
+        checkpoint = load_checkpoint_info(config.checkpoint)
+        limits = cache_limits(config, checkpoint)
+        self.cache = open_cache(config.cache, limits.dim)
         depth = config.cache.admission_queue
         self.admissions = AdmissionQueue(self.cache, depth) if depth > 0 else None  # None: admit before answering
-        self.endpoint = CacheEndpoint(self.cache, dim, self.admissions)
-        self.metrics = CacheStateMetrics(pb_utils, self.cache, admissions=self.admissions)
-        log.info("cache model ready (%s, %d dims): %s", config.embedder, dim, self.cache.stats())
+        security = config.security
+        self.buckets = TenantBuckets(security.tenant_lookups_per_s, security.tenant_lookup_burst)
+        self.endpoint = CacheEndpoint(
+            self.cache, limits, self.admissions, self.buckets, similarity_on_miss=security.similarity_on_miss
+        )
+        self.metrics = CacheStateMetrics(
+            pb_utils, self.cache, admissions=self.admissions, buckets=self.buckets, gate=self.gate
+        )
+        log.info("cache model ready (%s, %d dims): %s", config.embedder, limits.dim, self.cache.stats())
 
     def execute(self, requests: list) -> list:
         return [self._handle(request) for request in requests]  # N requests in, N responses out
 
     def _handle(self, request: Any) -> Any:
         pb = self.pb
+        refusal = self.gate.refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             tensors = {name: pb.get_input_tensor_by_name(request, name) for name in ("REQUEST", "VECTOR", "STATES")}
             states = tensors["STATES"].as_numpy() if tensors["STATES"] is not None else None
@@ -69,3 +83,14 @@ class TritonPythonModel:
             self.admissions.close(timeout=FINALIZE_DRAIN_S)  # writes what is queued: no admission lost on a clean stop
         self.metrics.close()
         self.cache.close()  # flushes the index's write-behind buffer: no hit count lost on a clean stop
+
+
+def cache_limits(config: EngineConfig, checkpoint: CheckpointInfo) -> CacheLimits:
+    """What this deployment's requests to the cache look like (vector size, latent shape, steps, prompt length)."""
+    h, w = checkpoint.latent_size
+    return CacheLimits(
+        dim=embedder_dim(config.embedder, checkpoint),
+        latent_shape=(checkpoint.vae_latent_channels, h, w),  # the denoised latent, in the VAE's space
+        max_steps=config.limits.max_steps,
+        max_prompt_chars=config.limits.max_prompt_chars,
+    )

@@ -157,12 +157,21 @@ class RequestMetrics:
 class CacheStateMetrics:
     """The cache's state, reported by the one `cache` model: after every request and every `interval_s` (entries
     change without requests too: another replica's admissions and evictions reach the mirror by refresh).
-    `admissions`: the model's write-behind `AdmissionQueue`, if any (its depth and drops; 0 without)."""
+    `admissions`: the model's write-behind `AdmissionQueue`, if any (its depth and drops; 0 without); `buckets` and
+    `gate`: its per-tenant rate limit and internal-credential check (`refused` counts of each)."""
 
-    def __init__(self, pb_utils: Any, cache: Any, interval_s: float = 1.0, admissions: Any = None) -> None:
+    def __init__(
+        self,
+        pb_utils: Any,
+        cache: Any,
+        interval_s: float = 1.0,
+        admissions: Any = None,
+        buckets: Any = None,
+        gate: Any = None,
+    ) -> None:
         make = Families(pb_utils)
         self._families = make
-        self._cache, self._admissions = cache, admissions
+        self._cache, self._admissions, self._buckets, self._gate = cache, admissions, buckets, gate
         self._lock = threading.Lock()
         counters, probes = cache.counters, cache.probes
         self._evictions = _Delta(
@@ -184,6 +193,14 @@ class CacheStateMetrics:
             make.counter("nirvana_admissions_dropped_total", "Admissions dropped: the write-behind queue was full"),
             getattr(admissions, "dropped", 0),
         )
+        self._rate_limited = _Delta(
+            make.counter("nirvana_rate_limited_total", "Cache lookups refused: the tenant was over its rate"),
+            getattr(buckets, "refused", 0),
+        )
+        self._refused = _Delta(
+            make.counter("nirvana_internal_refused_total", "Cache requests without the internal credential"),
+            getattr(gate, "refused", 0),
+        )
         self.update()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._every, args=(interval_s,), name="cache-metrics", daemon=True)
@@ -201,6 +218,8 @@ class CacheStateMetrics:
             self.entries.set(cache.entries)
             self.queue_depth.set(getattr(self._admissions, "depth", 0))
             self._dropped.update(getattr(self._admissions, "dropped", 0))
+            self._rate_limited.update(getattr(self._buckets, "refused", 0))
+            self._refused.update(getattr(self._gate, "refused", 0))
 
     def _every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.onnx_runtime import OnnxModel, OnnxModelError
+from nirvana.serving.internal import InternalGate
 from nirvana.serving.merged import execute_merged
 from nirvana.serving.params import model_parameters
 
@@ -33,6 +34,7 @@ class TritonPythonModel:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = model_parameters(config)
+        self.gate = InternalGate(pb_utils, args, params)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         overrides = None
         if "initializer_overrides" in params:  # a LoRA set's UNet (the `adapters` model loads these)
@@ -47,4 +49,4 @@ class TritonPythonModel:
         pb = self.pb
         convert = (lambda tensor: tensor.as_numpy(), pb.Tensor)
         invalid = (BatchInputError, OnnxModelError)
-        return execute_merged(pb, requests, (self.inputs, self.outputs), self.model.run, convert, invalid)
+        return execute_merged(pb, requests, (self.inputs, self.outputs), self.model.run, convert, invalid, self.gate)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nirvana.progress import CacheEvent, Cancelled, StepEvent, latent_preview
+from nirvana.request import RequestError
 from nirvana.serving.bls_model import (
     InputError,
     generate_options,
@@ -84,7 +85,8 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         params = model_parameters(json.loads(args["model_config"]))
-        self.pipeline, self.metrics, checkpoint = served_pipeline(pb_utils, args)
+        self.engine = served_pipeline(pb_utils, args)
+        self.pipeline, self.metrics, checkpoint = self.engine.pipeline, self.engine.metrics, self.engine.checkpoint
         self.spec = nirvana_stream_spec(checkpoint.image_size, checkpoint.latent_size)
         self.previews = checkpoint.latent_channels == 4  # the fixed RGB map is Stable Diffusion's 4-channel one
         streams = int(params.get("streams_per_instance", DEFAULT_STREAMS_PER_INSTANCE))
@@ -96,11 +98,11 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                options = generate_options(self.pb, self.spec, request)
+                options = generate_options(self.pb, self.spec, request, self.engine)
                 every = preview_every(self.pb, request)
                 if every and not self.previews:
                     raise InputError("PREVIEW_EVERY: this model's latent has no 4-channel RGB preview; send 0")
-            except InputError as err:
+            except (InputError, RequestError) as err:
                 self.metrics.rejected()
                 self._finish(sender, error=self.pb.TritonError(str(err), self.pb.TritonError.INVALID_ARG))
                 continue

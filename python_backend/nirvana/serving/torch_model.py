@@ -18,6 +18,7 @@ import torch
 from nirvana.config import load_config
 from nirvana.runtime.batching import BatchInputError
 from nirvana.runtime.torch_runtime import component_runner
+from nirvana.serving.internal import InternalGate
 from nirvana.serving.merged import execute_merged
 from nirvana.serving.params import engine_config_path, model_parameters
 
@@ -31,6 +32,7 @@ class TritonPythonModel:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = model_parameters(config)
+        self.gate = InternalGate(pb_utils, args, params)
         device = params.get("device", "auto")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         # fp16 on a GPU, but the VAE in fp32 unless told otherwise: SDXL's VAE overflows in fp16.
@@ -46,7 +48,9 @@ class TritonPythonModel:
         """N requests in, N responses out, in order; tensors stay on the device they are on."""
         pb = self.pb
         convert = (lambda tensor: torch.utils.dlpack.from_dlpack(tensor.to_dlpack()), _to_pb(pb))
-        return execute_merged(pb, requests, (self.inputs, self.outputs), self.run, convert, (BatchInputError,))
+        return execute_merged(
+            pb, requests, (self.inputs, self.outputs), self.run, convert, (BatchInputError,), self.gate
+        )
 
 
 def _addons(args: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
