@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from nirvana import fingerprint as fingerprint_module
 from nirvana.checkpoint import (
     COMPONENTS,
     Checkpoint,
@@ -143,3 +148,72 @@ def test_missing_checkpoint_folder(tmp_path: Path) -> None:
     for load in (load_checkpoint, load_checkpoint_info):
         with pytest.raises(CheckpointError, match="does-not-exist"):
             load(tmp_path / "does-not-exist")
+
+
+def _weights_folder(root: Path, size: int = 3 << 20) -> Path:
+    """A folder laid out as fingerprint_checkpoint reads it, with one weight file larger than 2 MiB."""
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text("{}")
+    (root / "unet" / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(size))
+    return root / "unet" / "model.safetensors"
+
+
+def test_fingerprint_covers_the_middle_of_a_large_file(tmp_path: Path) -> None:
+    """A same-size change between the first and last MiB (what a fine-tune may be) changes the fingerprint."""
+    weights = _weights_folder(tmp_path / "ckpt")
+    first = fingerprint_checkpoint(tmp_path / "ckpt")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert fingerprint_checkpoint(tmp_path / "ckpt") != first
+
+
+def test_fingerprint_digests_are_cached_and_a_changed_file_is_hashed_again(tmp_path: Path, monkeypatch) -> None:
+    weights = _weights_folder(tmp_path / "ckpt")
+    hashed: list[str] = []
+    real = fingerprint_module._sha256_of
+    monkeypatch.setattr(fingerprint_module, "_sha256_of", lambda path: hashed.append(path.name) or real(path))
+    first = fingerprint_checkpoint(tmp_path / "ckpt")
+    assert sorted(hashed) == ["model.safetensors", "model_index.json"]
+    assert (tmp_path / "ckpt" / fingerprint_module.FINGERPRINT_CACHE).is_file()
+    hashed.clear()
+    assert fingerprint_checkpoint(tmp_path / "ckpt") == first and hashed == []  # nothing read again
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: same size, another mtime
+    assert fingerprint_checkpoint(tmp_path / "ckpt") == first and hashed == ["model.safetensors"]
+
+
+def test_fingerprint_of_a_read_only_checkpoint_is_recomputed(tmp_path: Path, monkeypatch, caplog) -> None:
+    _weights_folder(tmp_path / "ckpt")
+
+    def read_only(*args, **kwargs):  # tests run as root, for whom chmod does not make a folder read-only
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(fingerprint_module.os, "replace", read_only)
+    with caplog.at_level(logging.INFO, logger="nirvana.fingerprint"):
+        first = fingerprint_checkpoint(tmp_path / "ckpt")
+    assert fingerprint_checkpoint(tmp_path / "ckpt") == first
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model_index.json", "unet"]  # no temp left
+    assert "recomputed at each load" in caplog.text
+
+
+def test_fingerprint_speed(tmp_path: Path, tiny_checkpoint_dir: Path) -> None:
+    """Prints the hashing speed (MB/s) and the tiny model's fingerprint time, cold and cached."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint_dir, copy, ignore=shutil.ignore_patterns(fingerprint_module.FINGERPRINT_CACHE))
+    size = sum(p.stat().st_size for p in fingerprint_module._component_files(copy))
+    t0 = time.perf_counter()
+    fingerprint_checkpoint(copy)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fingerprint_checkpoint(copy)
+    cached = time.perf_counter() - t0
+    big = _weights_folder(tmp_path / "big", 256 << 20).parent.parent
+    t0 = time.perf_counter()
+    fingerprint_checkpoint(big)
+    rate = 256 / (time.perf_counter() - t0)
+    print(
+        f"\ntiny checkpoint {size / 1e6:.2f} MB: cold {cold * 1e3:.1f} ms, cached {cached * 1e3:.1f} ms; "
+        f"sha256 {rate:.0f} MiB/s -> SD 1.5 (4 GB) cold ~{4000 / rate:.0f} s"
+    )
+    assert cached < cold * 2 + 0.05

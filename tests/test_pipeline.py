@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from nirvana.cache.blob_format import Binding
 from nirvana.cache.records import blob_key
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder, make_embedder
@@ -168,18 +169,41 @@ def test_non_finite_output_fails_clearly_and_caches_nothing(tiny_checkpoint, emb
         pipe.close()
 
 
-def test_a_hit_on_a_non_finite_latent_is_served_uncached(make_pipe) -> None:
+def _overwrite_latents(pipe, value: float) -> int:
+    """Every cached latent of FOX replaced by `value`, still bound to its row (as an entry written before the checks,
+    or one damaged in a way the digest allows, would be)."""
+    record = pipe.cache.record(pipe.cache_key(STEPS, 7.5), "default", FOX)
+    for k in record.entries:
+        key, binding = blob_key(record.id, k), Binding(record.id, record.cache_key, record.tenant, k)
+        blob = pipe.cache.latents.get(key)
+        latent = np.full_like(blob.tensors["latent"], value)
+        pipe.cache.latents.put(key, {**blob.tensors, "latent": latent}, blob.meta, binding)  # bound: only the value
+    return len(record.entries)
+
+
+def test_a_cached_non_finite_latent_is_dropped_at_load_and_served_uncached(make_pipe) -> None:
     pipe = make_pipe(latent_dtype="float32")
     pipe.generate(FOX, seed=5)
-    record = pipe.cache.record(pipe.cache_key(STEPS, 7.5), "default", FOX)
-    for k in record.entries:  # a latent written before the guard existed, or damaged in a way the digest allows
-        key = blob_key(record.id, k)
-        blob = pipe.cache.latents.get(key)
-        pipe.cache.latents.put(key, {**blob.tensors, "latent": np.full_like(blob.tensors["latent"], np.nan)}, blob.meta)
+    _overwrite_latents(pipe, np.nan)
     served = pipe.generate(FOX, seed=5)
-    assert (served.reason, served.cache_hit, served.skipped_steps, served.non_finite) == ("non-finite", False, 0, 1)
+    assert (served.reason, served.cache_hit, served.skipped_steps) == ("blob-corrupt", False, 0)
     bypass = pipe.generate(FOX, seed=5, cache_mode="bypass")
     np.testing.assert_array_equal(served.image, bypass.image)  # the full, uncached image
+
+
+def test_a_hit_whose_latent_makes_the_unet_overflow_is_invalidated(make_pipe) -> None:
+    """A finite latent the UNet turns into inf/NaN (fp32 overflow): the request is run again uncached and the entry
+    is dropped on this first failure, so the next similar request does not meet it again."""
+    pipe = make_pipe(latent_dtype="float32")
+    pipe.generate(FOX, seed=5)
+    poisoned = _overwrite_latents(pipe, 3e38)
+    for failures in range(1, poisoned + 1):  # each poisoned K serves once at most, then is gone
+        served = pipe.generate(FOX, seed=5)
+        assert (served.reason, served.cache_hit, served.non_finite) == ("non-finite", False, 1)
+        np.testing.assert_array_equal(served.image, pipe.generate(FOX, seed=5, cache_mode="bypass").image)
+        assert pipe.cache.counters.invalidated == failures
+    again = pipe.generate(FOX, seed=5)
+    assert again.non_finite == 0 and again.reason != "non-finite"
 
 
 @pytest.mark.parametrize("name", ["clip", "minilm"])

@@ -57,6 +57,16 @@ def _pixels(path: Path | None) -> numpy.ndarray | None:
         raise typer.BadParameter(f"--control-image {path}: {err}") from None
 
 
+def _headers(lines: list[str]) -> dict[str, str]:
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--header {line!r}: expected 'Name: value'")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text prompt.")],
@@ -77,6 +87,9 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Stream (gRPC): a progress bar with hit/K as the steps run.")] = False,
     previews: Annotated[Path | None, typer.Option(help="--stream: write preview PNGs into this folder.")] = None,
     preview_every: Annotated[int, typer.Option(help="--previews: one preview every N steps run.", min=1)] = 1,
+    header: Annotated[
+        list[str] | None, typer.Option(help='"Name: value" sent with the request (repeatable), e.g. for a gateway.')
+    ] = None,
 ) -> None:
     """Generate one image and print hit / skipped steps / similarity / latency."""
     from PIL import Image
@@ -94,7 +107,7 @@ def generate(
     if len(urls) > 1:
         _generate_balanced(prompt, out, urls, policy, protocol, options)
         return
-    client = NirvanaClient(urls[0], protocol)  # type: ignore[arg-type]
+    client = NirvanaClient(urls[0], protocol, headers=_headers(header or []))  # type: ignore[arg-type]
     try:
         if stream or previews:
             from nirvana_client.stream_view import generate_with_progress

@@ -83,7 +83,16 @@ def request_values(prompt: str, options: GenerateOptions) -> list[tuple[str, str
 class NirvanaClient:
     """`NirvanaClient("127.0.0.1:8001", "grpc").generate("a red fox")`."""
 
-    def __init__(self, url: str, protocol: Protocol = "grpc", model: str = MODEL, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        protocol: Protocol = "grpc",
+        model: str = MODEL,
+        timeout_s: float = 600.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """`headers` go with every request: what the gateway in front of the server authenticates (e.g.
+        ``{"authorization": "Bearer …"}``), or a signed tenant token (``{"x-nirvana-tenant": token}``)."""
         if protocol == "grpc":
             import tritonclient.grpc as tc
         elif protocol == "http":
@@ -91,6 +100,7 @@ class NirvanaClient:
         else:
             raise ValueError(f"protocol={protocol!r}: must be grpc or http")
         self._tc, self.protocol, self.model, self.timeout_s = tc, protocol, model, timeout_s
+        self.headers = dict(headers or {})
         kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self._client = tc.InferenceServerClient(url=url, **kwargs)
 
@@ -118,9 +128,8 @@ class NirvanaClient:
         # gRPC: a client-side deadline in seconds. HTTP: the deadline is the connection's network_timeout; its
         # infer(timeout=...) is a *server-side queue* timeout in microseconds, which we leave to the model config.
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self._client.infer(
-            self.model, self.build_inputs(prompt, options or GenerateOptions()), outputs=outputs, **kwargs
-        )
+        inputs = self.build_inputs(prompt, options or GenerateOptions())
+        result = self._client.infer(self.model, inputs, outputs=outputs, headers=self.headers or None, **kwargs)
         latency_ms = (time.perf_counter() - start) * 1e3
         return GenerateResult(
             image=result.as_numpy("IMAGE"),

@@ -66,7 +66,8 @@ def generate_stream(
     if preview_every:
         inputs.append(client._input("PREVIEW_EVERY", preview_every, "INT32", np.int32))
     responses: queue.Queue = queue.Queue()
-    grpc_client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    callback = lambda result, error: responses.put((result, error))  # noqa: E731
+    grpc_client.start_stream(callback=callback, headers=client.headers or None)  # headers: stream-wide, gRPC
     events: list[StreamEvent] = []
     start = time.perf_counter()
     closed = False

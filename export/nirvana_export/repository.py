@@ -74,6 +74,8 @@ CACHE_PY = (
 # 8 in flight): 4 instances gave 3.7 rows per UNet execution, 8 gave 6.7, at the same images/s.
 DEFAULT_INSTANCES = {"cpu": 8, "gpu": 8, "torch": 8}
 MANIFEST = "repository_manifest.json"
+# Internal single-instance models: the orchestrators (8 by default, plus streams) keep a few requests each in flight
+INTERNAL_QUEUE = 256
 SECRET_FILE = "internal.secret"  # at the repository's root, beside the model folders (Triton ignores files there)
 # How long Triton holds a batched model's first queued request for others to join (µs): about a tenth of a UNet
 # step on a GPU, so a lone request waits little and concurrent requests' steps merge. No preferred_batch_size: the
@@ -136,6 +138,7 @@ def submodel_config(
     config = _model_config(spec)
     if spec.max_batch_size > 0:
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+        _bounded_queue(config, INTERNAL_QUEUE * 4)  # the UNet's queue holds a few requests per orchestrator step
     if profile == "torch" and _torch_module(spec.name):
         if checkpoint is None:
             raise RepositoryError(f"profile='torch': model {spec.name!r} needs the checkpoint folder")
@@ -189,6 +192,15 @@ def nirvana_config(
     return _render(config)
 
 
+def _bounded_queue(config: mc.ModelConfig, size: int, timeout_s: int = 60) -> None:
+    """Requests beyond `size` waiting are refused at once, and none waits longer than `timeout_s`: a flood (or a
+    stuck model) shows as errors, not as memory growth."""
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = size
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = timeout_s * 1_000_000
+
+
 def cache_config() -> str:
     """config.pbtxt of the `cache` model (contract: `nirvana.specs.cache_spec`): exactly one instance, since Triton
     runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
@@ -196,6 +208,7 @@ def cache_config() -> str:
     config = _model_config(cache_spec())
     config.backend = "python"
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _bounded_queue(config, INTERNAL_QUEUE)
     config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
     return _render(config)
 
@@ -207,6 +220,7 @@ def adapters_config() -> str:
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _bounded_queue(config, INTERNAL_QUEUE)
     config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
     return _render(config)
 

@@ -2,7 +2,9 @@
 
 Layout: ``adapters_dir/<name>/pytorch_lora_weights.safetensors`` (what ``StableDiffusionPipeline.save_lora_weights``
 writes) or ``adapters_dir/<name>.safetensors``. A request names adapters and scales in one string, ``LORA``
-(``"name:0.8,other:0.5"``; a name alone means scale 1).
+(``"name:0.8,other:0.5"``; a name alone means scale 1). Scales are rounded to a grid (``SCALE_STEP``, 0.05 unless
+configured): every distinct scale is a UNet copy to fuse and load, so ``ink:0.80001`` must be the set ``ink:0.8``, not
+a new one a client can make at will.
 
 An adapter set runs on a UNet with the adapters fused into its weights (diffusers' ``load_lora_adapter`` +
 ``set_adapters`` + ``fuse_lora`` on a copy): each step costs what the base UNet costs, and requests with the same set
@@ -32,17 +34,21 @@ from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "MAX_SCALE",
+    "SCALE_STEP",
+    "AdapterBusy",
     "AdapterCatalog",
     "AdapterError",
     "AdapterLibrary",
     "AdapterSet",
     "format_adapters",
     "parse_adapters",
+    "quantize_scale",
 ]
 
 log = logging.getLogger(__name__)
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MAX_SCALE = 2.0
+SCALE_STEP = 0.05  # `AdaptersConfig.scale_step`'s default
 # (adapter name, scale), sorted by name: the same set however a request orders it.
 AdapterSet = tuple[tuple[str, float], ...]
 _DOWN, _UP = (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight")
@@ -52,8 +58,19 @@ class AdapterError(ValueError):
     """An adapter file cannot serve this checkpoint, or a request's ``LORA`` names adapters wrongly."""
 
 
-def parse_adapters(value: str, known: set[str]) -> AdapterSet:
-    """``"name:0.8,other:0.5"`` → a sorted :data:`AdapterSet`; AdapterError says what is wrong with which part."""
+class AdapterBusy(AdapterError):
+    """The set is fine but cannot be had now (served: too many sets in line to load, or still loading after
+    ``adapters.load_wait_s``); the same request may succeed later."""
+
+
+def quantize_scale(scale: float, step: float = SCALE_STEP) -> float:
+    """``scale`` on the grid of ``step`` (nearest multiple), as the float its shortest decimal text reads back as."""
+    return round(round(scale / step) * step, 6)
+
+
+def parse_adapters(value: str, known: set[str], step: float = SCALE_STEP) -> AdapterSet:
+    """``"name:0.8,other:0.5"`` → a sorted :data:`AdapterSet`, scales on the grid of ``step``; AdapterError says
+    what is wrong with which part."""
     entries: dict[str, float] = {}
     for part in (p.strip() for p in value.split(",")):
         if not part:
@@ -68,6 +85,9 @@ def parse_adapters(value: str, known: set[str]) -> AdapterSet:
             raise AdapterError(f"scale of {name!r} is not a number: {scale_text!r}") from None
         if not (math.isfinite(scale) and 0.0 < scale <= MAX_SCALE):
             raise AdapterError(f"scale of {name!r} is {scale}: must be in (0, {MAX_SCALE}]")
+        if (rounded := quantize_scale(scale, step)) <= 0:
+            raise AdapterError(f"scale of {name!r} is {scale}: rounds to 0 on the {step} grid (smallest: {step})")
+        scale = rounded
         if name in entries:
             raise AdapterError(f"adapter {name!r} is named twice")
         entries[name] = scale
@@ -126,15 +146,15 @@ class AdapterCatalog:
     """The adapter files of one folder and their digests: enough to parse a request's ``LORA`` and key the cache by
     it, without loading weights (the served orchestrators; the ``adapters`` model merges and checks)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, scale_step: float = SCALE_STEP) -> None:
+        self.root, self.scale_step = Path(root), scale_step
         if not self.root.is_dir():
             raise AdapterError(f"adapters folder does not exist: {self.root}")
         self.files = _adapter_files(self.root)
         self.digests = {name: _digest(path) for name, path in self.files.items()}
 
     def parse(self, value: str) -> AdapterSet:
-        return parse_adapters(value, set(self.files))
+        return parse_adapters(value, set(self.files), self.scale_step)
 
     def fingerprint(self, adapters: AdapterSet) -> list[tuple[str, str, float]]:
         """(name, file digest, scale) per adapter: what the cache key holds, so a retrained file never matches."""
@@ -147,8 +167,15 @@ class AdapterLibrary(AdapterCatalog):
     ``strict``: a file that cannot serve this UNet stops the library from opening (in-process); otherwise it is
     left out and recorded in ``refused`` (served: the server stays up, and a request naming it is told why)."""
 
-    def __init__(self, root: str | Path, unet: torch.nn.Module, max_loaded: int = 2, strict: bool = True) -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: str | Path,
+        unet: torch.nn.Module,
+        max_loaded: int = 2,
+        strict: bool = True,
+        scale_step: float = SCALE_STEP,
+    ) -> None:
+        super().__init__(root, scale_step)
         self._unet, self.max_loaded = unet, max(1, max_loaded)
         self.refused: dict[str, str] = {}
         for name, path in list(self.files.items()):

@@ -8,14 +8,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, format_adapters
+from nirvana.adapters import AdapterBusy, AdapterError, AdapterLibrary, AdapterSet, format_adapters
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.config import EngineConfig
 from nirvana.controlnet import Control, ControlNetCatalog, ControlNetError, ControlNetLibrary
 from nirvana.request import GenerationRequest, RequestError
 from nirvana.runtime.torch_runtime import TorchSubModels
 
-__all__ = ["AddOnRegistry", "AddOns"]
+__all__ = ["AddOnRegistry", "AddOnUnavailable", "AddOns"]
+
+
+class AddOnUnavailable(RequestError):
+    """The request's add-on cannot be had now (its LoRA set waits behind too many loads, or is still loading): a
+    RequestError naming LORA, so it is refused like one, but the same request may succeed later (UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ class AddOnRegistry:
         self.adapters: Any = served_adapters
         if config.adapters.dir is not None and in_process:
             unet = checkpoint.unet  # type: ignore[attr-defined]  # in-process: a loaded Checkpoint
-            self.adapters = AdapterLibrary(config.adapters.dir, unet, config.adapters.max_loaded)
+            self.adapters = AdapterLibrary(
+                config.adapters.dir, unet, config.adapters.max_loaded, scale_step=config.adapters.scale_step
+            )
         self.controlnets = served_controlnets
         if config.controlnets.dir is not None and in_process:
             self.controlnets = ControlNetLibrary(config.controlnets.dir, checkpoint.image_size)
@@ -93,6 +100,8 @@ class AddOnRegistry:
         start = time.perf_counter()
         try:
             merged = self.adapters.bind(models, addons.adapters, control=addons.control is not None)
+        except AdapterBusy as err:
+            raise AddOnUnavailable("LORA", format_adapters(addons.adapters), f"{err}") from None
         except AdapterError as err:  # a refused file, or a set that failed to merge: the request's LORA is at fault
             raise RequestError("LORA", format_adapters(addons.adapters), str(err)) from None
         timings["adapter_ms"] = (time.perf_counter() - start) * 1e3

@@ -11,7 +11,6 @@ Nothing is downloaded: every ``from_pretrained`` call runs with ``local_files_on
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Mapping
@@ -24,6 +23,8 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from nirvana.fingerprint import fingerprint_checkpoint
 
 __all__ = [
     "COMPONENTS",
@@ -59,8 +60,6 @@ _KNOWN_UNSUPPORTED = {
     "StableCascadeCombinedPipeline": "Stable Cascade",
 }
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Hashing a bounded sample of each file keeps fingerprinting a 3.4 GB SD 1.5 folder well under a second.
-_SAMPLE_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -159,38 +158,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(_require(path, path.name).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _component_files(root: Path) -> list[Path]:
-    files = [root / "model_index.json"]
-    for component in COMPONENTS + SDXL_COMPONENTS:  # SDXL's folders, where present
-        # Hidden entries (e.g. huggingface_hub's .cache/) hold download metadata, not model content.
-        files += sorted(
-            p
-            for p in (root / component).rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-    return files
-
-
-def fingerprint_checkpoint(root: str | Path) -> str:
-    """sha256 hex over every file of model_index.json and the component folders (five, seven for SDXL).
-
-    Each file contributes its relative path, its size and the sha256 of its first and last MiB: small files
-    (configs, tokenizer) are hashed whole, weight files cheaply but still change when they are retrained.
-    """
-    root = Path(root)
-    digest = hashlib.sha256()
-    for file in _component_files(root):
-        size = file.stat().st_size
-        sample = hashlib.sha256()
-        with file.open("rb") as handle:
-            sample.update(handle.read(_SAMPLE_BYTES))
-            if size > _SAMPLE_BYTES:
-                handle.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
-                sample.update(handle.read())
-        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0{sample.hexdigest()}\n".encode())
-    return digest.hexdigest()
 
 
 def model_family(root: Path, index: dict) -> str:

@@ -154,7 +154,8 @@ class AdaptersConfig(_Strict):
     rounded to `scale_step` (a multiple of 0.05, so a set's canonical text reads back as itself on every side); at
     most `max_pending_loads` distinct sets wait for or undergo a load (a request for one more is refused at once,
     UNAVAILABLE, naming the limit); a request waits at most `load_wait_s` for its set (then UNAVAILABLE; the load
-    goes on and the set serves the next request)."""
+    goes on and the set serves the next request). A set asked for once is unloaded before sets in steady use, so
+    `max_loaded` one above the sets in steady use keeps them loaded through a stream of one-off scales."""
 
     dir: Path | None = None
     max_loaded: int = Field(2, ge=1)

@@ -7,6 +7,7 @@ inside the BLS model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -97,7 +98,8 @@ class Pipeline:
 
             cache = open_cache(config.cache, self.embedder.dim)
         self.cache = cache
-        self._cache_keys: dict[tuple[int, float], str] = {}
+        # memoised (it builds a scheduler and hashes its config), bounded: each guidance a client sends is a key
+        self._base_keys = functools.lru_cache(maxsize=256)(self._base_key)
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
         self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
         in_process = isinstance(self.models, TorchSubModels)
@@ -117,13 +119,11 @@ class Pipeline:
     def cache_key(self, steps: int, guidance: float, addons: AddOns = NO_ADDONS) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
         SDXL the same micro-conditioning; with add-ons the same adapter files and scales, ControlNet and image)."""
-        key = (steps, round(guidance, 4))
-        if key not in self._cache_keys:  # memoised: it builds a scheduler and hashes its config
-            self._cache_keys[key] = self._base_key(steps, guidance)
+        base = self._base_keys(steps, round(guidance, 4))
         if addons == NO_ADDONS:
-            return self._cache_keys[key]
+            return base
         # Not memoised: every control image is a key of its own, and the memo must stay bounded.
-        parts = {"base": self._cache_keys[key], **addons.key_parts(self.addons.adapters)}
+        parts = {"base": base, **addons.key_parts(self.addons.adapters)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def _base_key(self, steps: int, guidance: float) -> str:
@@ -290,11 +290,9 @@ class Pipeline:
     def _retry_uncached(
         self, req: GenerationRequest, lookup: Lookup, on_event: EventCallback | None
     ) -> GenerationResult:
-        log.warning(
-            "a hit on %r (K=%d) produced non-finite values; running the request in full, uncached",
-            lookup.matched_prompt,
-            lookup.k,
-        )
+        log.warning("a hit on %r (K=%d) made NaN/inf: entry dropped, run uncached", lookup.matched_prompt, lookup.k)
+        if lookup.entry_id is not None:  # its next similar request must not meet the same latent
+            self.cache.invalidate(lookup.entry_id, req.tenant)
         fields = ("negative_prompt", "seed", "steps", "guidance", "tenant", "lora", "controlnet", "control_image")
         fields += ("controlnet_scale",)
         # on_event hears it as a second cache event ("bypass") and steps from 1 again

@@ -118,9 +118,19 @@ def serve(
     triton_dir: Annotated[Path | None, typer.Option(help="A tritonserver install (default: pytriton's).")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for READY.")] = 300.0,
     max_queue_size: Annotated[int, typer.Option(help="Queued requests beyond this are rejected.", min=1)] = 64,
+    tenant_source: Annotated[
+        str | None,
+        typer.Option(help="client (TENANT as typed; the default here) | header (a gateway's) | token (signed)."),
+    ] = None,
+    admin_key_file: Annotated[
+        Path | None, typer.Option(help="Key of the restricted Triton APIs (default: generated under --cache-dir).")
+    ] = None,
     verbose: bool = False,
 ) -> None:
-    """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM (dies with this process)."""
+    """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM (dies with this process).
+
+    Clients reach only `nirvana` and `nirvana_stream`; Triton's repository, shared-memory, logging and trace APIs
+    need the `nirvana-admin-key` header (README "Security model")."""
     from nirvana_dev.install import ServerPorts, TritonServerError
     from nirvana_dev.launch import ServeOptions, make_server, prepare
     from nirvana_dev.tritonserver import serve_forever
@@ -143,7 +153,11 @@ def serve(
         max_queue_size=max_queue_size,
         instances=instances,
         queue_delay_us=queue_delay_us,
+        tenant_source=tenant_source,
+        admin_key_file=admin_key_file,
     )
+    if tenant_source not in (None, "client", "header", "token"):
+        raise typer.BadParameter(f"--tenant-source={tenant_source!r}: choose client, header or token")
     try:
         repo, _ = prepare(options)
         server = make_server(options, repo)
@@ -152,6 +166,7 @@ def serve(
         def ready() -> None:
             urls = server.urls
             console.print(f"READY  http {urls.http}  grpc {urls.grpc}  metrics {urls.metrics}  (Ctrl-C stops)")
+            console.print(f"admin key (restricted APIs): {admin_key_file or cache_dir / 'triton' / 'admin.key'}")
 
         code = serve_forever(server, on_ready=ready)  # signal handlers go in before the server starts
     except TritonServerError as err:

@@ -25,7 +25,6 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from nirvana.service_time import BOARD_ENV
-from nirvana.variant_pool import CONTROL_ENV
 from nirvana_dev.install import (
     ServerPorts,
     TritonInstall,
@@ -212,7 +211,7 @@ class TritonServer:
     def _child_variables(self) -> dict[str, str]:
         # the orchestrators' load board lives and goes with this server's work directory; the `adapters` model
         # loads LoRA sets' UNet models through this server's own gRPC endpoint
-        own = {BOARD_ENV: str(self.work_dir / "load-board"), CONTROL_ENV: self.urls.grpc}
+        own = {BOARD_ENV: str(self.work_dir / "load-board")}
         if self.cpus:  # thread pools sized to the cores it may use (torch and OpenMP read these at start)
             own |= {name: str(len(self.cpus)) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         return {**own, **self.env}

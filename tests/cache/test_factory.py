@@ -190,7 +190,7 @@ def test_near_equal_candidates_are_chosen_at_random(config) -> None:
     cache.admit("far", _vec(5), KEY, "t", _states(ks=(25,)))
     served = {cache.lookup(query, KEY, "t", STEPS).matched_prompt for _ in range(40)}
     assert served == {"exact", "twin"}
-    plain = open_cache(config.model_copy(update={"dir": config.dir.parent / "plain"}), DIM)
+    plain = open_cache(config.model_copy(update={"dir": config.dir.parent / "plain", "near_equal_margin": 0}), DIM)
     plain.admit("exact", query, KEY, "t", _states(ks=(25,)))
     plain.admit("twin", twin / np.linalg.norm(twin), KEY, "t", _states(ks=(25,)))
     assert {plain.lookup(query, KEY, "t", STEPS).matched_prompt for _ in range(10)} == {"exact"}

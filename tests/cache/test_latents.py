@@ -14,6 +14,7 @@ import pytest
 
 from nirvana.cache import latents
 from nirvana.cache.latents import (
+    FORMAT_MARKER,
     LEGACY_SUFFIX,
     TEMP_SUFFIX,
     BlobCorrupt,
@@ -31,7 +32,7 @@ def store(tmp_path: Path) -> LatentStore:
 
 
 def blob_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != FORMAT_MARKER)
 
 
 def disk_bytes(root: Path) -> int:

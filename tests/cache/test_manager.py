@@ -49,6 +49,8 @@ def test_miss_admit_hit_with_exact_counts(memory_cache) -> None:
         "admitted": 2,
         "repaired": 0,
         "unavailable": 0,
+        "invalidated": 0,
+        "rejected": 0,
     }
     stored = cache.index.rows[cache.record(KEY, TENANT, "a red fox").id]
     assert {k: e.replica_hits for k, e in stored.entries.items()} == {5: {}, 25: {cache.replica: 1}}

@@ -133,12 +133,17 @@ def test_a_row_missing_from_a_scan_is_kept_when_a_read_by_id_finds_it(replicas, 
 
 
 def test_milvus_search_backend_hits_before_any_refresh(replicas) -> None:
-    a, b = replicas
-    b.config = b.config.model_copy(update={"search": SearchConfig(backend="milvus")})
-    a.admit("a red fox", _vec(0), KEY, "t", _states())
-    a.flush()
-    hit = b.lookup(_vec(0), KEY, "t", STEPS)  # found in Milvus, fetched into B's mirror on the spot
-    assert hit.hit and hit.k == 25 and b.entries == 2
+    a, _ = replicas
+    # Opened with the backend set: the parts of a cache (here its `matching.Matcher`) take the config at open
+    update = {"replica_id": "c", "search": SearchConfig(backend="milvus")}
+    c = open_cache(a.config.model_copy(update=update), DIM)
+    try:
+        a.admit("a red fox", _vec(0), KEY, "t", _states())
+        a.flush()
+        hit = c.lookup(_vec(0), KEY, "t", STEPS)  # found in Milvus, fetched into C's mirror on the spot
+        assert hit.hit and hit.k == 25 and c.entries == 2
+    finally:
+        c.close()
 
 
 def test_unflushed_admission_survives_a_refresh(replicas) -> None:

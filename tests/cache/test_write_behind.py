@@ -15,8 +15,9 @@ from nirvana.cache.outcome import Reason
 from nirvana.cache.write_behind import Admission, AdmissionQueue
 from nirvana.config import CacheConfig
 from nirvana.runtime.bls_cache import CacheEndpoint, bytes_array, encode_states
+from nirvana.runtime.cache_checks import CacheLimits
 
-DIM, KEY, TENANT, STEPS = 16, "key", "t", 50
+DIM, KEY, TENANT, STEPS = 16, "ab" * 16, "t", 50  # a cache key as the pipeline makes them
 
 
 def _vec(i: int) -> np.ndarray:
@@ -48,7 +49,7 @@ class _Spy:
 
 
 def test_admissions_are_written_in_submission_order(memory_cache) -> None:
-    cache = memory_cache(DIM)
+    cache = memory_cache(DIM, near_equal_margin=0)  # prompts 3 and 19 share a vector: no random choice between them
     spy = _Spy(cache)
     queue = AdmissionQueue(cache, max_depth=64)
     for i in range(20):
@@ -126,7 +127,8 @@ def test_endpoint_answers_once_queued_and_a_lookup_meanwhile_misses(memory_cache
     spy = _Spy(cache)
     spy.release.clear()
     queue = AdmissionQueue(cache, max_depth=4)
-    endpoint = CacheEndpoint(cache, DIM, queue)
+    limits = CacheLimits(dim=DIM, latent_shape=(4, 8, 8), max_steps=200, max_prompt_chars=2000)
+    endpoint = CacheEndpoint(cache, limits, queue)
     admission = _admission(0)
     request = {"op": "admit", "prompt": admission.prompt, "cache_key": KEY, "tenant": TENANT}
     response, _ = endpoint.serve(

@@ -226,7 +226,6 @@ def test_prompt_stealing_probe_learns_nothing_across_tenants_and_is_rate_limited
     assert victim_again.as_numpy("CACHE_HIT")[0]
 
 
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_miss_reports_no_similarity(client, protocol) -> None:
     result = _generate(client, protocol, f"a quiet harbour seen over {protocol}", f"dora-{protocol}")

@@ -4,6 +4,7 @@ adapter values refused naming them while the server stays up."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from nirvana_client import GenerateOptions, NirvanaClient
 from nirvana_dev.tiny_addons import make_tiny_lora
 
 pytestmark = pytest.mark.integration
+LOAD_WAIT_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,10 @@ def adapters_dir(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFac
 def server(tiny_checkpoint_dir, adapters_dir, tmp_path_factory, start_server):
     work = tmp_path_factory.mktemp("lora_serve")
     config = work / "engine.toml"
-    config.write_text(f'[adapters]\ndir = "{adapters_dir}"\nmax_loaded = 2\n')
+    # At most 2 sets in line for a load and 20 s of waiting: the churn test below meets both bounds.
+    config.write_text(
+        f'[adapters]\ndir = "{adapters_dir}"\nmax_loaded = 2\nmax_pending_loads = 2\nload_wait_s = {LOAD_WAIT_S}\n'
+    )
     state = start_server(tiny_checkpoint_dir, work, config_file=config)
     yield state["server"]
     state["server"].stop()
@@ -155,3 +160,86 @@ def test_requests_with_the_same_set_share_unet_executions(client, server) -> Non
     rows, executions = max(grown.values())
     assert rows == 4 * STEPS * 2  # a guidance pair per step per client, all on the set's own model
     assert executions < 4 * STEPS  # Triton's dynamic batcher merged steps of different requests
+
+
+def test_a_stream_of_new_scales_neither_stalls_a_loaded_set_nor_hangs(client, server) -> None:
+    """Two clients send distinct scales back to back while another uses a loaded set: every loaded-set request
+    succeeds, and every churn request is served or refused by name (the loader's bounds), within the wait bound."""
+    import time
+
+    _generate(client, "ink:0.9", cache_mode="bypass")  # loaded, and used twice: kept while one-off sets come and go
+    _generate(client, "ink:0.9", cache_mode="bypass")
+    scales = [f"glow:{0.05 * k:.2f}" for k in range(1, 13)]  # 12 distinct sets, none loaded
+    outcomes: dict[str, list] = {"served": [], "refused": [], "failed": []}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def churn() -> None:
+        mine = NirvanaClient(server.urls.grpc, "grpc")
+        try:
+            while not stop.is_set():
+                with lock:
+                    if not scales:
+                        return
+                    lora = scales.pop()
+                start = time.monotonic()
+                try:
+                    mine.generate("churn", GenerateOptions(seed=1, steps=2, lora=lora, cache_mode="bypass"))
+                    kind, detail = "served", ""
+                except InferenceServerException as err:
+                    detail = err.message() or ""
+                    limits = ("adapters.max_pending_loads", "adapters.load_wait_s")
+                    kind = "refused" if any(limit in detail for limit in limits) else "failed"
+                with lock:
+                    outcomes[kind].append((lora, time.monotonic() - start, detail[:200]))
+        finally:
+            mine.close()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for thread in churners:
+        thread.start()
+    warm = []
+    try:
+        deadline = time.monotonic() + 90
+        while any(t.is_alive() for t in churners) and len(warm) < 40 and time.monotonic() < deadline:
+            warm.append(_generate(client, "ink:0.9", f"warm {len(warm)}", cache_mode="bypass"))
+            warm.append(_generate(client, None, f"plain {len(warm)}", cache_mode="bypass"))
+    finally:
+        stop.set()
+        for thread in churners:
+            thread.join(timeout=LOAD_WAIT_S + 60)
+    assert not any(t.is_alive() for t in churners), "a churn request hung"
+    assert warm and all(r.image is not None for r in warm)
+    assert max(r.server_timings_ms.get("adapter_ms", 0.0) for r in warm) < 1000  # never waited behind a load
+    assert outcomes["failed"] == [], outcomes["failed"]
+    assert outcomes["served"], outcomes  # the loader kept loading
+    assert max(seconds for _, seconds, _ in outcomes["served"] + outcomes["refused"]) < LOAD_WAIT_S + 30
+    assert client.ready()
+
+
+def test_sets_load_in_process_while_the_public_model_control_api_is_closed(client, server) -> None:
+    """The `adapters` model loads set models through the python backend's C API, so the launcher can restrict
+    Triton's model-repository protocol: a client's load with its own model.py is refused, and a new set still loads."""
+    import tritonclient.grpc as grpcclient
+
+    triton = grpcclient.InferenceServerClient(server.urls.grpc)
+    try:
+        with pytest.raises(InferenceServerException):
+            triton.load_model("evil", config='{"backend": "python"}', files={"file:1/model.py": b"import os\n"})
+        inputs = [grpcclient.InferInput(name, [1], "BYTES") for name in ("ACTION", "NAME")]
+        inputs[0].set_data_from_numpy(np.array([b"unload"], dtype=np.object_))
+        inputs[1].set_data_from_numpy(np.array([b"unet_lora_0123456789abcdef"], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as raised:  # the helper that loads set models answers `adapters`
+            triton.infer("adapters_loader", inputs)
+        assert "permission denied" in (raised.value.message() or "")
+        adapters = [grpcclient.InferInput(name, [1], "BYTES") for name in ("ADAPTERS", "BASE")]
+        adapters[0].set_data_from_numpy(np.array([b"ink:0.8"], dtype=np.object_))
+        adapters[1].set_data_from_numpy(np.array([b"unet"], dtype=np.object_))
+        answers: queue.Queue = queue.Queue()
+        triton.start_stream(callback=lambda result, error: answers.put(error))  # decoupled: a stream is the way in
+        triton.async_stream_infer("adapters", adapters)
+        error = answers.get(timeout=30)
+        triton.stop_stream()
+        assert error is not None and "not served to clients" in error.message()  # no credential, no set loaded
+    finally:
+        triton.close()
+    assert _generate(client, "glow:1.95", cache_mode="bypass").image is not None  # not loaded before: loads now

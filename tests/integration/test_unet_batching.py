@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.security.credential import INTERNAL_PARAMETER, read_secret
 from nirvana.specs import submodel_specs
 from nirvana_dev.install import ServerPorts, free_ports
 from nirvana_dev.tritonserver import TritonServer
 from nirvana_export.onnx_export import export_submodel
-from nirvana_export.repository import SUBMODEL_PY, submodel_config
+from nirvana_export.repository import SUBMODEL_PY, place_secret, submodel_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -40,6 +41,9 @@ def _pair(seed: int, timestep: float) -> dict[str, np.ndarray]:
     }
 
 
+AS_ORCHESTRATOR: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def unet_server(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo = tmp_path_factory.mktemp("unet_repo")
@@ -48,6 +52,8 @@ def unet_server(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFa
     (repo / "unet" / "config.pbtxt").write_text(submodel_config(spec, "cpu", queue_delay_us=QUEUE_DELAY_US))
     (repo / "unet" / "1" / "model.py").write_text(SUBMODEL_PY)
     export_submodel(tiny_checkpoint, spec, repo / "unet" / "1" / "model.onnx")
+    # this test calls `unet` as the orchestrators do: with the deployment's internal credential
+    AS_ORCHESTRATOR[INTERNAL_PARAMETER] = read_secret(place_secret(repo, None))
     server = TritonServer(
         repo, ServerPorts(*free_ports(3)), work_dir=tmp_path_factory.mktemp("unet_triton"), ready_timeout_s=90
     )
@@ -99,7 +105,10 @@ def test_concurrent_requests_share_executions_and_get_their_single_request_answe
     # per-request isolation inside a merged execute is tested in tests/runtime/test_batching.py).
     bad["timestep"] = bad["timestep"].astype(np.float64)
     with grpcclient.InferenceServerClient(unet_server.urls.grpc) as client:
-        alone = [client.infer("unet", _inputs(grpcclient, r)).as_numpy("noise_pred") for r in requests]
+        alone = [
+            client.infer("unet", _inputs(grpcclient, r), parameters=AS_ORCHESTRATOR).as_numpy("noise_pred")
+            for r in requests
+        ]
         rows_before, execs_before = _settled_counts(unet_server)
 
         results: dict[int, object] = {}
@@ -116,7 +125,9 @@ def test_concurrent_requests_share_executions_and_get_their_single_request_answe
         bad_inputs.append(grpcclient.InferInput("timestep", [2, 1], "FP64"))
         bad_inputs[-1].set_data_from_numpy(bad["timestep"])
         for index, inputs in enumerate([*(_inputs(grpcclient, r) for r in requests), bad_inputs]):
-            client.async_infer("unet", inputs, callback(index), client_timeout=RESPONSE_TIMEOUT_S)
+            client.async_infer(
+                "unet", inputs, callback(index), client_timeout=RESPONSE_TIMEOUT_S, parameters=AS_ORCHESTRATOR
+            )
         deadline = time.monotonic() + RESPONSE_TIMEOUT_S
         for _ in range(CLIENTS + 1):
             assert done.acquire(timeout=max(0.0, deadline - time.monotonic())), "a response never came"
@@ -144,4 +155,4 @@ def test_a_bare_timestep_vector_is_refused_with_the_shape_triton_expects(unet_se
         grpcclient.InferenceServerClient(unet_server.urls.grpc) as client,
         pytest.raises(InferenceServerException, match=r"timestep.*Expected \[-1,1\]"),
     ):
-        client.infer("unet", _inputs(grpcclient, feeds), client_timeout=RESPONSE_TIMEOUT_S)
+        client.infer("unet", _inputs(grpcclient, feeds), client_timeout=RESPONSE_TIMEOUT_S, parameters=AS_ORCHESTRATOR)

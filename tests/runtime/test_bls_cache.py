@@ -104,9 +104,16 @@ class _Cache:
         self.calls: list[tuple] = []
         self.answer = answer or Lookup(True, Reason.HIT, 1.0, 3, "p", {"latent": np.ones((1, 2), np.float32)})
 
-    def lookup(self, vector, cache_key, tenant, num_steps) -> Lookup:
+    def lookup(self, vector, cache_key, tenant, num_steps, expected_shapes=None) -> Lookup:
         self.calls.append(("lookup", vector.tolist(), cache_key, tenant, num_steps))
+        assert expected_shapes == {"latent": LATENT.shape}  # a cached latent of another shape is never served
         return self.answer
+
+    def invalidate(self, entry_id, tenant) -> bool:
+        self.calls.append(("invalidate", entry_id, tenant))
+        if not entry_id.startswith("e"):
+            raise ValueError(f"not a cache entry id: {entry_id!r}")
+        return True
 
     def admit(self, prompt, vector, cache_key, tenant, states, replace=False, meta=None) -> int:
         self.calls.append(("admit", prompt, cache_key, tenant, sorted(states), replace, meta))
@@ -220,6 +227,17 @@ def test_lookups_over_a_tenants_rate_are_refused_with_a_retry_hint() -> None:
     clock[0] = 0.5  # one token back
     assert "rate_limited" not in json.loads(endpoint.serve(_lookup(tenant="mallory"), VECTOR, None)[0])
     assert buckets.refused == 2 and len(cache.calls) == 5  # refused lookups never reach the cache
+
+
+def test_endpoint_invalidates_the_entry_a_hit_named() -> None:
+    cache = _Cache()
+    endpoint = CacheEndpoint(cache, LIMITS)
+    ask = _request(op="invalidate", entry_id="e1-k10.abc", tenant="t")
+    assert json.loads(endpoint.serve(ask, np.zeros(1, np.float32), None)[0]) == {"invalidated": True}
+    for bad, needle in ((7, "entry_id='7'"), ("x" * 200, "expected an entry id"), ("bogus", "not a cache entry id")):
+        with pytest.raises(CacheRequestError, match=needle):
+            endpoint.serve(_request(op="invalidate", entry_id=bad, tenant="t"), np.zeros(1, np.float32), None)
+    assert cache.calls[0] == ("invalidate", "e1-k10.abc", "t")
 
 
 class _Queue:

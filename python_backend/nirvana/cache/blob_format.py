@@ -1,15 +1,21 @@
-"""The on-disk format of one latent blob: a safetensors file with a checksum in its metadata.
+"""The on-disk format of one latent blob: a safetensors file with a checksum and its binding in its metadata.
 
 A blob is a set of named numpy tensors plus a small JSON-able ``meta`` dict. It is written as a plain safetensors
 file (readable by any safetensors tool) whose string metadata holds::
 
-    "format":  "nirvana-latent/2"
+    "format":  "nirvana-latent/3"
     "meta":    the caller's meta, as JSON
-    "blake2b": 128-bit blake2b over the meta JSON and, per tensor in name order, its name, dtype, shape and bytes
+    "binding": what the blob belongs to, as JSON: row id, cache key, tenant, K (`Binding`), and "tensors": the
+               128-bit blake2b of the tensors alone (per tensor in name order: name, dtype, shape, bytes)
+    "blake2b": 128-bit blake2b over the meta JSON, the binding JSON and the tensors' digest
 
 safetensors itself checks that the header parses and that the tensors exactly cover the data; the digest catches
 what that leaves (a flipped bit in the data, a changed shape digit or meta value), so a damaged file raises
-:class:`BlobCorrupt` and never returns wrong data.
+:class:`BlobCorrupt` and never returns wrong data. The binding catches an intact blob in the wrong place: one
+copied or renamed from another row's key (or written there by someone who could write the directory but not
+Milvus) is refused by a reader that says which row it expects (`check_binding`: :class:`BlobMismatch`).
+
+Format 2 (no binding) is not read: `latents.LatentStore` drops a directory of them at open (see there).
 
 Latents are stored uncompressed (safetensors has no compression): a 4×64×64 latent (SD 1.5 at 512×512) stored as
 float16 takes 32 KiB of data plus a header of about 250 bytes; ``tests/cache/test_latents.py`` prints the number.
@@ -26,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-FORMAT = "nirvana-latent/2"
+FORMAT = "nirvana-latent/3"
 STORED_FLOAT_DTYPES = ("float16", "float32")
 _ACCEPTED_KINDS = "fiub"  # float, signed, unsigned, bool
 _LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header, then the data
@@ -44,6 +50,23 @@ class BlobCorrupt(LatentStoreError):
     """The stored file is damaged (truncated, not safetensors, checksum mismatch, undecodable)."""
 
 
+class BlobMismatch(BlobCorrupt):
+    """The blob is intact but bound to another row, cache key, tenant or K than the reader expects."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which cache entry a blob belongs to: its Milvus row, cache key, tenant partition and K."""
+
+    row_id: int
+    cache_key: str
+    tenant: str
+    k: int
+
+    def to_json(self) -> dict:
+        return {"row": f"{self.row_id:016x}", "cache_key": self.cache_key, "tenant": self.tenant, "k": self.k}
+
+
 @dataclass
 class LatentBlob:
     """A stored set of tensors: float arrays come back as float32 whatever the stored dtype, others unchanged.
@@ -53,17 +76,33 @@ class LatentBlob:
 
     tensors: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
+    binding: dict = field(default_factory=dict)  # `Binding.to_json()` plus "tensors" (their digest); {} if none
+
+    @property
+    def digest(self) -> str:
+        """The tensors' digest (names the blob's content: `ApproximateCache` puts it in a `Lookup.entry_id`)."""
+        return str(self.binding.get("tensors", ""))
 
 
-def encode_blob(tensors: dict[str, np.ndarray], meta: dict, float_dtype: str) -> bytes:
-    """Serialise tensors (floats cast to ``float_dtype``) and meta to the format in the module docstring."""
+def check_binding(blob: LatentBlob, expected: Binding, key: str = "?") -> None:
+    """BlobMismatch unless ``blob`` is bound to ``expected``."""
+    found = {name: blob.binding.get(name) for name in ("row", "cache_key", "tenant", "k")}
+    if found != expected.to_json():
+        raise BlobMismatch(f"{key}: bound to {found}, expected {expected.to_json()}")
+
+
+def encode_blob(tensors: dict[str, np.ndarray], meta: dict, float_dtype: str, binding: Binding | None = None) -> bytes:
+    """Serialise tensors (floats cast to ``float_dtype``), meta and binding to the format in the module docstring."""
     stored = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, got {name!r}")
         stored[name] = _stored_array(name, np.asarray(value), float_dtype)
     meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-    metadata = {"format": FORMAT, "meta": meta_json, "blake2b": _digest(stored, meta_json)}
+    bound = {**(binding.to_json() if binding is not None else {}), "tensors": _tensor_digest(stored)}
+    binding_json = json.dumps(bound, separators=(",", ":"), sort_keys=True)
+    digest = _digest(meta_json, binding_json, bound["tensors"])
+    metadata = {"format": FORMAT, "meta": meta_json, "binding": binding_json, "blake2b": digest}
     return save_tensors(stored, metadata=metadata)
 
 
@@ -76,8 +115,9 @@ def decode_blob(data: bytes, key: str = "?") -> LatentBlob:
         stored = load_tensors(data)
     except SafetensorError as exc:
         raise BlobCorrupt(f"{key}: undecodable ({exc})") from exc
-    meta_json = metadata.get("meta", "")
-    if _digest(stored, meta_json) != metadata.get("blake2b"):
+    meta_json, binding_json = metadata.get("meta", ""), metadata.get("binding", "")
+    tensor_digest = _tensor_digest(stored)
+    if _digest(meta_json, binding_json, tensor_digest) != metadata.get("blake2b"):
         raise BlobCorrupt(f"{key}: checksum mismatch")
     tensors = {}
     for name, array in stored.items():
@@ -85,10 +125,12 @@ def decode_blob(data: bytes, key: str = "?") -> LatentBlob:
             raise BlobCorrupt(f"{key}: tensor {name!r} has unsupported dtype {array.dtype}")
         tensors[name] = array.astype(np.float32) if array.dtype.kind == "f" else array.copy()
     try:
-        meta = json.loads(meta_json)
+        meta, binding = json.loads(meta_json), json.loads(binding_json)
     except ValueError as exc:
         raise BlobCorrupt(f"{key}: undecodable meta ({exc})") from exc
-    return LatentBlob(tensors=tensors, meta=meta)
+    if not isinstance(binding, dict) or binding.get("tensors") != tensor_digest:
+        raise BlobCorrupt(f"{key}: binding does not name these tensors")
+    return LatentBlob(tensors=tensors, meta=meta, binding=binding)
 
 
 def _metadata(data: bytes, key: str) -> dict:
@@ -107,8 +149,12 @@ def _metadata(data: bytes, key: str) -> dict:
     return metadata
 
 
-def _digest(tensors: dict[str, np.ndarray], meta_json: str) -> str:
-    digest = hashlib.blake2b(meta_json.encode(), digest_size=16)
+def _digest(meta_json: str, binding_json: str, tensor_digest: str) -> str:
+    return hashlib.blake2b(f"{meta_json}\0{binding_json}\0{tensor_digest}".encode(), digest_size=16).hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
         array = tensors[name]
         digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())

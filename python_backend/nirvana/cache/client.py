@@ -34,4 +34,9 @@ class CacheClient(Protocol):
         """Save a generated request's latents (K → ResumeState arrays); returns how many were written."""
         ...
 
+    def invalidate(self, entry_id: str, tenant: str) -> bool:
+        """Remove the entry that served a hit (`Lookup.entry_id`) whose latent turned out unusable (e.g. the UNet made
+        NaN from it); False when it is gone already."""
+        ...
+
     def close(self) -> None: ...

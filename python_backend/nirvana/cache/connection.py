@@ -3,6 +3,10 @@
 Milvus is the store of record, but the cache must not keep the server from starting or serving: when Milvus is
 down at open, requests are served uncached (`ApproximateCache.index` is None) and a background thread retries
 with exponential backoff, from half a second up to `reconnect_interval_s`.
+
+A Milvus server with authentication on takes a credential (`cache.milvus_token_file`: "user:password" or an API
+token). It is read once, at construction: a missing or empty file is a configuration error raised at once, not a
+connection failure to retry forever. The credential is never logged.
 """
 
 from __future__ import annotations
@@ -11,11 +15,30 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from nirvana.cache.index import MilvusIndex
 from nirvana.config import CacheConfig
 
 log = logging.getLogger(__name__)
+
+
+class MilvusCredentialError(ValueError):
+    """`cache.milvus_token_file` is set but holds no usable credential."""
+
+
+def read_milvus_token(path: Path | None) -> str | None:
+    """The credential in `path` ("user:password" or a token), surrounding whitespace stripped; None when unset."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        # The error names the file, never its content.
+        raise MilvusCredentialError(f"cache.milvus_token_file: cannot read {str(path)!r}: {err}") from err
+    if not token:
+        raise MilvusCredentialError(f"cache.milvus_token_file: {str(path)!r} is empty")
+    return token
 
 
 class MilvusConnection:
@@ -38,6 +61,7 @@ class MilvusConnection:
     ) -> None:
         self.config, self.dim = config, dim
         self._prepare, self._discard, self._publish, self._closed = prepare, discard, publish, closed
+        self._token = read_milvus_token(config.milvus_token_file)
 
     def open(self) -> bool:
         """Connect now; on failure keep retrying in the background. Returns whether the first attempt succeeded."""
@@ -51,8 +75,14 @@ class MilvusConnection:
         uri = self.config.resolved_milvus_uri
         index = None
         try:
+            # token None: no credential (milvus-lite, or a server without authentication).
             index = MilvusIndex(
-                uri, self.config.collection, self.dim, self.config.flush_interval_s, self.config.rpc_timeout_s
+                uri,
+                self.config.collection,
+                self.dim,
+                self.config.flush_interval_s,
+                self.config.rpc_timeout_s,
+                token=self._token,
             )
             self._prepare(index)
         except Exception as err:
@@ -63,13 +93,23 @@ class MilvusConnection:
             log.warning(
                 "Milvus at %s unavailable (%s): serving uncached, retrying (at most every %.0f s)",
                 uri,
-                err,
+                self._redact(err),
                 self.config.reconnect_interval_s,
             )
             return False
         if not self._publish(index):  # closed while we were connecting
             index.close()
         return True
+
+    def _redact(self, err: Exception) -> str:
+        """The error's text without the credential (a client error may echo what it was given)."""
+        text = str(err)
+        if self._token:
+            text = text.replace(self._token, "<milvus token>")
+            _, sep, password = self._token.partition(":")
+            if sep and password:  # "user:password": the password alone too
+                text = text.replace(password, "<milvus password>")
+        return text
 
     def _reconnect_loop(self) -> None:
         # Back off from half a second: right after a restart the previous process may hold milvus-lite's lock

@@ -52,4 +52,7 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
     ).open()
     if shared and config.refresh_interval_s > 0:
         replicas.start(lambda: cache.index, cache.closed)
+    elif not shared and cache.index is not None:
+        # A milvus-lite file admits one process: the hit counts of any other replica id are final (`replicas`)
+        replicas.retire(cache.index, everyone_else=True)
     return cache

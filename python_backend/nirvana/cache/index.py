@@ -3,7 +3,7 @@
 One row per cached prompt (per cache key and tenant). The LCBFU state lives in the row's fields: `entries`
 (JSON: K → hits, last access, bytes, and the hits counted by each replica), and the roll-ups `hits`, `score`
 (Σ hits × K) and `last_access`, so it survives a restart and other tools can query it. The rows' data model, and
-the `PromptIndex` protocol this class implements, are in `records`.
+the `PromptIndex` protocol this class implements, are in `records`; the collection's schema in `milvus_schema`.
 
 Writes are **write-behind**: the request path only records what changed in a row (Ks admitted, Ks removed, hits);
 a background thread flushes every `flush_interval_s` (an upsert costs 5–130 ms, far too much for the request path).
@@ -19,6 +19,10 @@ compare-and-set, so two replicas flushing the same row at the same moment can st
 after other replicas' in-flight flushes have landed (`replicas.ReplicaSync.settle`). What can still be lost: the last
 increments of a replica that exited when another replica's flush, which had read the row before them, landed
 later than that final check (a flush slower than `flush_interval_s` + 1 s from its read to its write).
+
+**Bad rows never block a flush.** `put` refuses a row `validation.check_record` rejects (`InvalidRow`); when an
+upsert still fails and Milvus answers otherwise, the rows are written one by one, and those Milvus refuses are
+dropped, logged once each and counted (`dropped_rows`): the others land, and later flushes are not held up.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import numpy as np
 
 # milvus-lite 2.5 imports pkg_resources (deprecated, harmless); pymilvus' iterator warns on every milvus-lite scan.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus import MilvusClient  # noqa: E402
 
+from nirvana.cache.milvus_schema import SCALAR_FIELDS, ensure_collection, partition_filter  # noqa: E402
 from nirvana.cache.records import (  # noqa: E402
     EntryMeta,
     PromptRecord,
@@ -44,30 +49,41 @@ from nirvana.cache.records import (  # noqa: E402
     is_server_uri,
     merge_entries,
 )
+from nirvana.cache.validation import check_record  # noqa: E402
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymilvus.orm.iterator").setLevel(logging.ERROR)
 
-MAX_PROMPT_BYTES = 8192
 RPC_TIMEOUT_S = 30.0  # default per call: a Milvus that stopped answering must not hang a flush (or a shutdown)
 _BATCH = 1000  # milvus-lite 2.5 slows down sharply for single inserts of > ~4,800 rows of 384 dims
 _SCAN_BATCH = 10_000  # rows per page of a scan without vectors
 _VECTOR_BATCH = 256  # rows per read of vectors: milvus-lite 2.5 costs more per row in larger pages (see scan_rows)
-_SCALAR_FIELDS = ["id", "prompt", "cache_key", "tenant", "entries", "created"]
 # Reads that a merge depends on must see every acknowledged write (a Milvus server defaults to "Bounded").
 _CONSISTENCY = {"consistency_level": "Strong"}
+# `written_since` looks back a few flush intervals: older write times are forgotten once this many are held
+_WRITTEN_AT_MAX, _WRITTEN_AT_KEEP_S = 4096, 600.0
+# Errors that mean "Milvus is not answering" (keep everything queued), not "Milvus refuses this row"
+_OUTAGE_ERRORS = (ConnectionError, TimeoutError, OSError)
 
 
 class MilvusIndex:
     """pymilvus client over one collection; milvus-lite file path or a server URI."""
 
     def __init__(
-        self, uri: str, collection: str, dim: int, flush_interval_s: float = 1.0, rpc_timeout_s: float = RPC_TIMEOUT_S
+        self,
+        uri: str,
+        collection: str,
+        dim: int,
+        flush_interval_s: float = 1.0,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        token: str | None = None,
     ) -> None:
         self.uri, self.collection, self.dim, self.rpc_timeout_s = uri, collection, dim, rpc_timeout_s
         # A connection of its own: two indexes on one URI in one process (tests, a reconnect) must not share one,
-        # or closing either would close both.
-        self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0), alias=f"nirvana-index-{uuid.uuid4().hex}")
+        # or closing either would close both. `token`: "user:password" or an API token (a server with auth on).
+        auth = {} if token is None else {"token": token}
+        alias = f"nirvana-index-{uuid.uuid4().hex}"
+        self._client = MilvusClient(uri, timeout=min(rpc_timeout_s, 10.0), alias=alias, **auth)
         self._client_lock = threading.Lock()  # one client call at a time (milvus-lite is a single local server)
         self._pending: dict[int, RowChange] = {}
         self._pending_lock = threading.Lock()
@@ -75,9 +91,11 @@ class MilvusIndex:
         # pending or already stored, never in between (ReplicaSync.refresh).
         self.flush_lock = threading.Lock()
         self._written_at: dict[int, float] = {}  # row id → time.monotonic() of this process's last write of it
+        self.dropped_rows = 0  # rows Milvus refused at a flush, dropped so that later flushes land
+        self._dropped_logged: set[int] = set()  # logged once each (bounded: cleared when it grows large)
         self._stop = threading.Event()
         try:
-            self._ensure_collection()
+            ensure_collection(self._client, self.collection, self.dim, self.uri)
         except Exception:
             self._client.close()  # release the milvus-lite file lock
             raise
@@ -87,34 +105,6 @@ class MilvusIndex:
     @property
     def shared(self) -> bool:
         return is_server_uri(self.uri)
-
-    def _ensure_collection(self) -> None:
-        if self._client.has_collection(self.collection):
-            fields = self._client.describe_collection(self.collection)["fields"]
-            dims = [f["params"].get("dim") for f in fields if f["name"] == "vector"]
-            if dims and int(dims[0]) != self.dim:
-                raise ValueError(
-                    f"collection {self.collection!r} at {self.uri!r} holds {dims[0]}-dim vectors but the embedder "
-                    f"gives {self.dim}: use another cache dir/collection or the matching embedder"
-                )
-            self._client.load_collection(self.collection)
-            return
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        schema.add_field("prompt", DataType.VARCHAR, max_length=MAX_PROMPT_BYTES)
-        schema.add_field("cache_key", DataType.VARCHAR, max_length=64)
-        schema.add_field("tenant", DataType.VARCHAR, max_length=512)
-        schema.add_field("entries", DataType.JSON)  # JSON, not ARRAY: milvus-lite 2.5 fails on empty ARRAY results
-        schema.add_field("hits", DataType.INT64)
-        schema.add_field("score", DataType.DOUBLE)
-        schema.add_field("last_access", DataType.DOUBLE)
-        schema.add_field("created", DataType.DOUBLE)
-        index = self._client.prepare_index_params()
-        index.add_index(
-            "vector", index_type="FLAT", metric_type="IP"
-        )  # exact; milvus-lite loses growing raw data with AUTOINDEX
-        self._client.create_collection(self.collection, schema=schema, index_params=index)
 
     def _scan(self, output_fields: list[str], batch_size: int = _BATCH) -> Iterator[dict]:
         with self._client_lock:
@@ -135,7 +125,7 @@ class MilvusIndex:
         """Every row without its vector (startup: `fetch_vectors` then reads only the vectors it needs). Without
         vectors a page of 10,000 rows costs about 70 ms on milvus-lite; with them, pages of more than ~300 rows
         get slower per row (1,000: 0.1 s, 2,000: 0.3 s), which is why vectors are read apart, in small pages."""
-        yield from self._scan(_SCALAR_FIELDS, batch_size=_SCAN_BATCH)
+        yield from self._scan(SCALAR_FIELDS, batch_size=_SCAN_BATCH)
 
     def fetch_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """The vectors ([dim] float32) of the stored rows with these ids; absent ids are left out."""
@@ -163,7 +153,7 @@ class MilvusIndex:
         With `vectors` False the records' vectors are empty (reading vectors costs most of a read on milvus-lite)."""
         ids = list(ids)
         found: dict[int, PromptRecord] = {}
-        fields = ["*"] if vectors else _SCALAR_FIELDS
+        fields = ["*"] if vectors else SCALAR_FIELDS
         for start in range(0, len(ids), _BATCH):
             with self._client_lock:
                 rows = self._client.get(
@@ -189,6 +179,8 @@ class MilvusIndex:
         """Queue a write of the record as this process sees it (write-behind): `added` are the Ks it has just
         admitted (or rewritten), `removed` the Ks it has just dropped; hits need no mention (they are merged)."""
         change = RowChange(record.snapshot(), set(added), set(removed))
+        if change.record.entries:  # InvalidRow: refused here, before it can block a flush (no entries: a delete)
+            check_record(change.record, self.dim)
         with self._pending_lock:
             older = self._pending.get(record.id)
             self._pending[record.id] = change if older is None else change.after(older)
@@ -246,12 +238,41 @@ class MilvusIndex:
             elif old is not None:
                 deletes.append(row_id)
         with self._client_lock:
+            dropped: set[int] = set()
             for start in range(0, len(upserts), _BATCH):
-                self._client.upsert(self.collection, upserts[start : start + _BATCH], timeout=self.rpc_timeout_s)
+                dropped |= self._upsert(upserts[start : start + _BATCH])
             if deletes:
                 self._client.delete(self.collection, ids=deletes, timeout=self.rpc_timeout_s)
         now = time.monotonic()
-        self._written_at.update((row["id"], now) for row in upserts)
+        self._written_at.update((row["id"], now) for row in upserts if row["id"] not in dropped)
+        if len(self._written_at) > _WRITTEN_AT_MAX:
+            self._written_at = {i: at for i, at in self._written_at.items() if at >= now - _WRITTEN_AT_KEEP_S}
+
+    def _upsert(self, rows: list[dict]) -> set[int]:
+        """Upsert `rows`; if Milvus refuses the batch while it answers, write them one by one and drop the ones it
+        refuses. Returns the ids dropped. Raises (everything stays queued) when Milvus does not answer."""
+        try:
+            self._client.upsert(self.collection, rows, timeout=self.rpc_timeout_s)
+            return set()
+        except _OUTAGE_ERRORS:
+            raise
+        except Exception as err:
+            self._client.has_collection(self.collection, timeout=self.rpc_timeout_s)  # raises when Milvus is down
+            log.warning("milvus refused a batch of %d rows (%s): writing them one by one", len(rows), err)
+        dropped = set()
+        for row in rows:
+            try:
+                self._client.upsert(self.collection, [row], timeout=self.rpc_timeout_s)
+            except _OUTAGE_ERRORS:
+                raise
+            except Exception as err:
+                dropped.add(row["id"])
+                self.dropped_rows += 1
+                if row["id"] not in self._dropped_logged:
+                    log.error("cache row %016x dropped: Milvus refuses it (%s)", row["id"], str(err)[:300])
+                    self._dropped_logged = self._dropped_logged if len(self._dropped_logged) < 4096 else set()
+                    self._dropped_logged.add(row["id"])
+        return dropped
 
     def written_since(self, moment: float) -> list[int]:
         """Ids of the rows this process upserted at or after `moment` (time.monotonic())."""
@@ -266,7 +287,7 @@ class MilvusIndex:
 
     def search(self, vector: np.ndarray, cache_key: str, tenant: str | None) -> tuple[int, float] | None:
         """Top-1 search in Milvus itself, filtered by cache key (and tenant)."""
-        expr = f"cache_key == {_quote(cache_key)}" + ("" if tenant is None else f" and tenant == {_quote(tenant)}")
+        expr = partition_filter(cache_key, tenant)
         with self._client_lock:
             result = self._client.search(
                 self.collection, data=[vector.tolist()], limit=1, filter=expr, timeout=self.rpc_timeout_s
@@ -289,7 +310,3 @@ class MilvusIndex:
         self.flush()
         with self._client_lock:
             self._client.close()
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

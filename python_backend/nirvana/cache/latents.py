@@ -10,6 +10,14 @@ returns wrong data. Floats are stored uncompressed, as float16 by default: about
 are deleted, with one log line counting them, and regenerated as misses recur. Their entries in Milvus then have no
 latent, so the cache's reconciliation at open drops them too. Converting them instead would keep the cache warm
 across the upgrade but means keeping the old decoder; a cache refills within a day of traffic, so we drop them.
+
+**Blobs of format 2** (safetensors without a binding to their row, before `blob_format` 3) are dropped the same
+way: a directory without the `FORMAT_MARKER` file (written at the first open by this version) that holds blobs was
+written by an earlier version; its blobs are deleted at open with ONE warning line, and their Milvus entries,
+left without a latent, are dropped by the reconciliation that follows. Reading them unbound instead would keep
+whatever an earlier version let a forged admission store (issue 31) served without any check that it belongs to
+its row. A format-2 blob met later (an old replica still writing a shared directory) fails to decode: its entry is
+removed on that first read, as for any damaged blob.
 """
 
 from __future__ import annotations
@@ -27,22 +35,36 @@ from pathlib import Path
 import numpy as np
 
 from nirvana.cache.blob_format import (
+    FORMAT,
     STORED_FLOAT_DTYPES,
+    Binding,
     BlobCorrupt,
+    BlobMismatch,
     BlobMissing,
     LatentBlob,
     LatentStoreError,
+    check_binding,
     decode_blob,
     encode_blob,
 )
 
-__all__ = ["BlobCorrupt", "BlobMissing", "InvalidKey", "LatentBlob", "LatentStore", "LatentStoreError"]
+__all__ = [
+    "Binding",
+    "BlobCorrupt",
+    "BlobMismatch",
+    "BlobMissing",
+    "InvalidKey",
+    "LatentBlob",
+    "LatentStore",
+    "LatentStoreError",
+]
 
 log = logging.getLogger(__name__)
 
 BLOB_SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".nlt"  # the pre-safetensors format: dropped at open
 TEMP_SUFFIX = ".tmp"
+FORMAT_MARKER = "FORMAT"  # in the root: the blob format the directory holds (absent: format 2 or older)
 # A temporary file younger than this may belong to a put in flight in another process sharing the directory
 # (several Triton model instances, several pods): the cleanup at open leaves it alone.
 STALE_TEMP_AGE_S = 300.0
@@ -72,6 +94,7 @@ class LatentStore:
         self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         self._scanned: tuple[float, set[str]] | None = None  # (time.monotonic(), keys) of the walk at open
+        self.old_format_dropped = 0  # blobs of an earlier format deleted at open
         self._total_bytes = self._scan_at_open()
         self.scan_s = time.perf_counter() - t0
 
@@ -80,10 +103,14 @@ class LatentStore:
         keys for the reconciliation (`take_scanned_keys`), and removes stale temporary files and blobs of the
         pre-safetensors format."""
         total, legacy, cutoff, now = 0, 0, time.time() - STALE_TEMP_AGE_S, time.time()
+        marker = self.root / FORMAT_MARKER
+        current = marker.is_file() and marker.read_text().strip() == FORMAT
         keys: set[str] = set()
         for entry in self._files(BLOB_SUFFIX, LEGACY_SUFFIX, TEMP_SUFFIX):
             name = entry.name
-            if name.endswith(BLOB_SUFFIX):
+            if name.endswith(BLOB_SUFFIX) and not current:
+                self.old_format_dropped += _remove_if_older(entry, now)
+            elif name.endswith(BLOB_SUFFIX):
                 try:
                     total += entry.stat(follow_symlinks=False).st_size
                 except FileNotFoundError:
@@ -95,6 +122,17 @@ class LatentStore:
                 legacy += _remove_if_older(entry, now)
         if legacy:
             log.warning("dropped %d latents in the pre-safetensors format; they will be regenerated", legacy)
+        if self.old_format_dropped:
+            log.warning(
+                "latent cache %s was written by an earlier version (blobs not bound to their rows): dropped its %d "
+                "latents and their entries; the cache refills as misses recur",
+                self.root,
+                self.old_format_dropped,
+            )
+        if not current:
+            temp = marker.with_name(f".{FORMAT_MARKER}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            temp.write_text(FORMAT + "\n")
+            os.replace(temp, marker)
         self._scanned = (time.monotonic(), keys)
         return total
 
@@ -111,13 +149,16 @@ class LatentStore:
 
     # --- public API ---------------------------------------------------------------------------------------------
 
-    def put(self, key: str, tensors: dict[str, np.ndarray], meta: dict | None = None) -> int:
-        """Store ``tensors`` and a JSON-able ``meta`` under ``key``, replacing any old blob; returns bytes on disk.
+    def put(
+        self, key: str, tensors: dict[str, np.ndarray], meta: dict | None = None, binding: Binding | None = None
+    ) -> int:
+        """Store ``tensors``, a JSON-able ``meta`` and the entry they belong to (``binding``) under ``key``,
+        replacing any old blob; returns bytes on disk.
 
         Atomic: the old blob stays readable until the new one is complete; on any error no partial file is left.
         """
         path = self._path(key)
-        data = encode_blob(tensors, meta or {}, self.dtype)
+        data = encode_blob(tensors, meta or {}, self.dtype, binding)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
@@ -138,19 +179,25 @@ class LatentStore:
             raise
         return len(data)
 
-    def encoded_size(self, tensors: dict[str, np.ndarray], meta: dict | None = None) -> int:
-        """Bytes ``put`` would write for these tensors and meta (it encodes them: ~50 µs for a 4×64×64 latent).
-        Raises as ``put`` does (ValueError, TypeError) for tensors it cannot store."""
-        return len(encode_blob(tensors, meta or {}, self.dtype))
+    def encoded_size(
+        self, tensors: dict[str, np.ndarray], meta: dict | None = None, binding: Binding | None = None
+    ) -> int:
+        """Bytes ``put`` would write for these tensors, meta and binding (it encodes them: ~50 µs for a 4×64×64
+        latent). Raises as ``put`` does (ValueError, TypeError) for tensors it cannot store."""
+        return len(encode_blob(tensors, meta or {}, self.dtype, binding))
 
-    def get(self, key: str) -> LatentBlob:
-        """The blob stored under ``key``; BlobMissing if absent, BlobCorrupt if the file is damaged."""
+    def get(self, key: str, expect: Binding | None = None) -> LatentBlob:
+        """The blob stored under ``key``; BlobMissing if absent, BlobCorrupt if the file is damaged, BlobMismatch
+        if it is not bound to ``expect`` (when given)."""
         path = self._path(key)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlobMissing(f"no latent blob stored under key {key!r}") from None
-        return decode_blob(data, key)
+        blob = decode_blob(data, key)
+        if expect is not None:
+            check_binding(blob, expect, key)
+        return blob
 
     def delete(self, key: str) -> int:
         """Remove the blob under ``key``; returns the bytes freed (0 if it was absent)."""

@@ -3,7 +3,9 @@
 The parts are passed in (`factory.open_cache` builds the production composition from a `CacheConfig`): the store of
 record (`records.PromptIndex`; Milvus in production, written behind), the in-process `mirror` of it that lookups
 search, and the `latents` blob store. The cache builds the pure in-memory parts from the config: `policy` (LCBFU),
-`selection` (similarity → K), `predictor` (skip retrieval for novel prompts) and `probing`.
+`selection` (similarity → K), `predictor` (skip retrieval for novel prompts) and `probing`. It delegates the
+search (`matching`: candidates and the random choice among near-equal ones), the write path (`admission`: checks,
+budgets, bound writes) and what a served latent must be (`integrity`: verified loads, entry ids for `invalidate`).
 
 While the store of record is unreachable (`index` is None) requests are served uncached and nothing is admitted;
 `attach` publishes the index once the mirror holds what it stores (`connection`). Several replicas (processes) may
@@ -20,40 +22,31 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nirvana.cache.admission import Admission
+from nirvana.cache.budget import Budget
+from nirvana.cache.integrity import entry_id, load_checked, parse_entry_id, still_served
 from nirvana.cache.latents import BlobCorrupt, BlobMissing, LatentStore
+from nirvana.cache.matching import Matcher
 from nirvana.cache.mirror import Mirror
-from nirvana.cache.outcome import Lookup, Reason
-from nirvana.cache.policy import BudgetInfeasible, LCBFUPolicy
+from nirvana.cache.outcome import CacheCounters, Lookup, Reason
 from nirvana.cache.predictor import HitPredictor
 from nirvana.cache.probing import ProbeMonitor
-from nirvana.cache.records import EntryMeta, PromptIndex, PromptRecord, blob_key, record_id
-from nirvana.cache.search import Match
+from nirvana.cache.records import PromptIndex, PromptRecord, blob_key, record_id
+from nirvana.cache.validation import InvalidLatent, InvalidRow
 from nirvana.config import CacheConfig
 
 if TYPE_CHECKING:
     from nirvana.cache.replicas import ReplicaSync
 
-__all__ = ["ApproximateCache", "CacheCounters", "Lookup", "Reason", "blob_key"]
+__all__ = ["ApproximateCache", "CacheCounters", "InvalidLatent", "InvalidRow", "Lookup", "Reason", "blob_key"]
 
 log = logging.getLogger(__name__)
 
 SHARED_TENANT = "*"  # the one partition used when tenant isolation is off
-EVICTION_SLACK = 0.02  # evict 2% below the budget so eviction (a scan of all entries) runs rarely
-
-
-@dataclass
-class CacheCounters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    admitted: int = 0
-    repaired: int = 0
-    unavailable: int = 0  # requests served uncached because Milvus was unreachable
 
 
 class ApproximateCache:
@@ -79,13 +72,16 @@ class ApproximateCache:
         self.open_timings = open_timings if open_timings is not None else {}  # phases of the open, in seconds
         self.replica = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.selector = config.selection.selector()
-        self.policy = LCBFUPolicy(config.max_entries, config.max_bytes, config.min_entries_per_prompt)
+        self.budget = Budget(config)
+        self.policy = self.budget.policy
         self.counters = counters or CacheCounters()
         self.replicas = replicas
+        if replicas is not None:
+            replicas.replica = self.replica  # never retired by its own refresh
         self.predictor = HitPredictor(**config.predictor.model_dump())
         self.probes = ProbeMonitor()
-        self._top_k = config.near_equal_candidates if config.near_equal_margin > 0 else 1
-        self._rng = np.random.default_rng()
+        self.matcher = Matcher(config, mirror)
+        self._admission = Admission(mirror, latents, self.budget, self.counters, clock, self._drop_entry)
         self._lock = mirror.lock  # one lock for the mirror and the counters
         self.closed = threading.Event()  # background parts (reconnect, refresh) stop when it is set
         self.index: PromptIndex | None = None  # None while unreachable: requests are served uncached
@@ -110,10 +106,20 @@ class ApproximateCache:
     def tenant_partition(self, tenant: str) -> str:
         return tenant if self.config.tenant_isolation else SHARED_TENANT
 
-    def lookup(self, vector: np.ndarray, cache_key: str, tenant: str, num_steps: int) -> Lookup:
-        """Find the best cached latent for this request, load it, and count the hit."""
+    def lookup(
+        self,
+        vector: np.ndarray,
+        cache_key: str,
+        tenant: str,
+        num_steps: int,
+        expected_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> Lookup:
+        """Find the best cached latent for this request, load it, and count the hit. `expected_shapes` (array name
+        → shape, e.g. {"latent": (1, 4, 64, 64)}): a cached latent shaped otherwise is removed and the lookup
+        misses, as for a non-finite or damaged one."""
         timings: dict[str, float] = {}
-        if self.index is None:
+        index = self.index
+        if index is None:
             with self._lock:
                 self.counters.unavailable += 1
             return self._miss(Lookup(False, Reason.CACHE_UNAVAILABLE, timings_ms=timings))
@@ -121,14 +127,12 @@ class ApproximateCache:
         novel = self.predictor.is_novel(vector)
         if novel and not self.predictor.should_shadow():
             return self._miss(Lookup(False, Reason.PREDICTED_NOVEL, timings_ms=timings))
-        match = self._choose_match(self._candidates(cache_key, self.tenant_partition(tenant), vector))
+        match = self.matcher.best(index, cache_key, self.tenant_partition(tenant), vector)
         t1 = time.perf_counter()
         timings["search_ms"] = (t1 - t0) * 1e3
         if match is None:
             return self._miss(Lookup(False, Reason.EMPTY, timings_ms=timings))
-        record = self.mirror.get(match.id)
-        if record is None and self.config.search.backend == "milvus":
-            record = self._adopt(match.id)  # found in Milvus, admitted by another replica since our last refresh
+        record = self.matcher.record(index, match.id)
         with self._lock:
             k = self.selector.choose(match.similarity, record.entries, num_steps) if record else None
         timings["select_ms"] = (time.perf_counter() - t1) * 1e3
@@ -138,57 +142,64 @@ class ApproximateCache:
         if record is None or k is None:
             self.probes.observe(tenant, match.similarity, self.selector.thresholds[-1][0])
             return self._miss(Lookup(False, Reason.BELOW_THRESHOLD, match.similarity, timings_ms=timings))
-        return self._load_hit(record, k, match.similarity, timings)
+        return self._load_hit(record, k, match.similarity, timings, expected_shapes)
 
-    def _candidates(self, cache_key: str, partition: str, vector: np.ndarray) -> list[Match]:
-        """Nearest cached prompts: from the in-process mirror, or (search.backend = "milvus") from Milvus itself."""
-        if self.config.search.backend == "milvus" and self.index is not None:
-            found = self.index.search(np.asarray(vector, np.float32), cache_key, partition)
-            return [] if found is None else [Match(*found)]
-        return self.mirror.top((cache_key, partition), vector, self._top_k)
-
-    def _choose_match(self, matches: list[Match]) -> Match | None:
-        """The best match, or with `near_equal_margin` > 0 a random one among those within the margin of the best:
-        which cached prompt serves a request is then not a deterministic function of the query, which blunts
-        prompt-reconstruction and targeted poisoning of a shared cache (USENIX Security'26)."""
-        if not matches:
-            return None
-        margin = self.config.near_equal_margin
-        if margin <= 0 or len(matches) == 1:
-            return matches[0]
-        close = [m for m in matches if m.similarity >= matches[0].similarity - margin]
-        return close[int(self._rng.integers(len(close)))]
-
-    def _adopt(self, row_id: int) -> PromptRecord | None:
-        """Fetch one row into the mirror (search.backend = "milvus" found an id the mirror does not hold yet)."""
-        found = self.index.fetch([row_id]).get(row_id) if self.index is not None else None
-        if found is None or not found.entries:
-            return None
-        with self._lock:
-            if row_id not in self.mirror:
-                self.mirror.add(found)
-            return self.mirror.get(row_id)
-
-    def _load_hit(self, record: PromptRecord, k: int, similarity: float, timings: dict[str, float]) -> Lookup:
+    def _load_hit(
+        self,
+        record: PromptRecord,
+        k: int,
+        similarity: float,
+        timings: dict[str, float],
+        expected_shapes: dict[str, tuple[int, ...]] | None,
+    ) -> Lookup:
         t0 = time.perf_counter()
-        key = blob_key(record.id, k)
         try:
-            blob = self.latents.get(key)
-        except (BlobMissing, BlobCorrupt) as err:
+            blob = load_checked(self.latents, record, k, expected_shapes)
+        except (BlobMissing, BlobCorrupt, InvalidLatent) as err:
             reason = Reason.BLOB_MISSING if isinstance(err, BlobMissing) else Reason.BLOB_CORRUPT
-            log.warning("cached latent %s unusable (%s): served as a miss, entry removed", key, err)
+            log.warning("cached latent %s unusable (%s): served as a miss, entry removed", blob_key(record.id, k), err)
             self._drop_entry(record.id, k)
             with self._lock:
                 self.counters.repaired += 1
+                self.counters.invalidated += not isinstance(err, BlobMissing)
             return self._miss(Lookup(False, reason, similarity, timings_ms=timings))
         timings["latent_load_ms"] = (time.perf_counter() - t0) * 1e3
         with self._lock:
             meta = record.entries.get(k)
             if meta is not None:
                 meta.count_hit(self.replica, self._clock())
-                self.index.put(record)
+                self._put_quietly(record)
             self.counters.hits += 1
-        return Lookup(True, Reason.HIT, similarity, k, record.prompt, blob.tensors, timings, blob.meta)
+        served_by = entry_id(record.id, k, blob)
+        return Lookup(True, Reason.HIT, similarity, k, record.prompt, blob.tensors, timings, blob.meta, served_by)
+
+    def _put_quietly(self, record: PromptRecord, removed: list[int] | None = None) -> None:
+        """Queue a hit count or removal; a row the store refuses (one stored by an earlier version, say) is logged,
+        never the request's failure."""
+        try:
+            self.index.put(record, removed=removed or ())
+        except InvalidRow as err:
+            log.warning("cache row %016x not written back: %s", record.id, err)
+
+    def invalidate(self, entry_id: str, tenant: str | None = None) -> bool:
+        """Remove the entry that served a hit (`Lookup.entry_id`) because its latent turned out unusable (e.g. the
+        UNet produced NaN from it): from the mirror, Milvus and disk, counted in `invalidated`. With `tenant`, only
+        an entry of that tenant's partition. False if there is no such entry, or it was rewritten since that hit
+        (a refresh: the new latent is not the one that failed). ValueError for an id no lookup gives."""
+        ref = parse_entry_id(entry_id)
+        with self._lock:
+            record = self.mirror.get(ref.row_id)
+            if record is None or ref.k not in record.entries:
+                return False
+            if tenant is not None and record.tenant != self.tenant_partition(tenant):
+                return False
+        if not still_served(self.latents, ref):
+            return False
+        log.warning("cache entry %s invalidated: its latent was unusable", ref.key)
+        self._drop_entry(ref.row_id, ref.k)
+        with self._lock:
+            self.counters.invalidated += 1
+        return True
 
     def _miss(self, lookup: Lookup) -> Lookup:
         with self._lock:
@@ -206,76 +217,22 @@ class ApproximateCache:
         replace: bool = False,
         meta: dict | None = None,
     ) -> int:
-        """Save a generated request's latents (K → ResumeState arrays). Returns how many were written.
+        """Save a generated request's latents (K → ResumeState arrays). Returns how many were written; raises
+        InvalidRow / InvalidLatent (counted in `rejected`), before writing anything, for ones that must not be cached.
 
         Ks the prompt already has are kept unless `replace` (CACHE_MODE=refresh), which rewrites their latents
-        and keeps their hit counts. `meta` (small, JSON) is stored with each latent and returned on a hit.
-        """
-        if self.index is None:
+        and keeps their hit counts. `meta` (small, JSON) is stored with each latent and returned on a hit."""
+        index = self.index
+        if index is None:
             return 0  # nothing is admitted while Milvus, the store of record, is unreachable
-        tenant = self.tenant_partition(tenant)
-        row_id = record_id(cache_key, tenant, prompt)
-        with self._lock:
-            existing = self.mirror.get(row_id)
-            have = set(existing.entries) if existing else set()
-        ks = sorted(states) if replace else [k for k in sorted(states) if k not in have]
-        if not ks:
-            return 0
-        blob_meta = {k: {**(meta or {}), "k": k} for k in ks}
-        new_ks = [k for k in ks if k not in have]
-        incoming = sum(self.latents.encoded_size(states[k], blob_meta[k]) for k in new_ks)
-        try:
-            self._evict(len(new_ks), incoming)
-        except BudgetInfeasible as err:
-            log.warning("not admitting %r: %s", prompt[:80], err)
-            return 0
-        written: dict[int, int] = {}
-        try:
-            for k in ks:
-                written[k] = self.latents.put(blob_key(row_id, k), states[k], blob_meta[k])
-        except Exception as err:  # e.g. disk full, fp16 overflow: the image is served, the admission dropped
-            for k in set(written) - have:
-                self.latents.delete(blob_key(row_id, k))
-            log.warning("admission of %r dropped: %s", prompt[:80], err)
-            return 0
-        self._record_admission(row_id, prompt, vector, cache_key, tenant, written)
-        self._refit_predictor()
-        return len(written)
-
-    def _record_admission(
-        self, row_id: int, prompt: str, vector: np.ndarray, cache_key: str, tenant: str, written: dict[int, int]
-    ) -> None:
-        """Enter written latents (K → bytes on disk) in the mirror and queue them for the store of record."""
-        now = self._clock()
-        with self._lock:
-            record = self.mirror.get(row_id)
-            if record is None:
-                record = PromptRecord(row_id, prompt, cache_key, tenant, np.asarray(vector, np.float32), now)
-                self.mirror.add(record)
-            for k, nbytes in written.items():
-                old = record.entries.get(k)
-                hits = dict(old.replica_hits) if old else {}  # a rewrite (refresh) keeps the hit counts
-                self.mirror.put_entry(record, k, EntryMeta(last_access=now, nbytes=nbytes, replica_hits=hits))
-            self.index.put(record, added=written)
-            self.counters.admitted += len(written)
+        partition = self.tenant_partition(tenant)
+        written = self._admission.admit(index, prompt, vector, cache_key, partition, states, replace, meta)
+        if written:
+            self._refit_predictor()
+        return written
 
     def _refit_predictor(self) -> None:
         self.predictor.refit_in_background(lambda: len(self.mirror), self.mirror.vectors)
-
-    def _evict(self, incoming_entries: int, incoming_bytes: int) -> None:
-        if not self.policy.over_budget(self.mirror.entries + incoming_entries, self.total_bytes + incoming_bytes):
-            return
-        slack_entries = int((self.config.max_entries or 0) * EVICTION_SLACK)
-        slack_bytes = int((self.config.max_bytes or 0) * EVICTION_SLACK)
-        stats = self.mirror.entry_stats()
-        try:
-            victims = self.policy.victims(stats, incoming_entries + slack_entries, incoming_bytes + slack_bytes)
-        except BudgetInfeasible:  # the slack does not fit a tiny budget: evict just enough
-            victims = self.policy.victims(stats, incoming_entries, incoming_bytes)
-        for victim in victims:
-            self._drop_entry(victim.prompt_id, victim.k)
-        with self._lock:
-            self.counters.evictions += len(victims)
 
     def _drop_entry(self, row_id: int, k: int) -> None:
         """Remove one latent; the prompt leaves the index with its last latent."""
@@ -283,7 +240,7 @@ class ApproximateCache:
         with self._lock:
             record = self.mirror.pop_entry(row_id, k)
             if record is not None:
-                self.index.put(record, removed=[k])  # the row goes at flush if no replica holds another K of it
+                self._put_quietly(record, removed=[k])  # the row goes at flush if no replica holds another K of it
 
     # -- introspection ------------------------------------------------------------------------------
     @property
@@ -306,6 +263,8 @@ class ApproximateCache:
             "entries": self.mirror.entries,
             "bytes": self.total_bytes,
             **vars(self.counters),
+            "dropped_rows": getattr(self.index, "dropped_rows", 0),  # rows Milvus refused at a flush (`index`)
+            "tenants": len(self.mirror.tenants()),
             "predictor": vars(self.predictor.stats()),
             "near_misses": self.probes.near_misses,
             "probing_suspects": self.probes.suspects(),

@@ -12,6 +12,7 @@ so a hit count and the entry count never disagree.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class Mirror:
         self.lock = threading.RLock()
         self._records: dict[int, PromptRecord] = {}
         self._entries = 0
+        # Per tenant partition: entries and bytes (the per-tenant budget); a tenant leaves with its last entry
+        self._tenant_entries: Counter[str] = Counter()
+        self._tenant_bytes: Counter[str] = Counter()
         self.search = self._new_search()
 
     def _new_search(self) -> PartitionedSearch:
@@ -40,6 +44,7 @@ class Mirror:
         """Forget everything (a failed load at open)."""
         with self.lock:
             self._records, self._entries, self.search = {}, 0, self._new_search()
+            self._tenant_entries, self._tenant_bytes = Counter(), Counter()
 
     # -- reading -------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -74,14 +79,34 @@ class Mirror:
             rows = [r.vector for r in self._records.values()]
         return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
 
-    def entry_stats(self) -> list[EntryStats]:
-        """Every entry's LCBFU state, for the eviction policy."""
+    def entry_stats(self, tenant: str | None = None) -> list[EntryStats]:
+        """Every entry's LCBFU state (of one tenant partition's prompts, if given), for the eviction policy."""
         with self.lock:
             return [
                 EntryStats(r.id, k, e.hits, e.last_access, e.nbytes)
                 for r in self._records.values()
+                if tenant is None or r.tenant == tenant
                 for k, e in r.entries.items()
             ]
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """(entries, bytes) the tenant partition holds."""
+        with self.lock:
+            return self._tenant_entries[tenant], self._tenant_bytes[tenant]
+
+    def tenants(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) of every tenant partition that holds an entry."""
+        with self.lock:
+            return {t: (n, self._tenant_bytes[t]) for t, n in self._tenant_entries.items()}
+
+    def _account(self, record: PromptRecord, sign: int) -> None:
+        """Add (+1) or take away (-1) a record's entries from the per-tenant totals."""
+        tenant = record.tenant
+        self._tenant_entries[tenant] += sign * len(record.entries)
+        self._tenant_bytes[tenant] += sign * sum(e.nbytes for e in record.entries.values())
+        if self._tenant_entries[tenant] <= 0:
+            del self._tenant_entries[tenant]
+            self._tenant_bytes.pop(tenant, None)
 
     def blob_keys(self) -> set[str]:
         """The latent store keys every entry refers to."""
@@ -94,6 +119,7 @@ class Mirror:
         with self.lock:
             self._records[record.id] = record
             self._entries += len(record.entries)
+            self._account(record, +1)
             self.search.add((record.cache_key, record.tenant), record.id, record.vector)
 
     def add_many(self, records: list[PromptRecord], trained: dict[PartitionKey, Trained] | None = None) -> None:
@@ -106,6 +132,8 @@ class Mirror:
             for partition, group in by_partition.items():
                 self._records.update((r.id, r) for r in group)
                 self._entries += sum(len(r.entries) for r in group)
+                for record in group:
+                    self._account(record, +1)
                 ids = np.fromiter((r.id for r in group), np.int64, len(group))
                 vectors = np.stack([r.vector for r in group])
                 self.search.add_many(partition, ids, vectors, (trained or {}).get(partition))
@@ -113,14 +141,18 @@ class Mirror:
     def put_entry(self, record: PromptRecord, k: int, entry: EntryMeta) -> None:
         """Set one entry of a prompt the mirror holds (a new K, or a rewritten one)."""
         with self.lock:
+            self._account(record, -1)
             self._entries += k not in record.entries
             record.entries[k] = entry
+            self._account(record, +1)
 
     def set_entries(self, record: PromptRecord, entries: dict[int, EntryMeta]) -> None:
         """Replace a held prompt's entries; with none left, the prompt leaves the mirror."""
         with self.lock:
+            self._account(record, -1)
             self._entries += len(entries) - len(record.entries)
             record.entries = entries
+            self._account(record, +1)
             if not entries:
                 self._remove(record.id)
 
@@ -129,8 +161,11 @@ class Mirror:
         if the mirror did not hold that entry."""
         with self.lock:
             record = self._records.get(row_id)
-            if record is None or record.entries.pop(k, None) is None:
+            if record is None or k not in record.entries:
                 return None
+            self._account(record, -1)
+            del record.entries[k]
+            self._account(record, +1)
             self._entries -= 1
             if not record.entries:
                 self._remove(row_id)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+MAX_TRACKED_TENANTS = 10_000  # tenants with near misses held at once (each a deque of times)
+
 
 class ProbeMonitor:
     def __init__(
@@ -38,6 +40,8 @@ class ProbeMonitor:
         now = self._clock()
         with self._lock:
             self.near_misses += 1
+            if len(self._events) >= MAX_TRACKED_TENANTS and tenant not in self._events:
+                self._forget_quiet(now)
             events = self._events[tenant]
             events.append(now)
             while events and events[0] < now - self.window_s:
@@ -51,6 +55,17 @@ class ProbeMonitor:
                     self.window_s,
                 )
         return True
+
+    def _forget_quiet(self, now: float) -> None:
+        """Bound the per-tenant memory: drop tenants with no near miss in the window, then (all busy) the quietest."""
+        for tenant, events in list(self._events.items()):
+            while events and events[0] < now - self.window_s:
+                events.popleft()
+            if not events:
+                del self._events[tenant]
+        if len(self._events) >= MAX_TRACKED_TENANTS:
+            for tenant in sorted(self._events, key=lambda t: len(self._events[t]))[: len(self._events) // 2]:
+                del self._events[tenant]
 
     def suspects(self) -> int:
         """Tenants whose near misses in the current window exceed the limit."""

@@ -5,6 +5,11 @@ was never flushed (orphan). At open the cache mirrors Milvus and drops dangling 
 On a shared cache (a Milvus server, several replicas) a latent no row refers to may be another replica's whose row
 is not flushed yet: such candidates are removed only after a grace period (`remove_orphans`, run by the replicas'
 mirror refresh), and only if a read by id confirms no row refers to them.
+
+**Mass deletion is refused.** A deployment pointed at an empty or foreign Milvus (a wrong URI or collection, a fresh
+server) would see every latent as an orphan, and one whose latent volume is missing would see every row as
+dangling. When most of what would be removed is removed (`looks_foreign`), the reconciliation logs an error and
+keeps the files (and the rows) unless `CacheConfig.reconcile_allow_mass_delete` says to proceed.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import numpy as np
 
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
-from nirvana.cache.manager import CacheCounters
 from nirvana.cache.mirror import Mirror
+from nirvana.cache.outcome import CacheCounters
 from nirvana.cache.records import PromptRecord, blob_key, row_of
 from nirvana.cache.snapshot import Snapshot, load_snapshot, save_snapshot
+from nirvana.cache.validation import InvalidRow
 from nirvana.config import CacheConfig
 
 log = logging.getLogger(__name__)
 
 MIN_ORPHAN_GRACE_S = 10.0
+# Removing at least this many, and more than this fraction, of what is there looks like the wrong Milvus (or volume)
+MASS_DELETE_MIN, MASS_DELETE_FRACTION = 32, 0.5
 SNAPSHOT_REWRITE_FRACTION = 0.05  # rewrite the snapshot at open when more of the vectors than this came from Milvus
 _NO_VECTOR = np.zeros(0, np.float32)  # a record's vector until `_attach_vectors` gives it the real one
 
@@ -83,19 +91,33 @@ class Reconciler:
         records, repairs = self._drop_dangling(rows, present)
         clock.lap("reconcile_rows_s")
         records, from_milvus, trained = self._attach_vectors(index, records, clock)
-        for record, missing in repairs:
-            index.put(record, removed=missing)  # merged at flush: what another replica added stays
         dangling = sum(len(missing) for _, missing in repairs)
+        total_entries = dangling + sum(len(r.entries) for r in records)
+        # After an old-format drop (`latents`, logged there) every entry is dangling: that is expected
+        if self.latents.old_format_dropped or self._may_delete("entries without a latent", dangling, total_entries):
+            for record, missing in repairs:
+                try:
+                    index.put(record, removed=missing)  # merged at flush: what another replica added stays
+                except InvalidRow as err:  # a row an earlier version stored: the store refuses it back
+                    log.warning("cache row %016x not repaired: %s", record.id, err)
+        else:
+            dangling = 0  # kept in Milvus (not served: they have no latent here)
         self.mirror.add_many(records, trained)
         clock.lap("mirror_fill_s")
         unreferenced = sorted(present - self.mirror.blob_keys())
+        if not self._may_delete("latents no Milvus row refers to", len(unreferenced), len(present)):
+            unreferenced = []
         if index.shared:  # another replica may have written a latent whose row it has not flushed yet
             self._orphan_candidates, unreferenced = set(unreferenced), []
         orphans = sum(self.latents.delete(key) > 0 for key in unreferenced)
         clock.lap("orphans_s")
         if dangling or orphans:
-            log.warning(
-                "cache reconciled: %d entries without a latent dropped, %d orphan latents removed", dangling, orphans
+            level = logging.INFO if self.latents.old_format_dropped else logging.WARNING
+            log.log(
+                level,
+                "cache reconciled: %d entries without a latent dropped, %d orphan latents removed",
+                dangling,
+                orphans,
             )
         with self.mirror.lock:
             self.counters.repaired += dangling + orphans
@@ -151,6 +173,21 @@ class Reconciler:
                 kept.append(record)
         return kept, len(fetched), snapshot.trained
 
+    def _may_delete(self, what: str, doomed: int, present: int) -> bool:
+        """Whether removing `doomed` of `present` things is a repair, not a wipe (see the module docstring)."""
+        if not looks_foreign(doomed, present) or self.config.reconcile_allow_mass_delete:
+            return True
+        log.error(
+            "cache reconciliation would delete %d of %d %s: Milvus (%s, collection %r) looks empty or foreign, so "
+            "nothing is deleted; if that is intended, set cache.reconcile_allow_mass_delete",
+            doomed,
+            present,
+            what,
+            self.config.resolved_milvus_uri,
+            self.config.collection,
+        )
+        return False
+
     def save_snapshot(self) -> None:
         """Write the mirror snapshot (at close, and at open when many vectors came from Milvus); never raises."""
         if self.snapshot is None:
@@ -170,9 +207,17 @@ class Reconciler:
         candidates = self._orphan_candidates - self.mirror.blob_keys()
         stored = index.fetch({row_of(key) for key in candidates})  # confirmed by id: a scan can miss rows
         wanted = {blob_key(row_id, k) for row_id, r in stored.items() for k in r.entries}
-        orphans = sum(self.latents.delete(key) > 0 for key in candidates - wanted)
+        doomed = candidates - wanted
         self._orphan_candidates = set()
+        if not self._may_delete("latents no Milvus row refers to", len(doomed), self.mirror.entries + len(doomed)):
+            return
+        orphans = sum(self.latents.delete(key) > 0 for key in doomed)
         if orphans:
             log.warning("cache reconciled: %d orphan latents removed", orphans)
             with self.mirror.lock:
                 self.counters.repaired += orphans
+
+
+def looks_foreign(doomed: int, present: int) -> bool:
+    """Removing `doomed` of `present` looks like a wrong store of record rather than crash debris."""
+    return doomed >= MASS_DELETE_MIN and doomed > MASS_DELETE_FRACTION * present

@@ -9,13 +9,20 @@ its own count, and a merge takes the larger value of each count (see the `index`
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-UNATTRIBUTED = "_"  # replica id of hits stored before hits were counted per replica
+UNATTRIBUTED = "_"  # replica id of hits stored before hits were counted per replica, and of retired replicas
+# A retired replica's count is folded into UNATTRIBUTED and its key kept as a tombstone (-retired_at, in seconds)
+# so that a merge with a copy still holding the count cannot bring it back (counting it twice); tombstones go after:
+TOMBSTONE_TTL_S = 30 * 86400.0
+
+log = logging.getLogger(__name__)
 
 
 class EntryMeta:
@@ -33,7 +40,22 @@ class EntryMeta:
 
     @property
     def hits(self) -> int:
-        return sum(self.replica_hits.values())
+        return sum(n for n in self.replica_hits.values() if n > 0)
+
+    def retire(self, replicas: set[str], now: float) -> bool:
+        """Fold the counts of `replicas` (gone for good) into UNATTRIBUTED, leaving tombstones; drop expired
+        tombstones. Returns whether anything changed."""
+        changed = False
+        for replica in replicas & self.replica_hits.keys():
+            n = self.replica_hits[replica]
+            if n >= 0 and replica != UNATTRIBUTED:
+                self.replica_hits[UNATTRIBUTED] = self.replica_hits.get(UNATTRIBUTED, 0) + n
+                self.replica_hits[replica] = -max(1, int(now))
+                changed = True
+        expired = [r for r, n in self.replica_hits.items() if n < 0 and -n < now - TOMBSTONE_TTL_S]
+        for replica in expired:
+            del self.replica_hits[replica]
+        return changed or bool(expired)
 
     def count_hit(self, replica: str, when: float) -> None:
         self.replica_hits[replica] = self.replica_hits.get(replica, 0) + 1
@@ -46,7 +68,11 @@ class EntryMeta:
         """Each replica's count is only ever increased by that replica: the larger value is the newer one."""
         counts = dict(self.replica_hits)
         for replica, n in other.replica_hits.items():
-            counts[replica] = max(counts.get(replica, 0), n)
+            mine = counts.get(replica)
+            # a tombstone (negative) wins over a count: the count is in UNATTRIBUTED already
+            counts[replica] = n if mine is None else min(mine, n) if min(mine, n) < 0 else max(mine, n)
+        cutoff = time.time() - TOMBSTONE_TTL_S
+        counts = {r: n for r, n in counts.items() if not (n < 0 and -n < cutoff)}
         return EntryMeta(last_access=max(self.last_access, other.last_access), nbytes=other.nbytes, replica_hits=counts)
 
     def to_json(self) -> dict:
@@ -125,7 +151,15 @@ class PromptRecord:
 
 
 def entries_from_json(data: dict | None) -> dict[int, EntryMeta]:
-    return {int(k): EntryMeta.from_json(v) for k, v in (data or {}).items()}
+    """The entries of a stored row; an entry that does not parse is left out (logged), so one absurd value
+    written by anything else cannot make every read or flush of the row fail."""
+    entries: dict[int, EntryMeta] = {}
+    for k, value in (data or {}).items() if isinstance(data, dict) else ():
+        try:
+            entries[int(k)] = EntryMeta.from_json(value)
+        except (TypeError, ValueError, AttributeError) as err:
+            log.warning("stored cache entry K=%r ignored: %s", str(k)[:20], err)
+    return entries
 
 
 @dataclass

@@ -5,6 +5,12 @@ at open and refreshes its mirror every `refresh_interval_s` (`refresh`): prompts
 hits here, entries it evicted leave. Milvus has no compare-and-set, so a racing flush of another replica can
 overwrite a hit count; a replica that has seen the larger count writes it back, at its next refresh and once more
 when it stops (`settle`), so counts converge (see the `index` module docstring for what can still be lost).
+
+Replica ids default to host name and process id, so every restart adds one count per entry it hits. A replica
+whose counts have not grown for `replica_retire_s` (as this replica's refreshes see them) is retired (`retire`): its
+counts are folded into one anonymous count, leaving a tombstone that keeps a stale copy from bringing them back
+(`records.EntryMeta.retire`). On a milvus-lite file, one process is the only writer: every other replica id is
+retired when it opens.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.mirror import Mirror
 from nirvana.cache.reconcile import Reconciler
-from nirvana.cache.records import EntryMeta, PromptRecord, RowChange, merge_entries
+from nirvana.cache.records import UNATTRIBUTED, EntryMeta, PromptRecord, RowChange, merge_entries
 from nirvana.config import CacheConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,9 @@ SETTLE_MARGIN_S, SETTLE_ROUNDS = 1.0, 3
 
 def _ahead(mine: EntryMeta, stored: EntryMeta) -> bool:
     """Whether some replica's count in `mine` is larger than in `stored` (a racing flush overwrote it)."""
-    return any(n > stored.replica_hits.get(replica, 0) for replica, n in mine.replica_hits.items())
+    return any(
+        n > stored.replica_hits.get(replica, 0) >= 0 for replica, n in mine.replica_hits.items()
+    )  # a stored tombstone (< 0) is never "behind": the count is folded in already
 
 
 def _any_ahead(mine: dict[int, EntryMeta], stored: dict[int, EntryMeta]) -> bool:
@@ -41,6 +49,11 @@ class ReplicaSync:
     def __init__(self, config: CacheConfig, mirror: Mirror, reconciler: Reconciler) -> None:
         self.config, self.mirror, self.reconciler = config, mirror, reconciler
         self.last_refresh_at = time.monotonic()
+        self.replica: str | None = None  # this process's replica id (set by the cache): never retired
+        # Per replica id: its hit total over the mirror at the last check, and when (time.time()) it last grew
+        self._totals: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+        self.retired = 0  # replica ids retired so far
 
     def start(self, current_index: Callable[[], MilvusIndex | None], closed: threading.Event) -> None:
         """Refresh every `refresh_interval_s` in a background thread until `closed` is set."""
@@ -84,6 +97,7 @@ class ReplicaSync:
                         index, row_id, stored.get(row_id), fetched.get(row_id), pending.get(row_id), counts
                     )
             self.reconciler.remove_orphans(index)
+        counts["retired"] = self.retire(index)
         if any(counts.values()):
             log.info("cache mirror refreshed: %s", counts)
         return counts
@@ -115,6 +129,32 @@ class ReplicaSync:
         if stored is not None and _any_ahead(merged, stored):
             index.put(local)  # Milvus holds a count lower than one we have seen: write the larger one back
             counts["rewritten"] += 1
+
+    def retire(self, index: MilvusIndex, everyone_else: bool = False, now: float | None = None) -> int:
+        """Fold the hit counts of replicas not seen for `replica_retire_s` (every other one with `everyone_else`)
+        into one anonymous count per entry; returns how many replica ids were retired."""
+        now = time.time() if now is None else now
+        with self.mirror.lock:
+            totals: dict[str, int] = {}
+            for record in self.mirror.records():
+                for entry in record.entries.values():
+                    for replica, n in entry.replica_hits.items():
+                        if n >= 0:  # tombstones: retired already
+                            totals[replica] = totals.get(replica, 0) + n
+            for replica, total in totals.items():
+                if total > self._totals.get(replica, -1) or replica == self.replica:
+                    self._seen[replica] = now
+            horizon = now - self.config.replica_retire_s
+            gone = {r for r, at in self._seen.items() if everyone_else or at < horizon} - {self.replica, UNATTRIBUTED}
+            for record in self.mirror.records():
+                if any(e.retire(gone, now) for e in list(record.entries.values())):
+                    index.put(record)
+            self._totals = {r: n for r, n in totals.items() if r not in gone}
+            self._seen = {r: at for r, at in self._seen.items() if r in self._totals}
+        self.retired += len(gone)
+        if gone:
+            log.info("hit counts of %d replicas not seen since %.0f s folded: %s", len(gone), horizon, sorted(gone)[:5])
+        return len(gone)
 
     def settle(self, index: MilvusIndex, rounds: int = SETTLE_ROUNDS) -> None:
         """At close on a shared Milvus: once this replica exits, nobody else can restore a count of it that a racing

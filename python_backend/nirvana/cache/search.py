@@ -211,7 +211,7 @@ class PartitionedSearch:
         vector = np.ascontiguousarray(vector, np.float32)
         with self._lock:
             if row_id in self._where:
-                self._partitions[self._where[row_id]].remove(row_id)
+                self._remove_from(self._where[row_id], row_id)
             part = self._partitions.get(partition)
             if part is None:
                 part = self._partitions[partition] = _Partition(self.dim, *self._params)
@@ -241,7 +241,14 @@ class PartitionedSearch:
         with self._lock:
             partition = self._where.pop(row_id, None)
             if partition is not None:
-                self._partitions[partition].remove(row_id)
+                self._remove_from(partition, row_id)
+
+    def _remove_from(self, partition: PartitionKey, row_id: int) -> None:
+        """Remove a row; a partition leaves with its last row (each holds ~100 KB even empty)."""
+        part = self._partitions[partition]
+        part.remove(row_id)
+        if len(part) == 0:
+            del self._partitions[partition]
 
     def top(self, partition: PartitionKey, query: np.ndarray, k: int = 1) -> list[Match]:
         """Up to `k` nearest rows of the partition, most similar first."""

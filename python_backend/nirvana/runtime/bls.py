@@ -27,6 +27,12 @@ class BlsError(RuntimeError):
     """A sub-model request failed inside Triton; the message names the model and Triton's error."""
 
 
+def credential_parameters() -> dict[str, str]:
+    """The parameters every BLS request of this process carries (a copy): for call sites that build their own
+    `InferenceRequest` (the decoupled `adapters` call)."""
+    return dict(_parameters)
+
+
 def use_credential(secret: str | None) -> None:
     """Send `secret` with every later BLS request of this process (the internal models refuse requests without);
     None: send none."""

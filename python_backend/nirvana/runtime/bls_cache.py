@@ -93,6 +93,7 @@ def lookup_message(lookup: Lookup) -> tuple[dict, bytes]:
         "matched_prompt": lookup.matched_prompt,
         "meta": lookup.meta,
         "timings_ms": lookup.timings_ms,
+        "entry_id": lookup.entry_id,
     }
     return message, encode_arrays(lookup.arrays)
 
@@ -109,6 +110,7 @@ def lookup_from_message(message: dict, state: bytes) -> Lookup:
         arrays=decode_arrays(state),
         timings_ms=dict(message["timings_ms"]),
         meta=dict(message["meta"]),
+        entry_id=message.get("entry_id"),
     )
 
 
@@ -148,13 +150,16 @@ class CacheEndpoint:
     ) -> None:
         self.cache, self.limits, self.admissions = cache, limits, admissions
         self.buckets, self.similarity_on_miss = buckets, similarity_on_miss
+        self._latent = (1, *limits.latent_shape)
         self._ops: dict[str, Callable[[dict, np.ndarray, bytes], tuple[dict, bytes]]] = {
             "lookup": self._lookup,
             "admit": self._admit,
+            "invalidate": self._invalidate,
         }
 
     def serve(self, request: np.ndarray, vector: np.ndarray, states: np.ndarray | None) -> tuple[bytes, bytes]:
-        """REQUEST [1], VECTOR [dim], STATES [1] or None (the request's tensors) → (RESPONSE, STATE) bytes."""
+        """REQUEST [1], VECTOR [dim] (lookup, admit; ignored by invalidate), STATES [1] or None (the request's tensors)
+        → (RESPONSE, STATE) bytes."""
         try:
             message = json.loads(_one_bytes("REQUEST", request))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -163,23 +168,34 @@ class CacheEndpoint:
             op = message.get("op") if isinstance(message, dict) else message
             shown = repr(op) if len(repr(op)) <= 40 else repr(op)[:37] + "..."
             raise CacheRequestError(f"REQUEST op={shown}: must be one of {sorted(self._ops)}")
-        vector = check_vector(vector, self.limits.dim)
         blob = b"" if states is None else _one_bytes("STATES", states)
         response, state = self._ops[message["op"]](message, vector, blob)
         return json.dumps(response).encode(), state
 
     def _lookup(self, message: dict, vector: np.ndarray, _: bytes) -> tuple[dict, bytes]:
+        vector = check_vector(vector, self.limits.dim)
         key, tenant = check_key(message), check_tenant_field(message)
         num_steps = check_steps(message, self.limits)
         wait = None if self.buckets is None else self.buckets.take(tenant)
         if wait is not None:
             return {"rate_limited": True, "retry_after_s": wait}, b""
-        lookup = self.cache.lookup(vector, key, tenant, num_steps)
+        # a cached latent of another shape (a foreign or damaged entry) is dropped on the spot, not served
+        lookup = self.cache.lookup(vector, key, tenant, num_steps, expected_shapes={"latent": self._latent})
         if not lookup.hit and not self.similarity_on_miss:
             lookup.similarity = None
         return lookup_message(lookup)
 
+    def _invalidate(self, message: dict, _: np.ndarray, __: bytes) -> tuple[dict, bytes]:
+        entry, tenant = message.get("entry_id"), check_tenant_field(message)
+        if not isinstance(entry, str) or len(entry) > 128:
+            raise CacheRequestError(f"REQUEST entry_id={str(entry)[:40]!r}: expected an entry id of a hit")
+        try:
+            return {"invalidated": self.cache.invalidate(entry, tenant)}, b""
+        except ValueError as err:
+            raise CacheRequestError(f"REQUEST entry_id: {err}") from None
+
     def _admit(self, message: dict, vector: np.ndarray, blob: bytes) -> tuple[dict, bytes]:
+        vector = check_vector(vector, self.limits.dim)
         prompt, key, tenant = check_prompt(message, self.limits), check_key(message), check_tenant_field(message)
         states = decode_states(blob)
         check_states(states, self.limits)
@@ -254,6 +270,15 @@ class BlsCache:
         except (BlsError, ValueError, KeyError) as err:
             self._failed("admission", err)
             return 0
+
+    def invalidate(self, entry_id: str, tenant: str) -> bool:
+        message = {"op": "invalidate", "entry_id": entry_id, "tenant": tenant}
+        try:
+            response, _ = self._call(message, np.zeros(1, np.float32))  # VECTOR is required; this op reads none
+            return bool(response["invalidated"])
+        except (BlsError, ValueError, KeyError) as err:
+            self._failed("invalidation", err)
+            return False
 
     def close(self) -> None:
         """Nothing to release here: the `cache` model flushes and closes the cache at its own finalize."""

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nirvana.cache.validation import MAX_PROMPT_BYTES
 from nirvana.request import check_tenant
-
-MAX_PROMPT_BYTES = 8192  # the Milvus prompt field (nirvana.cache.index); not imported: stubs must not load pymilvus
 
 CACHE_KEY = re.compile(r"^[0-9a-f]{32}$")  # `Pipeline.cache_key`: 32 hex digits of a SHA-256
 NORM_TOLERANCE = 1e-3  # every embedder L2-normalises in float32: its norms are 1 ± 1e-6

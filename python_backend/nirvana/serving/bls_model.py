@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nirvana.addons import AddOnUnavailable
 from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.embed import ClipEmbedder, SdxlClipEmbedder, resolve_embedder
@@ -128,7 +129,10 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> ServedEngine:
         embedder = ClipEmbedder(checkpoint, models.encode_text)
     cache = BlsCache(pb_utils, config.cache.selection.selector())
     service = ServiceTimes(LoadBoard.for_server())  # shared with this server's other orchestrator stubs
-    adapters = None if config.adapters.dir is None else BlsAdapters(pb_utils, config.adapters.dir)
+    adapters = None
+    if config.adapters.dir is not None:
+        settings = config.adapters
+        adapters = BlsAdapters(pb_utils, settings.dir, scale_step=settings.scale_step, wait_s=settings.load_wait_s)
     controlnets = None
     if config.controlnets.dir is not None:
         controlnets = BlsControlNets(pb_utils, config.controlnets.dir, checkpoint)
@@ -175,12 +179,12 @@ def generate_or_error(
     pb = pb_utils
     try:
         result = pipeline.generate(on_event=on_event, **options)
+    except (RateLimited, AddOnUnavailable) as err:  # the client may retry: UNAVAILABLE, saying why
+        metrics.rejected()
+        return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.UNAVAILABLE))
     except (InputError, RequestError) as err:
         metrics.rejected()
         return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))
-    except RateLimited as err:  # the client may retry: UNAVAILABLE, with the wait in the message
-        metrics.rejected()
-        return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.UNAVAILABLE))
     except NonFiniteError as err:  # nothing was cached; the message says what to change
         metrics.failed_non_finite()
         return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INTERNAL))

@@ -60,6 +60,40 @@ true
 {{- .Values.modelRepository.persistence.existingClaim | default (printf "%s-models" (include "nirvana.fullname" .)) -}}
 {{- end -}}
 
+{{/* Where the credentials are mounted (fixed: the engine config and the entrypoint point at them). */}}
+{{- define "nirvana.adminKeyFile" -}}/var/run/secrets/nirvana/admin/key{{- end -}}
+{{- define "nirvana.internalSecretFile" -}}/var/run/secrets/nirvana/internal/secret{{- end -}}
+{{- define "nirvana.milvusTokenFile" -}}/var/run/secrets/nirvana/milvus/token{{- end -}}
+
+{{/* Secrets: the one the operator named, else the one the chart creates (templates/secret.yaml). */}}
+{{- define "nirvana.adminKeySecret" -}}
+{{- .Values.security.adminKey.existingSecret | default (printf "%s-admin-key" (include "nirvana.fullname" .)) -}}
+{{- end -}}
+{{- define "nirvana.internalSecret" -}}
+{{- .Values.security.internalSecret.existingSecret | default (printf "%s-internal" (include "nirvana.fullname" .)) -}}
+{{- end -}}
+
+{{/* The tenant header the gateway sets: the engine config's security.tenant_header. */}}
+{{- define "nirvana.tenantHeader" -}}
+{{- (.Values.engineConfig.security | default dict).tenant_header | default "x-nirvana-tenant" -}}
+{{- end -}}
+
+{{/*
+The engine config: engineConfig with the paths the chart owns set (the credentials' mount points).
+*/}}
+{{- define "nirvana.engineConfig" -}}
+{{- $config := deepCopy .Values.engineConfig -}}
+{{- $security := deepCopy ($config.security | default dict) -}}
+{{- $_ := set $security "internal_secret_file" (include "nirvana.internalSecretFile" .) -}}
+{{- $_ := set $config "security" $security -}}
+{{- if .Values.security.milvusToken.existingSecret -}}
+{{- $cache := deepCopy ($config.cache | default dict) -}}
+{{- $_ := set $cache "milvus_token_file" (include "nirvana.milvusTokenFile" .) -}}
+{{- $_ := set $config "cache" $cache -}}
+{{- end -}}
+{{- toPrettyJson $config -}}
+{{- end -}}
+
 {{/* Environment shared by the engine-building init container and the server. */}}
 {{- define "nirvana.env" -}}
 - name: NIRVANA_CHECKPOINT
@@ -80,6 +114,8 @@ true
   value: {{ .Values.service.grpcPort | quote }}
 - name: NIRVANA_METRICS_PORT
   value: {{ .Values.service.metricsPort | quote }}
+- name: NIRVANA_TENANT_HEADER
+  value: {{ include "nirvana.tenantHeader" . | quote }}
 - name: HOME
   value: /tmp
 {{- with .Values.extraEnv }}
@@ -87,8 +123,13 @@ true
 {{- end }}
 {{- end -}}
 
-{{/* Mounts shared by the engine-building init container and the server. */}}
+{{/*
+Mounts shared by the engine-building init container and the server: (dict "root" $ "serving" bool). The server
+mounts the model repository read-only (its model.py files are code Triton runs); only the builder writes it.
+*/}}
 {{- define "nirvana.volumeMounts" -}}
+{{- $serving := .serving -}}
+{{- with .root -}}
 - name: checkpoint
   mountPath: /models/checkpoint
   readOnly: true
@@ -97,6 +138,9 @@ true
   {{- end }}
 - name: model-repository
   mountPath: /models/repository
+  {{- if $serving }}
+  readOnly: true
+  {{- end }}
 - name: latents
   mountPath: /var/cache/nirvana
 - name: config
@@ -106,4 +150,18 @@ true
   mountPath: /tmp
 - name: dshm
   mountPath: /dev/shm
+- name: internal-secret
+  mountPath: {{ include "nirvana.internalSecretFile" . | dir }}
+  readOnly: true
+{{- if .Values.security.milvusToken.existingSecret }}
+- name: milvus-token
+  mountPath: {{ include "nirvana.milvusTokenFile" . | dir }}
+  readOnly: true
+{{- end }}
+{{- if $serving }}
+- name: admin-key
+  mountPath: {{ include "nirvana.adminKeyFile" . | dir }}
+  readOnly: true
+{{- end }}
+{{- end -}}
 {{- end -}}
