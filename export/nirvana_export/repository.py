@@ -36,6 +36,7 @@ from nirvana.specs import (
     DEFAULT_UNET_MAX_BATCH,
     NIRVANA_MODEL,
     SDXL_MODEL_NAMES,
+    STEP_SCHEDULER_MODEL,
     TRITON_DTYPES,
     ModelSpec,
     TensorSpec,
@@ -43,6 +44,7 @@ from nirvana.specs import (
     cache_spec,
     needs_reshape,
     nirvana_spec,
+    step_scheduler_spec,
     triton_dims,
 )
 
@@ -201,6 +203,29 @@ def _bounded_queue(config: mc.ModelConfig, size: int, timeout_s: int = 60) -> No
     policy.default_timeout_microseconds = timeout_s * 1_000_000
 
 
+SCHEDULER_PY = (
+    '"""Triton python model `step_scheduler`: every request\'s denoising loop (glue in nirvana.serving.scheduler_model)'
+    '."""'
+    "\n\nfrom nirvana.serving.scheduler_model import TritonPythonModel  # noqa: F401\n"
+)
+
+
+def step_scheduler_config(profile: str, max_rows: int) -> str:
+    """config.pbtxt of the decoupled `step_scheduler` (contract: `nirvana.specs.step_scheduler_spec`): one instance
+    holds every request's loop, so each UNet execution carries all of them. The cpu and torch profiles run the UNet
+    inside it (no hop per iteration); the gpu profile calls the `unet` TensorRT plan through BLS."""
+    config = _model_config(step_scheduler_spec())
+    config.backend = "python"
+    config.model_transaction_policy.decoupled = True
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _bounded_queue(config, INTERNAL_QUEUE)
+    config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
+    config.parameters["unet_runner"].string_value = "bls" if profile == "gpu" else "session"
+    config.parameters["max_rows"].string_value = str(max_rows)
+    config.parameters["intra_op_threads"].string_value = "1"
+    return _render(config)
+
+
 def cache_config() -> str:
     """config.pbtxt of the `cache` model (contract: `nirvana.specs.cache_spec`): exactly one instance, since Triton
     runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
@@ -236,6 +261,7 @@ def render_configs(
     embedder: str = "clip",
     adapters: bool = False,
     control: dict[str, ModelSpec] | None = None,
+    step_scheduler: bool = True,
     **nirvana_options: int,
 ) -> dict[str, str]:
     """Relative path → text of every config.pbtxt and model.py of a repository (no weights).
@@ -244,7 +270,9 @@ def render_configs(
     batching delay; `checkpoint`: the folder the torch profile loads; `embedder`: the resolved retrieval embedder
     (the `prompt_embedder` model is served for "minilm" only); `adapters`: serve LoRA adapter sets (the `adapters`
     model; cpu and torch profiles); `control`: the served ControlNets' specs (`unet_control`, `controlnet_<name>`);
-    `nirvana_options`: max_queue_size, queue_timeout_s of the BLS model."""
+    `step_scheduler`: the orchestrators hand their denoising loops to the `step_scheduler` model (False: each runs
+    its own loop, calling the `unet` model per step); `nirvana_options`: max_queue_size, queue_timeout_s of the BLS
+    model."""
     if adapters and profile == "gpu":
         raise RepositoryError(
             "profile='gpu': LoRA adapters are served in the cpu and torch profiles only so far (TensorRT refit is "
@@ -269,6 +297,9 @@ def render_configs(
     files[f"{NIRVANA_MODEL}/1/model.py"] = NIRVANA_PY
     files[f"{CACHE_MODEL}/config.pbtxt"] = cache_config()
     files[f"{CACHE_MODEL}/1/model.py"] = CACHE_PY
+    if step_scheduler:
+        files[f"{STEP_SCHEDULER_MODEL}/config.pbtxt"] = step_scheduler_config(profile, specs["unet"].max_batch_size)
+        files[f"{STEP_SCHEDULER_MODEL}/1/model.py"] = SCHEDULER_PY
     if adapters:
         files[f"{ADAPTERS_MODEL}/config.pbtxt"] = adapters_config()
         files[f"{ADAPTERS_MODEL}/1/model.py"] = ADAPTERS_PY
@@ -296,6 +327,7 @@ def write_repository(
     unet_max_batch: int = DEFAULT_UNET_MAX_BATCH,
     instances: int | None = None,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    step_scheduler: bool = True,
     **nirvana_options: int,
 ) -> Path:
     """Export, check and lay out a full repository; reuses the previous export when the checkpoint is unchanged.
@@ -338,9 +370,11 @@ def write_repository(
         embedder=embedder,
         adapters=bool((engine_config.get("adapters") or {}).get("dir")),
         control=control,
+        step_scheduler=step_scheduler,
         **nirvana_options,
     )
-    shutil.rmtree(out / ADAPTERS_MODEL, ignore_errors=True)  # served only while the configuration names adapters
+    for optional in (ADAPTERS_MODEL, STEP_SCHEDULER_MODEL):  # served only while the configuration asks for them
+        shutil.rmtree(out / optional, ignore_errors=True)
     for rel, text in configs.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -80,13 +81,14 @@ class Pipeline:
         service: ServiceTimes | None = None,
         served_adapters: object = None,
         served_controlnets: Any = None,
+        denoiser: Callable[..., Any] | None = None,
     ) -> None:
-        """Served, the orchestrator passes its BLS ``models``, ``cache`` client, the server's ``service`` times, its
-        client of the `adapters` model (``served_adapters``, when the configuration names an adapters folder) and
-        of the ControlNet models (``served_controlnets``, when it names a controlnets folder)."""
+        """Served, the orchestrator passes its BLS ``models``, ``cache`` client, the server's ``service`` times, and
+        clients of the `adapters`, ControlNet and step-scheduler models (``denoiser``: runs the loops of requests
+        without add-ons; default `nirvana.denoise.denoise`, here)."""
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.config = config
+        self.config, self.denoiser = config, denoiser or denoise
         self.checkpoint = checkpoint or load_checkpoint(config.checkpoint)
         self.models = models or TorchSubModels(self.checkpoint)
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
@@ -174,7 +176,7 @@ class Pipeline:
             result = _timed(
                 timings,
                 "unet_ms",
-                denoise,
+                self.denoiser if addons == NO_ADDONS else denoise,  # add-on steps run here, on their set's model
                 loop.models(models),
                 scheduler,
                 req.steps,

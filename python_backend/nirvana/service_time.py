@@ -272,5 +272,9 @@ class _TimedUNet:
         self._tracked.stepped(sharing, (time.perf_counter() - start) * 1e3)
         return out
 
+    def observed(self, sharing: int, ms: float) -> None:
+        """A step of this request's loop run elsewhere (the step scheduler): learnt as if timed here."""
+        self._tracked.stepped(sharing, ms)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._models, name)

@@ -258,6 +258,19 @@ def cache_spec() -> ModelSpec:
     return ModelSpec(CACHE_MODEL, inputs, outputs, profile=None)
 
 
+STEP_SCHEDULER_MODEL = "step_scheduler"
+
+
+def step_scheduler_spec() -> ModelSpec:
+    """The decoupled ``step_scheduler`` model's contract (wire format: ``nirvana.handoff``): ``JOB`` is JSON
+    (``{"op": "denoise" | "cancel", "id": ...}``), ``TENSORS`` one safetensors blob of the job's tensors; each answer
+    is an ``EVENT`` (JSON: a step, or the final one) with its ``TENSORS``."""
+    one = (1,)
+    inputs = (TensorSpec("JOB", "string", one), TensorSpec("TENSORS", "string", one, optional=True))
+    outputs = (TensorSpec("EVENT", "string", one), TensorSpec("TENSORS", "string", one))
+    return ModelSpec(STEP_SCHEDULER_MODEL, inputs, outputs, profile=None)
+
+
 ADAPTERS_MODEL = "adapters"
 
 

@@ -125,6 +125,9 @@ def serve(
     admin_key_file: Annotated[
         Path | None, typer.Option(help="Key of the restricted Triton APIs (default: generated under --cache-dir).")
     ] = None,
+    step_scheduler: Annotated[
+        bool, typer.Option(help="Run every request's loop in the step scheduler (off: one BLS UNet call per step).")
+    ] = True,
     verbose: bool = False,
 ) -> None:
     """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM (dies with this process).
@@ -155,6 +158,7 @@ def serve(
         queue_delay_us=queue_delay_us,
         tenant_source=tenant_source,
         admin_key_file=admin_key_file,
+        step_scheduler=step_scheduler,
     )
     if tenant_source not in (None, "client", "header", "token"):
         raise typer.BadParameter(f"--tenant-source={tenant_source!r}: choose client, header or token")

@@ -38,6 +38,9 @@ class ServeOptions:
     # Where a request's tenant comes from (`SecurityConfig.tenant_source`); default: the config file's, else
     # "client" (development: TENANT as typed)
     tenant_source: str | None = None
+    # Hand each request's denoising loop to the `step_scheduler` model (False: each orchestrator runs its own loop,
+    # one BLS call of the `unet` model per step: the design before it, kept for comparison)
+    step_scheduler: bool = True
     # Key of Triton's restricted APIs (model repository, shared memory, logging, trace); default: generated
     admin_key_file: Path | None = None
 
@@ -78,6 +81,7 @@ def prepare(options: ServeOptions) -> tuple[Path, EngineConfig]:
         config.model_dump(mode="json"),
         max_queue_size=options.max_queue_size,
         instances=options.instances,
+        step_scheduler=options.step_scheduler,
         **({} if options.queue_delay_us is None else {"queue_delay_us": options.queue_delay_us}),
     )
     return repo, config

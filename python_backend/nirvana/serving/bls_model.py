@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +27,7 @@ from nirvana.runtime.bls import BlsEmbedder, BlsSubModels, use_credential
 from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.runtime.bls_control import BlsControlNets
+from nirvana.runtime.bls_denoiser import BlsDenoiser
 from nirvana.security.credential import read_secret
 from nirvana.security.ratelimit import RateLimited
 from nirvana.security.tenancy import TenantResolver
@@ -33,7 +35,7 @@ from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.serving.internal import secret_path
 from nirvana.serving.metrics import RequestMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
-from nirvana.specs import ModelSpec, nirvana_spec
+from nirvana.specs import STEP_SCHEDULER_MODEL, ModelSpec, nirvana_spec
 
 log = logging.getLogger("nirvana.triton")
 
@@ -136,6 +138,8 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> ServedEngine:
     controlnets = None
     if config.controlnets.dir is not None:
         controlnets = BlsControlNets(pb_utils, config.controlnets.dir, checkpoint)
+    # the repository's step scheduler runs the loops of every request at once (nirvana.serving.scheduler_model)
+    scheduled = (Path(args["model_repository"]).parent / STEP_SCHEDULER_MODEL / "config.pbtxt").is_file()
     pipeline = Pipeline(
         config,
         checkpoint=checkpoint,
@@ -145,6 +149,7 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> ServedEngine:
         service=service,
         served_adapters=adapters,
         served_controlnets=controlnets,
+        denoiser=BlsDenoiser(pb_utils) if scheduled else None,
     )
     metrics = RequestMetrics(pb_utils, cache, service)
     # UTF-8 takes at most 4 bytes a character: anything longer fails the character limit anyway

@@ -1,0 +1,122 @@
+"""The orchestrator's end of the step scheduler: `nirvana.denoise.denoise`'s signature, the loop run by the
+`step_scheduler` model (`nirvana.serving.scheduler_model`) over one decoupled BLS request."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin
+
+from nirvana.denoise import DenoiseResult, ResumeState
+from nirvana.handoff import DenoiseJob, decode_final, decode_step, encode_job
+from nirvana.progress import Cancelled
+from nirvana.runtime.bls import BlsError, credential_parameters
+from nirvana.runtime.bls_cache import bytes_array
+from nirvana.schedulers import scheduler_name
+from nirvana.specs import STEP_SCHEDULER_MODEL
+
+__all__ = ["BlsDenoiser"]
+
+
+def _bytes_tensor(pb: Any, name: str, value: bytes) -> Any:
+    return pb.Tensor(name, bytes_array(value))
+
+
+def _one(pb: Any, response: Any, name: str) -> bytes | None:
+    tensor = pb.get_output_tensor_by_name(response, name)
+    return None if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0])
+
+
+class BlsDenoiser:
+    """``denoiser(models, scheduler, steps, embeddings, guidance, generator=…, …)`` → `DenoiseResult`, as
+    `nirvana.denoise.denoise`; `models` is only asked to learn the step times (`observed`, `nirvana.service_time`)."""
+
+    def __init__(self, pb_utils: Any, model: str = STEP_SCHEDULER_MODEL) -> None:
+        self._pb, self._model = pb_utils, model
+
+    def __call__(
+        self,
+        models: Any,
+        scheduler: SchedulerMixin,
+        num_steps: int,
+        embeddings: torch.Tensor,
+        guidance_scale: float,
+        *,
+        generator: torch.Generator,
+        latent: torch.Tensor | None = None,
+        start: ResumeState | None = None,
+        capture_at: Iterable[int] = (),
+        on_step: Callable[[int, torch.Tensor], object] | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
+        control: Any = None,
+    ) -> DenoiseResult:
+        if control is not None:
+            raise ValueError("a ControlNet's loop runs in the orchestrator, not in the step scheduler")
+        job = DenoiseJob(
+            job_id=uuid.uuid4().hex,
+            scheduler=scheduler_name(scheduler),
+            steps=num_steps,
+            guidance=float(guidance_scale),
+            embeddings=embeddings.detach().cpu(),
+            generator_state=generator.get_state(),
+            latent=latent,
+            start=start,
+            capture_at=list(capture_at),
+            added_cond=None if added_cond is None else {k: v.detach().cpu() for k, v in added_cond.items()},
+            events=on_step is not None,
+        )
+        result, step_ms = self._run(job, on_step)
+        observed = getattr(models, "observed", None)
+        for sharing, ms in step_ms if observed is not None else ():
+            observed(sharing, ms)
+        return result
+
+    def _request(self, header: bytes, blob: bytes | None) -> Any:
+        pb = self._pb
+        inputs = [_bytes_tensor(pb, "JOB", header)]
+        if blob is not None:
+            inputs.append(_bytes_tensor(pb, "TENSORS", blob))
+        request = pb.InferenceRequest(
+            model_name=self._model,
+            requested_output_names=["EVENT", "TENSORS"],
+            inputs=inputs,
+            parameters=credential_parameters(),
+        )
+        try:
+            return request.exec(decoupled=True)
+        except Exception as err:
+            raise BlsError(f"sub-model {self._model!r} could not be called: {type(err).__name__}: {err}") from err
+
+    def _run(self, job: DenoiseJob, on_step: Callable | None) -> tuple[DenoiseResult, list]:
+        pb = self._pb
+        final, stopped = None, None
+        for response in self._request(*encode_job(job)):
+            if response.has_error():
+                if stopped is not None:  # the scheduler's answer to our cancel
+                    break
+                raise BlsError(f"sub-model {self._model!r} failed: {response.error().message()}")
+            event = _one(pb, response, "EVENT")
+            if event is None or stopped is not None:  # the flag-only last response, or steps after a cancel
+                continue
+            header, blob = json.loads(event), _one(pb, response, "TENSORS") or b""
+            if header.get("event") == "final":
+                final = decode_final(header, blob)
+            elif on_step is not None:
+                try:
+                    on_step(*decode_step(header, blob))
+                except Cancelled as err:  # stop the loop there: nothing more is computed for this request
+                    stopped = err
+                    self._cancel(job.job_id)
+        if stopped is not None:
+            raise stopped
+        if final is None:
+            raise BlsError(f"sub-model {self._model!r} ended the job without a final answer")
+        return final
+
+    def _cancel(self, job_id: str) -> None:
+        for _ in self._request(json.dumps({"op": "cancel", "id": job_id}).encode(), None):
+            pass

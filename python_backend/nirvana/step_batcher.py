@@ -1,0 +1,201 @@
+"""One UNet execution per iteration for every request in its denoising loop (continuous batching at step boundaries).
+
+Each request runs its own loop (`nirvana.denoise.denoise`: its scheduler, its guidance, its captures) on its own
+thread; its UNet calls come here. An iteration runs when every request that is in its loop has handed in its rows:
+their rows go through the UNet together and each gets its slice back. A request that arrives while an iteration runs
+is in the next one; one that leaves (finished, cancelled, failed) stops being waited for. So a request never waits
+for another to finish, and at steady state every execution carries every active request.
+
+A request that is in its loop but slow to hand in its rows (between steps it applies guidance and its scheduler step,
+about a millisecond) is waited for at most `join_wait_s`; then the iteration runs without it and it joins the next.
+Rows of requests whose inputs cannot be stacked (other trailing shapes or input names) run as separate executions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["IterationStats", "StepBatcher"]
+
+Inputs = dict[str, torch.Tensor]
+Runner = Callable[[Inputs], torch.Tensor]
+
+
+@dataclass
+class IterationStats:
+    """What the batcher did, for /metrics and the benchmarks (cumulative)."""
+
+    iterations: int = 0
+    executions: int = 0
+    rows: int = 0
+    requests: int = 0  # request-steps served
+    execute_ms: float = 0.0  # inside the UNet runner
+    join_wait_ms: float = 0.0  # summed over request-steps: hand-in to the start of its execution
+    rows_histogram: dict[int, int] = field(default_factory=dict)  # rows per execution → executions
+
+    @property
+    def rows_per_execution(self) -> float:
+        return self.rows / self.executions if self.executions else 0.0
+
+
+@dataclass(eq=False)  # identity: slots hold tensors
+class _Slot:
+    inputs: Inputs
+    rows: int
+    handed_in: float
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class StepBatcher:
+    """`with batcher.loop(): … batcher.unet(inputs) …` from each request's thread; `run(inputs)` executes the UNet
+    on stacked rows (``sample [R, C, h, w]``, ``timestep [R]``, ``encoder_hidden_states [R, L, D]``, …) and returns
+    ``[R, C, h, w]``. At most `max_rows` rows go into one execution."""
+
+    def __init__(self, run: Runner, max_rows: int, join_wait_s: float = 0.02) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: must be ≥ 1")
+        self._run, self.max_rows, self.join_wait_s = run, max_rows, join_wait_s
+        self._cond = threading.Condition()
+        self._active = 0
+        self._pending: list[_Slot] = []
+        self._running = False
+        self.stats = IterationStats()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @contextlib.contextmanager
+    def loop(self) -> Iterator[None]:
+        """One request's denoising loop: counted as active (waited for) from entry to exit, whatever ends it."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()  # the others may have been waiting for this request's rows
+
+    def unet(self, inputs: Inputs) -> torch.Tensor:
+        """This request's rows through the UNet, in the next iteration; blocks until its slice is back."""
+        slot = _Slot(inputs, int(inputs["sample"].shape[0]), time.perf_counter())
+        with self._cond:
+            self._pending.append(slot)
+            self._cond.notify_all()
+        while True:
+            with self._cond:
+                batch = [] if slot.done else self._take_if_ready()
+                if not slot.done and not batch:
+                    self._cond.wait(timeout=self.join_wait_s / 4)
+                    continue
+            if not batch:
+                break
+            self._execute(batch)  # whoever finds the iteration ready runs it, for every request in it
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    def _take_if_ready(self) -> list[_Slot]:
+        """Under the lock: the slots of the next iteration when it may start now (this thread then runs it)."""
+        if self._running or not self._pending:
+            return []
+        rows = sum(s.rows for s in self._pending)
+        waited = time.perf_counter() - self._pending[0].handed_in
+        if len(self._pending) < self._active and rows < self.max_rows and waited < self.join_wait_s:
+            return []
+        batch, taken = [], 0
+        for pending in self._pending:  # oldest first, up to max_rows (a request's rows are never split)
+            if batch and taken + pending.rows > self.max_rows:
+                break
+            batch.append(pending)
+            taken += pending.rows
+        self._pending = self._pending[len(batch) :]
+        self._running = True
+        return batch
+
+    def _execute(self, batch: list[_Slot]) -> None:
+        start = time.perf_counter()
+        executions = 0
+        try:
+            for group in _groups(batch):
+                executions += 1
+                self._run_group(group)
+        finally:
+            elapsed = (time.perf_counter() - start) * 1e3
+            with self._cond:
+                self._running = False
+                stats = self.stats
+                stats.iterations += 1
+                stats.executions += executions
+                stats.requests += len(batch)
+                stats.execute_ms += elapsed
+                stats.join_wait_ms += sum((start - s.handed_in) * 1e3 for s in batch)
+                for group in _groups(batch):
+                    rows = sum(s.rows for s in group)
+                    stats.rows += rows
+                    stats.rows_histogram[rows] = stats.rows_histogram.get(rows, 0) + 1
+                for slot in batch:
+                    slot.done = True
+                self._cond.notify_all()
+
+    def _run_group(self, group: list[_Slot]) -> None:
+        try:
+            if len(group) == 1:
+                outputs = [self._run(group[0].inputs)]
+            else:
+                stacked = {name: torch.cat([s.inputs[name] for s in group]) for name in group[0].inputs}
+                outputs = list(torch.split(self._run(stacked), [s.rows for s in group]))
+        except Exception as err:  # each request of the group hears it; the batcher goes on
+            for slot in group:
+                slot.error = err
+            return
+        for slot, output in zip(group, outputs, strict=True):
+            slot.result = output
+
+
+def _groups(batch: list[_Slot]) -> list[list[_Slot]]:
+    """Slots whose inputs stack: the same names, dtypes and trailing shapes."""
+    groups: dict[tuple, list[_Slot]] = {}
+    for slot in batch:
+        key = tuple(sorted((n, t.dtype, tuple(t.shape[1:])) for n, t in slot.inputs.items()))
+        groups.setdefault(key, []).append(slot)
+    return list(groups.values())
+
+
+class BatchedUNet:
+    """The `unet` of `nirvana.runtime.base.SubModels` for one request's loop, its calls merged across loops by
+    `batcher`. ``step_ms`` collects, per call, (requests in the iteration, ms from hand-in to result): what the
+    orchestrator's cost model learns from (`nirvana.service_time`)."""
+
+    def __init__(self, batcher: StepBatcher, step_ms: list[tuple[int, float]] | None = None) -> None:
+        self._batcher, self.step_ms = batcher, step_ms
+
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        rows = sample.shape[0]
+        inputs = {
+            "sample": sample.to(torch.float32),
+            "timestep": timestep.reshape(-1).to(torch.float32).expand(rows),  # one per row, float (DDIM's are int)
+            "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
+        }
+        inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
+        start, sharing = time.perf_counter(), self._batcher.active
+        noise = self._batcher.unet(inputs)
+        if self.step_ms is not None:
+            self.step_ms.append((sharing, (time.perf_counter() - start) * 1e3))
+        return noise

@@ -1,0 +1,74 @@
+"""How the step scheduler runs the UNet on an iteration's rows: in process (the repository's ONNX file) or as the
+`unet` model through BLS (what a TensorRT plan needs)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from nirvana.runtime.bls import credential_parameters, use_credential
+from nirvana.runtime.onnx_runtime import OnnxModel
+from nirvana.serving.scheduler_model import unet_runner
+from nirvana.specs import submodel_specs
+from nirvana_export.onnx_export import export_submodel
+
+
+def _rows(checkpoint, rows: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(rows)
+    return {
+        "sample": torch.randn(rows, 4, 16, 16, generator=generator),
+        "timestep": torch.linspace(981, 1, rows),  # one per row: requests are at different steps
+        "encoder_hidden_states": torch.randn(rows, checkpoint.text_max_length, checkpoint.text_hidden_size),
+    }
+
+
+def test_session_runner_runs_the_repositorys_onnx_file_on_stacked_rows(tiny_checkpoint, tmp_path) -> None:
+    spec = submodel_specs(tiny_checkpoint)["unet"]
+    export_submodel(tiny_checkpoint, spec, tmp_path / "unet" / "1" / "model.onnx")
+    run = unet_runner("session", tmp_path, tiny_checkpoint, {"intra_op_threads": "1"}, None)
+    rows = _rows(tiny_checkpoint, 6)
+    reference = OnnxModel(tmp_path / "unet" / "1" / "model.onnx", 1).run({k: v.numpy() for k, v in rows.items()})
+    assert torch.equal(run(rows), torch.from_numpy(reference["noise_pred"]))  # the same file, the same rows
+
+
+def test_bls_runner_sends_rows_as_the_batched_unet_config_takes_them_with_the_credential(tiny_checkpoint) -> None:
+    sent: list = []
+
+    class Request:
+        def __init__(self, model_name, requested_output_names, inputs, preferred_memory, parameters=None) -> None:
+            sent.append((model_name, {t.name: t.value for t in inputs}, parameters))
+
+        def exec(self):
+            return types.SimpleNamespace(has_error=lambda: False)
+
+    class Tensor:
+        def __init__(self, name, value) -> None:
+            self.name, self.value = name, value
+
+        @classmethod
+        def from_dlpack(cls, name, value):
+            return cls(name, value)
+
+        def to_dlpack(self):
+            return torch.utils.dlpack.to_dlpack(self.value)
+
+    noise = torch.ones(4, 4, 16, 16)
+    pb = types.SimpleNamespace(
+        InferenceRequest=Request,
+        Tensor=Tensor,
+        PreferredMemory=lambda kind, index: (kind, index),
+        TRITONSERVER_MEMORY_CPU="cpu",
+        get_output_tensor_by_name=lambda response, name: Tensor(name, noise),
+    )
+    use_credential("s" * 32)
+    try:
+        run = unet_runner("bls", None, tiny_checkpoint, {}, pb)
+        assert torch.equal(run(_rows(tiny_checkpoint, 4)), noise)
+        (model, inputs, parameters), *_ = sent
+        assert model == "unet" and inputs["timestep"].shape == (4, 1) and parameters == credential_parameters()
+    finally:
+        use_credential(None)
+    with pytest.raises(ValueError, match="unet_runner='engine'"):
+        unet_runner("engine", None, tiny_checkpoint, {}, pb)

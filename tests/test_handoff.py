@@ -1,0 +1,60 @@
+"""A loop handed to the step scheduler and its answer survive the wire exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nirvana.denoise import DenoiseResult, ResumeState
+from nirvana.handoff import DenoiseJob, HandoffError, decode_final, decode_job, encode_final, encode_job
+
+
+def test_job_round_trips_exactly() -> None:
+    start = ResumeState(
+        step=3, latent=torch.randn(1, 4, 8, 8), model_outputs=[None, torch.randn(1, 4, 8, 8)], lower_order_nums=1
+    )
+    job = DenoiseJob(
+        "j1",
+        "dpmpp",
+        20,
+        7.5,
+        torch.randn(2, 77, 32),
+        torch.Generator().manual_seed(3).get_state(),
+        start=start,
+        capture_at=[5, 10],
+        added_cond={"time_ids": torch.ones(2, 6)},
+        events=True,
+    )
+    header, blob = encode_job(job)
+    back = decode_job(json.loads(header), blob)
+    assert (back.job_id, back.scheduler, back.steps, back.guidance, back.capture_at, back.events) == (
+        "j1",
+        "dpmpp",
+        20,
+        7.5,
+        [5, 10],
+        True,
+    )
+    assert torch.equal(back.embeddings, job.embeddings) and torch.equal(back.generator_state, job.generator_state)
+    assert back.latent is None and back.start.step == 3 and torch.equal(back.start.latent, start.latent)
+    assert back.start.model_outputs[0] is None and torch.equal(back.start.model_outputs[1], start.model_outputs[1])
+    assert torch.equal(back.added_cond["time_ids"], torch.ones(2, 6))
+
+
+def test_final_answer_round_trips_with_captures_and_step_times() -> None:
+    captured = {5: ResumeState(step=5, latent=torch.randn(1, 4, 8, 8))}
+    result = DenoiseResult(torch.randn(1, 4, 8, 8), captured, 15)
+    header, blob = encode_final(result, [(8, 12.5), (7, 11.0)])
+    back, step_ms = decode_final(json.loads(header), blob)
+    assert back.steps_run == 15 and torch.equal(back.latent, result.latent)
+    assert list(back.captured) == [5] and torch.equal(back.captured[5].latent, captured[5].latent)
+    assert step_ms == [(8, 12.5), (7, 11.0)]
+
+
+def test_a_malformed_job_is_refused_by_name() -> None:
+    with pytest.raises(HandoffError, match="not a safetensors blob"):
+        decode_job({"id": "x"}, b"\xff" * 32)
+    with pytest.raises(HandoffError, match="'embeddings'"):
+        decode_job({"id": "x"}, b"")
