@@ -5,6 +5,8 @@ set -euo pipefail
 expected=$1
 
 wheel=$(python3 -c "import tensorrt; print(tensorrt.__version__)")
+# The engine build/check path (polygraphy, nirvana_export.tensorrt_build) must import in this image.
+python3 -c "import polygraphy, polygraphy.backend.trt, nirvana_export.tensorrt_build; print('polygraphy', polygraphy.__version__)"
 if [ "$wheel" != "$expected" ]; then
     echo "tensorrt wheel is $wheel, expected $expected" >&2
     exit 1
