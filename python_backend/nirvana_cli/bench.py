@@ -131,6 +131,55 @@ def bench_throughput(
     emit(report, json_path)
 
 
+@bench_app.command("steps")
+def bench_steps(
+    checkpoint: DefaultCheckpoint = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per request of the closed-loop levels.", min=1)] = 20,
+    requests: Annotated[int, typer.Option(help="Requests per level (closed loop).", min=1)] = 32,
+    step_requests: Annotated[
+        int, typer.Option(help="Requests at 4 and at 22 steps each, for the served step cost.", min=8)
+    ] = 10,
+    levels: Annotated[str, typer.Option(help="Requests in flight, comma-separated.")] = "1,8",
+    designs: Annotated[
+        str, typer.Option(help="scheduler (the step scheduler) and/or per-step (a BLS call of `unet` per step).")
+    ] = "scheduler,per-step",
+    instances: Annotated[int, typer.Option(help="nirvana orchestrator instances.", min=1)] = 8,
+    unet_runs: Annotated[int, typer.Option(help="Timed runs of the UNet alone per row count.", min=30)] = 50,
+    json_path: JsonOut = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Issue 32's figures, both designs side by side: served step cost and overhead per request-step at 1 in flight
+    against the UNet alone, images/s, p50/p99 and rows per UNet execution at each level (cache bypassed)."""
+    from nirvana_dev.bench.steps import DESIGNS, print_table, run_steps
+
+    chosen = [d.strip() for d in designs.split(",") if d.strip()]
+    wrong = [d for d in chosen if d not in DESIGNS]
+    if wrong or not chosen:
+        raise typer.BadParameter(f"designs={designs!r}: comma-separated, among {', '.join(DESIGNS)}")
+    try:
+        in_flight = [int(x) for x in levels.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"levels={levels!r}: comma-separated integers, e.g. 1,8") from None
+    if not in_flight or min(in_flight) < 1:
+        raise typer.BadParameter(f"levels={levels!r}: every level must be at least 1")
+    setup_logging(verbose)
+    report = run_steps(
+        checkpoint,
+        in_flight,
+        requests,
+        steps,
+        chosen,
+        work_dir,
+        step_requests=step_requests,
+        instances=instances,
+        unet_runs=unet_runs,
+    )
+    if json_path:  # the JSON (every level's server figures) goes to the file, first: the figures outlive the table
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+
+
 @bench_app.command("replay")
 def bench_replay(
     workload: Annotated[Path, typer.Argument(help="CSV/TSV with a prompt column (e.g. diffusiondb_1k.csv).")],
