@@ -67,6 +67,7 @@ class StepBatcher:
         self._active = 0
         self._pending: list[_Slot] = []
         self._running = False
+        self._free_since = time.perf_counter()  # when the last iteration ended
         self.stats = IterationStats()
 
     @property
@@ -110,7 +111,9 @@ class StepBatcher:
         if self._running or not self._pending:
             return []
         rows = sum(s.rows for s in self._pending)
-        waited = time.perf_counter() - self._pending[0].handed_in
+        # Counted from the later of hand-in and the end of the last iteration: rows handed in while one ran must not
+        # start the next at once, before the requests of the one that ran have taken their scheduler step.
+        waited = time.perf_counter() - max(self._pending[0].handed_in, self._free_since)
         if len(self._pending) < self._active and rows < self.max_rows and waited < self.join_wait_s:
             return []
         batch, taken = [], 0
@@ -133,7 +136,7 @@ class StepBatcher:
         finally:
             elapsed = (time.perf_counter() - start) * 1e3
             with self._cond:
-                self._running = False
+                self._running, self._free_since = False, time.perf_counter()
                 stats = self.stats
                 stats.iterations += 1
                 stats.executions += executions
