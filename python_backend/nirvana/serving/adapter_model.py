@@ -190,8 +190,10 @@ class TritonPythonModel:
             wait_s=config.adapters.load_wait_s,
             on_change=self._publish,
         )
-        # The helper is loaded by the first set's load, on the loader thread, not now: a model load started while the
-        # server is still loading the repository's models crashed it once (boost::interprocess::lock_exception).
+        # The helper loads on the loader thread at the first request, not now: a model load started while the server
+        # is still loading the repository's models crashed it once (boost::interprocess::lock_exception). At the first
+        # request no set is loaded yet, so its load (which freezes this stub) delays no loaded set's answer.
+        self._loader_started = False
         log.info("adapters: %d files, refused: %s", len(self.library.files), sorted(self.library.refused) or "none")
 
     def _metrics(self, pb: Any) -> None:
@@ -211,7 +213,16 @@ class TritonPythonModel:
         )
         self._families, self._published, self._lock = make, (0, 0, 0), threading.Lock()
 
+    def _start_loader(self) -> None:
+        try:
+            self.loader.start()
+        except Exception:
+            log.exception("adapters: loader model %s did not load (retried with the first set)", self.loader.name)
+
     def execute(self, requests: list) -> None:
+        if not self._loader_started:
+            self._loader_started = True
+            self.pool.submit(self._start_loader)
         for request in requests:
             sender = request.get_response_sender()
             refusal = self.gate.refusal(request)
