@@ -128,10 +128,9 @@ class StepBatcher:
 
     def _execute(self, batch: list[_Slot]) -> None:
         start = time.perf_counter()
-        executions = 0
+        groups = _groups(batch)
         try:
-            for group in _groups(batch):
-                executions += 1
+            for group in groups:  # a failing group answers its own requests with the error (`_run_group`)
                 self._run_group(group)
         finally:
             elapsed = (time.perf_counter() - start) * 1e3
@@ -139,11 +138,11 @@ class StepBatcher:
                 self._running, self._free_since = False, time.perf_counter()
                 stats = self.stats
                 stats.iterations += 1
-                stats.executions += executions
+                stats.executions += len(groups)
                 stats.requests += len(batch)
                 stats.execute_ms += elapsed
                 stats.join_wait_ms += sum((start - s.handed_in) * 1e3 for s in batch)
-                for group in _groups(batch):
+                for group in groups:
                     rows = sum(s.rows for s in group)
                     stats.rows += rows
                     stats.rows_histogram[rows] = stats.rows_histogram.get(rows, 0) + 1
