@@ -8,6 +8,12 @@ merges a second registration of the same name and kind) and hands every `Metric`
 underlying series, reference-counted (core `MetricFamily::Add`). So each instance's unlabelled counters and
 histograms increment the same series and the totals add up, while a gauge has a single writer (the `cache` model).
 The names are those of the README ("Metrics"); the descriptions below are shared so every registration agrees.
+
+A python backend `Metric` is not safe to use from two threads at once: each keeps one shared-memory message that every
+call rewrites, and the call releases the GIL while the server reads it. Two threads incrementing at the same time
+left the server reading a message the other had freed, and tritonserver died (SIGSEGV in
+`ProcessMetricRequest`, seen with the step scheduler's worker threads). So every metric made here is a
+`LockedMetric`: one lock per process around every call.
 """
 
 from __future__ import annotations
@@ -27,8 +33,35 @@ PREDICTION_ERROR_BUCKETS = [0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0]
 UNAVAILABLE = ("nirvana_cache_unavailable_total", "Requests served uncached: Milvus or the cache model unreachable")
 
 
+_METRIC_CALLS = threading.Lock()  # one per stub process: see the module's docstring
+
+
+class LockedMetric:
+    """A `pb_utils.Metric` whose calls never overlap another metric call of this process."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def increment(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.observe(value)
+
+    def value(self) -> float:
+        with _METRIC_CALLS:
+            return self._metric.value()
+
+
 class Families:
-    """Creates unlabelled metrics and keeps their families alive (a MetricFamily must outlive its Metrics)."""
+    """Creates unlabelled metrics (`LockedMetric`) and keeps their families alive (a MetricFamily must outlive its
+    Metrics)."""
 
     def __init__(self, pb_utils: Any) -> None:
         self._family = pb_utils.MetricFamily
@@ -36,7 +69,7 @@ class Families:
 
     def metric(self, name: str, help_text: str, kind: Any, **kwargs: Any) -> Any:
         self._kept.append(self._family(name=name, description=help_text, kind=kind))
-        return self._kept[-1].Metric(labels={}, **kwargs)
+        return LockedMetric(self._kept[-1].Metric(labels={}, **kwargs))
 
     def counter(self, name: str, help_text: str) -> Any:
         return self.metric(name, help_text, self._family.COUNTER)
@@ -52,7 +85,7 @@ class Families:
 
         def get(value: str) -> Any:
             if value not in made:
-                made[value] = family.Metric(labels={label: value})
+                made[value] = LockedMetric(family.Metric(labels={label: value}))
             return made[value]
 
         return get

@@ -73,14 +73,17 @@ class TritonPythonModel:
     def _publish(self) -> None:
         stats = self.batcher.stats
         now = (stats.iterations, stats.rows, stats.executions, stats.execute_ms, stats.join_wait_ms)
-        with self._lock:
+        with self._lock:  # jobs end on several worker threads
             before, self._published = self._published, now
-        for metric, new, old in zip(
-            (self._iterations, self._rows, self._executions, self._execute_ms, self._join_ms), now, before, strict=True
-        ):
-            if new > old:
-                metric.increment(new - old)
-        self._active.set(self.batcher.active)
+            for metric, new, old in zip(
+                (self._iterations, self._rows, self._executions, self._execute_ms, self._join_ms),
+                now,
+                before,
+                strict=True,
+            ):
+                if new > old:
+                    metric.increment(new - old)
+            self._active.set(self.batcher.active)
 
     def execute(self, requests: list) -> None:
         pb = self.pb
