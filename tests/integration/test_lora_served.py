@@ -118,7 +118,11 @@ def test_a_loaded_set_does_not_wait_for_a_set_being_loaded(client) -> None:
     worker.join(timeout=120)
     waited = cold["r"].server_timings_ms["adapter_ms"]  # fused, written and loaded for this request
     assert waited > 50
-    assert max(r.server_timings_ms["adapter_ms"] for r in warm) < waited / 5
+    # Had the loaded set waited for the load, the first warm answer would take ~95% of `waited` (the fuse is <10% of
+    # it). On two cores one request per load was seen ~0.5 s slower (in its adapter call or its UNet steps) while the
+    # new model's stub started, so the slowest is bounded by 3/4 of the wait and the fastest by 1/5.
+    answers = sorted(r.server_timings_ms["adapter_ms"] for r in warm)
+    assert answers[-1] < 0.75 * waited and answers[0] < waited / 5
 
 
 def _variant_counts(server) -> dict[str, tuple[int, int]]:
