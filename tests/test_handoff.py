@@ -58,3 +58,15 @@ def test_a_malformed_job_is_refused_by_name() -> None:
         decode_job({"id": "x"}, b"\xff" * 32)
     with pytest.raises(HandoffError, match="'embeddings'"):
         decode_job({"id": "x"}, b"")
+
+
+def test_a_job_names_only_a_lora_sets_unet_model() -> None:
+    job = DenoiseJob("j2", "ddim", 4, 7.5, torch.zeros(2, 7, 8), torch.Generator().get_state())
+    header, blob = encode_job(job)
+    assert decode_job(json.loads(header), blob).unet_model is None
+    job.unet_model = "unet_lora_0123456789abcdef"
+    header, blob = encode_job(job)
+    assert decode_job(json.loads(header), blob).unet_model == "unet_lora_0123456789abcdef"
+    for bad in ("text_encoder", "unet", "unet_lora_0123456789abcdeg", 7, "unet_lora_0123456789abcdef/../x"):
+        with pytest.raises(HandoffError, match="unet_model="):
+            decode_job({**json.loads(header), "unet_model": bad}, blob)

@@ -147,3 +147,43 @@ def test_concurrent_loops_through_the_batcher_equal_their_single_runs(tiny_check
     assert batcher.stats.rows_per_execution > 2  # they did share executions
     for seed in range(4):
         np.testing.assert_allclose(merged[seed].numpy(), alone[seed].numpy(), atol=1e-4)  # measured 3e-5
+
+
+def test_each_lora_sets_rows_run_on_its_own_model_once_per_iteration() -> None:
+    """Requests of the same set share one execution of the set's model; other sets and the base UNet get their own,
+    in the same iteration; each request's rows come back from its own model."""
+    calls: list[tuple[str | None, int]] = []
+    offsets = {None: 0.0, "unet_lora_a": 100.0, "unet_lora_b": 200.0}
+
+    def by_model(model: str | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append((model, len(inputs["sample"])))
+        return _rowwise(inputs) + offsets[model]
+
+    batcher = StepBatcher(lambda inputs: by_model(None, inputs), max_rows=16, join_wait_s=2.0, run_named=by_model)
+    models = [None, "unet_lora_a", "unet_lora_a", "unet_lora_b"]
+    start, errors = threading.Barrier(len(models)), []
+
+    def loop(index: int) -> None:
+        with batcher.loop():
+            start.wait(timeout=30)
+            rows = {"sample": torch.full((2, 4, 2, 2), float(index)), "timestep": torch.zeros(2)}
+            rows["encoder_hidden_states"] = torch.zeros(2, 3, 5)
+            for _ in range(5):
+                if not torch.equal(batcher.unet(rows, models[index]), _rowwise(rows) + offsets[models[index]]):
+                    errors.append(index)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(models))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert batcher.stats.iterations == 5 and batcher.stats.executions == 15  # three models, five steps
+    assert sorted(set(calls), key=str) == sorted({(None, 2), ("unet_lora_a", 4), ("unet_lora_b", 2)}, key=str)
+
+
+def test_a_batcher_without_named_models_refuses_one() -> None:
+    batcher = StepBatcher(_rowwise, max_rows=4)
+    rows = {"sample": torch.ones(1, 4, 2, 2), "timestep": torch.zeros(1), "encoder_hidden_states": torch.zeros(1, 3, 5)}
+    with batcher.loop(), pytest.raises(ValueError, match="unet_model='unet_lora_x'"):
+        batcher.unet(rows, "unet_lora_x")

@@ -9,6 +9,7 @@ final latent and the states captured for admission.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,10 @@ class HandoffError(ValueError):
     """A job or an answer that is not in this format; the message names the field."""
 
 
+# The UNet models a job may name: LoRA sets' models as `nirvana.lora_onnx.variant_name` makes them (on `unet`).
+UNET_MODEL_NAME = re.compile(r"unet_lora_[0-9a-f]{16}")
+
+
 @dataclass
 class DenoiseJob:
     """Everything the loop needs (`nirvana.denoise.denoise`'s arguments), by value."""
@@ -49,6 +54,7 @@ class DenoiseJob:
     capture_at: list[int] = field(default_factory=list)
     added_cond: dict[str, torch.Tensor] | None = None  # SDXL
     events: bool = False  # answer a step event (with the latent) after each step
+    unet_model: str | None = None  # a LoRA set's UNet model (`UNET_MODEL_NAME`); None: the base UNet
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
@@ -76,6 +82,7 @@ def encode_job(job: DenoiseJob) -> tuple[bytes, bytes]:
         "capture_at": sorted(job.capture_at),
         "events": job.events,
         "start_step": None if job.start is None else job.start.step,
+        "unet_model": job.unet_model,
     }
     arrays = {"embeddings": _np(job.embeddings.float()), "generator_state": _np(job.generator_state)}
     if job.latent is not None:
@@ -96,6 +103,9 @@ def decode_job(header: dict, blob: bytes) -> DenoiseJob:
         state = {k.removeprefix("start/"): a for k, a in arrays.items() if k.startswith("start/")}
         start = ResumeState.from_arrays(state, int(header["start_step"]))
     added = {k.removeprefix("added/"): torch.from_numpy(a) for k, a in arrays.items() if k.startswith("added/")}
+    unet_model = header.get("unet_model")
+    if unet_model is not None and not (isinstance(unet_model, str) and UNET_MODEL_NAME.fullmatch(unet_model)):
+        raise HandoffError(f"unet_model={str(unet_model)[:80]!r}: not a LoRA set's UNet model (unet_lora_<16 hex>)")
     return DenoiseJob(
         job_id=str(header["id"]),
         scheduler=str(header["scheduler"]),
@@ -108,6 +118,7 @@ def decode_job(header: dict, blob: bytes) -> DenoiseJob:
         capture_at=[int(k) for k in header.get("capture_at", [])],
         added_cond=added or None,
         events=bool(header.get("events", False)),
+        unet_model=unet_model,
     )
 
 

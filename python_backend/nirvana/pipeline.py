@@ -1,6 +1,6 @@
 """The request path, independent of Triton: encode → embed → look up → resume at K → denoise → decode ∥ admit.
 
-Stages follow the README's "How a request flows". Sub-model calls go through a `SubModels` adapter (torch
+Stages follow docs/architecture.md, "How a request flows". Sub-model calls go through a `SubModels` adapter (torch
 in-process here; onnxruntime or Triton BLS when served), so the same code runs in tests, in the benchmark and
 inside the BLS model.
 """
@@ -176,7 +176,7 @@ class Pipeline:
             result = _timed(
                 timings,
                 "unet_ms",
-                self.denoiser if addons == NO_ADDONS else denoise,  # add-on steps run here, on their set's model
+                self.denoiser if addons.control is None else denoise,  # ControlNet steps run here
                 loop.models(models),
                 scheduler,
                 req.steps,

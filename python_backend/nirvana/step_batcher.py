@@ -8,12 +8,14 @@ for another to finish, and at steady state every execution carries every active 
 
 A request that is in its loop but slow to hand in its rows (between steps it applies guidance and its scheduler step,
 about a millisecond) is waited for at most `join_wait_s`; then the iteration runs without it and it joins the next.
-Rows of requests whose inputs cannot be stacked (other trailing shapes or input names) run as separate executions.
+Rows of requests whose inputs cannot be stacked (other trailing shapes or input names) run as separate executions,
+and so do the rows of requests for another UNet model (a LoRA set's, `unet_model`): one execution per model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ __all__ = ["IterationStats", "StepBatcher"]
 
 Inputs = dict[str, torch.Tensor]
 Runner = Callable[[Inputs], torch.Tensor]
+NamedRunner = Callable[[str, Inputs], torch.Tensor]
 
 
 @dataclass
@@ -49,6 +52,7 @@ class _Slot:
     inputs: Inputs
     rows: int
     handed_in: float
+    model: str | None = None  # None: the base UNet (`run`); else a named model (`run_named`)
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
@@ -57,12 +61,16 @@ class _Slot:
 class StepBatcher:
     """`with batcher.loop(): … batcher.unet(inputs) …` from each request's thread; `run(inputs)` executes the UNet
     on stacked rows (``sample [R, C, h, w]``, ``timestep [R]``, ``encoder_hidden_states [R, L, D]``, …) and returns
-    ``[R, C, h, w]``. At most `max_rows` rows go into one execution."""
+    ``[R, C, h, w]``; ``run_named(model, inputs)`` does the same on another UNet model (a LoRA set's). At most
+    `max_rows` rows go into one execution."""
 
-    def __init__(self, run: Runner, max_rows: int, join_wait_s: float = 0.02) -> None:
+    def __init__(
+        self, run: Runner, max_rows: int, join_wait_s: float = 0.02, run_named: NamedRunner | None = None
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows}: must be ≥ 1")
         self._run, self.max_rows, self.join_wait_s = run, max_rows, join_wait_s
+        self._run_named = run_named
         self._cond = threading.Condition()
         self._active = 0
         self._pending: list[_Slot] = []
@@ -86,9 +94,12 @@ class StepBatcher:
                 self._active -= 1
                 self._cond.notify_all()  # the others may have been waiting for this request's rows
 
-    def unet(self, inputs: Inputs) -> torch.Tensor:
-        """This request's rows through the UNet, in the next iteration; blocks until its slice is back."""
-        slot = _Slot(inputs, int(inputs["sample"].shape[0]), time.perf_counter())
+    def unet(self, inputs: Inputs, model: str | None = None) -> torch.Tensor:
+        """This request's rows through the UNet (``model``: a named one, `run_named`), in the next iteration; blocks
+        until its slice is back."""
+        if model is not None and self._run_named is None:
+            raise ValueError(f"unet_model={model!r}: this batcher runs only its own UNet")
+        slot = _Slot(inputs, int(inputs["sample"].shape[0]), time.perf_counter(), model)
         with self._cond:
             self._pending.append(slot)
             self._cond.notify_all()
@@ -151,12 +162,14 @@ class StepBatcher:
                 self._cond.notify_all()
 
     def _run_group(self, group: list[_Slot]) -> None:
+        model = group[0].model
+        run = self._run if model is None else functools.partial(self._run_named, model)  # type: ignore[arg-type]
         try:
             if len(group) == 1:
-                outputs = [self._run(group[0].inputs)]
+                outputs = [run(group[0].inputs)]
             else:
                 stacked = {name: torch.cat([s.inputs[name] for s in group]) for name in group[0].inputs}
-                outputs = list(torch.split(self._run(stacked), [s.rows for s in group]))
+                outputs = list(torch.split(run(stacked), [s.rows for s in group]))
         except Exception as err:  # each request of the group hears it; the batcher goes on
             for slot in group:
                 slot.error = err
@@ -166,10 +179,10 @@ class StepBatcher:
 
 
 def _groups(batch: list[_Slot]) -> list[list[_Slot]]:
-    """Slots whose inputs stack: the same names, dtypes and trailing shapes."""
+    """Slots whose inputs stack, for the same model: the same names, dtypes and trailing shapes."""
     groups: dict[tuple, list[_Slot]] = {}
     for slot in batch:
-        key = tuple(sorted((n, t.dtype, tuple(t.shape[1:])) for n, t in slot.inputs.items()))
+        key = (slot.model, *sorted((n, str(t.dtype), tuple(t.shape[1:])) for n, t in slot.inputs.items()))
         groups.setdefault(key, []).append(slot)
     return list(groups.values())
 
@@ -177,10 +190,13 @@ def _groups(batch: list[_Slot]) -> list[list[_Slot]]:
 class BatchedUNet:
     """The `unet` of `nirvana.runtime.base.SubModels` for one request's loop, its calls merged across loops by
     `batcher`. ``step_ms`` collects, per call, (requests in the iteration, ms from hand-in to result): what the
-    orchestrator's cost model learns from (`nirvana.service_time`)."""
+    orchestrator's cost model learns from (`nirvana.service_time`). ``model``: the UNet model of the request's LoRA
+    set (None: the base UNet)."""
 
-    def __init__(self, batcher: StepBatcher, step_ms: list[tuple[int, float]] | None = None) -> None:
-        self._batcher, self.step_ms = batcher, step_ms
+    def __init__(
+        self, batcher: StepBatcher, step_ms: list[tuple[int, float]] | None = None, model: str | None = None
+    ) -> None:
+        self._batcher, self.step_ms, self.model = batcher, step_ms, model
 
     def unet(
         self,
@@ -197,7 +213,7 @@ class BatchedUNet:
         }
         inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
         start, sharing = time.perf_counter(), self._batcher.active
-        noise = self._batcher.unet(inputs)
+        noise = self._batcher.unet(inputs, self.model)
         if self.step_ms is not None:
             self.step_ms.append((sharing, (time.perf_counter() - start) * 1e3))
         return noise

@@ -137,3 +137,11 @@ def test_stream_model_is_decoupled_with_the_nirvana_contract_plus_events_and_pre
     assert config.parameters["engine_config"].string_value == "../nirvana/engine.json"  # the one engine config
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 5
     assert "nirvana.serving.stream_model" in files["nirvana_stream/1/model.py"]
+
+
+def test_the_tensorrt_unet_replays_a_cuda_graph_per_row_count_the_scheduler_sends() -> None:
+    spec = sd15_specs()["unet"]
+    cuda = _parse(submodel_config(spec, "gpu")).optimization.cuda
+    assert cuda.graphs and [g.batch_size for g in cuda.graph_spec] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert not _parse(submodel_config(spec, "cpu")).HasField("optimization")  # python models: no TensorRT graphs
+    assert not _parse(submodel_config(sd15_specs()["vae_decoder"], "gpu")).optimization.cuda.graphs

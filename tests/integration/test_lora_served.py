@@ -143,7 +143,7 @@ def _variant_counts(server) -> dict[str, tuple[int, int]]:
 
 def test_requests_with_the_same_set_share_unet_executions(client, server) -> None:
     _generate(client, "glow:1.5", cache_mode="bypass")  # loaded
-    before = _variant_counts(server)
+    before, scheduled = _variant_counts(server), _scheduler_rows(server)
     clients = [NirvanaClient(server.urls.grpc, "grpc") for _ in range(4)]
     try:
         threads = [
@@ -163,7 +163,23 @@ def test_requests_with_the_same_set_share_unet_executions(client, server) -> Non
     }
     rows, executions = max(grown.values())
     assert rows == 4 * STEPS * 2  # a guidance pair per step per client, all on the set's own model
-    assert executions < 4 * STEPS  # Triton's dynamic batcher merged steps of different requests
+    assert _scheduler_rows(server, scheduled + rows) - scheduled == rows  # all of them ran in the scheduler's loops
+    assert executions < 4 * STEPS  # its iterations merged steps of different requests into one execution
+
+
+def _scheduler_rows(server, expected: float | None = None) -> float:
+    """UNet rows the step scheduler has run (its counter on /metrics). It publishes just after a loop's answer is
+    sent, so with ``expected`` this reads again for up to 5 s until the counter gets there."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = requests.get(server.urls.metrics, timeout=10).text
+        lines = [line for line in metrics.splitlines() if line.startswith("nirvana_scheduler_rows")]
+        value = sum(float(line.split()[-1]) for line in lines)
+        if expected is None or value >= expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 def test_a_stream_of_new_scales_neither_stalls_a_loaded_set_nor_hangs(client, server) -> None:

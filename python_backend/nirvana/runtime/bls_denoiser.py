@@ -33,7 +33,9 @@ def _one(pb: Any, response: Any, name: str) -> bytes | None:
 
 class BlsDenoiser:
     """``denoiser(models, scheduler, steps, embeddings, guidance, generator=…, …)`` → `DenoiseResult`, as
-    `nirvana.denoise.denoise`; `models` is only asked to learn the step times (`observed`, `nirvana.service_time`)."""
+    `nirvana.denoise.denoise`; `models` is only asked which UNet model its steps go to (`unet_model`: a LoRA set's;
+    `reload_unet` when that model was unloaded meanwhile) and to learn the step times (`observed`,
+    `nirvana.service_time`)."""
 
     def __init__(self, pb_utils: Any, model: str = STEP_SCHEDULER_MODEL) -> None:
         self._pb, self._model = pb_utils, model
@@ -68,8 +70,18 @@ class BlsDenoiser:
             capture_at=list(capture_at),
             added_cond=None if added_cond is None else {k: v.detach().cpu() for k, v in added_cond.items()},
             events=on_step is not None,
+            unet_model=getattr(models, "unet_model", None),
         )
-        result, step_ms = self._run(job, on_step)
+        try:
+            result, step_ms = self._run(job, on_step)
+        except BlsError:
+            if job.unet_model is None:
+                raise
+            # The LoRA set's model was unloaded mid-loop (LRU: other sets needed the room). The job carries the
+            # generator's state by value, so running it again from its start on the set's reloaded model gives the
+            # same image (a stream's step events start over).
+            job.unet_model, job.job_id = models.reload_unet(), uuid.uuid4().hex
+            result, step_ms = self._run(job, on_step)
         observed = getattr(models, "observed", None)
         for sharing, ms in step_ms if observed is not None else ():
             observed(sharing, ms)

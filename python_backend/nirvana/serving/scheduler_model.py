@@ -5,8 +5,10 @@ The orchestrators (`nirvana`, `nirvana_stream`) hand a request's loop over once 
 final latent. Here each loop runs `nirvana.denoise.denoise` on a thread of its own, exactly as in process (same
 scheduler step, same guidance, same captures), with its UNet calls merged by the batcher. The UNet runs inside this
 process (`unet_runner: session`: the repository's ONNX file by onnxruntime, or the checkpoint's torch module) or as
-the `unet` model through BLS (`bls`: what a TensorRT plan needs). A `cancel` request naming a job stops it at its
-next step boundary (the BLS caller cannot cancel a decoupled request in this python backend).
+the `unet` model through BLS (`bls`: what a TensorRT plan needs). A job for a LoRA set names the set's UNet model
+(`unet_model`, loaded by the `adapters` model): the rows of every request with that set go to that model through BLS
+in one execution per iteration, beside the base UNet's. A `cancel` request naming a job stops it at its next step
+boundary (the BLS caller cannot cancel a decoupled request in this python backend).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from nirvana.config import load_config
 from nirvana.denoise import denoise, make_scheduler
 from nirvana.handoff import DenoiseJob, HandoffError, decode_job, encode_final, encode_step
 from nirvana.progress import Cancelled
+from nirvana.runtime.bls import use_credential
 from nirvana.runtime.bls_cache import bytes_array
-from nirvana.serving.internal import InternalGate
+from nirvana.security.credential import read_secret
+from nirvana.serving.internal import InternalGate, secret_path
 from nirvana.serving.metrics import Families
 from nirvana.serving.params import engine_config_path, model_parameters
 from nirvana.step_batcher import BatchedUNet, StepBatcher
@@ -47,11 +51,13 @@ class TritonPythonModel:
         self.pb = pb_utils
         params = model_parameters(json.loads(args["model_config"]))
         self.gate = InternalGate(pb_utils, args, params)
+        use_credential(read_secret(secret_path(args, params)))  # its BLS calls reach gated models (LoRA sets' UNets)
         config = load_config(path=engine_config_path(args, params))
         self.checkpoint = load_checkpoint_info(config.checkpoint)
         repository = Path(args["model_repository"]).parent
         run = unet_runner(params.get("unet_runner", "session"), repository, self.checkpoint, params, pb_utils)
-        self.batcher = StepBatcher(run, max_rows=int(params.get("max_rows", "16")))
+        max_rows = int(params.get("max_rows", "16"))
+        self.batcher = StepBatcher(run, max_rows, run_named=lambda model, inputs: bls_unet(pb_utils, model)(inputs))
         self.workers = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="nirvana-loop")
         self._cancelled: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -154,7 +160,7 @@ class TritonPythonModel:
                 event, blob = encode_step(i, x)
                 sender.send(pb.InferenceResponse([_tensor(pb, "EVENT", event), _tensor(pb, "TENSORS", blob)]))
 
-        unet = BatchedUNet(self.batcher, step_ms)
+        unet = BatchedUNet(self.batcher, step_ms, job.unet_model)
         with self.batcher.loop():
             return denoise(
                 unet,
@@ -177,20 +183,26 @@ class TritonPythonModel:
         self.workers.shutdown(wait=False, cancel_futures=True)
 
 
+def bls_unet(pb: Any, model: str) -> Any:
+    """``{input: tensor [R, …]} → noise [R, C, h, w]`` by the Triton model ``model`` (a batched UNet config)."""
+    from nirvana.runtime.bls import bls_infer_torch
+
+    def through_triton(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {**inputs, "timestep": inputs["timestep"].reshape(-1, 1)}  # the batched config's [rows, 1]
+        return bls_infer_torch(pb, model, feeds, ["noise_pred"])["noise_pred"].float()
+
+    return through_triton
+
+
 def unet_runner(kind: str, repository: Path, checkpoint: Any, params: dict[str, str], pb: Any) -> Any:
     """``{input: tensor [R, …]} → noise [R, C, h, w]`` float32 on the CPU, for the batcher.
 
     "session": in this process, no hop per iteration: the repository's `unet/1/model.onnx` by onnxruntime (cpu
-    profile) or the checkpoint's torch UNet (torch profile); "bls": the `unet` model of the repository (a TensorRT
-    plan cannot be run here)."""
+    profile) or the checkpoint's torch UNet (torch profile; on CUDA replayed from a CUDA graph per row count unless
+    the `cuda_graphs` parameter is "false", `nirvana.runtime.cuda_graphs`); "bls": the `unet` model of the
+    repository (a TensorRT plan cannot be run here)."""
     if kind == "bls":
-        from nirvana.runtime.bls import bls_infer_torch
-
-        def through_triton(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            feeds = {**inputs, "timestep": inputs["timestep"].reshape(-1, 1)}  # the batched config's [rows, 1]
-            return bls_infer_torch(pb, "unet", feeds, ["noise_pred"])["noise_pred"].float()
-
-        return through_triton
+        return bls_unet(pb, "unet")
     if kind != "session":
         raise ValueError(f"unet_runner={kind!r}: choose session or bls")
     onnx = repository / "unet" / "1" / "model.onnx"
@@ -209,6 +221,10 @@ def unet_runner(kind: str, repository: Path, checkpoint: Any, params: dict[str, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     runner = torch.inference_mode()(component_runner("unet", checkpoint.path, device, dtype))
+    if device == "cuda" and params.get("cuda_graphs", "true") == "true":  # eager fp16 steps are launch-bound
+        from nirvana.runtime.cuda_graphs import GraphedRunner
+
+        runner = GraphedRunner(runner)
 
     def torch_unet(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feeds = {name: t.to(device) for name, t in inputs.items()}
