@@ -180,7 +180,7 @@ TenantSource = Literal["client", "header", "token"]
 
 
 class SecurityConfig(_Strict):
-    """Who may call what (README "Security model").
+    """Who may call what (docs/security.md).
 
     `internal_secret_file`: the deployment's internal credential. Every internal model (`cache`, the sub-models)
     refuses a request that does not carry it; the orchestrators send it with each BLS request. `nirvana export` /

@@ -165,8 +165,8 @@ def vae_decoder_spec(channels: int, latent_size: tuple[int, int], scale_factor: 
 
 
 def nirvana_spec(image_size: tuple[int, int]) -> ModelSpec:
-    """The ``nirvana`` orchestrator's contract (README, "Triton tensor contract"): every input and output is one
-    value of shape [1] except ``IMAGE`` and ``CONTROL_IMAGE``, uint8 ``[H, W, 3]``. ``TIMINGS`` is JSON of
+    """The ``nirvana`` orchestrator's contract (docs/serving.md, "Triton tensor contract"): every input and output is
+    one value of shape [1] except ``IMAGE`` and ``CONTROL_IMAGE``, uint8 ``[H, W, 3]``. ``TIMINGS`` is JSON of
     server-side ms per stage."""
     h, w = image_size
     one = (1,)

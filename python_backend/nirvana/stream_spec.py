@@ -1,4 +1,5 @@
-"""Tensor contract of ``nirvana_stream``: the ``nirvana`` model's, made decoupled (README, "Progress and previews").
+"""Tensor contract of ``nirvana_stream``: the ``nirvana`` model's, made decoupled (docs/serving.md, "Progress and
+previews").
 
 Same inputs as ``nirvana`` plus ``PREVIEW_EVERY``. One request gets several responses, in this order:
 

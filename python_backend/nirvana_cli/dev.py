@@ -32,6 +32,7 @@ def make_tiny_model_cmd(
         str,
         typer.Option(
             help="tiny (64x64 images, seconds on a CPU), tiny-sd2 (SD 2.x layout, v-prediction, 96x96), "
+            "tiny-sdxl (SDXL layout: two text encoders, time/text conditioning, 128x128), "
             "or sd15 / sd21 (SD 1.5's / SD 2.1's sizes, for GPUs)."
         ),
     ] = "tiny",
@@ -133,7 +134,7 @@ def serve(
     """Run the real tritonserver with the nirvana model repository until Ctrl-C / SIGTERM (dies with this process).
 
     Clients reach only `nirvana` and `nirvana_stream`; Triton's repository, shared-memory, logging and trace APIs
-    need the `nirvana-admin-key` header (README "Security model")."""
+    need the `nirvana-admin-key` header (docs/security.md)."""
     from nirvana_dev.install import ServerPorts, TritonServerError
     from nirvana_dev.launch import ServeOptions, make_server, prepare
     from nirvana_dev.tritonserver import serve_forever

@@ -112,7 +112,7 @@ def make_server(options: ServeOptions, repo: Path) -> TritonServer:
 
 
 def security_args(admin_key: str, tenant_header: str) -> tuple[str, ...]:
-    """Triton flags of the security model (README "Security model"): the APIs that change or reveal the server
+    """Triton flags of the security model (docs/security.md): the APIs that change or reveal the server
     (model repository and control, shared memory, logging, trace) answer only requests with the `nirvana-admin-key`
     header (gRPC: `triton-grpc-protocol-nirvana-admin-key`), and the gateway's identity header reaches the models."""
     restricted = f"{RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={admin_key}"

@@ -81,7 +81,7 @@ class TrainConfig:
     # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x); the saved scheduler says which. With ε and min-SNR-γ the loss
     # weighs a noisy step's x0 error by its SNR (0.09 at t = 700), so where a shape goes, decided in DDIM's first
     # steps, is learnt last; with v it is weighted min(SNR + 1, γ): at least 1 at every t. On this 2-core CPU in
-    # 27 minutes: v 0.973 uncached accuracy (position 0.988), ε 0.619 (position 0.20, chance) in the README's run.
+    # 27 minutes: v 0.973 uncached accuracy (position 0.988), ε 0.619 (position 0.20, chance) in docs/caching.md's run.
     prediction_type: str = "epsilon"
     device: str = "cpu"
     threads: int | None = None

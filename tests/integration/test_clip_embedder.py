@@ -55,7 +55,7 @@ def test_clip_retrieval_loads_no_prompt_embedder_model(server_url) -> None:
     from tritonclient.utils import InferenceServerException
 
     triton = grpcclient.InferenceServerClient(server_url)
-    try:  # readiness, not the repository index: that API is restricted to operators (README "Security model")
+    try:  # readiness, not the repository index: that API is restricted to operators (docs/security.md)
         ready = {name: triton.is_model_ready(name) for name in ("nirvana", "cache", "text_encoder", "unet")}
         try:
             embedder_ready = triton.is_model_ready("prompt_embedder")

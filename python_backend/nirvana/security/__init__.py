@@ -1,3 +1,3 @@
 """Who may call what: the internal credential, the tenant a request belongs to, and per-tenant rate limits.
 
-README "Security model" is the reviewer's view of this package."""
+docs/security.md is the reviewer's view of this package."""

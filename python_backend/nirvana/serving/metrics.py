@@ -7,7 +7,7 @@ Several instances (stub processes) create the same families: Triton registers a 
 merges a second registration of the same name and kind) and hands every `Metric` with the same labels the one
 underlying series, reference-counted (core `MetricFamily::Add`). So each instance's unlabelled counters and
 histograms increment the same series and the totals add up, while a gauge has a single writer (the `cache` model).
-The names are those of the README ("Metrics"); the descriptions below are shared so every registration agrees.
+The names are those of docs/serving.md ("Metrics"); the descriptions below are shared so every registration agrees.
 
 A python backend `Metric` is not safe to use from two threads at once: each keeps one shared-memory message that every
 call rewrites, and the call releases the GIL while the server reads it. Two threads incrementing at the same time

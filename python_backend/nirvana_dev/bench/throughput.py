@@ -10,7 +10,7 @@ requests shared an execution). Two overheads per request-step:
   a `nirvana` instance spent on a request, minus its non-UNet sub-model requests and minus the UNet executions its
   steps sat in, over the steps it ran). Issue 32's figure; both designs.
 - `orchestration_ms_per_step`: the orchestrator's own time beside all its sub-model requests (their queueing counts
-  as theirs): the figure earlier runs reported as the overhead (README's "orchestration ms per step").
+  as theirs): the figure earlier runs reported as the overhead (docs/results.md, "orchestration ms per step").
 
 Mixes: `bypass` (every request computes every step, no cache work) and `mixed` (every other request repeats a
 prompt admitted before the run, so it hits and skips K steps; the others are new prompts that miss and admit).
