@@ -47,6 +47,7 @@ from nirvana.specs import (
     step_scheduler_spec,
     triton_dims,
 )
+from nirvana_export.tensorrt_build import engine_profiles
 
 PROFILES = ("cpu", "gpu", "torch")
 SUBMODEL_PY = (
@@ -161,7 +162,9 @@ def submodel_config(
             _cuda_graphs(config, spec.max_batch_size)
     # A python model picks its device itself; KIND_GPU would refuse to load on a machine without one.
     kind = mc.ModelInstanceGroup.KIND_GPU if profile == "gpu" else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=instances, kind=kind)
+    group = config.instance_group.add(count=instances, kind=kind)
+    if profile == "gpu" and spec.max_batch_size > 0:  # the UNet plan's profiles (a lone pair, a full batch)
+        group.profile.extend(str(i) for i in range(len(engine_profiles(spec))))
     return _render(config)
 
 

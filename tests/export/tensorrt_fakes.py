@@ -70,15 +70,15 @@ def _checked(real: Callable, record: list, label: str) -> Callable[[Callable], C
 
 
 class FakeEngine:
-    """What ``engine_from_network`` returns: the ONNX path, the profile bounds, fp16 or not, output noise."""
+    """What ``engine_from_network`` returns: the ONNX path, each profile's bounds, fp16 or not, output noise."""
 
-    def __init__(self, onnx_path: str, profile: dict[str, tuple], fp16: bool, noise: float) -> None:
-        self.onnx_path, self.profile, self.fp16, self.noise = onnx_path, profile, fp16, noise
+    def __init__(self, onnx_path: str, profiles: list[dict[str, tuple]], fp16: bool, noise: float) -> None:
+        self.onnx_path, self.profiles, self.fp16, self.noise = onnx_path, profiles, fp16, noise
 
     def serialize(self) -> bytes:
         import json
 
-        shapes = {k: [list(s) for s in v] for k, v in self.profile.items()}
+        shapes = [{k: [list(s) for s in v] for k, v in profile.items()} for profile in self.profiles]
         return b"FAKEPLAN" + json.dumps([self.onnx_path, shapes, self.fp16, self.noise]).encode()
 
     @staticmethod
@@ -87,7 +87,8 @@ class FakeEngine:
 
         assert data.startswith(b"FAKEPLAN"), "not a plan written by the fake save_engine"
         path, shapes, fp16, noise = json.loads(data[8:])
-        return FakeEngine(path, {k: tuple(tuple(s) for s in v) for k, v in shapes.items()}, fp16, noise)
+        profiles = [{k: tuple(tuple(s) for s in v) for k, v in profile.items()} for profile in shapes]
+        return FakeEngine(path, profiles, fp16, noise)
 
 
 def fake_polygraphy_trt(noise: float = 0.0, fail_build: str | None = None) -> types.ModuleType:
@@ -135,8 +136,10 @@ def fake_polygraphy_trt(noise: float = 0.0, fail_build: str | None = None) -> ty
         old = Path(load).read_bytes() if load else b""
         if save_timing_cache:
             Path(save_timing_cache).write_bytes(old + b"timings;")
-        (profile,) = kwargs["profiles"]
-        bounds = {name: (tuple(s.min), tuple(s.opt), tuple(s.max)) for name, s in profile.items()}
+        bounds = [
+            {name: (tuple(s.min), tuple(s.opt), tuple(s.max)) for name, s in profile.items()}
+            for profile in kwargs["profiles"]
+        ]
         return FakeEngine(network[1].onnx_path, bounds, bool(kwargs.get("fp16")), noise)
 
     mod.engine_from_network = engine_from_network
@@ -164,7 +167,7 @@ def fake_polygraphy_trt(noise: float = 0.0, fail_build: str | None = None) -> ty
 
     class TrtRunner(OnnxrtRunner):
         """The real OnnxrtRunner on the engine's ONNX file (fp16-converted for fp16 engines), with TensorRT's
-        profile bounds enforced and the engine's noise added."""
+        bounds of the chosen profile (``optimization_profile``, as TensorRT's) enforced and the engine's noise added."""
 
         def __init__(self, engine: Any, name: str | None = None, **kwargs: Any) -> None:
             inspect.signature(real.TrtRunner.__init__).bind(self, engine, name=name, **kwargs)
@@ -185,10 +188,14 @@ def fake_polygraphy_trt(noise: float = 0.0, fail_build: str | None = None) -> ty
 
             super().__init__(session, name=name)
             self.engine = engine() if callable(engine) else engine  # after the base init: __del__ needs it
+            self.profile = kwargs.get("optimization_profile") or 0
+            calls.append(("TrtRunner.profile", (self.profile,), {}))
 
         def infer_impl(self, feed_dict: dict, **kwargs: Any) -> dict:
             for input_name, value in feed_dict.items():
-                low, _, high = self.engine.profile[input_name]
+                if self.profile >= len(self.engine.profiles):
+                    raise PolygraphyException(f"profile {self.profile}: the engine has {len(self.engine.profiles)}")
+                low, _, high = self.engine.profiles[self.profile][input_name]
                 shape = np.shape(value)
                 if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
                     raise PolygraphyException(f"input {input_name!r} shape {shape} outside the profile {low}..{high}")

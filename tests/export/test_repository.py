@@ -145,3 +145,10 @@ def test_the_tensorrt_unet_replays_a_cuda_graph_per_row_count_the_scheduler_send
     assert cuda.graphs and [g.batch_size for g in cuda.graph_spec] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert not _parse(submodel_config(spec, "cpu")).HasField("optimization")  # python models: no TensorRT graphs
     assert not _parse(submodel_config(sd15_specs()["vae_decoder"], "gpu")).optimization.cuda.graphs
+
+
+def test_the_tensorrt_unet_instance_may_use_both_engine_profiles() -> None:
+    spec = sd15_specs()["unet"]
+    assert list(_parse(submodel_config(spec, "gpu")).instance_group[0].profile) == ["0", "1"]
+    assert list(_parse(submodel_config(spec, "cpu")).instance_group[0].profile) == []
+    assert list(_parse(submodel_config(sd15_specs()["vae_decoder"], "gpu")).instance_group[0].profile) == []

@@ -24,6 +24,7 @@ from nirvana_export.tensorrt_build import (
     compare_outputs,
     cpu_quota,
     engine_fp16,
+    engine_profiles,
     make_check_session,
     opt_inputs,
     profile_shapes,
@@ -46,14 +47,24 @@ def test_sd15_profiles_unet_rows_two_eight_sixteen_and_the_rest_unchanged() -> N
     assert [name for name, *_ in profile_shapes(specs["prompt_embedder"])] == ["input_ids", "attention_mask"]
 
 
+def test_the_unet_engine_has_a_profile_for_a_lone_request_and_one_for_a_full_batch() -> None:
+    specs = sd15_specs()
+    lone, full = engine_profiles(specs["unet"])
+    assert lone[0] == ("sample", (2, 4, 64, 64), (2, 4, 64, 64), (16, 4, 64, 64))  # every row count, tuned at 2
+    assert full[0] == ("sample", (2, 4, 64, 64), (16, 4, 64, 64), (16, 4, 64, 64))  # tuned at 16
+    assert [opt for _, _, opt, _ in full] == [(16, 4, 64, 64), (16,), (16, 77, 768)]
+    assert engine_profiles(specs["vae_decoder"]) == [profile_shapes(specs["vae_decoder"])]  # unbatched: one
+
+
 def test_opt_inputs_fit_the_spec_at_the_opt_shape() -> None:
     specs = sd15_specs()
     unet = opt_inputs(specs["unet"])
     assert {k: (v.dtype.name, v.shape) for k, v in unet.items()} == {
-        "sample": ("float32", (8, 4, 64, 64)),
-        "timestep": ("float32", (8,)),
-        "encoder_hidden_states": ("float32", (8, 77, 768)),
+        "sample": ("float32", (2, 4, 64, 64)),
+        "timestep": ("float32", (2,)),
+        "encoder_hidden_states": ("float32", (2, 77, 768)),
     }
+    assert opt_inputs(specs["unet"], profile=1)["sample"].shape == (16, 4, 64, 64)
     assert unet["timestep"].min() >= 0 and unet["timestep"].max() < 1000
     embedder = opt_inputs(specs["prompt_embedder"])
     assert embedder["input_ids"].dtype == np.int64 and embedder["input_ids"].max() < 256  # any byte-level vocab
@@ -164,9 +175,13 @@ def test_build_engine_hands_the_spec_profile_precision_and_timing_cache_to_polyg
     cache, plan = tmp_path / "tensorrt_timing.cache", tmp_path / "unet" / "model.plan"
     assert build_engine(unet_onnx, unet_spec, plan, workspace_gb=1, timing_cache=cache) == plan
     (config,) = [kw for label, _, kw in backend.calls if label == "CreateConfig"]
-    (profile,) = config["profiles"]
-    assert {n: (tuple(s.min), tuple(s.opt), tuple(s.max)) for n, s in profile.items()} == unet_spec.profile
-    assert [s[0] for s in unet_spec.profile["sample"]] == [2, 8, 16]  # rows: one pair, four requests, eight
+    lone, full = config["profiles"]
+    for profile, shapes in zip((lone, full), engine_profiles(unet_spec), strict=True):
+        assert {n: (tuple(s.min), tuple(s.opt), tuple(s.max)) for n, s in profile.items()} == {
+            name: (low, opt, high) for name, low, opt, high in shapes
+        }
+    assert [s.opt[0] for s in (lone["sample"], full["sample"])] == [2, unet_spec.max_batch_size]
+    assert [args for label, args, _ in backend.calls if label == "TrtRunner.profile"] == [(0,), (1,)]  # both checked
     assert config["fp16"] is True and config["tf32"] is True
     assert config["memory_pool_limits"] == {"WORKSPACE": 1 << 30}
     assert config["load_timing_cache"] is None and cache.read_bytes() == b"timings;"
@@ -243,6 +258,7 @@ def test_run_engine_runs_a_saved_plan_through_polygraphy(
     inputs = opt_inputs(unet_spec)
     out = run_engine(plan, inputs)
     assert out["noise_pred"].shape == inputs["sample"].shape
-    too_big = {k: np.concatenate([v, v, v]) for k, v in inputs.items()}  # 24 rows > the profile's 16
+    full = opt_inputs(unet_spec, profile=1)
+    too_big = {k: np.concatenate([v, v, v]) for k, v in full.items()}  # 48 rows > the profiles' 16
     with pytest.raises(EngineBuildError, match=r"outside the profile"):
         run_engine(plan, too_big)

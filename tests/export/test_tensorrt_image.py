@@ -60,16 +60,20 @@ def test_entrypoint_build_step_builds_and_checks_every_engine_without_torch(
     result = _entrypoint_build(tiny_checkpoint_dir, repo, tmp_path / "cache")
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert (repo / "repository_manifest.json").is_file()
+    from nirvana_export import tensorrt_build
+
     specs = submodel_specs(tiny_checkpoint)
     assert set(built) >= {"text_encoder", "unet", "vae_decoder"}
     for name in built:
         engine = tensorrt_fakes.FakeEngine.deserialize((repo / name / "1" / "model.plan").read_bytes())
-        assert engine.profile == {k: tuple(tuple(s) for s in v) for k, v in specs[name].profile.items()}
+        shapes_by_profile = tensorrt_build.engine_profiles(specs[name])
+        profiles = [{n: (low, opt, high) for n, low, opt, high in shapes} for shapes in shapes_by_profile]
+        assert engine.profiles == profiles and len(profiles) == (2 if name == "unet" else 1)
         assert engine.fp16  # the default: every sub-model fp16 (SD 1.5 family)
     configs = [kw for label, _, kw in backend.calls if label == "CreateConfig"]
     assert all(kw["fp16"] and kw["tf32"] for kw in configs) and len(configs) == len(built)
     # Every engine was run against onnxruntime through the Comparator before it was saved.
-    assert [label for label, *_ in backend.calls].count("TrtRunner") == len(built)
+    assert [label for label, *_ in backend.calls].count("TrtRunner") == len(built) + 1  # the UNet's 2 profiles
     # One timing cache at the repository root, loaded by each build after the first and merged into.
     assert (repo / "tensorrt_timing.cache").read_bytes() == b"timings;" * len(built)
     loads = [kw["load_timing_cache"] for kw in configs]
