@@ -25,11 +25,9 @@ import json
 import shutil
 from pathlib import Path
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
-from nirvana.serving.internal import SECRET_PARAMETER
 from nirvana.specs import (
     ADAPTERS_MODEL,
     CACHE_MODEL,
@@ -37,16 +35,13 @@ from nirvana.specs import (
     NIRVANA_MODEL,
     SDXL_MODEL_NAMES,
     STEP_SCHEDULER_MODEL,
-    TRITON_DTYPES,
     ModelSpec,
-    TensorSpec,
     adapters_spec,
     cache_spec,
-    needs_reshape,
     nirvana_spec,
     step_scheduler_spec,
-    triton_dims,
 )
+from nirvana_export.model_config import SECRET_FILE, RepositoryError, model_config, render
 from nirvana_export.tensorrt_build import engine_profiles
 
 PROFILES = ("cpu", "gpu", "torch")
@@ -79,48 +74,10 @@ DEFAULT_INSTANCES = {"cpu": 8, "gpu": 8, "torch": 8}
 MANIFEST = "repository_manifest.json"
 # Internal single-instance models: the orchestrators (8 by default, plus streams) keep a few requests each in flight
 INTERNAL_QUEUE = 256
-SECRET_FILE = "internal.secret"  # at the repository's root, beside the model folders (Triton ignores files there)
 # How long Triton holds a batched model's first queued request for others to join (µs): about a tenth of a UNet
 # step on a GPU, so a lone request waits little and concurrent requests' steps merge. No preferred_batch_size: the
 # batcher sends what has arrived when the delay ends instead of waiting for a batch size.
 DEFAULT_QUEUE_DELAY_US = 1500
-
-
-class RepositoryError(ValueError):
-    pass
-
-
-def _tensor(message: mc.ModelInput | mc.ModelOutput, tensor: TensorSpec, batched: bool) -> None:
-    message.name = tensor.name
-    message.data_type = mc.DataType.Value(TRITON_DTYPES[tensor.dtype])
-    message.dims.extend(triton_dims(tensor, batched))
-    if needs_reshape(tensor, batched):
-        message.reshape.SetInParent()  # dims [1] → [] : the model sees [rows]
-
-
-def _model_config(spec: ModelSpec) -> mc.ModelConfig:
-    """Name, max_batch_size and every input/output of `spec` (optional inputs marked; dims without the batch axis
-    when max_batch_size > 0)."""
-    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
-    batched = spec.max_batch_size > 0
-    for tensor in spec.inputs:
-        _tensor(config.input.add(), tensor, batched)
-        config.input[-1].optional = tensor.optional
-    for tensor in spec.outputs:
-        _tensor(config.output.add(), tensor, batched)
-    return config
-
-
-def _render(config: mc.ModelConfig) -> str:
-    if config.backend == "python":  # every python model checks or sends the internal credential (nirvana.security)
-        config.parameters[SECRET_PARAMETER].string_value = f"../{SECRET_FILE}"
-    # text_format leaves out fields at their default; say so where the default is a decision (batching).
-    header = "# Generated from nirvana.specs by nirvana_export.repository: do not edit.\n"
-    header += f"# max_batch_size: {config.max_batch_size}"
-    header += (
-        " (explicit batch axis in dims)\n" if config.max_batch_size == 0 else " (Triton prepends the batch axis)\n"
-    )
-    return header + text_format.MessageToString(config, use_short_repeated_primitives=True)
 
 
 def submodel_config(
@@ -138,7 +95,7 @@ def submodel_config(
         raise RepositoryError(f"profile={profile!r}: choose one of {PROFILES}")
     if queue_delay_us < 0:
         raise RepositoryError(f"queue_delay_us={queue_delay_us}: must be ≥ 0")
-    config = _model_config(spec)
+    config = model_config(spec)
     if spec.max_batch_size > 0:
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
         _bounded_queue(config, INTERNAL_QUEUE * 4)  # the UNet's queue holds a few requests per orchestrator step
@@ -165,7 +122,7 @@ def submodel_config(
     group = config.instance_group.add(count=instances, kind=kind)
     if profile == "gpu" and spec.max_batch_size > 0:  # the UNet plan's profiles (a lone pair, a full batch)
         group.profile.extend(str(i) for i in range(len(engine_profiles(spec))))
-    return _render(config)
+    return render(config)
 
 
 def _cuda_graphs(config: mc.ModelConfig, max_rows: int) -> None:
@@ -194,7 +151,7 @@ def nirvana_config(
     orchestrators (each its own stub process; the cache state lives in the `cache` model)."""
     if instances < 1:
         raise RepositoryError(f"instances={instances}: must be ≥ 1")
-    config = _model_config(nirvana_spec(image_size))
+    config = model_config(nirvana_spec(image_size))
     config.backend = "python"
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     # Overload is rejected at the queue, not absorbed as memory growth.
@@ -206,7 +163,7 @@ def nirvana_config(
     config.parameters["engine_config"].string_value = "engine.json"
     # Where the text encoder's output is delivered ("auto": the GPU when the stub's torch has CUDA).
     config.parameters["conditioning_device"].string_value = conditioning_device
-    return _render(config)
+    return render(config)
 
 
 def _bounded_queue(config: mc.ModelConfig, size: int, timeout_s: int = 60) -> None:
@@ -229,7 +186,7 @@ def step_scheduler_config(profile: str, max_rows: int) -> str:
     """config.pbtxt of the decoupled `step_scheduler` (contract: `nirvana.specs.step_scheduler_spec`): one instance
     holds every request's loop, so each UNet execution carries all of them. The cpu and torch profiles run the UNet
     inside it (no hop per iteration); the gpu profile calls the `unet` TensorRT plan through BLS."""
-    config = _model_config(step_scheduler_spec())
+    config = model_config(step_scheduler_spec())
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -240,31 +197,31 @@ def step_scheduler_config(profile: str, max_rows: int) -> str:
     config.parameters["intra_op_threads"].string_value = "1"
     if profile == "torch":  # the in-process torch UNet replays a CUDA graph per row count ("false": eager)
         config.parameters["cuda_graphs"].string_value = "true"
-    return _render(config)
+    return render(config)
 
 
 def cache_config() -> str:
     """config.pbtxt of the `cache` model (contract: `nirvana.specs.cache_spec`): exactly one instance, since Triton
     runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
     model's engine.json, so both always run one configuration."""
-    config = _model_config(cache_spec())
+    config = model_config(cache_spec())
     config.backend = "python"
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     _bounded_queue(config, INTERNAL_QUEUE)
     config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
-    return _render(config)
+    return render(config)
 
 
 def adapters_config() -> str:
     """config.pbtxt of the decoupled `adapters` model (contract: `nirvana.specs.adapters_spec`): one instance, which
     loads a UNet model per LoRA set through the model-control API; it reads the `nirvana` model's engine.json."""
-    config = _model_config(adapters_spec())
+    config = model_config(adapters_spec())
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     _bounded_queue(config, INTERNAL_QUEUE)
     config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
-    return _render(config)
+    return render(config)
 
 
 def render_configs(
@@ -320,7 +277,7 @@ def render_configs(
     if adapters:
         files[f"{ADAPTERS_MODEL}/config.pbtxt"] = adapters_config()
         files[f"{ADAPTERS_MODEL}/1/model.py"] = ADAPTERS_PY
-    from nirvana_export.stream_config import stream_files  # it builds on this module's helpers
+    from nirvana_export.stream_config import stream_files
 
     files |= stream_files(image_size, specs["unet"], conditioning_device=device, **nirvana_options)
     return files

@@ -10,7 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.specs import NIRVANA_MODEL, ModelSpec
 from nirvana.stream_spec import STREAM_MODEL, nirvana_stream_spec
-from nirvana_export.repository import RepositoryError, _model_config, _render
+from nirvana_export.model_config import RepositoryError, model_config, render
 
 STREAM_PY = (
     '"""Triton python model `nirvana_stream`: decoupled, progress and previews (glue in '
@@ -35,7 +35,7 @@ def stream_config(
     if instances < 1 or streams_per_instance < 1:
         raise RepositoryError(f"instances={instances}, streams_per_instance={streams_per_instance}: must be ≥ 1")
     latent_size = tuple(int(d) for d in unet.input("sample").shape[2:])
-    config = _model_config(nirvana_stream_spec(image_size, latent_size))  # type: ignore[arg-type]
+    config = model_config(nirvana_stream_spec(image_size, latent_size))  # type: ignore[arg-type]
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -46,7 +46,7 @@ def stream_config(
     config.parameters["engine_config"].string_value = f"../{NIRVANA_MODEL}/engine.json"
     config.parameters["conditioning_device"].string_value = conditioning_device
     config.parameters["streams_per_instance"].string_value = str(streams_per_instance)
-    return _render(config)
+    return render(config)
 
 
 def stream_files(image_size: tuple[int, int], unet: ModelSpec, **options: object) -> dict[str, str]:

@@ -82,7 +82,7 @@ def demo(
     if not in_process:
         run_served_demo(work_dir, checkpoint, steps, config, say=console.print)
         return
-    from nirvana_cli.main import generate
+    from nirvana_cli.generate import generate
 
     generate(
         demo_prompts(checkpoint),

@@ -229,7 +229,13 @@ def test_a_stream_of_new_scales_neither_stalls_a_loaded_set_nor_hangs(client, se
             thread.join(timeout=LOAD_WAIT_S + 60)
     assert not any(t.is_alive() for t in churners), "a churn request hung"
     assert warm and all(r.image is not None for r in warm)
-    assert max(r.server_timings_ms.get("adapter_ms", 0.0) for r in warm) < 1000  # never waited behind a load
+    # A loaded set is answered at once, never in line behind the loads that run back to back here: most warm requests
+    # take a few ms. Triton itself slows requests on other models while a model loads (server issues 8117, 8958; one
+    # ~0.5 s pause per load was measured here, and back-to-back loads can add two), so single requests are bounded
+    # only by the load wait, and the median says whether they queued behind loads (then it would be ≥ 0.5 s).
+    adapter_ms = sorted(r.server_timings_ms["adapter_ms"] for r in warm if "adapter_ms" in r.server_timings_ms)
+    assert len(adapter_ms) * 2 >= len(warm) - 1  # every other warm request used the loaded set
+    assert adapter_ms[len(adapter_ms) // 2] < 100 and adapter_ms[-1] < LOAD_WAIT_S * 1000, adapter_ms
     assert outcomes["failed"] == [], outcomes["failed"]
     assert outcomes["served"], outcomes  # the loader kept loading
     assert max(seconds for _, seconds, _ in outcomes["served"] + outcomes["refused"]) < LOAD_WAIT_S + 30
