@@ -1,5 +1,5 @@
-"""The orchestrator's end of the step scheduler: a LoRA set's job names the set's UNet model, and when that model was
-unloaded mid-loop the job runs again, from its start, on the model loaded again."""
+"""The orchestrator's end of the step scheduler: a LoRA set's job names the set's UNet model, and when that model went
+away mid-loop the request's loop runs in the orchestrator from its start, giving what the loop gives there."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from nirvana.denoise import DenoiseResult, make_scheduler
+from nirvana.denoise import DenoiseResult, denoise, make_scheduler
 from nirvana.handoff import encode_final
 from nirvana.runtime.bls import BlsError
 from nirvana.runtime.bls_denoiser import BlsDenoiser
 
-FIRST, SECOND = "unet_lora_" + "a" * 16, "unet_lora_" + "b" * 16
+FIRST = "unet_lora_" + "a" * 16
 
 
 class _Tensor:
@@ -65,43 +65,49 @@ def _fake_pb(answers: list) -> tuple[types.SimpleNamespace, list[dict]]:
 
 
 class _SetModels:
-    """The orchestrator's sub-models bound to a LoRA set (`BlsSubModels.with_unet`), as the denoiser sees them."""
+    """The orchestrator's sub-models bound to a LoRA set (`BlsSubModels.with_unet`), as the denoiser sees them; its
+    own UNet steps (the fallback loop) return a fixed fraction of the sample."""
 
     def __init__(self) -> None:
-        self.unet_model, self.reloads, self.observed_steps = FIRST, 0, []
+        self.unet_model, self.steps_here, self.observed_steps = FIRST, 0, []
 
-    def reload_unet(self) -> str:
-        self.reloads += 1
-        self.unet_model = SECOND
-        return SECOND
+    def unet(self, sample, timestep, text, added_cond=None) -> torch.Tensor:
+        self.steps_here += 1
+        return sample * 0.1
 
     def observed(self, sharing: int, ms: float) -> None:
         self.observed_steps.append((sharing, ms))
 
 
-def _call(denoiser: BlsDenoiser, models, tiny_checkpoint) -> DenoiseResult:
+def _call(denoiser, models, tiny_checkpoint, seed: int = 3) -> DenoiseResult:
     scheduler = make_scheduler("ddim", tiny_checkpoint.scheduler_config)
     embeddings = torch.zeros(2, tiny_checkpoint.text_max_length, tiny_checkpoint.text_hidden_size)
-    latent = torch.zeros(1, 4, 16, 16)
-    return denoiser(models, scheduler, 4, embeddings, 7.5, generator=torch.Generator(), latent=latent)
+    latent = torch.ones(1, 4, 16, 16)
+    generator = torch.Generator().manual_seed(seed)
+    return denoiser(models, scheduler, 4, embeddings, 7.5, generator=generator, latent=latent, capture_at=iter([2]))
 
 
-def test_a_sets_job_names_its_model_and_runs_again_on_the_reloaded_model(tiny_checkpoint) -> None:
+def test_a_sets_job_names_its_model_and_a_scheduler_answer_is_used_as_it_is(tiny_checkpoint) -> None:
     final = encode_final(DenoiseResult(torch.ones(1, 4, 16, 16), {}, 4), [(1, 5.0)] * 4)
-    pb, jobs = _fake_pb([f"model '{FIRST}' is not found", final])
+    pb, jobs = _fake_pb([final])
     models = _SetModels()
     result = _call(BlsDenoiser(pb), models, tiny_checkpoint)
-    assert [job["unet_model"] for job in jobs] == [FIRST, SECOND] and models.reloads == 1
-    assert jobs[0]["id"] != jobs[1]["id"]  # a new job: the scheduler forgot the failed one
+    assert [(job["unet_model"], job["capture_at"]) for job in jobs] == [(FIRST, [2])]
     assert torch.equal(result.latent, torch.ones(1, 4, 16, 16)) and len(models.observed_steps) == 4
+    assert models.steps_here == 0
 
 
-def test_a_base_unet_job_is_not_retried_and_a_second_failure_is_raised(tiny_checkpoint) -> None:
+def test_when_the_sets_model_went_away_the_loop_runs_here_from_its_start(tiny_checkpoint) -> None:
+    pb, jobs = _fake_pb([f"denoising failed: model '{FIRST}' is not found"])
+    models = _SetModels()
+    result = _call(BlsDenoiser(pb), models, tiny_checkpoint)
+    here = _call(denoise, _SetModels(), tiny_checkpoint)  # what the orchestrator's own loop gives
+    assert len(jobs) == 1 and models.steps_here == 4  # one guidance pair per step, run here
+    assert torch.equal(result.latent, here.latent) and set(result.captured) == set(here.captured) == {2}
+
+
+def test_a_base_unet_job_that_fails_is_an_error(tiny_checkpoint) -> None:
     pb, jobs = _fake_pb(["denoising failed: RuntimeError: boom"])
     with pytest.raises(BlsError, match="boom"):
         _call(BlsDenoiser(pb), types.SimpleNamespace(), tiny_checkpoint)  # no unet_model: the base UNet
     assert [job["unet_model"] for job in jobs] == [None]
-    pb, jobs = _fake_pb(["gone", "gone again"])
-    with pytest.raises(BlsError, match="gone again"):
-        _call(BlsDenoiser(pb), _SetModels(), tiny_checkpoint)
-    assert len(jobs) == 2

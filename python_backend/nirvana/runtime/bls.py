@@ -129,7 +129,7 @@ class BlsSubModels:
         ``unet_control`` for steps with ControlNet residuals); ``reload()`` names it again after a step failed
         because the model is gone (unloaded), and the step is retried once."""
         other = copy.copy(self)
-        other._names = {**self._names, role: unet}  # a copy: reload_unet renames in this request's copy only
+        other._names = {**self._names, role: unet}  # a copy: a reload renames in this request's copy only
         other._reload = None if reload is None else (role, reload)
         return other
 
@@ -137,13 +137,6 @@ class BlsSubModels:
     def unet_model(self) -> str | None:
         """The LoRA set's UNet model these sub-models send UNet steps to (`with_unet`), or None: the base ``unet``."""
         return None if self._names["unet"] == self._base_unet else self._names["unet"]
-
-    def reload_unet(self) -> str:
-        """The set's UNet model named again (loaded again if it was unloaded): after its steps failed elsewhere."""
-        if self._reload is None or self._reload[0] != "unet":
-            raise BlsError(f"model {self._names['unet']!r} failed and has no way to be loaded again")
-        self._names["unet"] = self._reload[1]()
-        return self._names["unet"]
 
     def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
         return bls_infer_torch(self._pb, self._names[role], inputs, [output], device)[output]

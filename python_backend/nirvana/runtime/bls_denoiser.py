@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import SchedulerMixin
 
-from nirvana.denoise import DenoiseResult, ResumeState
+from nirvana.denoise import DenoiseResult, ResumeState, denoise
 from nirvana.handoff import DenoiseJob, decode_final, decode_step, encode_job
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import BlsError, credential_parameters
@@ -20,6 +21,8 @@ from nirvana.schedulers import scheduler_name
 from nirvana.specs import STEP_SCHEDULER_MODEL
 
 __all__ = ["BlsDenoiser"]
+
+log = logging.getLogger(__name__)
 
 
 def _bytes_tensor(pb: Any, name: str, value: bytes) -> Any:
@@ -33,9 +36,9 @@ def _one(pb: Any, response: Any, name: str) -> bytes | None:
 
 class BlsDenoiser:
     """``denoiser(models, scheduler, steps, embeddings, guidance, generator=…, …)`` → `DenoiseResult`, as
-    `nirvana.denoise.denoise`; `models` is only asked which UNet model its steps go to (`unet_model`: a LoRA set's;
-    `reload_unet` when that model was unloaded meanwhile) and to learn the step times (`observed`,
-    `nirvana.service_time`)."""
+    `nirvana.denoise.denoise`; `models` is asked which UNet model its steps go to (`unet_model`: a LoRA set's), to
+    learn the step times (`observed`, `nirvana.service_time`), and runs the loop itself when the set's model went
+    away mid-loop."""
 
     def __init__(self, pb_utils: Any, model: str = STEP_SCHEDULER_MODEL) -> None:
         self._pb, self._model = pb_utils, model
@@ -74,14 +77,27 @@ class BlsDenoiser:
         )
         try:
             result, step_ms = self._run(job, on_step)
-        except BlsError:
+        except BlsError as err:
             if job.unet_model is None:
                 raise
-            # The LoRA set's model was unloaded mid-loop (LRU: other sets needed the room). The job carries the
-            # generator's state by value, so running it again from its start on the set's reloaded model gives the
-            # same image (a stream's step events start over).
-            job.unet_model, job.job_id = models.reload_unet(), uuid.uuid4().hex
-            result, step_ms = self._run(job, on_step)
+            # The LoRA set's model was unloaded mid-loop (LRU: other sets needed the room). This request's loop
+            # then runs here, a BLS call per step that loads the set again if it is gone again (`BlsSubModels`):
+            # the generator went to the scheduler by value, so it starts from the same state and gives the same
+            # image (a stream's step events start over).
+            log.info("UNet model %s went away mid-loop (%s): the loop runs in the orchestrator", job.unet_model, err)
+            return denoise(
+                models,
+                scheduler,
+                num_steps,
+                embeddings,
+                guidance_scale,
+                generator=generator,
+                latent=latent,
+                start=start,
+                capture_at=job.capture_at,
+                on_step=on_step,
+                added_cond=added_cond,
+            )
         observed = getattr(models, "observed", None)
         for sharing, ms in step_ms if observed is not None else ():
             observed(sharing, ms)
