@@ -54,10 +54,6 @@ class LockedMetric:
         with _METRIC_CALLS:
             self._metric.observe(value)
 
-    def value(self) -> float:
-        with _METRIC_CALLS:
-            return self._metric.value()
-
 
 class Families:
     """Creates unlabelled metrics (`LockedMetric`) and keeps their families alive (a MetricFamily must outlive its

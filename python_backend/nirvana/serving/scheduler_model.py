@@ -13,6 +13,7 @@ boundary (the BLS caller cannot cancel a decoupled request in this python backen
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -57,7 +58,7 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         run = unet_runner(params.get("unet_runner", "session"), repository, self.checkpoint, params, pb_utils)
         max_rows = int(params.get("max_rows", "16"))
-        self.batcher = StepBatcher(run, max_rows, run_named=lambda model, inputs: bls_unet(pb_utils, model)(inputs))
+        self.batcher = StepBatcher(run, max_rows, run_named=functools.partial(bls_unet, pb_utils))
         self.workers = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="nirvana-loop")
         self._cancelled: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -183,15 +184,12 @@ class TritonPythonModel:
         self.workers.shutdown(wait=False, cancel_futures=True)
 
 
-def bls_unet(pb: Any, model: str) -> Any:
-    """``{input: tensor [R, …]} → noise [R, C, h, w]`` by the Triton model ``model`` (a batched UNet config)."""
+def bls_unet(pb: Any, model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``{input: tensor [R, …]}`` → noise ``[R, C, h, w]`` by the Triton model ``model`` (a batched UNet config)."""
     from nirvana.runtime.bls import bls_infer_torch
 
-    def through_triton(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feeds = {**inputs, "timestep": inputs["timestep"].reshape(-1, 1)}  # the batched config's [rows, 1]
-        return bls_infer_torch(pb, model, feeds, ["noise_pred"])["noise_pred"].float()
-
-    return through_triton
+    feeds = {**inputs, "timestep": inputs["timestep"].reshape(-1, 1)}  # the batched config's [rows, 1]
+    return bls_infer_torch(pb, model, feeds, ["noise_pred"])["noise_pred"].float()
 
 
 def unet_runner(kind: str, repository: Path, checkpoint: Any, params: dict[str, str], pb: Any) -> Any:
@@ -202,7 +200,7 @@ def unet_runner(kind: str, repository: Path, checkpoint: Any, params: dict[str, 
     the `cuda_graphs` parameter is "false", `nirvana.runtime.cuda_graphs`); "bls": the `unet` model of the
     repository (a TensorRT plan cannot be run here)."""
     if kind == "bls":
-        return bls_unet(pb, "unet")
+        return functools.partial(bls_unet, pb, "unet")
     if kind != "session":
         raise ValueError(f"unet_runner={kind!r}: choose session or bls")
     onnx = repository / "unet" / "1" / "model.onnx"
