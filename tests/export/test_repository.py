@@ -9,11 +9,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, needs_reshape, nirvana_spec, triton_dims
 from nirvana_export.repository import (
     DEFAULT_QUEUE_DELAY_US,
+    INTERNAL_QUEUE,
     RepositoryError,
+    adapters_config,
+    cache_config,
     nirvana_config,
     reference_repository,
     render_configs,
     sd15_specs,
+    step_scheduler_config,
     submodel_config,
 )
 
@@ -152,3 +156,10 @@ def test_the_tensorrt_unet_instance_may_use_both_engine_profiles() -> None:
     assert list(_parse(submodel_config(spec, "gpu")).instance_group[0].profile) == ["0", "1"]
     assert list(_parse(submodel_config(spec, "cpu")).instance_group[0].profile) == []
     assert list(_parse(submodel_config(sd15_specs()["vae_decoder"], "gpu")).instance_group[0].profile) == []
+
+
+def test_decoupled_internal_models_get_requests_straight_not_through_a_dynamic_batcher() -> None:
+    # Triton's batcher could leave a handed-off loop in its queue for 500 ms (`repository._unqueued`)
+    for config in (_parse(step_scheduler_config("cpu", 16)), _parse(adapters_config())):
+        assert config.model_transaction_policy.decoupled and not config.HasField("dynamic_batching")
+    assert _parse(cache_config()).dynamic_batching.default_queue_policy.max_queue_size == INTERNAL_QUEUE

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import threading
 import types
 
+import numpy as np
 import pytest
 import torch
 
+from nirvana.handoff import DenoiseJob, encode_job
 from nirvana.runtime.bls import credential_parameters, use_credential
 from nirvana.runtime.onnx_runtime import OnnxModel
+from nirvana.serving import scheduler_model
 from nirvana.serving.scheduler_model import unet_runner
 from nirvana.specs import submodel_specs
 from nirvana_export.onnx_export import export_submodel
@@ -72,3 +76,49 @@ def test_bls_runner_sends_rows_as_the_batched_unet_config_takes_them_with_the_cr
         use_credential(None)
     with pytest.raises(ValueError, match="unet_runner='engine'"):
         unet_runner("engine", None, tiny_checkpoint, {}, pb)
+
+
+def test_loops_beyond_the_bound_are_refused_at_once_as_unavailable(monkeypatch) -> None:
+    """Triton queues nothing for the step scheduler (no dynamic batcher), so it bounds the loops it holds itself:
+    one more job is answered UNAVAILABLE at once, and a loop that ends makes room again."""
+    monkeypatch.setattr(scheduler_model, "MAX_HELD", 2)
+    answers: list = []
+
+    class Sender:
+        def send(self, response=None, flags=0) -> None:
+            answers.append(response)
+
+    class Request:
+        def __init__(self, job_id: str) -> None:
+            job = DenoiseJob(job_id, "ddim", 4, 7.5, torch.zeros(2, 3, 4), torch.Generator().get_state())
+            self.tensors = dict(zip(("JOB", "TENSORS"), encode_job(job), strict=True))
+
+        def get_response_sender(self) -> Sender:
+            return Sender()
+
+    class Error:
+        UNAVAILABLE, INVALID_ARG = "UNAVAILABLE", "INVALID_ARG"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    pb = types.SimpleNamespace(
+        TritonError=Error,
+        InferenceResponse=lambda error: error,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
+        get_input_tensor_by_name=lambda r, name: types.SimpleNamespace(
+            as_numpy=lambda: np.array([r.tensors[name]], dtype=object)
+        ),
+    )
+    submitted: list = []
+    model = scheduler_model.TritonPythonModel()
+    model.pb, model.gate = pb, types.SimpleNamespace(refusal=lambda request: None)
+    model._cancelled, model._lock = {}, threading.Lock()
+    model.workers = types.SimpleNamespace(submit=lambda fn, job, sender: submitted.append(job.job_id))
+    model.execute([Request("a"), Request("b"), Request("c")])
+    assert submitted == ["a", "b"]
+    (refused,) = answers
+    assert refused.code == "UNAVAILABLE" and "2 loops held" in refused.message
+    model._cancelled.pop("a")  # loop a ended
+    model.execute([Request("d")])
+    assert submitted == ["a", "b", "d"] and len(answers) == 1

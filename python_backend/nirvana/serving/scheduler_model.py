@@ -38,7 +38,10 @@ from nirvana.serving.params import engine_config_path, model_parameters
 from nirvana.step_batcher import BatchedUNet, StepBatcher
 
 log = logging.getLogger("nirvana.scheduler")
-MAX_JOBS = 64  # loops held at once; more wait in Triton's queue (bounded by its queue policy)
+MAX_JOBS = 64  # loops run at once; more wait for a worker
+# Loops held (running or waiting for a worker): Triton queues nothing for this model (no dynamic batcher, see
+# `nirvana_export.repository._unqueued`), so the bound is here; one more is refused at once.
+MAX_HELD = 256
 
 
 def _tensor(pb: Any, name: str, value: bytes) -> Any:
@@ -113,7 +116,13 @@ class TritonPythonModel:
                 sender.send(pb.InferenceResponse(error=error), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             with self._lock:
-                self._cancelled[job.job_id] = threading.Event()
+                full = len(self._cancelled) >= MAX_HELD
+                if not full:
+                    self._cancelled[job.job_id] = threading.Event()
+            if full:
+                error = pb.TritonError(f"step scheduler full: {MAX_HELD} loops held", pb.TritonError.UNAVAILABLE)
+                sender.send(pb.InferenceResponse(error=error), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
             self.workers.submit(self._run, job, sender)
         return None
 
