@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nirvana.denoise import DenoiseResult, ResumeState
-from nirvana.handoff import DenoiseJob, HandoffError, decode_final, decode_job, encode_final, encode_job
+from nirvana.handoff import DenoiseJob, HandoffError, JobControl, decode_final, decode_job, encode_final, encode_job
 
 
 def test_job_round_trips_exactly() -> None:
@@ -70,3 +70,30 @@ def test_a_job_names_only_a_lora_sets_unet_model() -> None:
     for bad in ("text_encoder", "unet", "unet_lora_0123456789abcdeg", 7, "unet_lora_0123456789abcdef/../x"):
         with pytest.raises(HandoffError, match="unet_model="):
             decode_job({**json.loads(header), "unet_model": bad}, blob)
+
+
+def test_a_controlnet_job_round_trips_and_names_only_controlnet_and_control_unet_models() -> None:
+    image = torch.rand(1, 3, 16, 16)
+    job = DenoiseJob("j3", "ddim", 4, 7.5, torch.zeros(2, 7, 8), torch.Generator().get_state())
+    job.control, job.unet_model = JobControl("controlnet_edges", image, 0.6), "unet_control"
+    header, blob = encode_job(job)
+    back = decode_job(json.loads(header), blob)
+    assert (back.control.model, back.control.scale, back.unet_model) == ("controlnet_edges", 0.6, "unet_control")
+    assert torch.equal(back.control.image, image)
+    lora = {**json.loads(header), "unet_model": "unet_lora_0123456789abcdef"}  # a LoRA set fused into unet_control
+    assert decode_job(lora, blob).unet_model == "unet_lora_0123456789abcdef"
+    refused = [
+        ("control.model=", {"model": "unet", "scale": 0.6}),
+        ("control.model=", {"model": "controlnet_../x", "scale": 0.6}),
+        ("control.scale=", {"model": "controlnet_edges", "scale": 2.5}),
+        ("control=", "edges"),
+    ]
+    for named, control in refused:
+        with pytest.raises(HandoffError, match=named):
+            decode_job({**json.loads(header), "control": control}, blob)
+    for bad_unet in (None, "unet", "controlnet_edges"):  # with a ControlNet, the UNet model must take residuals
+        with pytest.raises(HandoffError, match="unet_model="):
+            decode_job({**json.loads(header), "unet_model": bad_unet}, blob)
+    no_image = encode_job(DenoiseJob("j4", "ddim", 4, 7.5, torch.zeros(2, 7, 8), torch.Generator().get_state()))[1]
+    with pytest.raises(HandoffError, match="control/image"):
+        decode_job(json.loads(header), no_image)

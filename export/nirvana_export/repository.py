@@ -205,6 +205,9 @@ def step_scheduler_config(profile: str, max_rows: int) -> str:
     config.parameters["unet_runner"].string_value = "bls" if profile == "gpu" else "session"
     config.parameters["max_rows"].string_value = str(max_rows)
     config.parameters["intra_op_threads"].string_value = "1"
+    # Where a ControlNet's residuals are delivered between its model and the UNet's (`scheduler_control`); the
+    # torch profile also runs on machines without a GPU.
+    config.parameters["residual_memory"].string_value = {"cpu": "cpu", "gpu": "gpu"}.get(profile, "auto")
     if profile == "torch":  # the in-process torch UNet replays a CUDA graph per row count ("false": eager)
         config.parameters["cuda_graphs"].string_value = "true"
     return render(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from nirvana.schedulers import (
     make_scheduler,
     scheduler_name,
 )
+
+if TYPE_CHECKING:
+    from nirvana.controlnet import Control
 
 __all__ = [
     "SCHEDULERS",
@@ -243,7 +247,7 @@ def denoise(
     capture_at: Iterable[int] = (),
     on_step: Callable[[int, torch.Tensor], object] | None = None,
     added_cond: dict[str, torch.Tensor] | None = None,
-    control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None,
+    control: Control | None = None,
 ) -> DenoiseResult:
     """Run an N-step schedule from x_T (``latent``) or from ``start`` (steps K..N-1 only), with CFG.
 
@@ -252,7 +256,7 @@ def denoise(
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
     raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. SDXL: ``added_cond`` to every UNet call;
-    ``control(x_in, t, text)`` gives a ControlNet's residuals for each UNet call (``nirvana.controlnet``).
+    ``control.residuals(x_in, t, text)`` gives a ControlNet's residuals for each UNet call (``nirvana.controlnet``).
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):
@@ -282,7 +286,7 @@ def denoise(
             captured[i] = _capture(scheduler, x, i, generator)
         model_input = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
         timestep = t.expand(model_input.shape[0])
-        extra = added if control is None else {**added, "residuals": control(model_input, timestep, text)}
+        extra = added if control is None else {**added, "residuals": control.residuals(model_input, timestep, text)}
         eps = models.unet(model_input, timestep, text, **extra)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)

@@ -17,11 +17,15 @@ import torch
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from nirvana.controlnet import MAX_CONTROL_SCALE
+from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, controlnet_model
 from nirvana.denoise import DenoiseResult, ResumeState
+from nirvana.specs import SpecError
 
 __all__ = [
     "DenoiseJob",
     "HandoffError",
+    "JobControl",
     "decode_final",
     "decode_job",
     "decode_step",
@@ -35,8 +39,20 @@ class HandoffError(ValueError):
     """A job or an answer that is not in this format; the message names the field."""
 
 
-# The UNet models a job may name: LoRA sets' models as `nirvana.lora_onnx.variant_name` makes them (on `unet`).
+# The UNet models a job may name: LoRA sets' models as `nirvana.lora_onnx.variant_name` makes them (on `unet` or
+# `unet_control`), and with a ControlNet the `unet_control` model itself.
 UNET_MODEL_NAME = re.compile(r"unet_lora_[0-9a-f]{16}")
+CONTROL_UNET_NAME = re.compile(rf"{UNET_CONTROL_MODEL}|{UNET_MODEL_NAME.pattern}")
+
+
+@dataclass(frozen=True)
+class JobControl:
+    """A job's ControlNet: the `controlnet_<name>` model that gives the residuals at every step, the request's
+    prepared control image ``[1, 3, H, W]`` and its conditioning scale."""
+
+    model: str
+    image: torch.Tensor = field(repr=False)
+    scale: float
 
 
 @dataclass
@@ -55,6 +71,7 @@ class DenoiseJob:
     added_cond: dict[str, torch.Tensor] | None = None  # SDXL
     events: bool = False  # answer a step event (with the latent) after each step
     unet_model: str | None = None  # a LoRA set's UNet model (`UNET_MODEL_NAME`); None: the base UNet
+    control: JobControl | None = None  # with a ControlNet, `unet_model` is `unet_control` or its LoRA set's model
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
@@ -83,6 +100,7 @@ def encode_job(job: DenoiseJob) -> tuple[bytes, bytes]:
         "events": job.events,
         "start_step": None if job.start is None else job.start.step,
         "unet_model": job.unet_model,
+        "control": None if job.control is None else {"model": job.control.model, "scale": job.control.scale},
     }
     arrays = {"embeddings": _np(job.embeddings.float()), "generator_state": _np(job.generator_state)}
     if job.latent is not None:
@@ -90,6 +108,8 @@ def encode_job(job: DenoiseJob) -> tuple[bytes, bytes]:
     if job.start is not None:
         arrays |= {f"start/{name}": a for name, a in job.start.to_arrays().items()}
     arrays |= {f"added/{name}": _np(t.float()) for name, t in (job.added_cond or {}).items()}
+    if job.control is not None:
+        arrays["control/image"] = _np(job.control.image.float())
     return json.dumps(header).encode(), _pack(arrays)
 
 
@@ -103,9 +123,13 @@ def decode_job(header: dict, blob: bytes) -> DenoiseJob:
         state = {k.removeprefix("start/"): a for k, a in arrays.items() if k.startswith("start/")}
         start = ResumeState.from_arrays(state, int(header["start_step"]))
     added = {k.removeprefix("added/"): torch.from_numpy(a) for k, a in arrays.items() if k.startswith("added/")}
+    control = _control(header.get("control"), arrays.get("control/image"))
     unet_model = header.get("unet_model")
-    if unet_model is not None and not (isinstance(unet_model, str) and UNET_MODEL_NAME.fullmatch(unet_model)):
-        raise HandoffError(f"unet_model={str(unet_model)[:80]!r}: not a LoRA set's UNet model (unet_lora_<16 hex>)")
+    names = UNET_MODEL_NAME if control is None else CONTROL_UNET_NAME
+    if (unet_model is not None or control is not None) and not (
+        isinstance(unet_model, str) and names.fullmatch(unet_model)
+    ):
+        raise HandoffError(f"unet_model={str(unet_model)[:80]!r}: not a UNet model for this job ({names.pattern})")
     return DenoiseJob(
         job_id=str(header["id"]),
         scheduler=str(header["scheduler"]),
@@ -119,7 +143,28 @@ def decode_job(header: dict, blob: bytes) -> DenoiseJob:
         added_cond=added or None,
         events=bool(header.get("events", False)),
         unet_model=unet_model,
+        control=control,
     )
+
+
+def _control(header: object, image: np.ndarray | None) -> JobControl | None:
+    """The job's ControlNet, checked: a `controlnet_<name>` model, a scale in [0, MAX_CONTROL_SCALE], an image."""
+    if header is None:
+        return None
+    if not isinstance(header, dict) or not isinstance(header.get("model"), str):
+        raise HandoffError(f"control={str(header)[:80]!r}: not {{model, scale}}")
+    model, scale = header["model"], header.get("scale")
+    try:
+        if not model.startswith(CONTROLNET_PREFIX):
+            raise SpecError(model)
+        controlnet_model(model.removeprefix(CONTROLNET_PREFIX))  # the folder-name rule
+    except SpecError:
+        raise HandoffError(f"control.model={model[:80]!r}: not a ControlNet model (controlnet_<name>)") from None
+    if not isinstance(scale, int | float) or not 0.0 <= scale <= MAX_CONTROL_SCALE:
+        raise HandoffError(f"control.scale={scale!r}: not in [0, {MAX_CONTROL_SCALE}]")
+    if image is None or image.ndim != 4 or image.shape[:2] != (1, 3):
+        raise HandoffError(f"TENSORS: control/image {None if image is None else image.shape}: not [1, 3, H, W]")
+    return JobControl(model, torch.from_numpy(image), float(scale))
 
 
 def encode_final(result: DenoiseResult, step_ms: list[tuple[int, float]]) -> tuple[bytes, bytes]:

@@ -176,7 +176,7 @@ class Pipeline:
             result = _timed(
                 timings,
                 "unet_ms",
-                self.denoiser if addons.control is None else denoise,  # ControlNet steps run here
+                self.denoiser,
                 loop.models(models),
                 scheduler,
                 req.steps,
@@ -188,7 +188,7 @@ class Pipeline:
                 capture_at=admit_ks,
                 on_step=None if on_event is None else lambda i, x: on_event(StepEvent(i + 1, req.steps, x)),
                 added_cond=added_cond,
-                control=None if addons.control is None else addons.control.residuals,
+                control=addons.control,
             )
         admission = None
         if admit_ks and _finite(result.latent):

@@ -9,7 +9,9 @@ for another to finish, and at steady state every execution carries every active 
 A request that is in its loop but slow to hand in its rows (between steps it applies guidance and its scheduler step,
 about a millisecond) is waited for at most `join_wait_s`; then the iteration runs without it and it joins the next.
 Rows of requests whose inputs cannot be stacked (other trailing shapes or input names) run as separate executions,
-and so do the rows of requests for another UNet model (a LoRA set's, `unet_model`): one execution per model.
+and so do the rows of requests for another UNet model (a LoRA set's, `unet_model`) or with a ControlNet: one
+execution per model, and per (ControlNet, UNet model) pair, whose rows also carry each request's control image and
+scale.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nirvana.handoff import JobControl
 
 __all__ = ["IterationStats", "StepBatcher"]
 
 Inputs = dict[str, torch.Tensor]
 Runner = Callable[[Inputs], torch.Tensor]
-NamedRunner = Callable[[str, Inputs], torch.Tensor]
+NamedRunner = Callable[[Hashable, Inputs], torch.Tensor]
 
 
 @dataclass
@@ -52,7 +58,7 @@ class _Slot:
     inputs: Inputs
     rows: int
     handed_in: float
-    model: str | None = None  # None: the base UNet (`run`); else a named model (`run_named`)
+    model: Hashable | None = None  # None: the base UNet (`run`); else what `run_named` runs the rows on
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
@@ -61,7 +67,8 @@ class _Slot:
 class StepBatcher:
     """`with batcher.loop(): … batcher.unet(inputs) …` from each request's thread; `run(inputs)` executes the UNet
     on stacked rows (``sample [R, C, h, w]``, ``timestep [R]``, ``encoder_hidden_states [R, L, D]``, …) and returns
-    ``[R, C, h, w]``; ``run_named(model, inputs)`` does the same on another UNet model (a LoRA set's). At most
+    ``[R, C, h, w]``; ``run_named(model, inputs)`` does the same on another UNet model (a LoRA set's name, or a
+    (ControlNet, UNet model) pair). At most
     `max_rows` rows go into one execution."""
 
     def __init__(
@@ -94,7 +101,7 @@ class StepBatcher:
                 self._active -= 1
                 self._cond.notify_all()  # the others may have been waiting for this request's rows
 
-    def unet(self, inputs: Inputs, model: str | None = None) -> torch.Tensor:
+    def unet(self, inputs: Inputs, model: Hashable | None = None) -> torch.Tensor:
         """This request's rows through the UNet (``model``: a named one, `run_named`), in the next iteration; blocks
         until its slice is back."""
         if model is not None and self._run_named is None:
@@ -191,12 +198,18 @@ class BatchedUNet:
     """The `unet` of `nirvana.runtime.base.SubModels` for one request's loop, its calls merged across loops by
     `batcher`. ``step_ms`` collects, per call, (requests in the iteration, ms from hand-in to result): what the
     orchestrator's cost model learns from (`nirvana.service_time`). ``model``: the UNet model of the request's LoRA
-    set (None: the base UNet)."""
+    set (None: the base UNet). ``control``: the request's ControlNet (`nirvana.handoff.JobControl`): its rows go to
+    ``(control.model, model)`` with the control image and scale beside each row."""
 
     def __init__(
-        self, batcher: StepBatcher, step_ms: list[tuple[int, float]] | None = None, model: str | None = None
+        self,
+        batcher: StepBatcher,
+        step_ms: list[tuple[int, float]] | None = None,
+        model: str | None = None,
+        control: JobControl | None = None,
     ) -> None:
-        self._batcher, self.step_ms, self.model = batcher, step_ms, model
+        self._batcher, self.step_ms, self.control = batcher, step_ms, control
+        self.model: Hashable | None = model if control is None else (control.model, model)
 
     def unet(
         self,
@@ -212,6 +225,9 @@ class BatchedUNet:
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
         inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
+        if self.control is not None:
+            inputs["controlnet_cond"] = self.control.image.to(torch.float32).expand(rows, -1, -1, -1)
+            inputs["conditioning_scale"] = torch.full((rows,), self.control.scale)
         start, sharing = time.perf_counter(), self._batcher.active
         noise = self._batcher.unet(inputs, self.model)
         if self.step_ms is not None:

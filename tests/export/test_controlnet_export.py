@@ -117,3 +117,10 @@ def test_torch_profile_serves_the_controlnet_modules_themselves(tmp_path: Path) 
 def test_gpu_profile_refuses_served_lora_until_tensorrt_refit_exists() -> None:
     with pytest.raises(RepositoryError, match="use the torch profile on a GPU"):
         render_configs(sd15_specs(), (512, 512), "gpu", adapters=True)
+
+
+@pytest.mark.parametrize(("profile", "memory"), [("cpu", "cpu"), ("gpu", "gpu"), ("torch", "auto")])
+def test_the_step_scheduler_keeps_residuals_where_the_unet_reads_them(profile: str, memory: str, tmp_path) -> None:
+    files = render_configs(sd15_specs(), (512, 512), profile, checkpoint=tmp_path, control=_sd15_control())
+    config = files["step_scheduler/config.pbtxt"]
+    assert f'key: "residual_memory"\n  value {{\n    string_value: "{memory}"' in config

@@ -1,6 +1,7 @@
 """ControlNets through the real server: a `controlnet_<name>` model per ControlNet and the `unet_control` model, called
-per step by the orchestrator; images equal diffusers' `StableDiffusionControlNetPipeline`, latents never cross
-controls, requests with different controls share executions, and bad control inputs are refused naming them."""
+once per iteration by the step scheduler for every request with that ControlNet; images equal diffusers'
+`StableDiffusionControlNetPipeline`, latents never cross controls, requests with the same ControlNet share its and
+the UNet's executions whatever their images and scales, and bad control inputs are refused naming them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from tests.test_controlnet import PROMPT, STEPS, _edges
 from tests.test_controlnet import _reference as diffusers_image
 from tritonclient.utils import InferenceServerException
@@ -106,9 +108,14 @@ def _counts(server, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     return {name: found.get(name, (0, 0)) for name in names}
 
 
-def test_requests_with_different_controls_share_unet_executions(client, server) -> None:
+def _scheduler_rows(server) -> float:
+    text = requests.get(server.urls.metrics, timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nirvana_scheduler_rows_total"))
+
+
+def test_requests_with_the_same_controlnet_share_its_and_the_unets_executions(client, server) -> None:
     names = ("unet_control", "controlnet_edges", "controlnet_lines")
-    before = _counts(server, names)
+    before, scheduled = _counts(server, names), _scheduler_rows(server)
     clients = [NirvanaClient(server.urls.grpc, "grpc") for _ in range(4)]
     controls = [("edges", 1.0), ("lines", 0.5), ("edges", 0.7), ("lines", 1.2)]
     try:
@@ -132,4 +139,8 @@ def test_requests_with_different_controls_share_unet_executions(client, server) 
     assert grown["controlnet_edges"][0] == grown["controlnet_lines"][0] == 2 * STEPS * 2  # each its own model
     rows, executions = grown["unet_control"]
     assert rows == 4 * STEPS * 2  # a guidance pair per step per request, whatever its ControlNet and scale
-    assert executions < 4 * STEPS  # Triton's dynamic batcher merged steps of requests with different controls
+    # Per iteration one execution per ControlNet and one UNet execution per ControlNet's rows: two requests with
+    # the same ControlNet (other images, other scales) ran in one of each, not one per request-step.
+    assert grown["controlnet_edges"][1] < 2 * STEPS and grown["controlnet_lines"][1] < 2 * STEPS
+    assert executions < 4 * STEPS
+    assert _scheduler_rows(server) - scheduled == rows  # the loops ran in the step scheduler, not the orchestrators

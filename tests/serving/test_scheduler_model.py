@@ -122,3 +122,52 @@ def test_loops_beyond_the_bound_are_refused_at_once_as_unavailable(monkeypatch) 
     model._cancelled.pop("a")  # loop a ended
     model.execute([Request("d")])
     assert submitted == ["a", "b", "d"] and len(answers) == 1
+
+
+@pytest.mark.parametrize("memory", ["cpu", "gpu"])
+def test_control_rows_run_the_controlnet_once_and_hand_its_residuals_to_the_unet_untouched(tiny_checkpoint, memory):
+    from nirvana.serving.scheduler_control import ControlRunner
+
+    sent: list = []
+    noise = torch.ones(4, 4, 16, 16)
+
+    class Tensor:
+        def __init__(self, name, value) -> None:
+            self.name, self.value = name, value
+
+        @classmethod
+        def from_dlpack(cls, name, value):
+            return cls(name, value)
+
+        def to_dlpack(self):
+            return torch.utils.dlpack.to_dlpack(self.value)
+
+    class Request:
+        def __init__(self, model_name, requested_output_names, inputs, preferred_memory, parameters=None) -> None:
+            self.outputs = requested_output_names
+            sent.append((model_name, {t.name: t for t in inputs}, preferred_memory))
+
+        def exec(self):
+            found = {name: Tensor(name, noise if name == "noise_pred" else f"residual {name}") for name in self.outputs}
+            return types.SimpleNamespace(has_error=lambda: False, found=found)
+
+    pb = types.SimpleNamespace(
+        InferenceRequest=Request,
+        Tensor=Tensor,
+        PreferredMemory=lambda kind, index: kind,
+        TRITONSERVER_MEMORY_CPU="cpu",
+        TRITONSERVER_MEMORY_GPU="gpu",
+        get_output_tensor_by_name=lambda response, name: response.found[name],
+    )
+    rows = _rows(tiny_checkpoint, 4) | {
+        "controlnet_cond": torch.rand(4, 3, 64, 64),
+        "conditioning_scale": torch.tensor([1.0, 1.0, 0.5, 0.5]),  # two requests, two scales
+    }
+    result = ControlRunner(pb, tiny_checkpoint, memory)("controlnet_edges", "unet_control", rows)
+    assert torch.equal(result, noise)
+    (control, control_inputs, control_memory), (unet, unet_inputs, unet_memory) = sent
+    assert (control, unet, control_memory, unet_memory) == ("controlnet_edges", "unet_control", memory, "cpu")
+    assert control_inputs["conditioning_scale"].value.shape == (4, 1)
+    residuals = [name for name in unet_inputs if name not in ("sample", "timestep", "encoder_hidden_states")]
+    assert residuals and all(unet_inputs[n].value == f"residual {n}" for n in residuals)  # Triton's, not copies
+    assert "controlnet_cond" not in unet_inputs and unet_inputs["timestep"].value.shape == (4, 1)

@@ -41,7 +41,7 @@ def use_credential(secret: str | None) -> None:
         _parameters[INTERNAL_PARAMETER] = secret
 
 
-def _execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], memory: Any) -> dict[str, Any]:
+def bls_execute(pb_utils: Any, model: str, tensors: list, outputs: Sequence[str], memory: Any) -> dict[str, Any]:
     """Send one request and return its output tensors (pb_utils.Tensor); raise BlsError on any error.
 
     The one place that checks `has_error()`, so no call site can check the wrong variable. `memory` is where the
@@ -77,7 +77,7 @@ def cpu_memory(pb_utils: Any) -> Any:
 def bls_infer(pb_utils: Any, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
     """Send numpy inputs to `model` and return its outputs as numpy arrays (delivered in CPU memory)."""
     tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
-    found = _execute(pb_utils, model, tensors, outputs, cpu_memory(pb_utils))
+    found = bls_execute(pb_utils, model, tensors, outputs, cpu_memory(pb_utils))
     return {name: tensor.as_numpy() for name, tensor in found.items()}
 
 
@@ -93,7 +93,7 @@ def bls_infer_torch(
     else:
         index = torch.device(device).index or 0
         memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
-    found = _execute(pb_utils, model, tensors, outputs, memory)
+    found = bls_execute(pb_utils, model, tensors, outputs, memory)
     return {name: torch.utils.dlpack.from_dlpack(tensor.to_dlpack()) for name, tensor in found.items()}
 
 
@@ -137,6 +137,11 @@ class BlsSubModels:
     def unet_model(self) -> str | None:
         """The LoRA set's UNet model these sub-models send UNet steps to (`with_unet`), or None: the base ``unet``."""
         return None if self._names["unet"] == self._base_unet else self._names["unet"]
+
+    @property
+    def control_unet_model(self) -> str:
+        """The model steps with a ControlNet's residuals go to: ``unet_control``, or its LoRA set's (`with_unet`)."""
+        return self._names["unet_control"]
 
     def _call(self, role: str, inputs: Mapping[str, torch.Tensor], output: str, device: str = "cpu") -> torch.Tensor:
         return bls_infer_torch(self._pb, self._names[role], inputs, [output], device)[output]

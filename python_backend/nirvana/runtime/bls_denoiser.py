@@ -7,18 +7,22 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import SchedulerMixin
 
+from nirvana.controlnet_spec import UNET_CONTROL_MODEL, controlnet_model
 from nirvana.denoise import DenoiseResult, ResumeState, denoise
-from nirvana.handoff import DenoiseJob, decode_final, decode_step, encode_job
+from nirvana.handoff import DenoiseJob, JobControl, decode_final, decode_step, encode_job
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import BlsError, credential_parameters
 from nirvana.runtime.bls_cache import bytes_array
 from nirvana.schedulers import scheduler_name
 from nirvana.specs import STEP_SCHEDULER_MODEL
+
+if TYPE_CHECKING:
+    from nirvana.controlnet import Control
 
 __all__ = ["BlsDenoiser"]
 
@@ -32,6 +36,11 @@ def _bytes_tensor(pb: Any, name: str, value: bytes) -> Any:
 def _one(pb: Any, response: Any, name: str) -> bytes | None:
     tensor = pb.get_output_tensor_by_name(response, name)
     return None if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0])
+
+
+def _job_control(control: Control) -> JobControl:
+    """The request's ControlNet as the step scheduler runs it: its served model, prepared image and scale."""
+    return JobControl(controlnet_model(control.key[0]), control.image, control.scale)
 
 
 class BlsDenoiser:
@@ -57,10 +66,8 @@ class BlsDenoiser:
         capture_at: Iterable[int] = (),
         on_step: Callable[[int, torch.Tensor], object] | None = None,
         added_cond: dict[str, torch.Tensor] | None = None,
-        control: Any = None,
+        control: Control | None = None,
     ) -> DenoiseResult:
-        if control is not None:
-            raise ValueError("a ControlNet's loop runs in the orchestrator, not in the step scheduler")
         job = DenoiseJob(
             job_id=uuid.uuid4().hex,
             scheduler=scheduler_name(scheduler),
@@ -73,12 +80,13 @@ class BlsDenoiser:
             capture_at=list(capture_at),
             added_cond=None if added_cond is None else {k: v.detach().cpu() for k, v in added_cond.items()},
             events=on_step is not None,
-            unet_model=getattr(models, "unet_model", None),
+            unet_model=getattr(models, "unet_model", None) if control is None else models.control_unet_model,
+            control=None if control is None else _job_control(control),
         )
         try:
             result, step_ms = self._run(job, on_step)
         except BlsError as err:
-            if job.unet_model is None:
+            if job.unet_model in (None, UNET_CONTROL_MODEL):  # no LoRA set's model that could have gone away
                 raise
             # The LoRA set's model was unloaded mid-loop (LRU: other sets needed the room). This request's loop
             # then runs here, a BLS call per step that loads the set again if it is gone again (`BlsSubModels`):
@@ -97,6 +105,7 @@ class BlsDenoiser:
                 capture_at=job.capture_at,
                 on_step=on_step,
                 added_cond=added_cond,
+                control=control,
             )
         observed = getattr(models, "observed", None)
         for sharing, ms in step_ms if observed is not None else ():

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import threading
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from nirvana.security.credential import read_secret
 from nirvana.serving.internal import InternalGate, secret_path
 from nirvana.serving.metrics import Families
 from nirvana.serving.params import engine_config_path, model_parameters
+from nirvana.serving.scheduler_control import ControlRunner
 from nirvana.step_batcher import BatchedUNet, StepBatcher
 
 log = logging.getLogger("nirvana.scheduler")
@@ -61,7 +63,8 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         run = unet_runner(params.get("unet_runner", "session"), repository, self.checkpoint, params, pb_utils)
         max_rows = int(params.get("max_rows", "16"))
-        self.batcher = StepBatcher(run, max_rows, run_named=functools.partial(bls_unet, pb_utils))
+        control = ControlRunner(pb_utils, self.checkpoint, params.get("residual_memory", "cpu"))
+        self.batcher = StepBatcher(run, max_rows, run_named=functools.partial(run_named, pb_utils, control))
         self.workers = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="nirvana-loop")
         self._cancelled: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -170,7 +173,7 @@ class TritonPythonModel:
                 event, blob = encode_step(i, x)
                 sender.send(pb.InferenceResponse([_tensor(pb, "EVENT", event), _tensor(pb, "TENSORS", blob)]))
 
-        unet = BatchedUNet(self.batcher, step_ms, job.unet_model)
+        unet = BatchedUNet(self.batcher, step_ms, job.unet_model, job.control)
         with self.batcher.loop():
             return denoise(
                 unet,
@@ -191,6 +194,14 @@ class TritonPythonModel:
             for event in self._cancelled.values():
                 event.set()
         self.workers.shutdown(wait=False, cancel_futures=True)
+
+
+def run_named(pb: Any, control: ControlRunner, model: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batcher's rows for a model other than its own UNet: a LoRA set's UNet model by name, or a (ControlNet,
+    UNet model) pair."""
+    if isinstance(model, tuple):
+        return control(*model, inputs)
+    return bls_unet(pb, str(model), inputs)
 
 
 def bls_unet(pb: Any, model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
