@@ -19,6 +19,20 @@ from nirvana.specs import submodel_specs
 from nirvana_export.onnx_export import export_submodel
 
 
+class _Tensor:
+    """pb_utils.Tensor as BLS call sites use it: a name, a value, DLPack both ways."""
+
+    def __init__(self, name, value) -> None:
+        self.name, self.value = name, value
+
+    @classmethod
+    def from_dlpack(cls, name, value):
+        return cls(name, value)
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(self.value)
+
+
 def _rows(checkpoint, rows: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(rows)
     return {
@@ -47,24 +61,13 @@ def test_bls_runner_sends_rows_as_the_batched_unet_config_takes_them_with_the_cr
         def exec(self):
             return types.SimpleNamespace(has_error=lambda: False)
 
-    class Tensor:
-        def __init__(self, name, value) -> None:
-            self.name, self.value = name, value
-
-        @classmethod
-        def from_dlpack(cls, name, value):
-            return cls(name, value)
-
-        def to_dlpack(self):
-            return torch.utils.dlpack.to_dlpack(self.value)
-
     noise = torch.ones(4, 4, 16, 16)
     pb = types.SimpleNamespace(
         InferenceRequest=Request,
-        Tensor=Tensor,
+        Tensor=_Tensor,
         PreferredMemory=lambda kind, index: (kind, index),
         TRITONSERVER_MEMORY_CPU="cpu",
-        get_output_tensor_by_name=lambda response, name: Tensor(name, noise),
+        get_output_tensor_by_name=lambda response, name: _Tensor(name, noise),
     )
     use_credential("s" * 32)
     try:
@@ -131,29 +134,18 @@ def test_control_rows_run_the_controlnet_once_and_hand_its_residuals_to_the_unet
     sent: list = []
     noise = torch.ones(4, 4, 16, 16)
 
-    class Tensor:
-        def __init__(self, name, value) -> None:
-            self.name, self.value = name, value
-
-        @classmethod
-        def from_dlpack(cls, name, value):
-            return cls(name, value)
-
-        def to_dlpack(self):
-            return torch.utils.dlpack.to_dlpack(self.value)
-
     class Request:
         def __init__(self, model_name, requested_output_names, inputs, preferred_memory, parameters=None) -> None:
             self.outputs = requested_output_names
             sent.append((model_name, {t.name: t for t in inputs}, preferred_memory))
 
         def exec(self):
-            found = {name: Tensor(name, noise if name == "noise_pred" else f"residual {name}") for name in self.outputs}
+            found = {n: _Tensor(n, noise if n == "noise_pred" else f"residual {n}") for n in self.outputs}
             return types.SimpleNamespace(has_error=lambda: False, found=found)
 
     pb = types.SimpleNamespace(
         InferenceRequest=Request,
-        Tensor=Tensor,
+        Tensor=_Tensor,
         PreferredMemory=lambda kind, index: kind,
         TRITONSERVER_MEMORY_CPU="cpu",
         TRITONSERVER_MEMORY_GPU="gpu",
