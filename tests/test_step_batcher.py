@@ -53,6 +53,7 @@ def test_every_loop_in_flight_shares_each_execution_and_gets_its_own_rows() -> N
     stats = batcher.stats
     assert stats.requests == 160 and stats.rows == 320 and sum(executions) == 320
     assert executions == [16] * 20  # 8 loops in their loops: every execution carries all of them
+    assert (stats.complete_iterations, stats.loop_requests) == (20, 160)  # and the counters say so
     assert batcher.active == 0
 
 
@@ -99,6 +100,8 @@ def test_a_loop_slow_to_hand_in_is_waited_for_at_most_join_wait() -> None:
     start = time.perf_counter()
     assert _run_all(batcher, [10]) == []
     assert time.perf_counter() - start < 1.5 and not slow_done.is_set()  # 10 steps × ≤ 10 ms, not 2 s
+    # each iteration left the slow loop behind, and the counters say so: 2 in their loops, 1 carried
+    assert (batcher.stats.complete_iterations, batcher.stats.loop_requests) == (0, 2 * batcher.stats.iterations)
 
 
 def test_max_rows_splits_an_iteration_and_a_failed_execution_reaches_only_its_requests() -> None:

@@ -47,6 +47,10 @@ class IterationStats:
     execute_ms: float = 0.0  # inside the UNet runner
     join_wait_ms: float = 0.0  # summed over request-steps: hand-in to the start of its execution
     rows_histogram: dict[int, int] = field(default_factory=dict)  # rows per execution → executions
+    # Iterations that carried every request then in its loop, and the requests in their loops summed over iterations:
+    # what tells a batcher that leaves requests behind from requests that are elsewhere (encode, decode, the network).
+    complete_iterations: int = 0
+    loop_requests: int = 0
 
     @property
     def rows_per_execution(self) -> float:
@@ -83,6 +87,7 @@ class StepBatcher:
         self._pending: list[_Slot] = []
         self._running = False
         self._free_since = time.perf_counter()  # when the last iteration ended
+        self._taken_of = (0, 0)  # the running iteration: (its requests, requests in their loops when it was taken)
         self.stats = IterationStats()
 
     @property
@@ -142,6 +147,7 @@ class StepBatcher:
             taken += pending.rows
         self._pending = self._pending[len(batch) :]
         self._running = True
+        self._taken_of = (len(batch), self._active)
         return batch
 
     def _execute(self, batch: list[_Slot]) -> None:
@@ -156,6 +162,9 @@ class StepBatcher:
                 self._running, self._free_since = False, time.perf_counter()
                 stats = self.stats
                 stats.iterations += 1
+                taken, in_loops = self._taken_of
+                stats.complete_iterations += taken >= in_loops
+                stats.loop_requests += in_loops
                 stats.executions += len(groups)
                 stats.requests += len(batch)
                 stats.execute_ms += elapsed

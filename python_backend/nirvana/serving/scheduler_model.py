@@ -44,6 +44,15 @@ MAX_JOBS = 64  # loops run at once; more wait for a worker
 # Loops held (running or waiting for a worker): Triton queues nothing for this model (no dynamic batcher, see
 # `nirvana_export.repository._unqueued`), so the bound is here; one more is refused at once.
 MAX_HELD = 256
+COUNTERS = (  # /metrics: nirvana_scheduler_<name>
+    ("iterations_total", "Step iterations run"),
+    ("rows_total", "UNet rows run by the step scheduler"),
+    ("unet_executions_total", "UNet executions it ran"),
+    ("iteration_ms_total", "Milliseconds spent in iterations"),
+    ("join_wait_ms_total", "Milliseconds request-steps waited for their iteration to start"),
+    ("complete_iterations_total", "Iterations that carried every request in its loop"),
+    ("loop_requests_total", "Requests in their loop at each iteration, summed"),
+)
 
 
 def _tensor(pb: Any, name: str, value: bytes) -> Any:
@@ -74,26 +83,16 @@ class TritonPythonModel:
     def _metrics(self, pb: Any) -> None:
         make = self._families = Families(pb)  # a family must outlive its metrics
         self._active = make.gauge("nirvana_scheduler_active_requests", "Requests in their denoising loop")
-        self._iterations = make.counter("nirvana_scheduler_iterations_total", "Step iterations run")
-        self._rows = make.counter("nirvana_scheduler_rows_total", "UNet rows run by the step scheduler")
-        self._executions = make.counter("nirvana_scheduler_unet_executions_total", "UNet executions it ran")
-        self._execute_ms = make.counter("nirvana_scheduler_iteration_ms_total", "Milliseconds spent in iterations")
-        self._join_ms = make.counter(
-            "nirvana_scheduler_join_wait_ms_total", "Milliseconds request-steps waited for their iteration to start"
-        )
-        self._published = (0, 0, 0, 0.0, 0.0)
+        # Each mirrors the `IterationStats` field of the same position in `_publish`.
+        self._counters = tuple(make.counter(f"nirvana_scheduler_{name}", text) for name, text in COUNTERS)
+        self._published: tuple = (0,) * len(COUNTERS)
 
     def _publish(self) -> None:
-        stats = self.batcher.stats
-        now = (stats.iterations, stats.rows, stats.executions, stats.execute_ms, stats.join_wait_ms)
+        s = self.batcher.stats
+        now = (s.iterations, s.rows, s.executions, s.execute_ms, s.join_wait_ms, s.complete_iterations, s.loop_requests)
         with self._lock:  # jobs end on several worker threads
             before, self._published = self._published, now
-            for metric, new, old in zip(
-                (self._iterations, self._rows, self._executions, self._execute_ms, self._join_ms),
-                now,
-                before,
-                strict=True,
-            ):
+            for metric, new, old in zip(self._counters, now, before, strict=True):
                 if new > old:
                     metric.increment(new - old)
             self._active.set(self.batcher.active)

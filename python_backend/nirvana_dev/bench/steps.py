@@ -239,6 +239,15 @@ def summarise(report: dict) -> None:
     report["acceptance"] = checks
 
 
+def _scheduler(row: dict, figure: str) -> str:
+    """A step-scheduler figure of a level's row ("n/a" for the per-step design)."""
+    scheduler = row.get("scheduler") or {}
+    if figure == "complete" and scheduler.get("complete_iteration_share") is not None:
+        return f"{100 * scheduler['complete_iteration_share']:.1f}"
+    value = scheduler.get("loop_requests_per_iteration") if figure == "loop_requests" else None
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def print_table(report: dict) -> None:
     """Both designs side by side."""
     designs = list(report["designs"])
@@ -271,6 +280,8 @@ def print_table(report: dict) -> None:
             f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f}")))  # fmt: skip
         add(f"  rows per UNet execution at {level} (of {MAX_ROWS})", at(level, lambda r: num(r["rows_per_execution"])))
         add(f"  server overhead per request-step at {level}, ms", at(level, lambda r: num(r["overhead_ms_per_step"])))
+        add(f"  requests in their loop per iteration at {level}", at(level, lambda r: _scheduler(r, "loop_requests")))
+        add(f"  iterations carrying all of them at {level}, %", at(level, lambda r: _scheduler(r, "complete")))
     first, last = report["levels"][0], report["levels"][-1]
     add(f"images/s {last} vs {first}", lambda f: num(f.get(f"speedup_{last}_vs_{first}")) + "x")
     width = max(len(label) for label, _ in lines)

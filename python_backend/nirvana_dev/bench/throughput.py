@@ -94,6 +94,10 @@ def scheduler_figures(before: dict, after: dict, steps_run: int) -> dict | None:
         "rows_per_execution": rows / executions if executions else None,
         "ms_per_iteration": iteration_ms / iterations if iterations else None,
         "join_wait_ms_per_step": delta("join_wait_ms_total") / steps_run if steps_run else None,
+        # The share of iterations that left no request in its loop behind, and how many were in their loops: rows
+        # per execution below 2× that are requests elsewhere (encode, decode, the client), not left behind.
+        "complete_iteration_share": delta("complete_iterations_total") / iterations if iterations else None,
+        "loop_requests_per_iteration": delta("loop_requests_total") / iterations if iterations else None,
     }
 
 
