@@ -217,3 +217,17 @@ def test_fingerprint_speed(tmp_path: Path, tiny_checkpoint_dir: Path) -> None:
         f"sha256 {rate:.0f} MiB/s -> SD 1.5 (4 GB) cold ~{4000 / rate:.0f} s"
     )
     assert cached < cold * 2 + 0.05
+
+
+def test_a_checkpoint_can_be_loaded_one_module_at_a_time(tiny_checkpoint_dir: Path, tiny_checkpoint) -> None:
+    """What an export child loads: its own module, with every config of the full checkpoint."""
+    vae_only = load_checkpoint(tiny_checkpoint_dir, components=["vae"])
+    assert vae_only.vae is not None and vae_only.unet is None and vae_only.text_encoder is None
+    for key in ("sample_size", "in_channels", "cross_attention_dim", "block_out_channels"):
+        assert vae_only.unet_config[key] == tiny_checkpoint.unet_config[key]
+    assert (vae_only.latent_size, vae_only.fingerprint) == (tiny_checkpoint.latent_size, tiny_checkpoint.fingerprint)
+    assert sum(p.numel() for p in vae_only.vae.parameters()) == sum(p.numel() for p in tiny_checkpoint.vae.parameters())
+    with pytest.raises(ValueError, match="controlnet"):
+        load_checkpoint(tiny_checkpoint_dir, components=["controlnet"])
+    with pytest.raises(CheckpointError, match="not SDXL"):
+        load_checkpoint(tiny_checkpoint_dir, components=["text_encoder_2"])

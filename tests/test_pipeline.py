@@ -94,6 +94,23 @@ def test_repeat_of_same_prompt_and_seed_reproduces_the_uncached_image(make_pipe)
     assert np.array_equal(miss.image, bypass.image)
 
 
+def test_a_q6_cache_hits_as_float16_does_with_nearly_the_same_image(make_pipe, tmp_path) -> None:
+    """`cache.latent_dtype = "q6"`: the same hits and K as float16, entries a third the bytes, and the hit's image
+    within a few grey levels of the float16 hit's (what `nirvana bench latents` measures over many pairs)."""
+    hits = {}
+    for dtype in ("float16", "q6"):
+        pipe = make_pipe(latent_dtype=dtype, dir=str(tmp_path / dtype))
+        pipe.generate(FOX, seed=5)
+        hits[dtype] = pipe.generate("photo of a red fox in snow", seed=5)
+        pipe.close()
+        hits[dtype + " bytes"] = sum(f.stat().st_size for f in (tmp_path / dtype).rglob("*.safetensors"))
+    q6, fp16 = hits["q6"], hits["float16"]
+    assert q6.cache_hit and (q6.skipped_steps, q6.matched_prompt) == (fp16.skipped_steps, fp16.matched_prompt)
+    assert hits["q6 bytes"] < hits["float16 bytes"]
+    difference = np.abs(q6.image.astype(int) - fp16.image.astype(int))
+    assert 0 < difference.max() <= 12 and difference.mean() < 2
+
+
 def test_bypass_neither_reads_nor_writes_and_refresh_rewrites(make_pipe) -> None:
     pipe = make_pipe()
     pipe.generate(FOX, cache_mode="bypass")

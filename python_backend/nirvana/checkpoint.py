@@ -11,9 +11,10 @@ Nothing is downloaded: every ``from_pretrained`` call runs with ``local_files_on
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,8 +274,18 @@ def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
     )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``."""
+MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, components: Collection[str] | None = None
+) -> Checkpoint:
+    """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``.
+
+    ``components``: only these of `MODULES` (the others are None; the configs are read from the folder): what one
+    sub-model's export needs, so an SDXL export does not hold its 10 GB UNet while it exports a text encoder."""
+    if components is not None:
+        return _load_some(Path(path), dtype, components)
     root = Path(path)
     index = _check_layout(root)
     encoder_cls = _text_encoder_class(root, index)
@@ -304,3 +315,25 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         unet=unet,
         vae=vae,
     )
+
+
+def _load_some(root: Path, dtype: torch.dtype, components: Collection[str]) -> Checkpoint:
+    unknown = set(components) - set(MODULES)
+    if unknown:
+        raise ValueError(f"components={sorted(unknown)}: not modules of a checkpoint {MODULES}")
+    info = load_checkpoint_info(root)
+    index = _check_layout(root)
+    loaders = {
+        "text_encoder": lambda: _load_component(
+            root, "text_encoder", _text_encoder_class(root, index).from_pretrained, dtype=dtype
+        ),
+        "text_encoder_2": lambda: _load_component(
+            root, "text_encoder_2", transformers.CLIPTextModelWithProjection.from_pretrained, dtype=dtype
+        ),
+        "unet": lambda: _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype),
+        "vae": lambda: _load_component(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype),
+    }
+    if "text_encoder_2" in components and info.family != "sdxl":
+        raise CheckpointError(f"{root}: text_encoder_2 asked for, but the checkpoint is not SDXL")
+    modules = {name: loaders[name]().eval() if name in components else None for name in MODULES}
+    return Checkpoint(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)}, **modules)

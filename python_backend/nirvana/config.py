@@ -83,7 +83,8 @@ class CacheConfig(_Strict):
     max_entries: int | None = Field(200_000, ge=1)
     max_bytes: int | None = Field(16 * GiB, ge=1)
     min_entries_per_prompt: int = Field(1, ge=0)
-    latent_dtype: Literal["float16", "float32"] = "float16"
+    # How latents are stored (`nirvana.cache.latent_codec`): "q6" quantises them to a third of float16's bytes
+    latent_dtype: Literal["float16", "float32", "q6"] = "float16"
     flush_interval_s: float = Field(1.0, gt=0, le=3600)
     # Milvus server only: how often the in-process mirror picks up what other replicas admitted, hit and evicted
     # (0: never; a milvus-lite file has no other writer)

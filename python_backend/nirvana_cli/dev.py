@@ -33,7 +33,7 @@ def make_tiny_model_cmd(
         typer.Option(
             help="tiny (64x64 images, seconds on a CPU), tiny-sd2 (SD 2.x layout, v-prediction, 96x96), "
             "tiny-sdxl (SDXL layout: two text encoders, time/text conditioning, 128x128), "
-            "or sd15 / sd21 (SD 1.5's / SD 2.1's sizes, for GPUs)."
+            "or sd15 / sd21 / sdxl (SD 1.5's / SD 2.1's / SDXL's sizes, for GPUs and memory figures)."
         ),
     ] = "tiny",
     embedder: Annotated[

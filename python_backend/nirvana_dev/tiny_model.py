@@ -123,20 +123,25 @@ def clip_text_encoder(
 ) -> CLIPTextModel:
     """A random-weight CLIP text encoder sized for ``tokenizer`` (vocabulary, special tokens, max length).
     ``hidden_act="gelu"`` is OpenCLIP's, as in SD 2.x."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            hidden_act=hidden_act,
-            max_position_embeddings=tokenizer.model_max_length,
-            # Without these the pooled output silently comes from position 0.
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    return CLIPTextModel(clip_config(tokenizer, hidden_size, intermediate_size, heads, layers, hidden_act))
+
+
+def clip_config(
+    tokenizer: CLIPTokenizer, hidden_size: int, intermediate_size: int, heads: int, layers: int, hidden_act: str, **more
+) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_act=hidden_act,
+        max_position_embeddings=tokenizer.model_max_length,
+        # Without these the pooled output silently comes from position 0.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **more,
     )
 
 
@@ -225,6 +230,31 @@ def _tiny_sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
     return text_encoder, text_encoder_2, unet, vae
 
 
+def _sdxl_modules(tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, ...]:
+    """Random weights in SDXL base 1.0's architecture (1024×1024, 128×128×4 latent): CLIP ViT-L (D=768, 12 layers)
+    and OpenCLIP bigG with its projection (D=1280, 32 layers), the 2.6B-parameter UNet (10, 20 and 0 transformer
+    layers per level, 5/10/20-channel heads… as diffusers' SDXL config) and the VAE. For memory and GPU figures."""
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, intermediate_size=3072, heads=12, layers=12)
+    big_g = clip_config(tokenizer, 1280, 5120, heads=20, layers=32, hidden_act="gelu", projection_dim=1280)
+    text_encoder_2 = CLIPTextModelWithProjection(big_g)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # six time ids × 256 + the pooled projection (1280)
+        cross_attention_dim=2048,
+    )
+    vae = _vae((128, 256, 512, 512), 2, 1024)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    return text_encoder, text_encoder_2, unet, vae
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to build one random-weight checkpoint: its modules, what its UNet predicts (SD 2.x: v) and its
@@ -241,6 +271,7 @@ ARCHITECTURES = {
     "tiny-sd2": Architecture(_tiny_sd2_modules, "v_prediction"),
     "sd21": Architecture(_sd21_modules, "v_prediction"),
     "tiny-sdxl": Architecture(_tiny_sdxl_modules, family="sdxl"),
+    "sdxl": Architecture(_sdxl_modules, family="sdxl"),
 }
 
 
@@ -278,7 +309,8 @@ def make_tiny_model(
     ``architecture="sd15"`` makes the same with SD 1.5's sizes (1.03B parameters, 4.1 GB in fp32): a full-size model
     for GPU throughput measurements, where random weights cost the same as trained ones. ``"tiny-sd2"`` and
     ``"sd21"`` are SD 2.x's layout (v-prediction, OpenCLIP-style text encoder), tiny and full-size; ``"tiny-sdxl"``
-    is SDXL's (``StableDiffusionXLPipeline``: two text encoders, added time/text conditioning).
+    is SDXL's (``StableDiffusionXLPipeline``: two text encoders, added time/text conditioning), ``"sdxl"`` the same at
+    full size (3.5B parameters, 14 GB in fp32).
 
     ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
     Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``. Its

@@ -113,3 +113,23 @@ def test_manifest_fingerprint_gates_onnx_submodels(
     OnnxSubModels(out, fingerprint=tiny_checkpoint.fingerprint)
     with pytest.raises(OnnxModelError, match=r"exported from checkpoint .* re-run the export"):
         OnnxSubModels(out, fingerprint="f" * 64)
+
+
+def test_an_isolated_export_runs_each_sub_model_in_its_own_process_and_reports_its_peak(
+    tiny_checkpoint_dir: Path, tmp_path: Path, exported: tuple[Path, dict[str, Path]]
+) -> None:
+    """What a full-size checkpoint gets by default (weights over 1 GiB): the parent never loads a module, each child
+    only its own; the files are the ones the in-process export writes."""
+    names = ["text_encoder", "vae_decoder"]
+    paths = export_all(tiny_checkpoint_dir, tmp_path, names=names, isolate=True)
+    manifest = json.loads((tmp_path / "export_manifest.json").read_text())
+    for name in names:
+        entry = manifest["models"][name]
+        assert entry["own_process"] is True and 50 << 20 < entry["peak_rss_bytes"] < 8 << 30  # a child with torch
+        same = onnx.load(str(exported[1][name]))
+        assert onnx.load(str(paths[name])).graph.node[-1].op_type == same.graph.node[-1].op_type
+        assert entry["max_abs_diff"] == pytest.approx(exported_diff(exported[0], name), abs=1e-7)
+
+
+def exported_diff(out: Path, name: str) -> float:
+    return json.loads((out / "export_manifest.json").read_text())["models"][name]["max_abs_diff"]

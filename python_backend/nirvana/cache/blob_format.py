@@ -17,8 +17,13 @@ Milvus) is refused by a reader that says which row it expects (`check_binding`: 
 
 Format 2 (no binding) is not read: `latents.LatentStore` drops a directory of them at open (see there).
 
-Latents are stored uncompressed (safetensors has no compression): a 4×64×64 latent (SD 1.5 at 512×512) stored as
-float16 takes 32 KiB of data plus a header of about 250 bytes; ``tests/cache/test_latents.py`` prints the number.
+How float tensors are stored is the store's codec (`latent_codec`): cast to float16 (the default) or float32, a
+4×64×64 latent (SD 1.5 at 512×512) then taking 32 KiB of data plus a header of about 250 bytes; or ``q6``, quantised
+and deflated (about 11 KB), its tensors then 1-D uint8 arrays restored from a ``"codecs"`` entry of the metadata
+(JSON: per tensor, what `latent_codec.decode_tensor` needs), which the checksum covers. A blob with a quantised
+tensor is ``"nirvana-latent/4"``, so that a version which only reads format 3 refuses it instead of returning the
+codes as values; one with casts only is still written as format 3, so a float16 cache stays readable by the previous
+version during a rolling upgrade. ``tests/cache/test_latents.py`` prints the sizes.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-FORMAT = "nirvana-latent/3"
-STORED_FLOAT_DTYPES = ("float16", "float32")
+from nirvana.cache.latent_codec import CODECS, LatentCodecError, decode_tensor, encode_tensor
+
+FORMAT = "nirvana-latent/3"  # bound blobs whose tensors are stored as they are (casts)
+QUANTISED_FORMAT = "nirvana-latent/4"  # bound blobs with a quantised tensor (a "codecs" metadata entry)
+STORED_FLOAT_DTYPES = CODECS
 _ACCEPTED_KINDS = "fiub"  # float, signed, unsigned, bool
 _LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header, then the data
 
@@ -93,41 +101,55 @@ def check_binding(blob: LatentBlob, expected: Binding, key: str = "?") -> None:
 
 def encode_blob(tensors: dict[str, np.ndarray], meta: dict, float_dtype: str, binding: Binding | None = None) -> bytes:
     """Serialise tensors (floats cast to ``float_dtype``), meta and binding to the format in the module docstring."""
-    stored = {}
+    stored, codecs = {}, {}
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, got {name!r}")
-        stored[name] = _stored_array(name, np.asarray(value), float_dtype)
+        stored[name], description = _stored_array(name, np.asarray(value), float_dtype)
+        if description is not None:
+            codecs[name] = description
     meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
     bound = {**(binding.to_json() if binding is not None else {}), "tensors": _tensor_digest(stored)}
     binding_json = json.dumps(bound, separators=(",", ":"), sort_keys=True)
-    digest = _digest(meta_json, binding_json, bound["tensors"])
-    metadata = {"format": FORMAT, "meta": meta_json, "binding": binding_json, "blake2b": digest}
+    codecs_json = json.dumps(codecs, separators=(",", ":"), sort_keys=True) if codecs else ""
+    digest = _digest(meta_json, binding_json, bound["tensors"], codecs_json)
+    metadata = {"meta": meta_json, "binding": binding_json, "blake2b": digest}
+    metadata["format"] = QUANTISED_FORMAT if codecs else FORMAT
+    if codecs:
+        metadata["codecs"] = codecs_json
     return save_tensors(stored, metadata=metadata)
 
 
 def decode_blob(data: bytes, key: str = "?") -> LatentBlob:
     """Parse and verify a stored blob; BlobCorrupt on any damage."""
     metadata = _metadata(data, key)
-    if metadata.get("format") != FORMAT:
-        raise BlobCorrupt(f"{key}: not a {FORMAT} blob (format {metadata.get('format')!r})")
+    quantised = metadata.get("format") == QUANTISED_FORMAT
+    if metadata.get("format") != FORMAT and not quantised:
+        raise BlobCorrupt(f"{key}: not a {FORMAT} or {QUANTISED_FORMAT} blob (format {metadata.get('format')!r})")
     try:
         stored = load_tensors(data)
     except SafetensorError as exc:
         raise BlobCorrupt(f"{key}: undecodable ({exc})") from exc
     meta_json, binding_json = metadata.get("meta", ""), metadata.get("binding", "")
+    codecs_json = metadata.get("codecs", "") if quantised else ""
     tensor_digest = _tensor_digest(stored)
-    if _digest(meta_json, binding_json, tensor_digest) != metadata.get("blake2b"):
+    if _digest(meta_json, binding_json, tensor_digest, codecs_json) != metadata.get("blake2b"):
         raise BlobCorrupt(f"{key}: checksum mismatch")
+    try:
+        meta, binding = json.loads(meta_json), json.loads(binding_json)
+        codecs = json.loads(codecs_json) if codecs_json else {}
+    except ValueError as exc:
+        raise BlobCorrupt(f"{key}: undecodable meta ({exc})") from exc
     tensors = {}
     for name, array in stored.items():
         if array.dtype.kind not in _ACCEPTED_KINDS:
             raise BlobCorrupt(f"{key}: tensor {name!r} has unsupported dtype {array.dtype}")
         tensors[name] = array.astype(np.float32) if array.dtype.kind == "f" else array.copy()
-    try:
-        meta, binding = json.loads(meta_json), json.loads(binding_json)
-    except ValueError as exc:
-        raise BlobCorrupt(f"{key}: undecodable meta ({exc})") from exc
+        if name in codecs:
+            try:
+                tensors[name] = decode_tensor(array, codecs[name])
+            except LatentCodecError as exc:
+                raise BlobCorrupt(f"{key}: tensor {name!r}: {exc}") from exc
     if not isinstance(binding, dict) or binding.get("tensors") != tensor_digest:
         raise BlobCorrupt(f"{key}: binding does not name these tensors")
     return LatentBlob(tensors=tensors, meta=meta, binding=binding)
@@ -149,8 +171,9 @@ def _metadata(data: bytes, key: str) -> dict:
     return metadata
 
 
-def _digest(meta_json: str, binding_json: str, tensor_digest: str) -> str:
-    return hashlib.blake2b(f"{meta_json}\0{binding_json}\0{tensor_digest}".encode(), digest_size=16).hexdigest()
+def _digest(meta_json: str, binding_json: str, tensor_digest: str, codecs_json: str = "") -> str:
+    text = f"{meta_json}\0{binding_json}\0{tensor_digest}" + (f"\0{codecs_json}" if codecs_json else "")
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -162,16 +185,18 @@ def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _stored_array(name: str, array: np.ndarray, float_dtype: str) -> np.ndarray:
-    """The array as it is written: floats cast to ``float_dtype``, little-endian, C order."""
+def _stored_array(name: str, array: np.ndarray, codec: str) -> tuple[np.ndarray, dict | None]:
+    """The array as it is written (floats by ``codec``, little-endian, C order) and, for a quantising codec, what
+    restores it."""
     if array.dtype.kind not in _ACCEPTED_KINDS:
         raise TypeError(f"tensor {name!r}: dtype {array.dtype} is not storable (use float, int, uint or bool)")
+    description = None
     if array.dtype.kind == "f":
         with np.errstate(over="ignore"):  # detected just below, with a clearer message
-            stored = array.astype(float_dtype)
+            stored, description = encode_tensor(array, codec)
         # float16 saturates to inf above 65504; storing that silently would return wrong data later.
-        if float_dtype == "float16" and np.any(np.isinf(stored) & ~np.isinf(array)):
+        if codec == "float16" and np.any(np.isinf(stored) & ~np.isinf(array)):
             raise ValueError(f"tensor {name!r} has values outside the float16 range; use dtype='float32'")
         array = stored
     # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
-    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
+    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False), description

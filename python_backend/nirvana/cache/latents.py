@@ -80,9 +80,9 @@ class InvalidKey(LatentStoreError, ValueError):
 class LatentStore:
     """Blobs under ``root``, sharded two levels deep by a hash of the key (65,536 folders: ~23 files each at 1.5M).
 
-    ``dtype`` ("float16" or "float32") is how float tensors are stored. ``total_bytes`` is this process's view: the
-    scan at open plus its own puts and deletes. The scan at open also removes stale temporary files and blobs of the
-    pre-safetensors format (see the module docstring).
+    ``dtype`` (a `latent_codec` codec: "float16", "float32", "q6") is how float tensors are stored. ``total_bytes``
+    is this process's view: the scan at open plus its own puts and deletes. The scan at open also removes stale
+    temporary files and blobs of the pre-safetensors format (see the module docstring).
     """
 
     def __init__(self, root: str | Path, dtype: str = "float16") -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
+from nirvana.cache.latent_codec import CODECS, roundtrip
 from nirvana.cache.selection import scale_k
 from nirvana.checkpoint import Checkpoint
 from nirvana.denoise import denoise, encode_prompts, initial_latent, make_scheduler
@@ -39,6 +40,13 @@ _IMAGE_PROCESSOR = VaeImageProcessor()  # the one nirvana.denoise.decode uses (d
 def default_ks(steps: int) -> tuple[int, ...]:
     """:data:`DEFAULT_KS` scaled from 20 to ``steps`` denoising steps (distinct, ascending)."""
     return tuple(sorted({scale_k(k, steps, DEFAULT_STEPS) for k in DEFAULT_KS} - {0}))
+
+
+def stored_as(latents: torch.Tensor, codec: str) -> torch.Tensor:
+    """A batch of latents ``[B, C, h, w]`` as the latent store gives each back (one blob per request) under
+    ``codec``."""
+    rows = [torch.from_numpy(roundtrip(row[None].detach().cpu().numpy(), codec)) for row in latents]
+    return torch.cat(rows).to(latents.device)
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,8 @@ class PairSettings:
             raise ValueError(f"guidance must be > 1, got {self.guidance}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.latent_dtype not in ("float16", "float32"):
-            raise ValueError(f"latent_dtype must be 'float16' or 'float32', got {self.latent_dtype!r}")
+        if self.latent_dtype not in CODECS:
+            raise ValueError(f"latent_dtype must be one of {CODECS}, got {self.latent_dtype!r}")
         object.__setattr__(self, "ks", tuple(sorted(int(k) for k in self.ks)))
 
 
@@ -136,6 +144,6 @@ class PairGenerator:
         for k in self.settings.ks:
             start = source.captured[k].for_new_prompt("reset")  # what the server does on a hit
             # ... after a round trip through the latent store's dtype
-            start.latent = start.latent.to(getattr(torch, self.settings.latent_dtype)).to(torch.float32)
+            start.latent = stored_as(start.latent, self.settings.latent_dtype)
             cached[k] = self._images(self._denoise(new_embeddings, seeds, start=start).latent)
         return PairImages(self._images(source.latent), self._images(reference.latent), cached)
