@@ -96,7 +96,7 @@ def test_repeat_of_same_prompt_and_seed_reproduces_the_uncached_image(make_pipe)
 
 def test_a_q6_cache_hits_as_float16_does_with_nearly_the_same_image(make_pipe, tmp_path) -> None:
     """`cache.latent_dtype = "q6"`: the same hits and K as float16, entries a third the bytes, and the hit's image
-    within a few grey levels of the float16 hit's (what `nirvana bench latents` measures over many pairs)."""
+    within a few grey levels of the float16 hit's (what `nirvana-quality latents` measures over many pairs)."""
     hits = {}
     for dtype in ("float16", "q6"):
         pipe = make_pipe(latent_dtype=dtype, dir=str(tmp_path / dtype))

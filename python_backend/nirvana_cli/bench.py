@@ -82,37 +82,6 @@ def bench_addons(
     emit(run or run_addons(checkpoint, steps, repeats, work_dir), json_path)
 
 
-@bench_app.command("latents")
-def bench_latents(
-    checkpoint: DefaultCheckpoint = None,
-    codec: Annotated[str, typer.Option(help="The latent codec against float16 (cache.latent_dtype).")] = "q6",
-    pairs: Annotated[int, typer.Option(help="Prompt pairs of the quality workload.", min=1)] = 100,
-    steps: Annotated[int, typer.Option(help="Denoising steps.", min=2)] = 20,
-    ks: Annotated[str, typer.Option(help="Comma-separated Ks resumed from (default: the quality tools' Ks).")] = "",
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
-    json_path: JsonOut = None,
-    work_dir: Annotated[Path | None, typer.Option(help="Temporary files (default: a temp dir).")] = None,
-    verbose: bool = False,
-) -> None:
-    """Bytes per cache entry and the images resumed from a codec's latents against float16's, on the same pairs
-    (grey-level differences; judge accuracy where the checkpoint has a judge, e.g. the shapes model)."""
-    import tempfile
-
-    from nirvana.cache.latent_codec import CODECS
-    from nirvana.calibration.generate import default_ks
-    from nirvana_dev.bench.latents import run_latents
-    from nirvana_dev.tiny_model import make_tiny_model
-
-    if codec not in CODECS:
-        raise typer.BadParameter(f"codec={codec!r}: choose one of {CODECS}")
-    setup_logging(verbose)
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        root = Path(tmp)
-        chosen = tuple(int(k) for k in ks.split(",")) if ks else default_ks(steps)
-        model = checkpoint or make_tiny_model(root / "tiny-model")
-        emit(run_latents(model, codec, pairs, steps, chosen, seed, root), json_path)
-
-
 @bench_app.command("lora-served")
 def bench_lora_served(
     checkpoint: DefaultCheckpoint = None,

@@ -205,3 +205,32 @@ def calibrate(
     kept.write_text(json.dumps(evaluation, indent=1) + "\n")
     console.print(f"evaluation records: {kept} (re-fit with `nirvana calibrate --eval-json {kept}`)")
     calibrate_evaluation(evaluation, out, budget, embedder=embedder, json_path=json_path)
+
+
+@app.command()
+def latents(
+    checkpoint: CheckpointDir,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    codec: Annotated[str, typer.Option(help="The latent codec against float16 (cache.latent_dtype).")] = "q6",
+    pairs: Annotated[int, typer.Option(help="Prompt pairs of the workload.", min=1)] = 100,
+    steps: Annotated[int, typer.Option(help="Denoising steps N.", min=2)] = 20,
+    ks: Annotated[str | None, typer.Option(help="Comma-separated Ks (default: 2,4,...,16 scaled to N).")] = None,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+) -> None:
+    """Bytes per cache entry and the images resumed from a codec's latents against float16's on the same pairs
+    (grey-level differences; judge accuracy where the checkpoint has a judge)."""
+    import tempfile
+
+    from nirvana.cache.latent_codec import CODECS
+    from nirvana_quality.latents import run_latents
+
+    if codec not in CODECS:
+        raise typer.BadParameter(f"--codec={codec!r}: choose one of {CODECS}", param_hint="--codec")
+    _check_checkpoint(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_latents(checkpoint, codec, pairs, steps, _parse_ks(ks, steps), seed, Path(tmp))
+    text = json.dumps(report, indent=1) + "\n"
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text)
+    console.print(text)

@@ -555,3 +555,15 @@ def test_values_and_notes_tell_the_operator_what_to_route(chart: Any) -> None:
     (notes_text,) = [t for p, t in notes.items() if p.endswith("NOTES.txt")]
     assert "`nirvana` and `nirvana_stream`" in notes_text and "x-nirvana-tenant" in notes_text
     assert "networkPolicy.gateway is empty" in notes_text
+
+
+def test_the_engine_builder_gets_its_own_measured_memory_and_sdxl_can_ask_for_more(chart: Any) -> None:
+    def builder(values: dict[str, Any]) -> dict[str, Any]:
+        pod = _pod(render(chart, values))
+        return next(c for c in pod["initContainers"] if c["name"] == "build-engines")["resources"]
+
+    default = builder(values_of("single-gpu"))
+    assert default["limits"] == {"nvidia.com/gpu": 1, "memory": "24Gi"} and default["requests"]["memory"] == "12Gi"
+    sdxl = {"limits": {"nvidia.com/gpu": 1, "memory": "40Gi"}, "requests": {"cpu": "4", "memory": "32Gi"}}
+    assert builder(_merge(values_of("single-gpu"), {"modelRepository": {"buildResources": sdxl}})) == sdxl
+    assert _pod(render(chart, values_of("single-gpu")))["containers"][0]["resources"]["limits"]["memory"] == "24Gi"

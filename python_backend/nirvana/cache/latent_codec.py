@@ -4,7 +4,7 @@
 mapped onto 64 evenly spaced levels between the channel's minimum and maximum, one code per byte, and the bytes are
 deflated (zlib, level 9). A 4×64×64 latent of SD 1.5 — 32 KiB as float16 — takes about 11 KB: the codes of an
 intermediate latent are near-Gaussian, about 5.4 bits each after deflate. The error is at most half a level (the
-channel's range / 126); what that does to a resumed image is measured by ``nirvana bench latents``.
+channel's range / 126); what that does to a resumed image is measured by ``nirvana-quality latents``.
 
 A stored tensor of a codec is a 1-D uint8 array (the deflated codes); what restores it (shape, levels) goes into the
 blob's metadata as JSON (`blob_format`), covered by its checksum.

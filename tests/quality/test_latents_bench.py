@@ -1,8 +1,8 @@
-"""`nirvana bench latents`: a codec's bytes per entry and its resumed images against float16's, on the same pairs."""
+"""`nirvana-quality latents`: a codec's bytes per entry and its resumed images against float16's, on the same pairs."""
 
 from __future__ import annotations
 
-from nirvana_dev.bench.latents import run_latents
+from nirvana_quality.latents import run_latents
 
 
 def test_q6_entries_are_smaller_and_resumed_images_are_compared_with_float16s(tiny_checkpoint_dir, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""`nirvana bench latents`: what a latent codec (`cache.latent_dtype`) costs in bytes and in the images resumed from
+"""`nirvana-quality latents`: what a latent codec (`cache.latent_dtype`) costs in bytes and in the images resumed from
 it, against float16, on the same pairs.
 
 For each pair of the quality workload (`nirvana_quality.workload.make_pairs`: cached prompt A, new prompt B, a seed)
@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from nirvana.calibrate import record_accuracy
 from nirvana.calibration.generate import PairGenerator, PairSettings
+from nirvana.checkpoint import load_checkpoint
+from nirvana_quality.evaluate import _judged
+from nirvana_quality.judge import Judge
+from nirvana_quality.workload import make_pairs
 
 __all__ = ["run_latents"]
 
@@ -51,9 +56,6 @@ def _per_row(name: str) -> bool:
 def run_latents(
     checkpoint_dir: Path, codec: str, pairs: int, steps: int, ks: tuple[int, ...], seed: int, work_dir: Path
 ) -> dict:
-    from nirvana.checkpoint import load_checkpoint
-    from nirvana_quality.workload import make_pairs
-
     checkpoint = load_checkpoint(checkpoint_dir)
     workload = make_pairs(pairs, seed=seed)
     base = PairSettings(steps=steps, ks=ks, latent_dtype="float16")
@@ -84,6 +86,8 @@ def run_latents(
         "seconds": round(time.perf_counter() - started, 1),
         "max_grey_diff": int(every.max()),
         "mean_grey_diff": float(every.mean()),
+        # A hard edge that moves by a pixel makes a large maximum: how many values moved visibly says more.
+        "share_over_8_grey_levels": float((every > 8).mean()),
         "identical_image_fraction": float(np.mean([(d == 0).all() for ds in diffs.values() for b in ds for d in b])),
         "per_k": per_k,
         "entry_bytes": _entry_bytes(generators["float16"], workload[: base.batch_size], ("float16", codec), work_dir),
@@ -94,17 +98,10 @@ def run_latents(
     return report
 
 
-def _judge(checkpoint_dir: Path):
-    if not (checkpoint_dir / "judge").is_dir():
-        return None
-    from nirvana_quality.judge import Judge
-
-    return Judge.load(checkpoint_dir / "judge")
+def _judge(checkpoint_dir: Path) -> Judge | None:
+    return Judge.load(checkpoint_dir / "judge") if (checkpoint_dir / "judge").is_dir() else None
 
 
-def _accuracy(judge, batch: list, images: np.ndarray) -> list[float]:
+def _accuracy(judge: Judge, batch: list, images: np.ndarray) -> list[float]:
     """Per image: the share of B's attributes the judge reads back (`nirvana.calibrate.record_accuracy`)."""
-    from nirvana.calibrate import record_accuracy
-    from nirvana_quality.evaluate import _judged
-
     return [record_accuracy(judged) for judged in _judged(judge, images, [p.new_scene for p in batch])]
