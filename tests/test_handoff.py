@@ -86,6 +86,7 @@ def test_a_controlnet_job_round_trips_and_names_only_controlnet_and_control_unet
         ("control.model=", {"model": "unet", "scale": 0.6}),
         ("control.model=", {"model": "controlnet_../x", "scale": 0.6}),
         ("control.scale=", {"model": "controlnet_edges", "scale": 2.5}),
+        ("control.scale=", {"model": "controlnet_edges", "scale": True}),
         ("control=", "edges"),
     ]
     for named, control in refused:

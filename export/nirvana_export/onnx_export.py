@@ -319,11 +319,12 @@ MODULES_OF |= {"vae_decoder": ("vae",), "prompt_embedder": ()}
 
 
 def export_and_check(
-    checkpoint_dir: Path, spec: ModelSpec, out_path: Path, opset: int, atol: float, rtol: float
+    checkpoint_dir: Path, spec: ModelSpec, out_path: Path, opset: int, atol: float, rtol: float, fingerprint: str
 ) -> float:
-    """Export sub-model ``spec.name`` to ``out_path`` and check it against torch, loading only its module; returns
-    the max abs diff (:class:`ExportCheckError` past the tolerance)."""
-    checkpoint = load_checkpoint(checkpoint_dir, components=MODULES_OF[spec.name])
+    """Export sub-model ``spec.name`` to ``out_path`` and check it against torch, loading only its module (the
+    checkpoint's ``fingerprint`` as the caller computed it: hashing every weight again per sub-model costs minutes
+    for SDXL on a read-only mount); returns the max abs diff (:class:`ExportCheckError` past the tolerance)."""
+    checkpoint = load_checkpoint(checkpoint_dir, components=MODULES_OF[spec.name], fingerprint=fingerprint)
     path = export_submodel(checkpoint, spec, out_path, opset)
     return check_onnx(checkpoint, spec, path, atol, rtol)
 
@@ -384,9 +385,9 @@ def export_all(
             continue
         path = onnx_runtime.onnx_path(out_dir, name)
         atol, rtol = {**TOLERANCES, **(tolerances or {})}[name]
-        args = (Path(checkpoint_dir), spec, path, opset, atol, rtol)
+        args = (Path(checkpoint_dir), spec, path, opset, atol, rtol, checkpoint.fingerprint)
         if isolate:  # the child's own peak: what this sub-model's export needs
-            max_diff, peak = run_isolated(export_and_check, *args)
+            max_diff, peak = run_isolated(export_and_check, *args, what=name)
         else:  # everything before in this process counts too
             max_diff, peak = export_and_check(*args), peak_rss_bytes()
         log.info("exported %s (max |onnx − torch| %.2e), peak RSS %.2f GiB", name, max_diff, peak / (1 << 30))

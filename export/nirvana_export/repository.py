@@ -205,9 +205,10 @@ def step_scheduler_config(profile: str, max_rows: int) -> str:
     config.parameters["unet_runner"].string_value = "bls" if profile == "gpu" else "session"
     config.parameters["max_rows"].string_value = str(max_rows)
     config.parameters["intra_op_threads"].string_value = "1"
-    # Where a ControlNet's residuals are delivered between its model and the UNet's (`scheduler_control`); the
-    # torch profile also runs on machines without a GPU.
-    config.parameters["residual_memory"].string_value = {"cpu": "cpu", "gpu": "gpu"}.get(profile, "auto")
+    # Where a ControlNet's residuals are delivered between its model and the UNet's (`scheduler_control`): host
+    # memory until a GPU run has checked "gpu" (residuals of 16 rows are ~430 MB, past Triton's default 64 MB CUDA
+    # memory pool) — edit this parameter to "gpu" (or "auto": where torch sees CUDA) to keep them on the device.
+    config.parameters["residual_memory"].string_value = "cpu"
     if profile == "torch":  # the in-process torch UNet replays a CUDA graph per row count ("false": eager)
         config.parameters["cuda_graphs"].string_value = "true"
     return render(config)

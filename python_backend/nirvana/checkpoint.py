@@ -251,7 +251,7 @@ def _module_config(root: Path, component: str, cls: type) -> FrozenDict:
     return FrozenDict({**defaults, **_read_json(root / component / "config.json")})
 
 
-def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
+def load_checkpoint_info(path: str | Path, fingerprint: str | None = None) -> CheckpointInfo:
     """Tokenizer, configs and fingerprint of a diffusers-format SD folder, without loading any weights.
 
     For the request path when the sub-models are served elsewhere: no UNet held in memory. Rejects every
@@ -269,7 +269,7 @@ def load_checkpoint_info(path: str | Path) -> CheckpointInfo:
         unet_config=_module_config(root, "unet", UNet2DConditionModel),
         vae_config=_module_config(root, "vae", AutoencoderKL),
         scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
-        fingerprint=fingerprint_checkpoint(root),
+        fingerprint=fingerprint or fingerprint_checkpoint(root),
         family=family,
     )
 
@@ -278,14 +278,18 @@ MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype = torch.float32, components: Collection[str] | None = None
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    components: Collection[str] | None = None,
+    fingerprint: str | None = None,
 ) -> Checkpoint:
     """Load a diffusers-format SD folder (tiny test model or a real SD 1.5) with weights in ``dtype``.
 
     ``components``: only these of `MODULES` (the others are None; the configs are read from the folder): what one
-    sub-model's export needs, so an SDXL export does not hold its 10 GB UNet while it exports a text encoder."""
+    sub-model's export needs, so an SDXL export does not hold its 10 GB UNet while it exports a text encoder; then a
+    known ``fingerprint`` saves hashing the weights again."""
     if components is not None:
-        return _load_some(Path(path), dtype, components)
+        return _load_some(Path(path), dtype, components, fingerprint)
     root = Path(path)
     index = _check_layout(root)
     encoder_cls = _text_encoder_class(root, index)
@@ -317,11 +321,11 @@ def load_checkpoint(
     )
 
 
-def _load_some(root: Path, dtype: torch.dtype, components: Collection[str]) -> Checkpoint:
+def _load_some(root: Path, dtype: torch.dtype, components: Collection[str], fingerprint: str | None) -> Checkpoint:
     unknown = set(components) - set(MODULES)
     if unknown:
         raise ValueError(f"components={sorted(unknown)}: not modules of a checkpoint {MODULES}")
-    info = load_checkpoint_info(root)
+    info = load_checkpoint_info(root, fingerprint)
     index = _check_layout(root)
     loaders = {
         "text_encoder": lambda: _load_component(

@@ -160,10 +160,10 @@ def _control(header: object, image: np.ndarray | None) -> JobControl | None:
         controlnet_model(model.removeprefix(CONTROLNET_PREFIX))  # the folder-name rule
     except SpecError:
         raise HandoffError(f"control.model={model[:80]!r}: not a ControlNet model (controlnet_<name>)") from None
-    if not isinstance(scale, int | float) or not 0.0 <= scale <= MAX_CONTROL_SCALE:
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 <= scale <= MAX_CONTROL_SCALE:
         raise HandoffError(f"control.scale={scale!r}: not in [0, {MAX_CONTROL_SCALE}]")
-    if image is None or image.ndim != 4 or image.shape[:2] != (1, 3):
-        raise HandoffError(f"TENSORS: control/image {None if image is None else image.shape}: not [1, 3, H, W]")
+    if image is None or image.ndim != 4 or image.shape[:2] != (1, 3) or image.dtype != np.float32:
+        raise HandoffError(f"TENSORS: control/image {None if image is None else image.shape}: not float32 [1, 3, H, W]")
     return JobControl(model, torch.from_numpy(image), float(scale))
 
 

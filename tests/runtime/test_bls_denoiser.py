@@ -13,7 +13,7 @@ import torch
 from nirvana.denoise import DenoiseResult, denoise, make_scheduler
 from nirvana.handoff import encode_final
 from nirvana.runtime.bls import BlsError
-from nirvana.runtime.bls_denoiser import BlsDenoiser
+from nirvana.runtime.bls_denoiser import BlsDenoiser, SchedulerFull
 
 FIRST = "unet_lora_" + "a" * 16
 
@@ -38,7 +38,8 @@ def _fake_pb(answers: list) -> tuple[types.SimpleNamespace, list[dict]]:
             return self._error is not None
 
         def error(self):
-            return types.SimpleNamespace(message=lambda: self._error)
+            code = "UNAVAILABLE" if self._error.startswith("step scheduler full") else "INTERNAL"
+            return types.SimpleNamespace(message=lambda: self._error, code=lambda: code)
 
     class Request:
         def __init__(self, model_name, requested_output_names, inputs, parameters=None) -> None:
@@ -57,6 +58,7 @@ def _fake_pb(answers: list) -> tuple[types.SimpleNamespace, list[dict]]:
     pb = types.SimpleNamespace(
         InferenceRequest=Request,
         Tensor=_Tensor,
+        TritonError=types.SimpleNamespace(UNAVAILABLE="UNAVAILABLE"),
         get_output_tensor_by_name=lambda response, name: (
             _Tensor(name, response.outputs[name]) if name in response.outputs else None
         ),
@@ -111,3 +113,11 @@ def test_a_base_unet_job_that_fails_is_an_error(tiny_checkpoint) -> None:
     with pytest.raises(BlsError, match="boom"):
         _call(BlsDenoiser(pb), types.SimpleNamespace(), tiny_checkpoint)  # no unet_model: the base UNet
     assert [job["unet_model"] for job in jobs] == [None]
+
+
+def test_a_full_scheduler_is_a_retryable_refusal_and_never_a_fallback_loop(tiny_checkpoint) -> None:
+    pb, jobs = _fake_pb(["step scheduler full: 256 loops held"])
+    models = _SetModels()  # a LoRA set's job: a lost model would fall back; a full scheduler must not
+    with pytest.raises(SchedulerFull, match="256 loops held"):
+        _call(BlsDenoiser(pb), models, tiny_checkpoint)
+    assert len(jobs) == 1 and models.steps_here == 0

@@ -117,7 +117,7 @@ def test_loops_beyond_the_bound_are_refused_at_once_as_unavailable(monkeypatch) 
     model = scheduler_model.TritonPythonModel()
     model.pb, model.gate = pb, types.SimpleNamespace(refusal=lambda request: None)
     model._cancelled, model._lock = {}, threading.Lock()
-    model.workers = types.SimpleNamespace(submit=lambda fn, job, sender: submitted.append(job.job_id))
+    model.workers = types.SimpleNamespace(submit=lambda fn, job, sender, cancelled: submitted.append(job.job_id))
     model.execute([Request("a"), Request("b"), Request("c")])
     assert submitted == ["a", "b"]
     (refused,) = answers
@@ -125,6 +125,9 @@ def test_loops_beyond_the_bound_are_refused_at_once_as_unavailable(monkeypatch) 
     model._cancelled.pop("a")  # loop a ended
     model.execute([Request("d")])
     assert submitted == ["a", "b", "d"] and len(answers) == 1
+    model._cancelled.pop("d")
+    model.execute([Request("b")])  # an id already held: refused, the held one untouched
+    assert submitted == ["a", "b", "d"] and answers[-1].code == "INVALID_ARG" and "already held" in answers[-1].message
 
 
 @pytest.mark.parametrize("memory", ["cpu", "gpu"])

@@ -35,6 +35,8 @@ def encode_tensor(array: np.ndarray, codec: str) -> tuple[np.ndarray, dict | Non
     if bits is None:
         raise ValueError(f"latent codec {codec!r}: choose one of {CODECS}")
     values = np.asarray(array, dtype=np.float32)
+    if values.size == 0:  # nothing to quantise: stored as float16, like any cast
+        return values.astype("float16"), None
     if not np.all(np.isfinite(values)):
         raise ValueError("a latent with NaN or inf values cannot be quantised")
     axes = _reduce_axes(values.ndim)
@@ -61,17 +63,17 @@ def decode_tensor(stored: np.ndarray, description: dict) -> np.ndarray:
         low = np.asarray(description["low"], dtype=np.float32)
         step = np.asarray(description["step"], dtype=np.float32)
         codes = np.frombuffer(zlib.decompress(stored.tobytes()), dtype=np.uint8)
+        axis = _channel_axis(len(shape))
+        view = [1] * len(shape)
+        if axis is not None:
+            view[axis] = shape[axis]
+        channels = int(np.prod(view))
+        fits = min(shape, default=1) >= 0 and codes.size == int(np.prod(shape)) and low.size == step.size == channels
+        if not fits or codes.max(initial=0) >> bits:
+            raise ValueError(f"it does not match its description (shape {shape}, {codec})")
+        return codes.reshape(shape).astype(np.float32) * step.reshape(view) + low.reshape(view)
     except (KeyError, TypeError, ValueError, zlib.error) as err:
         raise LatentCodecError(f"undecodable quantised tensor ({type(err).__name__}: {err})") from None
-    axis = _channel_axis(len(shape))
-    view = [1] * len(shape)
-    if axis is not None:
-        view[axis] = shape[axis]
-    channels = int(np.prod(view))
-    fits = codes.size == int(np.prod(shape)) and low.size == step.size == channels
-    if not fits or codes.max(initial=0) >> bits:
-        raise LatentCodecError(f"quantised tensor does not match its description (shape {shape}, {codec})")
-    return codes.reshape(shape).astype(np.float32) * step.reshape(view) + low.reshape(view)
 
 
 def roundtrip(array: np.ndarray, codec: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from nirvana.specs import STEP_SCHEDULER_MODEL
 if TYPE_CHECKING:
     from nirvana.controlnet import Control
 
-__all__ = ["BlsDenoiser"]
+__all__ = ["BlsDenoiser", "SchedulerFull"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ def _bytes_tensor(pb: Any, name: str, value: bytes) -> Any:
 def _one(pb: Any, response: Any, name: str) -> bytes | None:
     tensor = pb.get_output_tensor_by_name(response, name)
     return None if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0])
+
+
+class SchedulerFull(RuntimeError):
+    """The step scheduler holds as many loops as it may (`scheduler_model.MAX_HELD`): the client may retry
+    (UNAVAILABLE)."""
 
 
 def _job_control(control: Control) -> JobControl:
@@ -135,7 +140,11 @@ class BlsDenoiser:
             if response.has_error():
                 if stopped is not None:  # the scheduler's answer to our cancel
                     break
-                raise BlsError(f"sub-model {self._model!r} failed: {response.error().message()}")
+                error = response.error()
+                busy = getattr(getattr(pb, "TritonError", None), "UNAVAILABLE", None)
+                if busy is not None and hasattr(error, "code") and error.code() == busy:
+                    raise SchedulerFull(error.message())  # not a BlsError: no fallback loop around the bound
+                raise BlsError(f"sub-model {self._model!r} failed: {error.message()}")
             event = _one(pb, response, "EVENT")
             if event is None or stopped is not None:  # the flag-only last response, or steps after a cancel
                 continue

@@ -27,7 +27,7 @@ from nirvana.runtime.bls import BlsEmbedder, BlsSubModels, use_credential
 from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_cache import BlsCache
 from nirvana.runtime.bls_control import BlsControlNets
-from nirvana.runtime.bls_denoiser import BlsDenoiser
+from nirvana.runtime.bls_denoiser import BlsDenoiser, SchedulerFull
 from nirvana.security.credential import read_secret
 from nirvana.security.ratelimit import RateLimited
 from nirvana.security.tenancy import TenantResolver
@@ -184,7 +184,7 @@ def generate_or_error(
     pb = pb_utils
     try:
         result = pipeline.generate(on_event=on_event, **options)
-    except (RateLimited, AddOnUnavailable) as err:  # the client may retry: UNAVAILABLE, saying why
+    except (RateLimited, AddOnUnavailable, SchedulerFull) as err:  # the client may retry: UNAVAILABLE, saying why
         metrics.rejected()
         return None, pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.UNAVAILABLE))
     except (InputError, RequestError) as err:

@@ -1,9 +1,9 @@
 """ControlNet rows in the step scheduler: per iteration, the rows of every request with the same ControlNet and UNet
 model go through the `controlnet_<name>` model in one execution (each row with its request's control image and
 scale), and its residuals go, as Triton delivered them, into one execution of the `unet_control` model (or its LoRA
-set's model). The residuals are never converted here: with ``residual_memory="gpu"`` (the GPU profiles) Triton
-delivers them in GPU memory and they stay there, read by the UNet where the ControlNet wrote them; "cpu" (the cpu
-profile) delivers them in host memory; "auto" (the torch profile) is "gpu" where this process's torch sees CUDA."""
+set's model). The residuals are never converted here: with ``residual_memory="gpu"`` Triton delivers them in GPU
+memory and they stay there, read by the UNet where the ControlNet wrote them; "cpu" (the rendered default until a
+GPU run has checked "gpu") delivers them in host memory; "auto" is "gpu" where this process's torch sees CUDA."""
 
 from __future__ import annotations
 

@@ -89,8 +89,9 @@ class TritonPythonModel:
 
     def _publish(self) -> None:
         s = self.batcher.stats
-        now = (s.iterations, s.rows, s.executions, s.execute_ms, s.join_wait_ms, s.complete_iterations, s.loop_requests)
-        with self._lock:  # jobs end on several worker threads
+        with self._lock:  # jobs end on several worker threads: the snapshot too, or an older one could win
+            now = (s.iterations, s.rows, s.executions, s.execute_ms, s.join_wait_ms)
+            now += (s.complete_iterations, s.loop_requests)
             before, self._published = self._published, now
             for metric, new, old in zip(self._counters, now, before, strict=True):
                 if new > old:
@@ -117,15 +118,22 @@ class TritonPythonModel:
                 error = pb.TritonError(f"JOB: {err}", pb.TritonError.INVALID_ARG)
                 sender.send(pb.InferenceResponse(error=error), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            with self._lock:
-                full = len(self._cancelled) >= MAX_HELD
-                if not full:
-                    self._cancelled[job.job_id] = threading.Event()
-            if full:
-                error = pb.TritonError(f"step scheduler full: {MAX_HELD} loops held", pb.TritonError.UNAVAILABLE)
-                sender.send(pb.InferenceResponse(error=error), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            refusal = self._hold(job.job_id)
+            if refusal is not None:
+                sender.send(pb.InferenceResponse(error=refusal), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            self.workers.submit(self._run, job, sender)
+            self.workers.submit(self._run, job, sender, self._cancelled[job.job_id])
+        return None
+
+    def _hold(self, job_id: str) -> Any:
+        """Register the job (its cancel event), or the error that refuses it: the bound, or an id already held."""
+        pb = self.pb
+        with self._lock:
+            if len(self._cancelled) >= MAX_HELD:
+                return pb.TritonError(f"step scheduler full: {MAX_HELD} loops held", pb.TritonError.UNAVAILABLE)
+            if job_id in self._cancelled:
+                return pb.TritonError(f"JOB: id {job_id[:40]!r} is already held", pb.TritonError.INVALID_ARG)
+            self._cancelled[job_id] = threading.Event()
         return None
 
     def _cancel(self, job_id: str) -> None:
@@ -134,9 +142,8 @@ class TritonPythonModel:
         if event is not None:
             event.set()
 
-    def _run(self, job: DenoiseJob, sender: Any) -> None:
+    def _run(self, job: DenoiseJob, sender: Any, cancelled: threading.Event) -> None:
         pb = self.pb
-        cancelled = self._cancelled[job.job_id]
         step_ms: list[tuple[int, float]] = []
         try:
             result = self._denoise(job, sender, cancelled, step_ms)
