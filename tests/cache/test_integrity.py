@@ -169,7 +169,7 @@ def test_a_format_2_blob_met_later_is_corrupt(tmp_path) -> None:
     from nirvana.cache.blob_format import decode_blob
 
     data = save({"latent": np.zeros(4, np.float16)}, metadata={"format": "nirvana-latent/2", "meta": "{}"})
-    with pytest.raises(BlobCorrupt, match="not a nirvana-latent/3 blob"):
+    with pytest.raises(BlobCorrupt, match="not a nirvana-latent/3 or nirvana-latent/4 blob"):
         decode_blob(data)
 
 

@@ -127,9 +127,6 @@ def test_an_isolated_export_runs_each_sub_model_in_its_own_process_and_reports_i
         entry = manifest["models"][name]
         assert entry["own_process"] is True and 50 << 20 < entry["peak_rss_bytes"] < 8 << 30  # a child with torch
         same = onnx.load(str(exported[1][name]))
-        assert onnx.load(str(paths[name])).graph.node[-1].op_type == same.graph.node[-1].op_type
-        assert entry["max_abs_diff"] == pytest.approx(exported_diff(exported[0], name), abs=1e-7)
-
-
-def exported_diff(out: Path, name: str) -> float:
-    return json.loads((out / "export_manifest.json").read_text())["models"][name]["max_abs_diff"]
+        graph = onnx.load(str(paths[name])).graph
+        assert [n.op_type for n in graph.node] == [n.op_type for n in same.graph.node]  # the same graph
+        assert 0 <= entry["max_abs_diff"] <= TOLERANCES[name][0]  # checked there (thread counts move the last digit)
