@@ -126,7 +126,7 @@ def ddim_loop_ms(unet_fn: Any, latent: Any, text: Any, steps: int, guidance: flo
 
 def build(args: argparse.Namespace, unet: Any, trt: Any) -> tuple[Path, dict[str, float]]:
     """Export (fp16 graph, fp32 I/O) and build the engine unless both exist; returns the plan path and timings."""
-    from nirvana.specs import unet_spec
+    from nirvana.contract.specs import unet_spec
     from nirvana_export.onnx_export import UNetGraph, export_graph
     from nirvana_export.tensorrt_build import build_engine
 

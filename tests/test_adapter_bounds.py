@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from tests.test_lora_onnx import _Models
 
-from nirvana.adapters import AdapterError, format_adapters, parse_adapters, quantize_scale
-from nirvana.config import AdaptersConfig, ConfigError, load_config
-from nirvana.variant_pool import (
+from nirvana.addons.lora import AdapterError, format_adapters, parse_adapters, quantize_scale
+from nirvana.addons.variant_pool import (
     TOKEN_DIGEST,
     TOKEN_PARAMETER,
     VARIANT_FILES,
@@ -23,6 +22,7 @@ from nirvana.variant_pool import (
     PoolBusy,
     VariantPool,
 )
+from nirvana.config import AdaptersConfig, ConfigError, load_config
 
 KNOWN = {"ink", "glow"}
 

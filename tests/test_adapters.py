@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nirvana.adapters import WEIGHTS_NAME, AdapterError, AdapterLibrary
-from nirvana.addons import AddOns
+from nirvana.addons.lora import WEIGHTS_NAME, AdapterError, AdapterLibrary
+from nirvana.addons.registry import AddOns
 from nirvana.config import load_config
 from nirvana.embed import make_embedder
 from nirvana.pipeline import Pipeline

@@ -6,11 +6,17 @@ Direction (a package may import those to its right, never the reverse):
     nirvana_quality (research) → nirvana_cli, nirvana_dev, nirvana
 Each check imports real modules in a fresh interpreter, with the packages a module must not reach made
 unimportable, so an import hidden inside a function that runs at import time is caught too.
+
+Inside the engine (`nirvana`) each concept has one place, and its parts (subpackages and top-level modules) import
+one another without a circle: the tensor contract in `contract/`, LoRA and ControlNet in `addons/` below the
+runtimes, calibration in `calibration/` (and `nirvana_cli.calibration`), the cache seam by role (`cache.wire`,
+`cache.endpoint`, `runtime.cache_client`), the similarity → K choice in `k_choice`.
 """
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import pkgutil
 import subprocess
 import sys
@@ -142,3 +148,66 @@ def test_product_modules_stay_short() -> None:
         if (n := len(p.read_text().splitlines())) > 350
     }
     assert not long, f"modules over 350 lines: {long}"
+
+
+def _engine_imports() -> dict[str, set[str]]:
+    """Each `nirvana` module (dotted) → the `nirvana` modules it imports anywhere in its source."""
+    root = PACKAGES["nirvana"]
+    modules = {
+        ".".join(("nirvana", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            found.update(n for n in names if n in modules and n != name)
+        edges[name] = found
+    return edges
+
+
+def _part(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_engine_parts_import_one_another_without_a_circle() -> None:
+    graph: dict[str, set[str]] = {}
+    for module, targets in _engine_imports().items():
+        graph.setdefault(_part(module), set()).update(_part(t) for t in targets if _part(t) != _part(module))
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"engine parts import in a circle: {' -> '.join(err.args[1])}")
+
+
+def test_each_engine_concept_has_one_place() -> None:
+    edges = _engine_imports()
+    top = {m.split(".")[1] for m in edges if m.count(".") == 1}
+    assert not {m for m in top if "spec" in m or "contract" in m} - {"contract"}, "contract files outside contract/"
+    scattered = {m for m in top if m.startswith(("calibrat", "lora", "adapter", "controlnet", "variant"))}
+    assert scattered == {"calibration"}, f"add-on or calibration modules outside their package: {scattered}"
+    below = {
+        m: sorted(t for t in ts if t.startswith(("nirvana.runtime", "nirvana.serving", "nirvana.pipeline")))
+        for m, ts in edges.items()
+        if m.startswith("nirvana.addons")
+    }
+    assert not any(below.values()), f"add-ons import the layers above them: {below}"
+    assert not {t for t in edges["nirvana.config"] if t.startswith("nirvana.cache")}, "config imports the cache"
+    k_classes = {m for m, path in _sources("nirvana").items() if "class KSelector" in path}
+    assert k_classes == {"nirvana/k_choice.py"}, k_classes
+    seam = {m for m, ts in edges.items() if "nirvana.cache.wire" in ts}
+    assert seam == {
+        "nirvana.cache.endpoint",
+        "nirvana.runtime.cache_client",
+        "nirvana.runtime.bls_denoiser",
+        "nirvana.serving.cache_model",
+        "nirvana.serving.scheduler_model",
+    }, seam
+
+
+def _sources(package: str) -> dict[str, str]:
+    root = PACKAGES[package]
+    return {str(p.relative_to(root.parent)): p.read_text() for p in root.rglob("*.py")}

@@ -9,8 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from nirvana.cache.selection import KSelector
-from nirvana.calibrate import (
+from nirvana.calibration.table import (
     Budget,
     apply_thresholds,
     calibrate,
@@ -21,7 +20,8 @@ from nirvana.calibrate import (
 )
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
-from nirvana_cli.calibrate import calibrate_cmd
+from nirvana.k_choice import KSelector
+from nirvana_cli.calibration.command import calibrate_cmd
 from nirvana_dev.launch import ServeOptions, engine_config
 
 SCENE = {"colour": "red", "shape": "circle", "size": "small", "position": "top left", "background": "white"}

@@ -20,8 +20,8 @@ from nirvana.denoise import (
     make_scheduler,
     scheduler_name,
 )
-from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
+from nirvana.submodels import SubModels
 
 PROMPT_A = "a photo of a cat in a garden"
 PROMPT_B = "an oil painting of a castle at night"

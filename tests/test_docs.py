@@ -228,8 +228,8 @@ def test_cli_commands_in_docs_exist() -> None:
 def test_the_contract_table_of_nirvana_lists_every_tensor_of_its_spec_with_its_type() -> None:
     """docs/serving.md's table of the `nirvana` model: one row per input and output of `nirvana_spec`, in Triton's
     type names (TYPE_STRING shown as STRING), and no row for a tensor the model does not have."""
-    from nirvana.specs import nirvana_spec
-    from nirvana.tensor_contract import TRITON_DTYPES
+    from nirvana.contract.specs import nirvana_spec
+    from nirvana.contract.tensors import TRITON_DTYPES
 
     text = (ROOT / "docs" / "serving.md").read_text()
     section = text.split("## Triton tensor contract of `nirvana`", 1)[1].split("\n## ", 1)[0]

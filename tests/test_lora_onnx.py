@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nirvana.adapters import AdapterLibrary
-from nirvana.lora_onnx import InitializerIndex, fused_overrides, variant_name
+from nirvana.addons.lora import AdapterLibrary
+from nirvana.addons.lora_onnx import InitializerIndex, fused_overrides, variant_name
+from nirvana.addons.variant_pool import VariantPool
 from nirvana.runtime.onnx_runtime import OnnxModel
-from nirvana.variant_pool import VariantPool
 from nirvana_dev.tiny_addons import make_tiny_lora
 from nirvana_export.onnx_export import export_all
 

@@ -1,4 +1,4 @@
-"""Checkpoint → ONNX (checked against torch) → TensorRT plans, all derived from :mod:`nirvana.specs`.
+"""Checkpoint → ONNX (checked against torch) → TensorRT plans, all derived from :mod:`nirvana.contract.specs`.
 
 ``tensorrt_build`` imports TensorRT only when an engine is built, so this package imports on CPU-only machines.
 """

@@ -1,6 +1,6 @@
 """Served ControlNets in a repository: ``unet_control`` (the checkpoint's UNet with residual inputs) and a
 ``controlnet_<name>`` model per folder of the configuration's ``controlnets.dir``, each exported to ONNX, checked
-against its torch module, and laid out with a config rendered from `nirvana.controlnet_spec`.
+against its torch module, and laid out with a config rendered from `nirvana.contract.controlnet`.
 
 Each is a model of its own (own instance group, dynamic batching like the ``unet``): a ControlNet can be given more
 instances, or other GPUs, than the UNet it feeds — the split SwiftDiffusion serves ControlNets with.
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
+from nirvana.addons.controlnet import ControlNetCatalog, ControlNetError
+from nirvana.addons.controlnet_graphs import ControlNetGraph, UNetControlGraph
 from nirvana.checkpoint import load_checkpoint, load_checkpoint_info
-from nirvana.controlnet import ControlNetCatalog, ControlNetError
-from nirvana.controlnet_graphs import ControlNetGraph, UNetControlGraph
-from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, control_specs
-from nirvana.specs import ModelSpec
+from nirvana.contract.controlnet import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, control_specs
+from nirvana.contract.specs import ModelSpec
 from nirvana_export.onnx_export import TOLERANCES, check_graph, export_graph
 
 __all__ = [

@@ -7,8 +7,8 @@ from __future__ import annotations
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from nirvana.contract.tensors import TRITON_DTYPES, ModelSpec, TensorSpec, needs_reshape, triton_dims
 from nirvana.serving.internal import SECRET_PARAMETER
-from nirvana.tensor_contract import TRITON_DTYPES, ModelSpec, TensorSpec, needs_reshape, triton_dims
 
 __all__ = ["SECRET_FILE", "RepositoryError", "model_config", "render"]
 
@@ -44,7 +44,7 @@ def render(config: mc.ModelConfig) -> str:
     if config.backend == "python":  # every python model checks or sends the internal credential (nirvana.security)
         config.parameters[SECRET_PARAMETER].string_value = f"../{SECRET_FILE}"
     # text_format leaves out fields at their default; say so where the default is a decision (batching).
-    header = "# Generated from nirvana.specs by nirvana_export.repository: do not edit.\n"
+    header = "# Generated from nirvana.contract.specs by nirvana_export.repository: do not edit.\n"
     header += f"# max_batch_size: {config.max_batch_size}"
     header += (
         " (explicit batch axis in dims)\n" if config.max_batch_size == 0 else " (Triton prepends the batch axis)\n"

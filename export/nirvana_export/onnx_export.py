@@ -4,7 +4,7 @@ Output layout (what :class:`nirvana.runtime.onnx_runtime.OnnxSubModels` and the 
 
     out_dir/export_manifest.json   out_dir/<name>/model.onnx (+ model.onnx.data when over 2 GB)
 
-Every graph takes exactly its spec's inputs and returns its spec's outputs (:mod:`nirvana.specs`); float inputs
+Every graph takes exactly its spec's inputs and returns its spec's outputs (:mod:`nirvana.contract.specs`); float inputs
 and outputs stay float32 whatever the module's dtype, so fp16 graphs (for TensorRT ≥ 11, which takes precision
 from the graph) keep the same Triton contract.
 """
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from nirvana.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_info
+from nirvana.contract.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
-from nirvana.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
 from nirvana_export.isolated import ISOLATE_ABOVE_BYTES, peak_rss_bytes, run_isolated
 
 __all__ = [

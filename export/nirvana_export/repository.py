@@ -1,6 +1,6 @@
 """Model repository builder: checkpoint → a complete Triton model repository for the `cpu`, `gpu` or `torch` profile.
 
-Every config.pbtxt is a `ModelConfig` protobuf built from `nirvana.specs` and rendered by protobuf's
+Every config.pbtxt is a `ModelConfig` protobuf built from `nirvana.contract.specs` and rendered by protobuf's
 `text_format` (never written by hand), so the Triton configs, the ONNX
 files and the TensorRT profiles cannot drift apart. Profiles:
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
-from nirvana.specs import (
+from nirvana.contract.controlnet import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
+from nirvana.contract.specs import (
     ADAPTERS_MODEL,
     CACHE_MODEL,
     DEFAULT_UNET_MAX_BATCH,
@@ -147,7 +147,7 @@ def nirvana_config(
     instances: int = DEFAULT_INSTANCES["cpu"],
     conditioning_device: str = "cpu",
 ) -> str:
-    """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.specs.nirvana_spec`), `instances` stateless
+    """config.pbtxt of the BLS model `nirvana` (contract: `nirvana.contract.specs.nirvana_spec`), `instances` stateless
     orchestrators (each its own stub process; the cache state lives in the `cache` model)."""
     if instances < 1:
         raise RepositoryError(f"instances={instances}: must be ≥ 1")
@@ -193,9 +193,9 @@ SCHEDULER_PY = (
 
 
 def step_scheduler_config(profile: str, max_rows: int) -> str:
-    """config.pbtxt of the decoupled `step_scheduler` (contract: `nirvana.specs.step_scheduler_spec`): one instance
-    holds every request's loop, so each UNet execution carries all of them. The cpu and torch profiles run the UNet
-    inside it (no hop per iteration); the gpu profile calls the `unet` TensorRT plan through BLS."""
+    """config.pbtxt of the decoupled `step_scheduler` (contract: `nirvana.contract.specs.step_scheduler_spec`): one
+    instance holds every request's loop, so each UNet execution carries all of them. The cpu and torch profiles run the
+    UNet inside it (no hop per iteration); the gpu profile calls the `unet` TensorRT plan through BLS."""
     config = model_config(step_scheduler_spec())
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
@@ -215,8 +215,8 @@ def step_scheduler_config(profile: str, max_rows: int) -> str:
 
 
 def cache_config() -> str:
-    """config.pbtxt of the `cache` model (contract: `nirvana.specs.cache_spec`): exactly one instance, since Triton
-    runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
+    """config.pbtxt of the `cache` model (contract: `nirvana.contract.specs.cache_spec`): exactly one instance, since
+    Triton runs each instance in its own stub process and a milvus-lite file admits one process. It reads the `nirvana`
     model's engine.json, so both always run one configuration."""
     config = model_config(cache_spec())
     config.backend = "python"
@@ -227,8 +227,9 @@ def cache_config() -> str:
 
 
 def adapters_config() -> str:
-    """config.pbtxt of the decoupled `adapters` model (contract: `nirvana.specs.adapters_spec`): one instance, which
-    loads a UNet model per LoRA set through the model-control API; it reads the `nirvana` model's engine.json."""
+    """config.pbtxt of the decoupled `adapters` model (contract: `nirvana.contract.specs.adapters_spec`): one
+    instance, which loads a UNet model per LoRA set through the model-control API; it reads the `nirvana` model's
+    engine.json."""
     config = model_config(adapters_spec())
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
@@ -324,8 +325,8 @@ def write_repository(
     UNet rows per execution (8 requests' guidance pairs by default); `vae_fp16=False` builds the VAE engine in
     fp32 (SDXL's VAE overflows in fp16)."""
     from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
+    from nirvana.contract.specs import submodel_specs
     from nirvana.embed import resolve_embedder
-    from nirvana.specs import submodel_specs
     from nirvana_export.controlnet_export import remove_stale, served_controlnets
 
     out = Path(out)
@@ -428,8 +429,8 @@ def _export_weights(
 def sd15_specs(max_batch: int = 2, unet_max_batch: int | None = None) -> dict[str, ModelSpec]:
     """Specs of Stable Diffusion 1.5 at 512×512 (77×768 text, 4×64×64 latent), without needing its weights.
 
-    `unet_max_batch`: the UNet's max_batch_size in rows (default `nirvana.specs.DEFAULT_UNET_MAX_BATCH`)."""
-    from nirvana.specs import (
+    `unet_max_batch`: the UNet's max_batch_size in rows (default `nirvana.contract.specs.DEFAULT_UNET_MAX_BATCH`)."""
+    from nirvana.contract.specs import (
         DEFAULT_UNET_MAX_BATCH,
         prompt_embedder_spec,
         text_encoder_spec,

@@ -1,4 +1,4 @@
-"""config.pbtxt of the decoupled `nirvana_stream` model (contract: `nirvana.stream_spec`), beside `nirvana`.
+"""config.pbtxt of the decoupled `nirvana_stream` model (contract: `nirvana.contract.stream`), beside `nirvana`.
 
 It runs the `nirvana` model's engine (same engine.json, same sub-models and `cache` model, the same batched UNet),
 so a streamed request and a plain one with the same inputs give the same image.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.specs import NIRVANA_MODEL, ModelSpec
-from nirvana.stream_spec import STREAM_MODEL, nirvana_stream_spec
+from nirvana.contract.specs import NIRVANA_MODEL, ModelSpec
+from nirvana.contract.stream import STREAM_MODEL, nirvana_stream_spec
 from nirvana_export.model_config import RepositoryError, model_config, render
 
 STREAM_PY = (

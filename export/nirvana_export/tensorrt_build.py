@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from nirvana.specs import ModelSpec
+from nirvana.contract.specs import ModelSpec
 
 __all__ = [
     "CHECK_ENV",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nirvana.cache.selection import DEFAULT_THRESHOLDS, KSelector
+from nirvana.k_choice import DEFAULT_THRESHOLDS, KSelector
 
 GiB = 1024**3
 
@@ -149,7 +149,7 @@ class LimitsConfig(_Strict):
 
 
 class AdaptersConfig(_Strict):
-    """LoRA adapters a request may name (`nirvana.adapters`): their folder, and how many merged sets stay loaded.
+    """LoRA adapters a request may name (`nirvana.addons.lora`): their folder, and how many merged sets stay loaded.
 
     Every distinct set is a UNet to fuse and load, so what a stream of new sets may cost is bounded: scales are
     rounded to `scale_step` (a multiple of 0.05, so a set's canonical text reads back as itself on every side); at
@@ -172,7 +172,7 @@ class AdaptersConfig(_Strict):
 
 
 class ControlNetsConfig(_Strict):
-    """ControlNet models a request may name (`nirvana.controlnet`): the folder of their diffusers folders."""
+    """ControlNet models a request may name (`nirvana.addons.controlnet`): the folder of their diffusers folders."""
 
     dir: Path | None = None
 

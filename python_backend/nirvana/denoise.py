@@ -24,7 +24,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from nirvana.runtime.base import SubModels
 from nirvana.schedulers import (
     SCHEDULERS,
     UnsupportedSchedulerError,
@@ -32,9 +31,10 @@ from nirvana.schedulers import (
     make_scheduler,
     scheduler_name,
 )
+from nirvana.submodels import SubModels
 
 if TYPE_CHECKING:
-    from nirvana.controlnet import Control
+    from nirvana.addons.controlnet import Control
 
 __all__ = [
     "SCHEDULERS",
@@ -256,7 +256,8 @@ def denoise(
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it
     raises (e.g. ``nirvana.progress.Cancelled``) ends the loop there. SDXL: ``added_cond`` to every UNet call;
-    ``control.residuals(x_in, t, text)`` gives a ControlNet's residuals for each UNet call (``nirvana.controlnet``).
+    ``control.residuals(x_in, t, text)`` gives a ControlNet's residuals for each UNet call
+    (``nirvana.addons.controlnet``).
     """
     captures = _check_steps(num_steps, start, capture_at)
     if (latent is None) == (start is None):

@@ -17,10 +17,10 @@ import torch
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from nirvana.controlnet import MAX_CONTROL_SCALE
-from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, controlnet_model
+from nirvana.addons.controlnet import MAX_CONTROL_SCALE
+from nirvana.contract.controlnet import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, controlnet_model
+from nirvana.contract.specs import SpecError
 from nirvana.denoise import DenoiseResult, ResumeState
-from nirvana.specs import SpecError
 
 __all__ = [
     "DenoiseJob",
@@ -39,7 +39,7 @@ class HandoffError(ValueError):
     """A job or an answer that is not in this format; the message names the field."""
 
 
-# The UNet models a job may name: LoRA sets' models as `nirvana.lora_onnx.variant_name` makes them (on `unet` or
+# The UNet models a job may name: LoRA sets' models as `nirvana.addons.lora_onnx.variant_name` makes them (on `unet` or
 # `unet_control`), and with a ControlNet the `unet_control` model itself.
 UNET_MODEL_NAME = re.compile(r"unet_lora_[0-9a-f]{16}")
 CONTROL_UNET_NAME = re.compile(rf"{UNET_CONTROL_MODEL}|{UNET_MODEL_NAME.pattern}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from nirvana.addons import AddOnRegistry, AddOns
+from nirvana.addons.registry import AddOnRegistry, AddOns
 from nirvana.cache.client import CacheClient
 from nirvana.cache.outcome import Lookup, Reason
 from nirvana.checkpoint import Checkpoint, load_checkpoint
@@ -37,10 +37,10 @@ from nirvana.denoise import (
 from nirvana.embed import Embedder, make_embedder
 from nirvana.progress import CacheEvent, EventCallback, StepEvent
 from nirvana.request import GenerationRequest, validate_request
-from nirvana.runtime.base import SubModels
 from nirvana.runtime.torch_runtime import TorchSubModels
 from nirvana.sdxl import SdxlConditioning, micro_conditioning
 from nirvana.service_time import LoadBoard, ServiceTimes
+from nirvana.submodels import SubModels
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
@@ -147,7 +147,7 @@ class Pipeline:
     # -- the request path ---------------------------------------------------------------------------
     def generate(self, prompt: str, on_event: EventCallback | None = None, **options: object) -> GenerationResult:
         """Generate one image; options as in `request()`: negative_prompt, seed, steps, guidance, cache_mode, tenant,
-        lora (``"name:scale,…"``), controlnet + control_image + controlnet_scale (`nirvana.addons`).
+        lora (``"name:scale,…"``), controlnet + control_image + controlnet_scale (`nirvana.addons.registry`).
 
         ``on_event`` (`nirvana.progress`) gets a CacheEvent once the cache has answered, then a StepEvent after each
         denoising step; raising `Cancelled` from it stops the request with nothing admitted."""

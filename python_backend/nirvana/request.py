@@ -49,7 +49,7 @@ class GenerationRequest:
     guidance: float = 7.5
     cache_mode: CacheMode = "auto"
     tenant: str = "default"
-    lora: str = ""  # "name:scale,…" as sent; parsed against the adapter library (nirvana.addons)
+    lora: str = ""  # "name:scale,…" as sent; parsed against the adapter library (nirvana.addons.registry)
     controlnet: str = ""  # a ControlNet's name, with control_image (uint8 [H, W, 3]) at controlnet_scale
     control_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     controlnet_scale: float = 1.0

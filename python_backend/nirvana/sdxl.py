@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from nirvana.checkpoint import CheckpointInfo
-from nirvana.runtime.base import SubModels
+from nirvana.submodels import SubModels
 
 __all__ = ["SdxlConditioning", "micro_conditioning", "time_ids"]
 

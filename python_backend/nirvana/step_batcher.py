@@ -204,7 +204,7 @@ def _groups(batch: list[_Slot]) -> list[list[_Slot]]:
 
 
 class BatchedUNet:
-    """The `unet` of `nirvana.runtime.base.SubModels` for one request's loop, its calls merged across loops by
+    """The `unet` of `nirvana.submodels.SubModels` for one request's loop, its calls merged across loops by
     `batcher`. ``step_ms`` collects, per call, (requests in the iteration, ms from hand-in to result): what the
     orchestrator's cost model learns from (`nirvana.service_time`). ``model``: the UNet model of the request's LoRA
     set (None: the base UNet). ``control``: the request's ControlNet (`nirvana.handoff.JobControl`): its rows go to

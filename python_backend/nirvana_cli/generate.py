@@ -33,7 +33,7 @@ def generate(
     """Generate images in-process (no server) and show what the cache did for each prompt."""
     from PIL import Image
 
-    from nirvana.adapters import AdapterError
+    from nirvana.addons.lora import AdapterError
     from nirvana.pipeline import Pipeline
     from nirvana.request import RequestError
 

@@ -16,7 +16,7 @@ set_thread_policy()  # before anything imports torch
 
 import typer  # noqa: E402
 
-from nirvana_cli.calibrate import calibrate_cmd  # noqa: E402
+from nirvana_cli.calibration.command import calibrate_cmd  # noqa: E402
 from nirvana_cli.dev import register as register_dev_commands  # noqa: E402
 from nirvana_cli.generate import generate  # noqa: E402
 from nirvana_cli.support import CacheDir, ConfigFile, MilvusUri, console, engine_config, setup_logging  # noqa: E402

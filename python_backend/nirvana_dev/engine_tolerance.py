@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nirvana.specs import ModelSpec
+from nirvana.contract.specs import ModelSpec
 
 __all__ = ["atol_needed", "measure_fp16", "to_fp16"]
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     from nirvana.checkpoint import load_checkpoint
-    from nirvana.specs import submodel_specs
+    from nirvana.contract.specs import submodel_specs
     from nirvana_export.onnx_export import export_all
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nirvana.config import EngineConfig, load_config
+from nirvana.contract.specs import ADAPTERS_MODEL, NIRVANA_MODEL
 from nirvana.security.credential import ensure_secret_file, read_secret
-from nirvana.specs import ADAPTERS_MODEL, NIRVANA_MODEL
 from nirvana_dev.install import ServerPorts, find_tritonserver
 from nirvana_dev.tritonserver import TritonServer
 

@@ -1,7 +1,7 @@
 """`nirvana-quality dataset|train|eval|calibrate`: the shapes model, its evaluation, the thresholds fitted on it.
 
-The console script ``nirvana-quality`` (``nirvana_quality.cli:app``). Calibrating from records already written
-is the product's ``nirvana calibrate --eval-json`` (:mod:`nirvana_cli.calibrate`); ``calibrate`` here evaluates a
+The console script ``nirvana-quality`` (``nirvana_quality.cli:app``). Calibrating from records already written is the
+product's ``nirvana calibrate --eval-json`` (:mod:`nirvana_cli.calibration.command`); ``calibrate`` here evaluates a
 checkpoint first.
 """
 
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from nirvana.threads import set_thread_policy
-from nirvana_cli.calibrate import (
+from nirvana_cli.calibration.command import (
     EmbedderOption,
     JsonReportOption,
     MaxAccuracyDropOption,

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nirvana.calibrate import record_accuracy
 from nirvana.calibration.generate import DEFAULT_KS, DEFAULT_STEPS, PairGenerator, PairImages, default_ks
 from nirvana.calibration.generate import PairSettings as EvalSettings
+from nirvana.calibration.table import record_accuracy
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.embed import Embedder, make_embedder
 from nirvana_quality.judge import Judge, attribute_correct

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nirvana.calibrate import record_accuracy
 from nirvana.calibration.generate import PairGenerator, PairSettings
+from nirvana.calibration.table import record_accuracy
 from nirvana.checkpoint import load_checkpoint
 from nirvana_quality.evaluate import _judged
 from nirvana_quality.judge import Judge
@@ -103,5 +103,5 @@ def _judge(checkpoint_dir: Path) -> Judge | None:
 
 
 def _accuracy(judge: Judge, batch: list, images: np.ndarray) -> list[float]:
-    """Per image: the share of B's attributes the judge reads back (`nirvana.calibrate.record_accuracy`)."""
+    """Per image: the share of B's attributes the judge reads back (`nirvana.calibration.table.record_accuracy`)."""
     return [record_accuracy(judged) for judged in _judged(judge, images, [p.new_scene for p in batch])]

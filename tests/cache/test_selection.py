@@ -1,4 +1,4 @@
-"""Similarity → K selection (nirvana.cache.selection)."""
+"""Similarity → K selection (nirvana.k_choice)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nirvana.cache.selection import DEFAULT_THRESHOLDS, InvalidThresholds, KSelector, scale_k
+from nirvana.k_choice import DEFAULT_THRESHOLDS, InvalidThresholds, KSelector, scale_k
 
 SELECTOR = KSelector()
 

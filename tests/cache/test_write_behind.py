@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from nirvana.cache.checks import CacheLimits
+from nirvana.cache.endpoint import CacheEndpoint
 from nirvana.cache.outcome import Reason
+from nirvana.cache.wire import bytes_array, encode_states
 from nirvana.cache.write_behind import Admission, AdmissionQueue
 from nirvana.config import CacheConfig
-from nirvana.runtime.bls_cache import CacheEndpoint, bytes_array, encode_states
-from nirvana.runtime.cache_checks import CacheLimits
 
 DIM, KEY, TENANT, STEPS = 16, "ab" * 16, "t", 50  # a cache key as the pipeline makes them
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from nirvana.controlnet_graphs import ControlNetGraph
-from nirvana.controlnet_spec import (
+from nirvana.addons.controlnet_graphs import ControlNetGraph
+from nirvana.contract.controlnet import (
     UNET_CONTROL_MODEL,
     control_specs,
     controlnet_model,
@@ -20,8 +20,8 @@ from nirvana.controlnet_spec import (
     residual_shapes,
     unet_control_spec,
 )
+from nirvana.contract.specs import SpecError, unet_spec
 from nirvana.runtime.onnx_runtime import OnnxModel
-from nirvana.specs import SpecError, unet_spec
 from nirvana_dev.tiny_addons import make_tiny_controlnet
 from nirvana_export.controlnet_export import served_controlnets
 from nirvana_export.onnx_export import export_graph

@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from nirvana.checkpoint import Checkpoint
-from nirvana.specs import MODEL_NAMES, submodel_specs
+from nirvana.contract.specs import MODEL_NAMES, submodel_specs
 from nirvana_export.onnx_export import TOLERANCES, ExportCheckError, check_onnx, export_all
 
 

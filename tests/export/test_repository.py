@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, needs_reshape, nirvana_spec, triton_dims
+from nirvana.contract.specs import MODEL_NAMES, TRITON_DTYPES, ModelSpec, needs_reshape, nirvana_spec, triton_dims
 from nirvana_export.repository import (
     DEFAULT_QUEUE_DELAY_US,
     INTERNAL_QUEUE,
@@ -127,7 +127,7 @@ def test_unknown_profile_is_rejected() -> None:
 
 
 def test_stream_model_is_decoupled_with_the_nirvana_contract_plus_events_and_previews() -> None:
-    from nirvana.stream_spec import nirvana_stream_spec
+    from nirvana.contract.stream import nirvana_stream_spec
 
     files = render_configs(sd15_specs(), (512, 512), "cpu", max_queue_size=5)
     config = _parse(files["nirvana_stream/config.pbtxt"])

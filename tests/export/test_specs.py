@@ -1,11 +1,11 @@
-"""nirvana.specs: the tensor contracts every export, engine and Triton config is derived from."""
+"""nirvana.contract.specs: the tensor contracts every export, engine and Triton config is derived from."""
 
 from __future__ import annotations
 
 import pytest
 
 from nirvana.checkpoint import Checkpoint
-from nirvana.specs import (
+from nirvana.contract.specs import (
     EMBEDDER_DIM,
     MODEL_NAMES,
     TRITON_DTYPES,

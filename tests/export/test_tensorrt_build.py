@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nirvana.checkpoint import Checkpoint
-from nirvana.specs import ModelSpec
+from nirvana.contract.specs import ModelSpec
 from nirvana_export.repository import sd15_specs
 from nirvana_export.tensorrt_build import (
     CHECK_THREADS_ENV,
@@ -141,7 +141,7 @@ def test_the_check_session_uses_the_bounded_thread_count(tmp_path: Path) -> None
 
 
 def test_a_spec_without_profile_is_no_engine() -> None:
-    from nirvana.specs import nirvana_spec
+    from nirvana.contract.specs import nirvana_spec
 
     with pytest.raises(EngineBuildError, match=r"'nirvana' has no shape profile"):
         profile_shapes(nirvana_spec((64, 64)))
@@ -159,7 +159,7 @@ def unet_onnx(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture
 def unet_spec(tiny_checkpoint: Checkpoint) -> ModelSpec:
-    from nirvana.specs import submodel_specs
+    from nirvana.contract.specs import submodel_specs
 
     return submodel_specs(tiny_checkpoint)["unet"]
 

@@ -17,7 +17,7 @@ import tensorrt_fakes
 from typer.testing import CliRunner
 
 from nirvana.checkpoint import Checkpoint
-from nirvana.specs import submodel_specs
+from nirvana.contract.specs import submodel_specs
 
 HERE = Path(__file__).parent
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.contract.specs import submodel_specs
 from nirvana.security.credential import INTERNAL_PARAMETER, read_secret
-from nirvana.specs import submodel_specs
 from nirvana_dev.install import ServerPorts, free_ports
 from nirvana_dev.tritonserver import TritonServer
 from nirvana_export.onnx_export import export_submodel

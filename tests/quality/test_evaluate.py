@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
-from nirvana_cli.calibrate import calibrate_cmd
+from nirvana_cli.calibration.command import calibrate_cmd
 from nirvana_dev.tiny_model import make_tiny_model
 from nirvana_quality.cli import app as quality_app
 from nirvana_quality.evaluate import (

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.contract.specs import submodel_specs
 from nirvana.runtime.batching import BatchInputError, row_count, run_merged
 from nirvana.runtime.onnx_runtime import OnnxModel, onnx_path
-from nirvana.specs import submodel_specs
 from nirvana_export.onnx_export import export_submodel
 
 # Max abs difference allowed between a request's noise prediction in a merged batch and alone (onnxruntime 1.32,

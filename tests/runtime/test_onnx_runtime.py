@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from nirvana.checkpoint import Checkpoint
+from nirvana.contract.specs import submodel_specs
 from nirvana.denoise import decode, denoise, encode_prompts, initial_latent, make_scheduler
-from nirvana.runtime.base import SubModels
 from nirvana.runtime.onnx_runtime import OnnxModelError, OnnxSubModels, onnx_path
 from nirvana.runtime.torch_runtime import TorchSubModels
-from nirvana.specs import submodel_specs
+from nirvana.submodels import SubModels
 from nirvana_export.onnx_export import export_submodel
 
 # Max pixel diff (image in [0, 1]) allowed between onnxruntime and torch after a full CFG denoise + decode.

@@ -15,15 +15,17 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from nirvana.cache.checks import CacheLimits
+from nirvana.cache.endpoint import CacheEndpoint
 from nirvana.cache.outcome import Reason
+from nirvana.cache.wire import bytes_array, encode_states
 from nirvana.cache.write_behind import AdmissionQueue
 from nirvana.config import load_config
+from nirvana.contract.specs import cache_spec
 from nirvana.runtime.bls import use_credential
-from nirvana.runtime.bls_cache import BlsCache, CacheEndpoint, bytes_array, encode_states
-from nirvana.runtime.cache_checks import CacheLimits
+from nirvana.runtime.cache_client import BlsCache
 from nirvana.security.credential import INTERNAL_PARAMETER, read_secret
 from nirvana.serving.metrics import CacheStateMetrics
-from nirvana.specs import cache_spec
 from nirvana_export.repository import DEFAULT_INSTANCES, cache_config, place_secret, render_configs, sd15_specs
 
 KEY = "0123456789abcdef" * 2  # a cache key as `Pipeline.cache_key` makes them: 32 hex digits

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from nirvana.contract.specs import submodel_specs
 from nirvana.handoff import DenoiseJob, encode_job
 from nirvana.runtime.bls import credential_parameters, use_credential
 from nirvana.runtime.onnx_runtime import OnnxModel
 from nirvana.serving import scheduler_model
 from nirvana.serving.scheduler_model import unet_runner
-from nirvana.specs import submodel_specs
 from nirvana_export.onnx_export import export_submodel
 
 

@@ -1,7 +1,7 @@
 """`CacheClient`: what the request path needs of a cache, wherever the cache lives.
 
 In process it is `ApproximateCache` itself (`factory.open_cache`); served, the `nirvana` orchestrator instances
-reach the one `cache` model that owns the state through BLS (`nirvana.runtime.bls_cache.BlsCache`).
+reach the one `cache` model that owns the state through BLS (`nirvana.runtime.cache_client.BlsCache`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from nirvana.cache.outcome import Lookup
-from nirvana.cache.selection import KSelector
+from nirvana.k_choice import KSelector
 
 
 class CacheClient(Protocol):

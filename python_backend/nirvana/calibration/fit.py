@@ -6,8 +6,8 @@ pairs may be served at K when it holds ``min_count`` pairs and the one-sided 95%
 (seeded bootstrap) is at least ``min_score`` — for SSIM, the upper bound of the mean fidelity loss 1 − SSIM stays
 within 1 − ``min_score``.
 
-The fit is :func:`nirvana.calibrate.fit_thresholds`'s greedy from the top: pairs sorted by similarity, for each K
-(largest first) the band grows downwards pair by pair while the check passes; its lowest similarity sets K's
+The fit is :func:`nirvana.calibration.table.fit_thresholds`'s greedy from the top: pairs sorted by similarity, for each
+K (largest first) the band grows downwards pair by pair while the check passes; its lowest similarity sets K's
 threshold, and the next K continues below it. A K whose first band cannot pass is rejected with the number of pairs
 the band would need if further pairs scored like these (None when its mean itself is below ``min_score``).
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nirvana.cache.selection import KSelector
 from nirvana.calibration.bounds import bootstrap_upper, mean_pairs_needed
 from nirvana.calibration.pairs import band_of
+from nirvana.k_choice import KSelector
 
 __all__ = ["FidelityBudget", "band_table", "fidelity_cell", "fit_fidelity"]
 

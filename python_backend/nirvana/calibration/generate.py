@@ -23,9 +23,9 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from nirvana.cache.latent_codec import CODECS, roundtrip
-from nirvana.cache.selection import scale_k
 from nirvana.checkpoint import Checkpoint
 from nirvana.denoise import denoise, encode_prompts, initial_latent, make_scheduler
+from nirvana.k_choice import scale_k
 from nirvana.pipeline import resolve_scheduler
 from nirvana.runtime.torch_runtime import TorchSubModels
 

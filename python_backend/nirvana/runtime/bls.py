@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nirvana.controlnet_spec import UNET_CONTROL_MODEL
+from nirvana.contract.controlnet import UNET_CONTROL_MODEL
+from nirvana.contract.specs import PENULTIMATE
 from nirvana.embed import MINILM_MAX_TOKENS, Embedder
 from nirvana.security.credential import INTERNAL_PARAMETER
-from nirvana.specs import PENULTIMATE
 
 # The deployment's internal credential, sent with every BLS request (`nirvana.security.credential`). One per stub
 # process: an orchestrator's stub serves one deployment, and every call site in it must carry the same secret.

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from nirvana.adapters import SCALE_STEP, AdapterBusy, AdapterCatalog, AdapterError, AdapterSet, format_adapters
+from nirvana.addons.lora import SCALE_STEP, AdapterBusy, AdapterCatalog, AdapterError, AdapterSet, format_adapters
 from nirvana.config import AdaptersConfig
-from nirvana.controlnet_spec import UNET_CONTROL_MODEL
+from nirvana.contract.controlnet import UNET_CONTROL_MODEL
 from nirvana.runtime.bls import BlsSubModels, credential_parameters
 
 __all__ = ["BlsAdapters"]

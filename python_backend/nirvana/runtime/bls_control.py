@@ -1,6 +1,6 @@
 """The orchestrator's side of served ControlNets: the request's control is checked and prepared here
-(`nirvana.controlnet.ControlNetCatalog`), and at every step the ``controlnet_<name>`` model answers the residuals
-that `BlsSubModels.unet` then sends, with the step, to the ``unet_control`` model (`nirvana.controlnet_spec`)."""
+(`nirvana.addons.controlnet.ControlNetCatalog`), and at every step the ``controlnet_<name>`` model answers the residuals
+that `BlsSubModels.unet` then sends, with the step, to the ``unet_control`` model (`nirvana.contract.controlnet`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from nirvana.addons.controlnet import ControlNetCatalog, Residuals
 from nirvana.checkpoint import CheckpointInfo
-from nirvana.controlnet import ControlNetCatalog, Residuals
-from nirvana.controlnet_spec import controlnet_model, residual_names, residual_shapes
+from nirvana.contract.controlnet import controlnet_model, residual_names, residual_shapes
 from nirvana.runtime.bls import bls_infer_torch
 
 __all__ = ["BlsControlNets"]

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import SchedulerMixin
 
-from nirvana.controlnet_spec import UNET_CONTROL_MODEL, controlnet_model
+from nirvana.cache.wire import bytes_array
+from nirvana.contract.controlnet import UNET_CONTROL_MODEL, controlnet_model
+from nirvana.contract.specs import STEP_SCHEDULER_MODEL
 from nirvana.denoise import DenoiseResult, ResumeState, denoise
 from nirvana.handoff import DenoiseJob, JobControl, decode_final, decode_step, encode_job
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import BlsError, credential_parameters
-from nirvana.runtime.bls_cache import bytes_array
 from nirvana.schedulers import scheduler_name
-from nirvana.specs import STEP_SCHEDULER_MODEL
 
 if TYPE_CHECKING:
-    from nirvana.controlnet import Control
+    from nirvana.addons.controlnet import Control
 
 __all__ = ["BlsDenoiser", "SchedulerFull"]
 

@@ -4,7 +4,7 @@ Layout read (what ``nirvana_export.onnx_export.export_all`` writes)::
 
     model_dir/export_manifest.json   model_dir/<name>/model.onnx   for name in text_encoder, unet, vae_decoder
 
-Tensor names and dtypes are those of :mod:`nirvana.specs`.
+Tensor names and dtypes are those of :mod:`nirvana.contract.specs`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from nirvana.specs import PENULTIMATE
+from nirvana.contract.specs import PENULTIMATE
 
 __all__ = ["MANIFEST_NAME", "OnnxModel", "OnnxModelError", "OnnxSubModels", "make_session", "onnx_path"]
 
@@ -43,7 +43,7 @@ def make_session(
     """A CPU onnxruntime session with ``num_threads`` intra-op threads that sleep instead of spinning when idle.
 
     ``overrides``: initializer name → value used instead of the file's (a LoRA set's fused weights,
-    `nirvana.lora_onnx`); onnxruntime reads them before it optimises the graph, so fused kernels see them too."""
+    `nirvana.addons.lora_onnx`); onnxruntime reads them before it optimises the graph, so fused kernels see them too."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX file not found: {path} (run the export first)")
@@ -93,7 +93,7 @@ def _torch(array: np.ndarray) -> torch.Tensor:
 
 
 class OnnxSubModels:
-    """Text encoder, UNet and VAE decoder run by onnxruntime on CPU (the :class:`~nirvana.runtime.base.SubModels` API).
+    """Text encoder, UNet and VAE decoder run by onnxruntime on CPU (the :class:`~nirvana.submodels.SubModels` API).
 
     ``fingerprint``, when given, must equal the checkpoint fingerprint in ``export_manifest.json``: ONNX files of
     another checkpoint would pair silently with this checkpoint's tokenizer, scheduler and cache entries.

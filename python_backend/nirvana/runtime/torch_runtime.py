@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from nirvana.addons.controlnet_graphs import ControlNetGraph, UNetControlGraph
 from nirvana.checkpoint import Checkpoint
-from nirvana.controlnet_graphs import ControlNetGraph, UNetControlGraph
-from nirvana.controlnet_spec import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, residual_names
-from nirvana.specs import PENULTIMATE
+from nirvana.contract.controlnet import CONTROLNET_PREFIX, UNET_CONTROL_MODEL, residual_names
+from nirvana.contract.specs import PENULTIMATE
 
 __all__ = ["TorchSubModels", "component_runner"]
 
@@ -92,7 +92,7 @@ class TorchSubModels:
             return _plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
 
     def with_unet(self, unet: torch.nn.Module) -> TorchSubModels:
-        """The same sub-models around another UNet (one with LoRA adapters fused in, `nirvana.adapters`)."""
+        """The same sub-models around another UNet (one with LoRA adapters fused in, `nirvana.addons.lora`)."""
         other = copy.copy(self)
         other.unet_model = unet
         return other
@@ -138,10 +138,10 @@ def component_runner(
     lora: tuple[str | Path, str] | None = None,
 ) -> Runner:
     """One sub-model of a diffusers checkpoint as ``{input: tensor} → {output: tensor}`` under the Triton names of
-    `nirvana.specs` (outputs float32, on ``device``). Loads only that component's weights.
+    `nirvana.contract.specs` (outputs float32, on ``device``). Loads only that component's weights.
 
     Served add-ons: ``unet_control`` is the UNet with ControlNet residual inputs, ``controlnet_<name>`` the ControlNet
-    in folder ``controlnet`` (`nirvana.controlnet_spec`); ``lora`` = (adapters folder, ``LORA`` text) fuses that
+    in folder ``controlnet`` (`nirvana.contract.controlnet`); ``lora`` = (adapters folder, ``LORA`` text) fuses that
     adapter set into ``unet`` or ``unet_control`` (a set's model, loaded by the `adapters` model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -181,8 +181,8 @@ def component_runner(
 
 
 def _fused(unet: torch.nn.Module, adapters_dir: str | Path, lora: str) -> torch.nn.Module:
-    """``unet`` with the adapter set ``lora`` of ``adapters_dir`` fused in (`nirvana.adapters`)."""
-    from nirvana.adapters import AdapterLibrary
+    """``unet`` with the adapter set ``lora`` of ``adapters_dir`` fused in (`nirvana.addons.lora`)."""
+    from nirvana.addons.lora import AdapterLibrary
 
     library = AdapterLibrary(adapters_dir, unet, max_loaded=1, strict=False)
     return library.merge(library.parse(lora))

@@ -2,14 +2,14 @@
 
 An orchestrator asks with ``ADAPTERS`` (a set's canonical ``LORA`` text) and gets ``MODEL``, the name of a UNet model
 with that set fused in. A loaded set is answered inside `execute`; a set not loaded is fused on the loader thread
-(`nirvana.lora_onnx`: diffusers fuses it on the torch UNet, the changed weights override the base ONNX file's
+(`nirvana.addons.lora_onnx`: diffusers fuses it on the torch UNet, the changed weights override the base ONNX file's
 initializers), written as one safetensors file and loaded in-process (`pb_utils.load_model`, the C API: no network
 endpoint) as a copy of the `unet` model's config (same batching, same instances) that runs the base ONNX file with
 those overrides. The loading call runs in a helper model this one loads at start, `<name>_loader`
-(`nirvana.variant_pool.LoaderModel`): the python backend freezes the stub that calls `load_model` until the load
+(`nirvana.addons.variant_pool.LoaderModel`): the python backend freezes the stub that calls `load_model` until the load
 ends, and in this stub that froze every answer. With a ControlNet (``BASE`` = ``unet_control``) the set is fused the
 same way into the UNet with residual inputs. Being decoupled, this one instance never makes a request for a loaded
-set wait behind a load (`nirvana.variant_pool`), and the loads are bounded (`AdaptersConfig`): a request beyond
+set wait behind a load (`nirvana.addons.variant_pool`), and the loads are bounded (`AdaptersConfig`): a request beyond
 `max_pending_loads` distinct sets in line, or one that waited `load_wait_s`, gets UNAVAILABLE naming the limit.
 
 Needs `--model-control-mode=explicit --load-model=*` (the dev launcher passes it when the repository has this model);
@@ -33,17 +33,17 @@ from google.protobuf import json_format, text_format
 from safetensors.numpy import save_file
 from tritonclient.grpc import model_config_pb2 as mc
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet, format_adapters, parse_adapters
+from nirvana.addons.lora import AdapterError, AdapterLibrary, AdapterSet, format_adapters, parse_adapters
+from nirvana.addons.lora_onnx import InitializerIndex, fused_overrides, variant_name
+from nirvana.addons.variant_pool import LOADER_PY, TOKEN_DIGEST, TOKEN_PARAMETER, LoadTimeout, PoolBusy, VariantPool
 from nirvana.config import AdaptersConfig, load_config
-from nirvana.controlnet_spec import UNET_CONTROL_MODEL
-from nirvana.lora_onnx import InitializerIndex, fused_overrides, variant_name
+from nirvana.contract.controlnet import UNET_CONTROL_MODEL
+from nirvana.contract.specs import NIRVANA_MODEL
 from nirvana.serving.internal import SECRET_PARAMETER, InternalGate
 from nirvana.serving.metrics import Families
 from nirvana.serving.params import engine_config_path, model_parameters
-from nirvana.specs import NIRVANA_MODEL
-from nirvana.variant_pool import LOADER_PY, TOKEN_DIGEST, TOKEN_PARAMETER, LoadTimeout, PoolBusy, VariantPool
 
-log = logging.getLogger("nirvana.adapters")
+log = logging.getLogger("nirvana.addons.lora")
 
 
 def _string(name: str) -> dict[str, Any]:

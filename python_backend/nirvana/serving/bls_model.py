@@ -16,18 +16,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nirvana.addons import AddOnUnavailable
+from nirvana.addons.registry import AddOnUnavailable
 from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import load_config
+from nirvana.contract.specs import STEP_SCHEDULER_MODEL, ModelSpec, nirvana_spec
 from nirvana.embed import ClipEmbedder, SdxlClipEmbedder, resolve_embedder
 from nirvana.pipeline import NonFiniteError, Pipeline
 from nirvana.progress import EventCallback
 from nirvana.request import RequestError
 from nirvana.runtime.bls import BlsEmbedder, BlsSubModels, use_credential
 from nirvana.runtime.bls_adapters import BlsAdapters
-from nirvana.runtime.bls_cache import BlsCache
 from nirvana.runtime.bls_control import BlsControlNets
 from nirvana.runtime.bls_denoiser import BlsDenoiser, SchedulerFull
+from nirvana.runtime.cache_client import BlsCache
 from nirvana.security.credential import read_secret
 from nirvana.security.ratelimit import RateLimited
 from nirvana.security.tenancy import TenantResolver
@@ -35,7 +36,6 @@ from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.serving.internal import secret_path
 from nirvana.serving.metrics import RequestMetrics
 from nirvana.serving.params import engine_config_path, model_parameters
-from nirvana.specs import STEP_SCHEDULER_MODEL, ModelSpec, nirvana_spec
 
 log = logging.getLogger("nirvana.triton")
 

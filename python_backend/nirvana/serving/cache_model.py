@@ -2,7 +2,7 @@
 
 `model_repository/cache/1/model.py` re-exports `TritonPythonModel` from here. One instance (a milvus-lite file admits
 one process, and Triton runs each instance in its own process), so requests from every orchestrator are served one
-at a time, in the order Triton delivers them. The work is `nirvana.runtime.bls_cache.CacheEndpoint`;
+at a time, in the order Triton delivers them. The work is `nirvana.cache.endpoint.CacheEndpoint`;
 admissions are answered once queued and written behind by `nirvana.cache.write_behind.AdmissionQueue`
 (`cache.admission_queue`), which `finalize` drains before the cache closes.
 """
@@ -13,13 +13,14 @@ import json
 import logging
 from typing import Any
 
+from nirvana.cache.checks import CacheLimits, CacheRequestError
+from nirvana.cache.endpoint import CacheEndpoint
 from nirvana.cache.factory import open_cache
+from nirvana.cache.wire import bytes_array
 from nirvana.cache.write_behind import AdmissionQueue
 from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import EngineConfig, load_config
 from nirvana.embed import embedder_dim
-from nirvana.runtime.bls_cache import CacheEndpoint, CacheRequestError, bytes_array
-from nirvana.runtime.cache_checks import CacheLimits
 from nirvana.security.ratelimit import TenantBuckets
 from nirvana.serving.internal import InternalGate
 from nirvana.serving.metrics import CacheStateMetrics

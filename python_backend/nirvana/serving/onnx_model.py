@@ -2,7 +2,7 @@
 
 The bundled tritonserver has no onnxruntime backend, so `text_encoder`, `prompt_embedder`, `unet` and
 `vae_decoder` are python models whose `1/model.py` re-exports `TritonPythonModel` from here. Inputs and outputs
-are the names declared in the model's config.pbtxt (generated from `nirvana.specs`).
+are the names declared in the model's config.pbtxt (generated from `nirvana.contract.specs`).
 
 A model with dynamic batching (the `unet`) receives several requests per `execute`: compatible ones are
 concatenated into one onnxruntime run and split back (`nirvana.runtime.batching.run_merged`). Models with

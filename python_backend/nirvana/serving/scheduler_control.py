@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from nirvana.controlnet_spec import residual_names, residual_shapes
+from nirvana.contract.controlnet import residual_names, residual_shapes
 from nirvana.runtime.bls import bls_execute, cpu_memory
 
 __all__ = ["ControlRunner"]

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from nirvana.cache.wire import bytes_array
 from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.denoise import denoise, make_scheduler
 from nirvana.handoff import DenoiseJob, HandoffError, decode_job, encode_final, encode_step
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import use_credential
-from nirvana.runtime.bls_cache import bytes_array
 from nirvana.security.credential import read_secret
 from nirvana.serving.internal import InternalGate, secret_path
 from nirvana.serving.metrics import Families

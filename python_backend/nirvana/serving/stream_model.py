@@ -1,6 +1,6 @@
 """Triton glue of the decoupled `nirvana_stream` model: the `nirvana` request path, reporting as it goes.
 
-Contract: `nirvana.stream_spec`. The engine, input parsing and error conversion are the `nirvana` model's
+Contract: `nirvana.contract.stream`. The engine, input parsing and error conversion are the `nirvana` model's
 (`bls_model`); what is added here is turning `nirvana.progress` events into responses and noticing cancellation.
 
 Concurrency: each instance (a stub process) streams up to ``streams_per_instance`` requests at once, one thread
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from nirvana.contract.stream import MAX_PREVIEW_EVERY, nirvana_stream_spec
 from nirvana.progress import CacheEvent, Cancelled, StepEvent, latent_preview
 from nirvana.request import RequestError
 from nirvana.serving.bls_model import (
@@ -31,7 +32,6 @@ from nirvana.serving.bls_model import (
     scalar_value,
 )
 from nirvana.serving.params import model_parameters
-from nirvana.stream_spec import MAX_PREVIEW_EVERY, nirvana_stream_spec
 
 log = logging.getLogger("nirvana.triton.stream")
 DEFAULT_STREAMS_PER_INSTANCE = 4

@@ -31,7 +31,7 @@ from nirvana_dev.bench.throughput import measure_level
 
 DESIGNS = {"scheduler": True, "per-step": False}  # name → ServeOptions.step_scheduler
 SHORT_STEPS, LONG_STEPS = 4, 22
-MAX_ROWS = 16  # the UNet's largest execution (nirvana.specs.DEFAULT_UNET_MAX_BATCH): 8 guidance pairs
+MAX_ROWS = 16  # the UNet's largest execution (nirvana.contract.specs.DEFAULT_UNET_MAX_BATCH): 8 guidance pairs
 # Issue 32's acceptance
 TARGET_OVERHEAD_MS, TARGET_ROWS, TARGET_SPEEDUP = 0.5, 14.0, 2.0
 

@@ -3,7 +3,7 @@
 The served UNet is an ONNX file whose linear weights the exporter stored transposed under generated names
 (``onnx::MatMul_1631``), so a parameter's name does not say which initializer holds it. Its value does: each base
 weight (or its transpose) is looked up among the file's initializers by shape and bytes. A set is fused with
-diffusers' own LoRA code on the torch UNet (`nirvana.adapters.AdapterLibrary.merge`); every parameter the fusing
+diffusers' own LoRA code on the torch UNet (`nirvana.addons.lora.AdapterLibrary.merge`); every parameter the fusing
 changed replaces its initializer, and onnxruntime runs the base file with those overrides
 (`nirvana.runtime.onnx_runtime.make_session`): one file on disk, a few changed tensors per set.
 """
@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from nirvana.adapters import AdapterError, AdapterLibrary, AdapterSet
+from nirvana.addons.lora import AdapterError, AdapterLibrary, AdapterSet
 
 __all__ = ["InitializerIndex", "fused_overrides", "variant_name"]
 

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nirvana.cache.selection import KSelector
 from nirvana.calibration.bounds import bootstrap_upper, leak_pairs_needed, mean_pairs_needed, wilson_upper
 from nirvana.calibration.fit import band_threshold
+from nirvana.k_choice import KSelector
 
 if TYPE_CHECKING:  # only the embedder passed in runs torch: fitting and config writing stay numpy-only
     from nirvana.embed import Embedder

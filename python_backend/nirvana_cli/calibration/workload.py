@@ -49,7 +49,7 @@ def _prepare(run: WorkloadRun) -> tuple:
     from nirvana.calibration.pairs import sample_pairs
     from nirvana.checkpoint import load_checkpoint
     from nirvana.embed import EmbedderError, make_embedder
-    from nirvana_dev.calibration_workload import load_prompts
+    from nirvana_dev.calibration import load_prompts
 
     if not (run.checkpoint / "model_index.json").is_file():
         raise typer.BadParameter(f"not a diffusers checkpoint: {run.checkpoint}", param_hint="--checkpoint")
@@ -78,12 +78,12 @@ def calibrate_workload(run: WorkloadRun) -> dict:
     """Run the stages in the module docstring; print the table and return the report."""
     from tqdm.auto import tqdm
 
-    from nirvana.cache.selection import KSelector
-    from nirvana.calibrate import write_config
     from nirvana.calibration.fit import FidelityBudget, band_table, fit_fidelity
     from nirvana.calibration.pairs import band_edges
+    from nirvana.calibration.table import write_config
     from nirvana.calibration.workload import score_pairs
-    from nirvana_cli.calibration_report import write_report
+    from nirvana.k_choice import KSelector
+    from nirvana_cli.calibration.report import write_report
 
     scorer, settings, checkpoint, embedder, pairs = _prepare(run)
     budget = FidelityBudget(
@@ -94,7 +94,7 @@ def calibrate_workload(run: WorkloadRun) -> dict:
         records, examples = score_pairs(checkpoint, pairs, settings, scorer, progress=bar.update)
     ks = list(settings.ks)
     fit = fit_fidelity(records, ks, budget)
-    thresholds = fit["thresholds"] or [(1.0, min(ks))]  # never resumes from another prompt (see nirvana.calibrate)
+    thresholds = fit["thresholds"] or [(1.0, min(ks))]  # never resumes from another prompt (calibration.table)
     selector = KSelector(thresholds=tuple(thresholds), reference_steps=settings.steps) if fit["thresholds"] else None
     path = write_config(run.out, thresholds, settings.steps, embedder.name)
     report = {

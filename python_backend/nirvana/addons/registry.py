@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nirvana.adapters import AdapterBusy, AdapterError, AdapterLibrary, AdapterSet, format_adapters
+from nirvana.addons.controlnet import Control, ControlNetCatalog, ControlNetError, ControlNetLibrary
+from nirvana.addons.lora import AdapterBusy, AdapterError, AdapterLibrary, AdapterSet, format_adapters
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.config import EngineConfig
-from nirvana.controlnet import Control, ControlNetCatalog, ControlNetError, ControlNetLibrary
 from nirvana.request import GenerationRequest, RequestError
-from nirvana.runtime.torch_runtime import TorchSubModels
+from nirvana.submodels import SubModels
 
 __all__ = ["AddOnRegistry", "AddOnUnavailable", "AddOns"]
 
@@ -93,8 +93,9 @@ class AddOnRegistry:
         except ControlNetError as err:
             raise RequestError("CONTROLNET", req.controlnet, str(err)) from None
 
-    def unet_models(self, models: TorchSubModels, addons: AddOns, timings: dict[str, float]) -> TorchSubModels:
-        """``models`` around the UNet with ``addons``' adapters fused in (waiting only while that set merges)."""
+    def unet_models(self, models: SubModels, addons: AddOns, timings: dict[str, float]) -> SubModels:
+        """``models`` (in process: `TorchSubModels`) around the UNet with ``addons``' adapters fused in (waiting only
+        while that set merges)."""
         if not addons.adapters or self.adapters is None:
             return models
         start = time.perf_counter()

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from nirvana.specs import UNET_OPT_BATCH, ModelSpec, SpecError, TensorSpec, unet_spec
+from nirvana.contract.specs import UNET_OPT_BATCH, ModelSpec, SpecError, TensorSpec, unet_spec
 
 if TYPE_CHECKING:
     from nirvana.checkpoint import CheckpointInfo

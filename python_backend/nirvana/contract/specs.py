@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nirvana.tensor_contract import (
+from nirvana.contract.tensors import (
     TRITON_DTYPES,
     ModelSpec,
     Shape,
@@ -244,7 +244,7 @@ CACHE_MODEL = "cache"
 
 
 def cache_spec() -> ModelSpec:
-    """The ``cache`` model's contract (wire format: ``nirvana.runtime.bls_cache``). ``REQUEST`` is JSON
+    """The ``cache`` model's contract (wire format: ``nirvana.cache.wire``). ``REQUEST`` is JSON
     (``{"op": "lookup" | "admit", ...}``), ``VECTOR`` the prompt embedding float32 ``[dim]``, ``STATES`` (admit only)
     one safetensors blob of the latents to admit; ``RESPONSE`` is JSON, ``STATE`` the hit's resume arrays as one
     safetensors blob (empty on a miss)."""

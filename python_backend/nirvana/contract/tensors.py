@@ -1,6 +1,6 @@
 """The vocabulary of tensor contracts: a tensor's name, dtype and shape, a model's inputs, outputs and TensorRT
-profile, and how shapes become ``config.pbtxt`` dims. :mod:`nirvana.specs` says what the product's models are in
-these terms."""
+profile, and how shapes become ``config.pbtxt`` dims. :mod:`nirvana.contract.specs` says what the product's models
+are in these terms."""
 
 from __future__ import annotations
 

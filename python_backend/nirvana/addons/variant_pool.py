@@ -55,11 +55,11 @@ VARIANT_FILES = {
 }
 LOADER_PY = (
     '"""Triton python model: loads and unloads LoRA-set UNet models for the adapters model (nirvana)."""\n\n'
-    "from nirvana.variant_pool import LoaderModel as TritonPythonModel  # noqa: F401\n"
+    "from nirvana.addons.variant_pool import LoaderModel as TritonPythonModel  # noqa: F401\n"
 )
 TOKEN_PARAMETER = "nirvana_loader_token"  # the BLS request parameter holding the token
 TOKEN_DIGEST = "loader_token_sha256"  # the config parameter holding its digest (the config API may show it)
-VARIANT_NAME = re.compile(r"^[a-z_]{1,32}_lora_[0-9a-f]{16}$")  # `nirvana.lora_onnx.variant_name`
+VARIANT_NAME = re.compile(r"^[a-z_]{1,32}_lora_[0-9a-f]{16}$")  # `nirvana.addons.lora_onnx.variant_name`
 
 
 class PoolBusy(RuntimeError):

@@ -14,7 +14,7 @@ response carries only the outputs its event lists (Triton allows a decoupled mod
 
 from __future__ import annotations
 
-from nirvana.specs import ModelSpec, TensorSpec, nirvana_spec
+from nirvana.contract.specs import ModelSpec, TensorSpec, nirvana_spec
 
 __all__ = ["MAX_PREVIEW_EVERY", "STREAM_MODEL", "nirvana_stream_spec"]
 

@@ -1,7 +1,7 @@
 """`nirvana calibrate`: fit similarity -> K thresholds and write them as server config.
 
 Two sources: ``--checkpoint DIR --workload FILE`` generates and scores the workload's own pairs
-(:mod:`nirvana_cli.calibrate_workload`, any checkpoint); ``--eval-json FILE`` fits the shapes model's judged records.
+(:mod:`nirvana_cli.calibration.workload`, any checkpoint); ``--eval-json FILE`` fits the shapes model's judged records.
 Registered in ``nirvana_cli.main`` as ``app.command("calibrate")(calibrate_cmd)``. The records come from
 ``nirvana-quality eval --json`` (the research package ``nirvana_quality``, which also offers ``nirvana-quality
 calibrate --checkpoint DIR`` to evaluate and calibrate in one go through :func:`calibrate_evaluation`).
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from nirvana.calibrate import Budget
+    from nirvana.calibration.table import Budget
     from nirvana.embed import Embedder
 
 __all__ = [
@@ -51,7 +51,7 @@ EmbedderOption = Annotated[
 
 def make_budget(max_accuracy_drop: float, max_leak_rate: float, min_count: int) -> Budget:
     """The quality budget, or a usage error naming the bad value (callers check it before any long work)."""
-    from nirvana.calibrate import Budget
+    from nirvana.calibration.table import Budget
 
     try:
         return Budget(max_accuracy_drop=max_accuracy_drop, max_leak_rate=max_leak_rate, min_count=min_count)
@@ -106,7 +106,7 @@ def calibrate_cmd(
         return
     if checkpoint is None or workload is None:
         raise typer.BadParameter("--checkpoint and --workload go together")
-    from nirvana_cli.calibrate_workload import WorkloadRun, calibrate_workload
+    from nirvana_cli.calibration.workload import WorkloadRun, calibrate_workload
 
     run = WorkloadRun(
         checkpoint=checkpoint,
@@ -139,7 +139,7 @@ def calibrate_evaluation(
 ) -> dict:
     """Calibrate ``evaluation`` for ``embedder`` (default: the one it used), write ``out``, print and return the
     report (also written to ``json_path`` when given); bad records or embedder are usage errors."""
-    from nirvana.calibrate import CalibrationError, calibrate
+    from nirvana.calibration.table import CalibrationError, calibrate
 
     try:
         evaluation, chosen = _embedder_for(evaluation, embedder)
@@ -154,7 +154,7 @@ def calibrate_evaluation(
 
 def _embedder_for(evaluation: dict, name: str | None) -> tuple[dict, Embedder]:
     """The embedder to calibrate for, and the evaluation with its pairs' similarity by that embedder."""
-    from nirvana.calibrate import rescore
+    from nirvana.calibration.table import rescore
     from nirvana.checkpoint import load_checkpoint
     from nirvana.embed import EmbedderError, make_embedder
 

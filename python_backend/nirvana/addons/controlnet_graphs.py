@@ -1,5 +1,6 @@
-"""Torch modules whose forward is a served ControlNet contract (`nirvana.controlnet_spec`): what the export traces to
-ONNX (`nirvana_export.controlnet_export`) and what the torch profile's models run (`nirvana.runtime.torch_runtime`)."""
+"""Torch modules whose forward is a served ControlNet contract (`nirvana.contract.controlnet`): what the export traces
+to ONNX (`nirvana_export.controlnet_export`) and what the torch profile's models run
+(`nirvana.runtime.torch_runtime`)."""
 
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from nirvana.cache.checks import CacheLimits, CacheRequestError
+from nirvana.cache.endpoint import CacheEndpoint
 from nirvana.cache.outcome import Lookup, Reason
-from nirvana.runtime.bls_cache import (
-    CacheEndpoint,
-    CacheRequestError,
+from nirvana.cache.wire import (
     bytes_array,
     decode_arrays,
     decode_states,
@@ -20,7 +20,6 @@ from nirvana.runtime.bls_cache import (
     lookup_from_message,
     lookup_message,
 )
-from nirvana.runtime.cache_checks import CacheLimits
 from nirvana.security.ratelimit import TenantBuckets
 
 
