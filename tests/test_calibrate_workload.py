@@ -65,7 +65,7 @@ def test_an_unknown_scorer_names_the_choices_and_the_judge_needs_its_folder(tmp_
 
 
 def test_cli_calibrates_with_the_shapes_judge_through_the_same_code(tiny_checkpoint_dir: Path, tmp_path: Path) -> None:
-    from nirvana_quality.judge import train_judge
+    from nirvana_dev.shapes.judge import train_judge
 
     model = Path(shutil.copytree(tiny_checkpoint_dir, tmp_path / "shapes-model"))
     train_judge(seed=0, steps=2, progress=False, held_out=8)[0].save(model / "judge")

@@ -119,3 +119,28 @@ def test_demo_runs_the_served_path(tiny_checkpoint_dir, tmp_path) -> None:
     from PIL import Image
 
     assert Image.open(images / "001.hit.png").size == (2 * Image.open(images / "001.png").size[0], 64)
+    # The contact sheet: a row per prompt (uncached beside served), named in the output.
+    from nirvana_dev.demo_sheet import CELL, HEADER, MARGIN
+
+    assert "contact sheet" in result.output
+    assert Image.open(tmp_path / "sheet.png").size[1] == HEADER + 4 * (CELL + MARGIN) + MARGIN
+
+
+def test_demo_refuses_an_unknown_model(tmp_path) -> None:
+    result = runner.invoke(app, ["demo", "--work-dir", str(tmp_path), "--model", "sdxl"])
+    assert result.exit_code != 0 and "--model='sdxl': expected shapes or tiny" in result.output
+
+
+def test_the_demo_reuses_a_trained_shapes_model_and_serves_it_with_the_calibrated_table(tmp_path) -> None:
+    from nirvana.config import load_config
+    from nirvana_dev.demo import shapes_demo_config, shapes_demo_model
+
+    kept = tmp_path / "cache" / "nirvana" / "shapes-demo-model"
+    (kept / "judge").mkdir(parents=True)
+    (kept / "model_index.json").write_text("{}")
+    said: list[str] = []
+    assert shapes_demo_model(tmp_path / "cache" / "nirvana", minutes=8, say=said.append) == kept
+    assert said == [f"using the shapes model trained earlier in {kept}"]  # nothing trained
+    config = load_config({"checkpoint": "."}, shapes_demo_config(tmp_path))
+    assert config.embedder == "clip" and config.cache.selection.selector().k_opt(0.995, 20) == 16
+    assert config.cache.selection.selector().k_opt(0.98, 20) == 0

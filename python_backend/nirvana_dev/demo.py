@@ -11,28 +11,74 @@ DEMO_PROMPTS = [
     "a bowl of ramen on a wooden table, studio lighting",
     "a red fox in the snow, photograph",
 ]
-# For a shapes model (`nirvana-quality train`): a miss, a paraphrase, a one-attribute near miss, an unrelated scene.
-SHAPES_DEMO_PROMPTS = [
-    "a small red circle in the top left on a white background",
-    "top-left corner: a little crimson disc, pale backdrop",
-    "a small blue circle in the top left on a white background",
-    "a large yellow square in the centre on a black background",
+# For a shapes model: a miss, a paraphrase, a one-attribute near miss, an unrelated scene, and a second scene with its
+# paraphrase; each with the scene it asks for, so the model's judge can read the uncached image against it.
+_RED_CIRCLE = {"colour": "red", "shape": "circle", "size": "small", "position": "top left", "background": "white"}
+_GREEN_TRIANGLE = {
+    "colour": "green",
+    "shape": "triangle",
+    "size": "large",
+    "position": "bottom right",
+    "background": "gray",
+}
+SHAPES_DEMO = [
+    ("a small red circle in the top left on a white background", _RED_CIRCLE),
+    ("top-left corner: a little crimson disc, pale backdrop", _RED_CIRCLE),
+    ("a small blue circle in the top left on a white background", {**_RED_CIRCLE, "colour": "blue"}),
+    (
+        "a large yellow square in the centre on a black background",
+        {"colour": "yellow", "shape": "square", "size": "large", "position": "centre", "background": "black"},
+    ),
+    ("a large green triangle in the bottom right on a gray background", _GREEN_TRIANGLE),
+    ("lower right: a big emerald wedge, grey backdrop", _GREEN_TRIANGLE),
 ]
+SHAPES_DEMO_PROMPTS = [prompt for prompt, _ in SHAPES_DEMO]
+
+
+def is_shapes_model(checkpoint: Path) -> bool:
+    return (checkpoint / "judge").is_dir()  # `nirvana-quality train` and the demo's own training write its judge
 
 
 def demo_prompts(checkpoint: Path) -> list[str]:
     """Shape prompts for a shapes model (it has a judge), else everyday ones."""
-    return SHAPES_DEMO_PROMPTS if (checkpoint / "judge").is_dir() else DEMO_PROMPTS
+    return SHAPES_DEMO_PROMPTS if is_shapes_model(checkpoint) else DEMO_PROMPTS
+
+
+def shapes_demo_model(cache_root: Path | None, minutes: float, say: Callable[[str], None] = print) -> Path:
+    """The demo's shapes model: trained here the first time into ``cache_root`` (default ~/.cache/nirvana), then
+    reused. A run stopped part-way resumes from its saved state."""
+    import os
+
+    root = cache_root or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nirvana"
+    out = root / "shapes-demo-model"
+    if (out / "model_index.json").exists() and is_shapes_model(out):
+        say(f"using the shapes model trained earlier in {out}")
+        return out
+    from nirvana_dev.shapes.train import TrainConfig, train_model
+
+    say(f"training the shapes model into {out}: {minutes:g} min plus about 2 for its data, once (reused after) ...")
+    # v-prediction is what a CPU learns position with in minutes (docs/caching.md); a smaller pool than the research
+    # recipe's 16,384 renders, since a few minutes see fewer samples than that anyway; a larger judge share, since
+    # the judge's reading is what the demo reports.
+    config = TrainConfig(minutes=minutes, prediction_type="v_prediction", pool_size=8192, judge_share=0.12)
+    train_model(out, config)
+    return out
+
+
+def shapes_demo_config(work_dir: Path) -> Path:
+    """The similarity -> K table the demo serves a shapes model with: ``s > 0.99 -> K = 16 of 20`` for the model's own
+    text encoder (clip), as calibrated on 8,000 pairs of a CPU-trained shapes model (docs/caching.md: paraphrases at
+    a median cosine 0.994, the highest near miss 0.9906). The default table is the paper's, for real CLIP."""
+    from nirvana.calibration.table import write_config
+
+    return write_config(work_dir / "shapes-thresholds.toml", [(0.99, 16)], steps=20, embedder="clip")
 
 
 def run_served_demo(
     work_dir: Path, checkpoint: Path, steps: int, config: Path | None, say: Callable[[str], None] = print
-) -> None:
-    """Serve `checkpoint`, send the demo prompts over gRPC and HTTP in turn, save the images, `say` what happened."""
-    import numpy as np
-    from PIL import Image
-
-    from nirvana_client import GenerateOptions, NirvanaClient
+) -> Path:
+    """Serve `checkpoint`, send the demo prompts over gRPC and HTTP in turn, save the images, `say` what happened;
+    returns the contact sheet (prompt, uncached image, served image, K and similarity per row)."""
     from nirvana_dev.install import ServerPorts, free_ports
     from nirvana_dev.launch import ServeOptions, make_server, prepare
 
@@ -43,23 +89,59 @@ def run_served_demo(
     repo, _ = prepare(options)
     server = make_server(options, repo)
     say(f"starting tritonserver (log: {server.log_path}) ...")
-    (work_dir / "images").mkdir(parents=True, exist_ok=True)
     with server:
-        for i, prompt in enumerate(demo_prompts(checkpoint)):
-            protocol = "http" if i % 2 else "grpc"
-            client = NirvanaClient(server.urls.http if protocol == "http" else server.urls.grpc, protocol)
-            res = client.generate(prompt, GenerateOptions(seed=i, steps=steps))
-            path = work_dir / "images" / f"{i:03d}.png"
-            Image.fromarray(res.image).save(path)
-            if res.cache_hit:  # left: served from the cache; right: the same request computed in full
-                full = client.generate(prompt, GenerateOptions(seed=i, steps=steps, cache_mode="bypass"))
-                Image.fromarray(np.concatenate([res.image, full.image], axis=1)).save(path.with_suffix(".hit.png"))
-            client.close()
-            hit = f"HIT, skipped {res.skipped_steps}/{steps} steps" if res.cache_hit else "miss"
-            sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"
-            shown = path.with_suffix(".hit.png") if res.cache_hit else path
-            say(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {shown}")
+        rows = [
+            _send(server.urls, i, prompt, steps, work_dir / "images", say)
+            for i, prompt in enumerate(demo_prompts(checkpoint))
+        ]
         say(_metrics_summary(server.urls.metrics))
+    if is_shapes_model(checkpoint):
+        say(judge_reading(checkpoint, [row.uncached for row in rows]))
+    from nirvana_dev.demo_sheet import write_sheet
+
+    sheet = write_sheet(rows, work_dir / "sheet.png")
+    say(f"contact sheet (prompt, uncached, served, K, similarity): {sheet}")
+    return sheet
+
+
+def _send(urls, i: int, prompt: str, steps: int, images: Path, say: Callable[[str], None]):
+    """One demo request over gRPC or HTTP (alternating), then the same request with the cache bypassed."""
+    import numpy as np
+    from PIL import Image
+
+    from nirvana_client import GenerateOptions, NirvanaClient
+    from nirvana_dev.demo_sheet import SheetRow
+
+    protocol = "http" if i % 2 else "grpc"
+    client = NirvanaClient(urls.http if protocol == "http" else urls.grpc, protocol)
+    try:
+        res = client.generate(prompt, GenerateOptions(seed=i, steps=steps))
+        full = client.generate(prompt, GenerateOptions(seed=i, steps=steps, cache_mode="bypass"))
+    finally:
+        client.close()
+    images.mkdir(parents=True, exist_ok=True)
+    path = images / f"{i:03d}.png"
+    Image.fromarray(res.image).save(path)
+    if res.cache_hit:  # left: served from the cache; right: the same request computed in full
+        Image.fromarray(np.concatenate([res.image, full.image], axis=1)).save(path.with_suffix(".hit.png"))
+    hit = f"HIT, skipped {res.skipped_steps}/{steps} steps" if res.cache_hit else "miss"
+    sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"
+    shown = path.with_suffix(".hit.png") if res.cache_hit else path
+    say(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {shown}")
+    return SheetRow(prompt, full.image, res.image, res.cache_hit, res.skipped_steps, steps, res.similarity)
+
+
+def judge_reading(checkpoint: Path, uncached: list) -> str:
+    """What the shapes model's judge reads in the demo's uncached images, against the scenes their prompts ask for."""
+    import numpy as np
+
+    from nirvana_dev.shapes.judge import Judge
+
+    predicted = Judge.load(checkpoint / "judge").predict(np.stack(uncached))
+    asked = [scene for _, scene in SHAPES_DEMO][: len(predicted)]
+    right = sum(p[name] == value for p, scene in zip(predicted, asked, strict=True) for name, value in scene.items())
+    total = sum(len(scene) for scene in asked)
+    return f"the judge reads {right} of {total} attributes ({100 * right / total:.0f}%) in the uncached images"
 
 
 def _metrics_summary(url: str) -> str:

@@ -79,8 +79,8 @@ def dataset(
     preview: Annotated[int, typer.Option(help="Images in the preview grid.", min=1)] = 24,
 ) -> None:
     """Write a captioned shapes dataset and a preview grid PNG."""
+    from nirvana_dev.shapes.scenes import make_dataset
     from nirvana_quality.plots import dataset_preview
-    from nirvana_quality.shapes import make_dataset
 
     data = make_dataset(count, seed=seed)
     data.save(out)
@@ -108,7 +108,7 @@ def train(
     ] = None,
 ) -> None:
     """Train the shapes latent diffusion model and its judge on this machine's CPU (or a GPU) within --minutes."""
-    from nirvana_quality.train import TrainConfig, train_model
+    from nirvana_dev.shapes.train import TrainConfig, train_model
 
     if device != "cpu" and not device.startswith("cuda"):
         raise typer.BadParameter(f"--device={device!r}: expected cpu or cuda[:N]", param_hint="--device")

@@ -31,7 +31,7 @@ from nirvana.calibration.generate import PairSettings as EvalSettings
 from nirvana.calibration.table import record_accuracy
 from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.embed import Embedder, make_embedder
-from nirvana_quality.judge import Judge, attribute_correct
+from nirvana_dev.shapes.judge import Judge, attribute_correct
 from nirvana_quality.metrics import psnr, ssim
 from nirvana_quality.workload import Pair, make_pairs
 

@@ -20,8 +20,8 @@ import numpy as np
 from nirvana.calibration.generate import PairGenerator, PairSettings
 from nirvana.calibration.table import record_accuracy
 from nirvana.checkpoint import load_checkpoint
+from nirvana_dev.shapes.judge import Judge
 from nirvana_quality.evaluate import _judged
-from nirvana_quality.judge import Judge
 from nirvana_quality.workload import make_pairs
 
 __all__ = ["run_latents"]

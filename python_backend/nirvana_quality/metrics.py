@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from nirvana_quality.judge import attribute_correct
-from nirvana_quality.shapes import ATTRIBUTES, Scene
+from nirvana_dev.shapes.judge import attribute_correct
+from nirvana_dev.shapes.scenes import ATTRIBUTES, Scene
 
 __all__ = ["attribute_accuracy", "psnr", "ssim"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nirvana.calibration.fidelity import Scorer, ScorerError
-from nirvana_quality.judge import Judge, JudgeFormatError
+from nirvana_dev.shapes.judge import Judge, JudgeFormatError
 
 __all__ = ["JudgeScorer", "make_judge_scorer"]
 

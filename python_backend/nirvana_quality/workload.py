@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nirvana_quality.shapes import ATTRIBUTE_NAMES, Scene, caption, near_miss, sample_scene
+from nirvana_dev.shapes.scenes import ATTRIBUTE_NAMES, Scene, caption, near_miss, sample_scene
 
 __all__ = ["DEFAULT_PROPORTIONS", "RELATIONS", "SPLITS", "Pair", "make_pairs"]
 

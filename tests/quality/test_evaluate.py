@@ -14,6 +14,8 @@ from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import load_config
 from nirvana.embed import Embedder, make_embedder
 from nirvana_cli.calibration.command import calibrate_cmd
+from nirvana_dev.shapes.judge import Judge, train_judge
+from nirvana_dev.shapes.scenes import Scene
 from nirvana_dev.tiny_model import make_tiny_model
 from nirvana_quality.cli import app as quality_app
 from nirvana_quality.evaluate import (
@@ -25,9 +27,7 @@ from nirvana_quality.evaluate import (
     run_eval,
     summarise,
 )
-from nirvana_quality.judge import Judge, train_judge
 from nirvana_quality.plots import accuracy_vs_k
-from nirvana_quality.shapes import Scene
 from nirvana_quality.workload import Pair, make_pairs
 
 SETTINGS = EvalSettings(steps=4, ks=(1, 2), batch_size=2)

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nirvana_quality.judge import Judge, JudgeFormatError, attribute_correct, train_judge
+from nirvana_dev.shapes.judge import Judge, JudgeFormatError, attribute_correct, train_judge
+from nirvana_dev.shapes.scenes import ATTRIBUTES, Scene, make_dataset
 from nirvana_quality.metrics import attribute_accuracy
-from nirvana_quality.shapes import ATTRIBUTES, Scene, make_dataset
 
 CHANCE = {name: 1 / len(values) for name, values in ATTRIBUTES.items()}
 

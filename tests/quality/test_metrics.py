@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
+from nirvana_dev.shapes.scenes import Scene, render
 from nirvana_quality.metrics import attribute_accuracy, psnr, ssim
-from nirvana_quality.shapes import Scene, render
 
 SCENE = Scene(colour="red", shape="circle", size="large", position="centre", background="white")
 

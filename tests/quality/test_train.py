@@ -8,8 +8,8 @@ import pytest
 from nirvana.checkpoint import load_checkpoint
 from nirvana.denoise import decode, denoise, encode_prompts, initial_latent, make_scheduler
 from nirvana.runtime.torch_runtime import TorchSubModels
-from nirvana_quality.judge import Judge
-from nirvana_quality.train import TEXT_MAX_LENGTH, TrainConfig, train_model
+from nirvana_dev.shapes.judge import Judge
+from nirvana_dev.shapes.train import TEXT_MAX_LENGTH, TrainConfig, train_model
 
 TOY = TrainConfig(
     minutes=10,
@@ -90,7 +90,7 @@ def test_the_trained_checkpoint_exports_to_onnx_that_matches_torch(trained, tmp_
 def test_contrastive_loss_is_low_for_matching_captions_and_counts_same_scenes_as_positives():
     import torch
 
-    from nirvana_quality.clip_pretrain import contrastive_loss
+    from nirvana_dev.shapes.text_pretrain import contrastive_loss
 
     torch.manual_seed(0)
     emb = torch.randn(8, 16)
@@ -111,8 +111,8 @@ def test_v_prediction_training_saves_a_v_prediction_checkpoint_and_weights_noisy
     import torch
     from diffusers import DDPMScheduler
 
+    from nirvana_dev.shapes.train import _min_snr_weights
     from nirvana_dev.tiny_model import sd15_scheduler_config
-    from nirvana_quality.train import _min_snr_weights
 
     report = train_model(tmp_path, TrainConfig(**{**TOY.__dict__, "prediction_type": "v_prediction"}))
     assert np.isfinite(report["losses"]["unet"])

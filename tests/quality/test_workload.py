@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from nirvana_dev.shapes.scenes import ATTRIBUTE_NAMES, ShapesDataset
 from nirvana_quality.cli import app as quality_app
-from nirvana_quality.shapes import ATTRIBUTE_NAMES, ShapesDataset
 from nirvana_quality.workload import RELATIONS, SPLITS, Pair, make_pairs
 
 

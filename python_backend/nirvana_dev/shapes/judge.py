@@ -1,7 +1,7 @@
 """The judge: a small CNN that reads a shapes image back into its attributes (one classification head each).
 
 It scores images a small latent diffusion model generates, which are blurrier, noisier and colour-shifted compared
-with :func:`~nirvana_quality.shapes.render`. So it is trained on fresh renders passed through :func:`degrade`
+with :func:`~nirvana_dev.shapes.scenes.render`. So it is trained on fresh renders passed through :func:`degrade`
 (Gaussian blur, down-up scaling, additive and blotchy noise, brightness / colour jitter) — strong enough to
 survive generation artefacts, mild enough that near-miss values (red vs orange, small vs large) stay apart.
 """
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from nirvana_quality.shapes import ATTRIBUTES, IMAGE_SIZE, Scene, render, sample_scene
+from nirvana_dev.shapes.scenes import ATTRIBUTES, IMAGE_SIZE, Scene, render, sample_scene
 
 __all__ = ["Judge", "JudgeFormatError", "attribute_correct", "degrade", "train_judge"]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from nirvana_quality import shapes
+from nirvana_dev.shapes import scenes as shapes
 
 __all__ = ["LatentImageEncoder", "contrastive_loss", "pretrain_text_encoder"]
 

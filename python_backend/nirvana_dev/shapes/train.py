@@ -5,10 +5,10 @@ Phases, each with a share of ``minutes`` (the whole run, judge included, stays i
 1. tokenizer: a CLIP BPE learned from the captions' vocabulary (every word one token);
 2. VAE: ``AutoencoderKL`` 64×64×3 → 16×16×4 on the posterior mean, MSE + L1 weighted ×10 on the shape, a tiny
    KL term, decaying LR; the latent scaling factor is 1/std of the pool's latents, as SD 1.x's 0.18215 was chosen;
-3. text encoder, CLIP-style, against the VAE latents (:mod:`nirvana_quality.clip_pretrain`);
+3. text encoder, CLIP-style, against the VAE latents (:mod:`nirvana_dev.shapes.text_pretrain`);
 4. UNet + text encoder, jointly, on ε-prediction with min-SNR-γ weighting, 10% empty captions (so classifier-free
    guidance works), an EMA of the UNet weights (diffusers' ``EMAModel``; the EMA weights are the ones saved);
-5. the attribute judge (:mod:`nirvana_quality.judge`), unless ``DIR/judge`` exists.
+5. the attribute judge (:mod:`nirvana_dev.shapes.judge`), unless ``DIR/judge`` exists.
 
 Resuming (the default) reloads ``DIR/training/state.pt``: an interrupted run picks up where its last save was, and
 a finished one trains its UNet on if given a larger ``minutes`` (or step cap).
@@ -37,9 +37,9 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from nirvana_dev.shapes import scenes as shapes
+from nirvana_dev.shapes.text_pretrain import pretrain_text_encoder
 from nirvana_dev.tiny_model import build_clip_tokenizer, clip_text_encoder, sd15_scheduler_config
-from nirvana_quality import shapes
-from nirvana_quality.clip_pretrain import pretrain_text_encoder
 
 __all__ = ["TrainConfig", "train_model"]
 
@@ -465,7 +465,7 @@ def _pretrain_text(
 
 
 def _train_judge(out: Path, config: TrainConfig, budget_s: float) -> dict:
-    from nirvana_quality.judge import train_judge
+    from nirvana_dev.shapes.judge import train_judge
 
     start = time.perf_counter()
     steps = {} if config.judge_steps is None else {"steps": config.judge_steps}  # None: the judge's default, timed
