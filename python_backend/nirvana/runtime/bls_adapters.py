@@ -12,6 +12,7 @@ from nirvana.addons.lora import SCALE_STEP, AdapterBusy, AdapterCatalog, Adapter
 from nirvana.config import AdaptersConfig
 from nirvana.contract.controlnet import UNET_CONTROL_MODEL
 from nirvana.runtime.bls import BlsSubModels, credential_parameters
+from nirvana.runtime.decoupled import release_decoupled
 
 __all__ = ["BlsAdapters"]
 
@@ -56,16 +57,20 @@ class BlsAdapters(AdapterCatalog):
             **extra,
         )
         name = None
-        for response in request.exec(decoupled=True):  # one answer, flagged final
-            if response.has_error():
-                error = response.error()
-                busy = getattr(pb.TritonError, "UNAVAILABLE", None)
-                if busy is not None and hasattr(error, "code") and error.code() == busy:
-                    raise AdapterBusy(error.message())
-                raise AdapterError(error.message())
-            tensor = pb.get_output_tensor_by_name(response, "MODEL")
-            if tensor is not None:
-                name = bytes(tensor.as_numpy().reshape(-1)[0]).decode()
+        responses = request.exec(decoupled=True)
+        try:
+            for response in responses:  # one answer, flagged final
+                if response.has_error():
+                    error = response.error()
+                    busy = getattr(pb.TritonError, "UNAVAILABLE", None)
+                    if busy is not None and hasattr(error, "code") and error.code() == busy:
+                        raise AdapterBusy(error.message())
+                    raise AdapterError(error.message())
+                tensor = pb.get_output_tensor_by_name(response, "MODEL")
+                if tensor is not None:
+                    name = bytes(tensor.as_numpy().reshape(-1)[0]).decode()
+        finally:
+            release_decoupled(responses)  # before the responses go (`nirvana.runtime.decoupled`)
         if name is None:
             raise AdapterError(f"the {self._model!r} model gave no UNet model for {format_adapters(adapters)!r}")
         return name

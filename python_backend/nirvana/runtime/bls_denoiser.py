@@ -19,6 +19,7 @@ from nirvana.denoise import DenoiseResult, ResumeState, denoise
 from nirvana.handoff import DenoiseJob, JobControl, decode_final, decode_step, encode_job
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import BlsError, credential_parameters
+from nirvana.runtime.decoupled import release_decoupled
 from nirvana.schedulers import scheduler_name
 
 if TYPE_CHECKING:
@@ -136,7 +137,20 @@ class BlsDenoiser:
     def _run(self, job: DenoiseJob, on_step: Callable | None) -> tuple[DenoiseResult, list]:
         pb = self._pb
         final, stopped = None, None
-        for response in self._request(*encode_job(job)):
+        responses = self._request(*encode_job(job))
+        try:
+            final, stopped = self._read(pb, job, responses, on_step)
+        finally:
+            release_decoupled(responses)  # before the responses go (`nirvana.runtime.decoupled`)
+        if stopped is not None:
+            raise stopped
+        if final is None:
+            raise BlsError(f"sub-model {self._model!r} ended the job without a final answer")
+        return final
+
+    def _read(self, pb: Any, job: DenoiseJob, responses: Any, on_step: Callable | None) -> tuple[Any, Any]:
+        final, stopped = None, None
+        for response in responses:
             if response.has_error():
                 if stopped is not None:  # the scheduler's answer to our cancel
                     break
@@ -157,12 +171,12 @@ class BlsDenoiser:
                 except Cancelled as err:  # stop the loop there: nothing more is computed for this request
                     stopped = err
                     self._cancel(job.job_id)
-        if stopped is not None:
-            raise stopped
-        if final is None:
-            raise BlsError(f"sub-model {self._model!r} ended the job without a final answer")
-        return final
+        return final, stopped
 
     def _cancel(self, job_id: str) -> None:
-        for _ in self._request(json.dumps({"op": "cancel", "id": job_id}).encode(), None):
-            pass
+        responses = self._request(json.dumps({"op": "cancel", "id": job_id}).encode(), None)
+        try:
+            for _ in responses:
+                pass
+        finally:
+            release_decoupled(responses)

@@ -29,6 +29,7 @@ from nirvana.runtime.bls_adapters import BlsAdapters
 from nirvana.runtime.bls_control import BlsControlNets
 from nirvana.runtime.bls_denoiser import BlsDenoiser, SchedulerFull
 from nirvana.runtime.cache_client import BlsCache
+from nirvana.runtime.decoupled import serving_request
 from nirvana.security.credential import read_secret
 from nirvana.security.ratelimit import RateLimited
 from nirvana.security.tenancy import TenantResolver
@@ -228,7 +229,8 @@ class TritonPythonModel:
         pb = self.pb
         try:
             options = generate_options(pb, self.spec, request, self.engine)
-            result, error = generate_or_error(pb, self.pipeline, self.metrics, options)
+            with serving_request(request):  # the stub's queue is flushed with it (`nirvana.runtime.decoupled`)
+                result, error = generate_or_error(pb, self.pipeline, self.metrics, options)
         except (InputError, RequestError) as err:
             self.metrics.rejected()
             return pb.InferenceResponse(error=pb.TritonError(str(err), pb.TritonError.INVALID_ARG))

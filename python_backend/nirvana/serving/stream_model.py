@@ -23,6 +23,7 @@ import numpy as np
 from nirvana.contract.stream import MAX_PREVIEW_EVERY, nirvana_stream_spec
 from nirvana.progress import CacheEvent, Cancelled, StepEvent, latent_preview
 from nirvana.request import RequestError
+from nirvana.runtime.decoupled import serving_request
 from nirvana.serving.bls_model import (
     InputError,
     generate_options,
@@ -114,7 +115,8 @@ class TritonPythonModel:
         pb = self.pb
         reporter = StreamReporter(pb, request, sender, every)
         try:
-            result, error = generate_or_error(pb, self.pipeline, self.metrics, options, on_event=reporter)
+            with serving_request(request):  # the stub's queue is flushed with it (`nirvana.runtime.decoupled`)
+                result, error = generate_or_error(pb, self.pipeline, self.metrics, options, on_event=reporter)
             if error is not None:
                 sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
