@@ -58,6 +58,8 @@ EOF
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --build-dir|--prefix|--src|--tag|--pa-version|--repo-org|-j|--jobs)
+      [[ $# -ge 2 ]] || { echo "$1 needs a value (see --help)" >&2; exit 2; } ;;&
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
     --prefix) PREFIX="$2"; shift 2 ;;
     --src) SRC="$2"; shift 2 ;;
@@ -196,6 +198,6 @@ nice -n 10 cmake --build "${BUILD_DIR}/perf_analyzer" -j "${JOBS}" --target perf
 
 mkdir -p "${PREFIX}/bin"
 install -m 755 "${BUILD_DIR}/perf_analyzer/perf_analyzer" "${PREFIX}/bin/perf_analyzer"
-"${PREFIX}/bin/perf_analyzer" --version >/dev/null 2>&1 || true
+"${PREFIX}/bin/perf_analyzer" --version >/dev/null  # a binary that cannot start fails the build here
 log "done: ${PREFIX}/bin/perf_analyzer"
 echo "${PREFIX}/bin/perf_analyzer"

@@ -84,9 +84,9 @@ def demo(
 ) -> None:
     """Start tritonserver on a small model, send a few prompts over gRPC and HTTP, show misses and cache hits, stop.
 
-    Writes sheet.png: per prompt, the image computed in full (cache bypassed, same seed), the image served, K and the
-    similarity, so you can see what the cache did to the picture. With a shapes model its judge reads the uncached
-    images against the scenes the prompts ask for.
+    Served (the default), it writes sheet.png: per prompt, the image computed in full (cache bypassed, same seed), the
+    image served, K and the similarity, so you can see what the cache did to the picture; with a shapes model its
+    judge reads the uncached images against the scenes the prompts ask for. --in-process writes the images only.
     """
     from nirvana_dev.demo import demo_prompts, run_served_demo, shapes_demo_config, shapes_demo_model
     from nirvana_dev.tiny_model import make_tiny_model

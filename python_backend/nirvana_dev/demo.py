@@ -1,4 +1,5 @@
-"""`nirvana demo`: a tiny model (or yours) served by the real tritonserver, a few prompts, misses and hits shown."""
+"""`nirvana demo`: a shapes model trained here once (or a tiny random one, or yours) served by the real tritonserver,
+a few prompts, misses and hits shown, and a contact sheet of each prompt's uncached and served images."""
 
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def shapes_demo_model(cache_root: Path | None, minutes: float, say: Callable[[st
 
 def shapes_demo_config(work_dir: Path) -> Path:
     """The similarity -> K table the demo serves a shapes model with: ``s > 0.99 -> K = 16 of 20`` for the model's own
-    text encoder (clip), as calibrated on 8,000 pairs of a CPU-trained shapes model (docs/caching.md: paraphrases at
-    a median cosine 0.994, the highest near miss 0.9906). The default table is the paper's, for real CLIP."""
+    text encoder (clip). Borrowed, not fitted to the demo's model: 8,000 pairs of a 27-minute CPU-trained shapes model
+    put paraphrases at a median cosine 0.994 and its highest near miss at 0.9906 (docs/caching.md), so on the demo's
+    shorter-trained model a near miss can still hit; `nirvana calibrate` fits a model's own table. The default table
+    is the paper's, for real CLIP."""
     from nirvana.calibration.table import write_config
 
     return write_config(work_dir / "shapes-thresholds.toml", [(0.99, 16)], steps=20, embedder="clip")

@@ -37,3 +37,8 @@ def test_the_patches_it_applies_are_in_the_repository() -> None:
     assert patches == ["common-optional-tests.patch", "perf_analyzer-optional-unit-tests.patch"]
     assert (SCRIPT.parent / "cmake" / "protobuf-config.cmake").is_file()
     assert subprocess.run(["bash", "-n", str(SCRIPT)], timeout=30).returncode == 0
+
+
+def test_an_option_without_its_value_is_named() -> None:
+    done = _run("--prefix")
+    assert done.returncode == 2 and "--prefix needs a value" in done.stderr

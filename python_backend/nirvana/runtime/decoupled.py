@@ -45,10 +45,13 @@ def serving_request(request: Any) -> Iterator[None]:
 
 
 def release_decoupled(responses: Any) -> None:
-    """Call once done with a decoupled BLS response iterator (finished or not), before the last reference to it
-    or to its responses goes: returns when the stub has erased it from its own map, so that Python, holding the
-    GIL, frees it. Without a serving request (or once that request is cancelled: the stub answers that from a
-    cache, not through the queue) the iterator is held `_HELD_S` seconds instead."""
+    """Call once done with a decoupled BLS response iterator, before the last reference to it or to its responses
+    goes: returns when the stub has erased it from its own map, so that Python, holding the GIL, frees it. Without
+    a serving request (or once that request is cancelled: the stub answers that from a cache, not through the queue)
+    the iterator is held `_HELD_S` seconds instead; expired ones are dropped by a later call (the hold is as large
+    as 30 s of BLS calls). An iterator left before its final response is never erased by the stub (it stays in the
+    stub's map), so for it this only costs the round trip. At shutdown `is_cancelled()` may answer without the
+    round trip; nothing is served then."""
     request = getattr(_serving, "request", None)
     flushed = False
     if request is not None:
