@@ -14,8 +14,9 @@ import typer
 from nirvana_cli.bench import PROFILE_HELP, bench_app
 from nirvana_cli.support import CacheDir, ConfigFile, MilvusUri, console, setup_logging
 
-# The shapes demo model's training budget, the first time (measured: see nirvana_dev.demo.shapes_demo_model).
-DEMO_TRAIN_MINUTES = 8.0
+# The shapes demo model's training budget, the first time. From a fresh clone on 2 cores (2026-12-07): 8 min gave a
+# judge reading of 22 of 30 attributes (73%) in the demo's uncached images, 12 min 25 of 30 (83%).
+DEMO_TRAIN_MINUTES = 12.0
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,10 @@ DEMO_PROMPTS = [
     "a red fox in the snow, photograph",
 ]
 # For a shapes model: a miss, a paraphrase, a one-attribute near miss, an unrelated scene, and a second scene with its
-# paraphrase; each with the scene it asks for, so the model's judge can read the uncached image against it.
+# paraphrase; each with the scene it asks for, so the model's judge can read the uncached image against it. Under the
+# demo models' own encoders (8 and 12 min of training) the paraphrases sit at cosine 0.994-0.999 to their scene's
+# first prompt, above the table's 0.99, and the near miss at 0.67-0.68; looser ones ("top-left corner: a little
+# crimson disc, pale backdrop") fell to 0.975 after 12 minutes and missed.
 _RED_CIRCLE = {"colour": "red", "shape": "circle", "size": "small", "position": "top left", "background": "white"}
 _GREEN_TRIANGLE = {
     "colour": "green",
@@ -24,14 +27,14 @@ _GREEN_TRIANGLE = {
 }
 SHAPES_DEMO = [
     ("a small red circle in the top left on a white background", _RED_CIRCLE),
-    ("top-left corner: a little crimson disc, pale backdrop", _RED_CIRCLE),
+    ("a little scarlet circle in the top-left corner on a pale background", _RED_CIRCLE),
     ("a small blue circle in the top left on a white background", {**_RED_CIRCLE, "colour": "blue"}),
     (
         "a large yellow square in the centre on a black background",
         {"colour": "yellow", "shape": "square", "size": "large", "position": "centre", "background": "black"},
     ),
     ("a large green triangle in the bottom right on a gray background", _GREEN_TRIANGLE),
-    ("lower right: a big emerald wedge, grey backdrop", _GREEN_TRIANGLE),
+    ("a large green wedge in the bottom right, gray backdrop", _GREEN_TRIANGLE),
 ]
 SHAPES_DEMO_PROMPTS = [prompt for prompt, _ in SHAPES_DEMO]
 
