@@ -130,23 +130,23 @@ def _send(urls, i: int, prompt: str, steps: int, images: Path, say: Callable[[st
     Image.fromarray(res.image).save(path)
     if res.cache_hit:  # left: served from the cache; right: the same request computed in full
         Image.fromarray(np.concatenate([res.image, full.image], axis=1)).save(path.with_suffix(".hit.png"))
+    row = SheetRow(prompt, full.image, res.image, res.cache_hit, res.skipped_steps, steps, res.similarity)
     hit = f"HIT, skipped {res.skipped_steps}/{steps} steps" if res.cache_hit else "miss"
-    sim = "-" if res.similarity != res.similarity else f"{res.similarity:.3f}"
     shown = path.with_suffix(".hit.png") if res.cache_hit else path
-    say(f"\\[{protocol}] {prompt!r}: {hit}, similarity {sim}, {res.latency_ms:.0f} ms -> {shown}")
-    return SheetRow(prompt, full.image, res.image, res.cache_hit, res.skipped_steps, steps, res.similarity)
+    say(f"\\[{protocol}] {prompt!r}: {hit}, similarity {row.similarity_text()}, {res.latency_ms:.0f} ms -> {shown}")
+    return row
 
 
 def judge_reading(checkpoint: Path, uncached: list) -> str:
     """What the shapes model's judge reads in the demo's uncached images, against the scenes their prompts ask for."""
     import numpy as np
 
-    from nirvana_dev.shapes.judge import Judge
+    from nirvana_dev.shapes.judge import Judge, attribute_correct
+    from nirvana_dev.shapes.scenes import Scene
 
     predicted = Judge.load(checkpoint / "judge").predict(np.stack(uncached))
-    asked = [scene for _, scene in SHAPES_DEMO][: len(predicted)]
-    right = sum(p[name] == value for p, scene in zip(predicted, asked, strict=True) for name, value in scene.items())
-    total = sum(len(scene) for scene in asked)
+    read = [attribute_correct(p, Scene(**scene)) for p, (_, scene) in zip(predicted, SHAPES_DEMO, strict=True)]
+    right, total = sum(sum(r.values()) for r in read), sum(len(r) for r in read)
     return f"the judge reads {right} of {total} attributes ({100 * right / total:.0f}%) in the uncached images"
 
 

@@ -25,11 +25,13 @@ class SheetRow:
     steps: int
     similarity: float | None  # None (or NaN) when no search ran
 
+    def similarity_text(self) -> str:
+        return "-" if self.similarity is None or self.similarity != self.similarity else f"{self.similarity:.3f}"
+
     def outcome(self) -> str:
-        similarity = "-" if self.similarity is None or self.similarity != self.similarity else f"{self.similarity:.3f}"
         if self.hit:
-            return f"HIT: K = {self.skipped_steps} of {self.steps} steps skipped\nsimilarity {similarity}"
-        return f"miss: all {self.steps} steps run\nsimilarity {similarity}"
+            return f"HIT: K = {self.skipped_steps} of {self.steps} steps skipped\nsimilarity {self.similarity_text()}"
+        return f"miss: all {self.steps} steps run\nsimilarity {self.similarity_text()}"
 
 
 def write_sheet(rows: list[SheetRow], path: Path) -> Path:
