@@ -91,6 +91,8 @@ def test_bench_overhead_small(tmp_path) -> None:
             "30",
             "--latent-shape",
             "4,16,16",
+            "--admissions",
+            "40",
             "--json",
             str(out),
             "--work-dir",
@@ -98,10 +100,17 @@ def test_bench_overhead_small(tmp_path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    figures = json.loads(out.read_text())["entries"]["300"]
-    assert figures["recall_at_1"] == 1.0 and figures["hit_rate"] == 1.0
-    for stage in ("embed_ms", "search_ms", "select_ms", "latent_load_ms", "cache_path_ms"):
+    report = json.loads(out.read_text())
+    figures = report["entries"]["300"]
+    assert report["dim"] == 768 and figures["recall_at_1"] == 1.0 and figures["hit_rate"] == 1.0
+    for stage in ("search_ms", "select_ms", "latent_load_ms", "cache_path_ms"):
         assert 0 < figures[stage]["p50"] <= figures[stage]["p99"]
+    restart = figures["restart"]  # a fresh process opened the cache the bench filled and admitted into it
+    assert restart["entries_at_open"] == 300 and restart["recall_at_1_cos085"] == 1.0
+    assert restart["below_capacity"]["admissions"] == 40 and restart["below_capacity"]["per_s"] > 0
+    at_capacity = restart["at_capacity"]
+    assert at_capacity["capacity"] == 340 and at_capacity["entries_after"] <= 340 and at_capacity["evictions"] >= 40
+    assert restart["cache_owner_rss_mib"] > 0 and figures["disk_bytes_per_entry"]["latents"] > 0
 
 
 @pytest.mark.integration

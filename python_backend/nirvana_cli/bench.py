@@ -24,22 +24,56 @@ DefaultCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint (defaul
 
 @bench_app.command("overhead")
 def bench_overhead(
-    entries: Annotated[int, typer.Option(help="Largest cache size measured (10k is always measured too).")] = 100_000,
+    entries: Annotated[
+        int, typer.Option(help="Largest cache size measured (10k is always measured too); up to 1,000,000.")
+    ] = 100_000,
     queries: Annotated[int, typer.Option(help="Queries per size.")] = 500,
     json_path: JsonOut = None,
     latent_shape: Annotated[
         str, typer.Option(help="C,H,W of the stored latents (SD 1.5 at 512x512: 4,64,64).")
     ] = "4,64,64",
+    dim: Annotated[
+        int, typer.Option(help="Prompt vector size: 768 for SD 1.5's CLIP, 1280 for SDXL's pooled projection.")
+    ] = 768,
+    latent_dtype: Annotated[str, typer.Option(help="How latents are stored: q6, float16 or float32.")] = "q6",
+    admissions: Annotated[int, typer.Option(help="Admissions timed below capacity, and again at capacity.")] = 2000,
     work_dir: Annotated[Path | None, typer.Option(help="Where the temporary caches go (default: a temp dir).")] = None,
     verbose: bool = False,
 ) -> None:
-    """Cache-path latency (embed, search, select, latent load) and search recall at 10k and N entries."""
+    """Cache path (search, K choice, latent load), recall, open after a restart, the cache owner's RSS, admissions
+    below and at capacity (LCBFU eviction) and disk bytes per entry, at 10k and N entries.
+
+    A million entries need about 12 GB of disk for q6 latents (33 GB for float16) and 12 GB of memory."""
     from nirvana_dev.bench.overhead import run_overhead
 
+    if latent_dtype not in ("q6", "float16", "float32"):
+        raise typer.BadParameter(f"{latent_dtype!r}: expected q6, float16 or float32", param_hint="--latent-dtype")
     setup_logging(verbose)
     sizes = sorted({min(10_000, entries), entries})
     shape = tuple(int(x) for x in latent_shape.split(","))
-    emit(run_overhead(sizes, queries, shape, work_dir), json_path)
+    emit(run_overhead(sizes, queries, shape, work_dir, dim, latent_dtype, admissions), json_path)
+
+
+@bench_app.command("replicas")
+def bench_replicas(
+    replicas: Annotated[int, typer.Option(help="Cache replicas, one process each.", min=1)] = 4,
+    prompts: Annotated[int, typer.Option(help="Prompts replica 0 admits, one latent each.", min=64)] = 20_000,
+    hits: Annotated[int, typer.Option(help="Lookups of the hot prompts per replica.", min=1)] = 2000,
+    dim: Annotated[int, typer.Option(help="Prompt vector size (768: SD 1.5's CLIP).", min=2)] = 768,
+    json_path: JsonOut = None,
+    milvus_uri: Annotated[
+        str | None, typer.Option(help="A running Milvus server (http://host:19530); default: start the embedded one.")
+    ] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Milvus data and latents (default: a temp dir).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Replicas on one Milvus server and one latent directory: each one's RSS and sync time, hits across
+    replicas, the LCBFU count error after concurrent hits, and a new replica's open time. The embedded server
+    needs the test extra's `milvus` wheel."""
+    from nirvana_dev.bench.replicas_scale import run_replicas
+
+    setup_logging(verbose)
+    emit(run_replicas(replicas, prompts, hits, dim, work_dir, milvus_uri), json_path)
 
 
 @bench_app.command("serving")

@@ -117,7 +117,8 @@ def test_snapshot_rows_that_do_not_match_milvus_are_read_from_milvus(config) -> 
     arrays["vectors"][at] = _vec(9)
     np.savez(path, **arrays)
     reopened = open_cache(config, DIM)
-    np.testing.assert_allclose(reopened.record(KEY, "t", "prompt 1").vector, _vec(1, 0.1), atol=1e-6)
+    # Milvus's vector, not the snapshot's: equal to the mirror's float16 precision
+    np.testing.assert_allclose(reopened.record(KEY, "t", "prompt 1").vector, _vec(1, 0.1), atol=1e-3)
     assert reopened.lookup(_vec(1, 0.1), KEY, "t", STEPS).hit
     reopened.close()
 

@@ -1,4 +1,4 @@
-"""16 concurrent clients x 25 requests mixing hits, misses and bypass: nothing lost, mixed up or miscounted. And the
+"""16 concurrent clients x 12 requests mixing hits, misses and bypass: nothing lost, mixed up or miscounted. And the
 step scheduler under them: requests in their loops share each UNet execution, the `unet` model is not called per
 request-step, and each image is the one the request gets alone."""
 
@@ -16,7 +16,7 @@ from nirvana.config import load_config
 from nirvana_client import GenerateOptions
 
 pytestmark = pytest.mark.integration
-CLIENTS, PER_CLIENT, STEPS = 16, 25, 4
+CLIENTS, PER_CLIENT, STEPS = 16, 12, 4
 WARM = [f"a {c} lighthouse on a cliff at dusk, oil painting" for c in ("red", "blue", "green", "white")]
 IN_FLIGHT, LOOP_STEPS = 4, 20  # one request per `nirvana` instance of the test server (conftest.TEST_INSTANCES)
 

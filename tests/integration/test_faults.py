@@ -28,7 +28,7 @@ def _options(tmp_path, checkpoint, **overrides) -> ServeOptions:
         checkpoint=checkpoint,
         ports=ServerPorts(*free_ports(3)),
         ready_timeout_s=180,
-        instances=4,
+        instances=2,  # one client at a time in these tests; each instance's stub loads torch
         **overrides,
     )
 

@@ -2,20 +2,15 @@
 
 A prompt admitted through replica A is a hit through replica B; concurrent hits on both replicas on one entry are
 all counted in Milvus (per-replica counts, merged at flush). The Milvus server is the embedded Milvus 2.3.5 server
-of the `milvus` wheel (etcd and local storage inside one process, no Docker; ready in ≈ 10 s, ≈ 220 MB RSS here).
-Clients reach it on 127.0.0.1 only, on ports from free_ports; Milvus 2.3 has no listen-address setting, so its
-gRPC ports listen on all interfaces (its components register as 127.0.0.1), and its embedded etcd's peer port is
-2380 (fixed): one such server at a time on a machine.
+of the `milvus` wheel (`nirvana_dev.milvus_server`: one process, no Docker, on loopback ports from free_ports).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +21,10 @@ from nirvana.cache.index import MilvusIndex
 from nirvana.cache.manager import ApproximateCache
 from nirvana.config import CacheConfig, PredictorConfig
 from nirvana_client import GenerateOptions, NirvanaClient
+from nirvana_dev.bench.replicas_scale import run_replicas
 from nirvana_dev.install import ServerPorts, free_ports
 from nirvana_dev.launch import ServeOptions, prepare
+from nirvana_dev.milvus_server import MilvusServerFailed, embedded_milvus_server
 from nirvana_dev.tritonserver import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -35,43 +32,20 @@ milvus = pytest.importorskip("milvus", reason="needs the embedded Milvus server 
 
 STEPS = 10
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-MILVUS_PORT_KEYS = (
-    "proxy_port",
-    "proxy_internal_port",
-    "etcd_port",
-    "root_coord_port",
-    "query_coord_port",
-    "query_node_port",
-    "index_coord_port",
-    "index_node_port",
-    "data_coord_port",
-    "data_node_port",
-)
 CLIENTS_PER_REPLICA, HITS_PER_CLIENT = 2, 4
 DIM, RACE_HITS = 16, 150
 
 
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory):
-    """A Milvus server for this module; its gRPC ports come from free_ports, its data under a temporary folder."""
-    ports = dict(zip(MILVUS_PORT_KEYS, free_ports(len(MILVUS_PORT_KEYS)), strict=True))
-    config = milvus.MilvusServerConfig()
-    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode"):
-        config.set(f"{component}.ip", "127.0.0.1")  # the address components register and reach each other at
-    server = milvus.MilvusServer(config, wait_for_started=False, data_dir=str(tmp_path_factory.mktemp("milvus")))
-    server.config.update(**ports)
+    """A Milvus server for this module, its data under a temporary folder."""
     started = time.monotonic()
-    server.start()
     try:
-        server.wait_started(timeout=120_000)  # ms
-        print(f"\nMilvus {milvus.__version__} server ready in {time.monotonic() - started:.1f} s")
-    except Exception:
-        server.stop()
-        logs = Path(server.config.base_data_dir, "logs", "milvus-stderr.log")
-        pytest.fail(f"Milvus server did not start: {logs.read_text()[-3000:] if logs.exists() else 'no log'}")
-    yield f"http://127.0.0.1:{ports['proxy_port']}"
-    server.stop()
-    shutil.rmtree(Path(server.config.base_data_dir, "bin"), ignore_errors=True)  # ≈ 0.5 GB of unpacked binaries
+        with embedded_milvus_server(tmp_path_factory.mktemp("milvus")) as uri:
+            print(f"\nMilvus {milvus.__version__} server ready in {time.monotonic() - started:.1f} s")
+            yield uri
+    except MilvusServerFailed as err:
+        pytest.fail(str(err))
 
 
 def _metric(server: TritonServer, name: str) -> float:
@@ -214,3 +188,13 @@ def test_racing_flushes_converge_to_every_hit(tmp_path, milvus_uri) -> None:
     check.close()
     print(f"\n{4 * RACE_HITS} hits; stored {row.entries[25].replica_hits}; rows rewritten after a race: {rewritten}")
     assert row.entries[25].replica_hits == {"a": 2 * RACE_HITS, "b": 2 * RACE_HITS}
+
+
+def test_four_replica_processes_count_every_hit(tmp_path, milvus_uri) -> None:
+    """`nirvana bench replicas` on this module's server: what one replica admits reaches the other three through
+    their refresh, and after concurrent hits from all four and a rolling stop Milvus holds exactly the hits counted."""
+    report = run_replicas(replicas=4, prompts=200, hits=100, dim=DIM, work_dir=tmp_path, milvus_uri=milvus_uri)
+    assert [r["entries"] for r in report["replicas"]] == [200] * 4
+    assert report["hits_counted"] == 400 and report["hits_stored"] == 400
+    assert report["count_error"] == {"total": 0, "max_per_entry": 0}
+    assert report["new_replica_entries"] == 200

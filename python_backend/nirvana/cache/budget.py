@@ -3,17 +3,20 @@
 Without a per-tenant budget one tenant's admissions evict everyone's entries (and a tenant probing or flooding the
 cache could empty it for the others). With tenant isolation on, an admission that takes its tenant partition over
 `max_entries_per_tenant` / `max_bytes_per_tenant` evicts inside that partition first, in LCBFU order; the global
-budget (`max_entries` / `max_bytes`) is then enforced as before, over every tenant's entries. Both evict a little
-below the limit (`EVICTION_SLACK`) so that eviction, a scan of the entries, runs rarely.
+budget (`max_entries` / `max_bytes`) is then enforced as before, over every tenant's entries.
+
+Victims are read from the start of the mirror's `EvictionOrder` (kept as entries change), so an admission at
+capacity evicts just what it needs, at a cost that does not grow with the cache: at a million entries, a sort of
+every entry took seconds (hence an earlier 2% slack that made it rare), now an eviction takes what one does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from nirvana.cache.mirror import Mirror
 from nirvana.cache.policy import BudgetInfeasible, EntryStats, LCBFUPolicy
 from nirvana.config import CacheConfig
-
-EVICTION_SLACK = 0.02  # evict 2% below the budget so eviction (a scan of all entries) runs rarely
 
 
 class Budget:
@@ -35,31 +38,34 @@ class Budget:
         """Entries to evict so that `incoming_*` fit the tenant's budget, then the global one. BudgetInfeasible
         when the incoming entries alone exceed either."""
         chosen: list[EntryStats] = []
-        if self.tenant_policy is not None:
-            entries, nbytes = mirror.tenant_usage(tenant)
-            if self.tenant_policy.over_budget(entries + incoming_entries, nbytes + incoming_bytes):
-                chosen = _with_slack(self.tenant_policy, mirror.entry_stats(tenant), incoming_entries, incoming_bytes)
-            elif self.tenant_policy.over_budget(incoming_entries, incoming_bytes):
-                raise BudgetInfeasible(
-                    f"incoming {incoming_entries} entries / {incoming_bytes} bytes exceed the per-tenant budget"
-                )
-        gone = {(v.prompt_id, v.k) for v in chosen}
-        left_entries = mirror.entries - len(chosen) + incoming_entries
-        left_bytes = total_bytes - sum(v.nbytes for v in chosen) + incoming_bytes
-        if self.policy.over_budget(left_entries, left_bytes):
-            stats = [e for e in mirror.entry_stats() if (e.prompt_id, e.k) not in gone]
-            chosen += _with_slack(self.policy, stats, incoming_entries, incoming_bytes)
-        elif self.policy.over_budget(incoming_entries, incoming_bytes):
-            raise BudgetInfeasible(f"incoming {incoming_entries} entries / {incoming_bytes} bytes exceed the budget")
+        incoming = (incoming_entries, incoming_bytes)
+        with mirror.lock:
+            if self.tenant_policy is not None:
+                entries, nbytes = mirror.tenant_usage(tenant)
+                ordered = mirror.in_eviction_order(tenant)
+                chosen = _take(self.tenant_policy, "per-tenant budget", ordered, (entries, nbytes), incoming)
+            gone = {(v.prompt_id, v.k) for v in chosen}
+            held = (mirror.entries - len(chosen), total_bytes - sum(v.nbytes for v in chosen))
+            others = (e for e in mirror.in_eviction_order() if (e.prompt_id, e.k) not in gone)
+            chosen += _take(self.policy, "budget", others, held, incoming)
         return chosen
 
 
-def _with_slack(
-    policy: LCBFUPolicy, stats: list[EntryStats], incoming_entries: int, incoming_bytes: int
+def _take(
+    policy: LCBFUPolicy, what: str, ordered: Iterable[EntryStats], held: tuple[int, int], incoming: tuple[int, int]
 ) -> list[EntryStats]:
-    slack_entries = int((policy.max_entries or 0) * EVICTION_SLACK)
-    slack_bytes = int((policy.max_bytes or 0) * EVICTION_SLACK)
-    try:
-        return policy.victims(stats, incoming_entries + slack_entries, incoming_bytes + slack_bytes)
-    except BudgetInfeasible:  # the slack does not fit a tiny budget: evict just enough
-        return policy.victims(stats, incoming_entries, incoming_bytes)
+    """The first of `ordered` (in eviction order) until what is `held` (entries, bytes) and what is `incoming`
+    fit `policy` (`what`: its name in the error when the incoming alone cannot fit)."""
+    if policy.over_budget(*incoming):
+        raise BudgetInfeasible(
+            f"incoming {incoming[0]} entries / {incoming[1]} bytes exceed the {what} "
+            f"(max_entries={policy.max_entries}, max_bytes={policy.max_bytes})"
+        )
+    entries, nbytes = held[0] + incoming[0], held[1] + incoming[1]
+    chosen = []
+    for entry in ordered:
+        if not policy.over_budget(entries, nbytes):
+            break
+        chosen.append(entry)
+        entries, nbytes = entries - 1, nbytes - entry.nbytes
+    return chosen

@@ -30,7 +30,7 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
     """
     config.dir.mkdir(parents=True, exist_ok=True)
     latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
-    mirror = Mirror(dim, config.search)
+    mirror = Mirror(dim, config.search, config.min_entries_per_prompt)
     counters = CacheCounters()
     shared = is_server_uri(config.resolved_milvus_uri)
     # The mirror snapshot only for milvus-lite: one process, so one writer of the file (see `snapshot`).

@@ -67,6 +67,11 @@ class ApproximateCache:
         open_timings: dict[str, float] | None = None,
     ) -> None:
         self.config, self.mirror, self.latents, self._clock = config, mirror, latents, clock
+        if mirror.order.keep_per_prompt != config.min_entries_per_prompt:
+            raise ValueError(
+                f"mirror keeps {mirror.order.keep_per_prompt} entries per prompt in its eviction order, config "
+                f"min_entries_per_prompt={config.min_entries_per_prompt}: build it with Mirror(..., keep_per_prompt=)"
+            )
         # At close, before the index closes (a milvus-lite file stays locked meanwhile): the mirror snapshot
         self._on_close = on_close
         self.open_timings = open_timings if open_timings is not None else {}  # phases of the open, in seconds
@@ -165,9 +170,8 @@ class ApproximateCache:
             return self._miss(Lookup(False, reason, similarity, timings_ms=timings))
         timings["latent_load_ms"] = (time.perf_counter() - t0) * 1e3
         with self._lock:
-            meta = record.entries.get(k)
-            if meta is not None:
-                meta.count_hit(self.replica, self._clock())
+            if k in record.entries:
+                self.mirror.count_hit(record, k, self.replica, self._clock())
                 self._put_quietly(record)
             self.counters.hits += 1
         served_by = entry_id(record.id, k, blob)

@@ -1,0 +1,148 @@
+"""`nirvana bench overhead`'s restart, memory, admission and eviction figures, measured in a fresh process.
+
+The restart is a child process (spawned: no memory inherited from the bench) that opens the cache the bench filled,
+as a restarted pod does, and reports:
+- the open's phases and the process's RSS once open (the cache owner: mirror, search, latent directory state), and
+  that of the milvus-lite server it started (a child of its own);
+- recall@1 of queries at cosine ≈ 0.85 after the restart;
+- admissions through `ApproximateCache.admit` (the admission queue's writer calls the same), each a new prompt with
+  one latent, first below capacity, then at capacity (`max_entries` = the entries held once the first ones are in),
+  where each admission evicts in LCBFU order: admissions/s, their latency, the worst one (an eviction scan), and
+  entries held at the end against the capacity. The flush of the queued rows to Milvus is timed with them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from nirvana.cache.factory import open_cache
+from nirvana.cache.records import record_id
+from nirvana.config import CacheConfig
+
+
+def _mib(nbytes: float) -> float:
+    return round(nbytes / 2**20, 1)
+
+
+def _tree_rss(process: psutil.Process) -> dict[str, float]:
+    """RSS (MiB) of `process` and of its children (milvus-lite's server), separately."""
+    children = 0
+    for child in process.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return {"cache_owner_rss_mib": _mib(process.memory_info().rss), "milvus_lite_rss_mib": _mib(children)}
+
+
+def _latencies(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "max_ms": round(float(np.max(values)), 1),
+    }
+
+
+def _admit_run(cache, vectors: np.ndarray, start: int, latent: np.ndarray, key: str, tenant: str, k: int) -> dict:
+    """Admit one new prompt per vector (ids from `start`); their latency, and admissions/s including the flush."""
+    times = []
+    t0 = time.perf_counter()
+    for i, vector in enumerate(vectors, start):
+        t = time.perf_counter()
+        cache.admit(f"admitted prompt {i}", vector, key, tenant, {k: {"latent": latent}})
+        times.append((time.perf_counter() - t) * 1e3)
+    t_flush = time.perf_counter()
+    cache.flush()
+    elapsed = time.perf_counter() - t0
+    return {
+        "admissions": len(vectors),
+        "per_s": round(len(vectors) / elapsed, 1),
+        "flush_s": round(time.perf_counter() - t_flush, 2),
+        **_latencies(times),
+    }
+
+
+def _restarted(job: dict) -> dict:
+    """The child process: open, measure, admit below and at capacity, close (see the module docstring)."""
+    n = job["admissions"]
+    # Capacity: what is held once the first `n` are in; every admission after that must evict (LCBFU) to fit
+    config: CacheConfig = job["config"].model_copy(update={"max_entries": job["entries"] + n})
+    dim, key, tenant, k = job["dim"], job["cache_key"], job["tenant"], job["k"]
+    before = psutil.Process().memory_info().rss  # the interpreter and the libraries, before the cache exists
+    t0 = time.perf_counter()
+    cache = open_cache(config, dim)
+    open_s = time.perf_counter() - t0
+    phases = {name: round(value, 2) for name, value in cache.open_timings.items()}
+    out: dict = {"open_s": round(open_s, 2), "open_phases_s": phases, "rss_before_open_mib": _mib(before)}
+    out.update(_tree_rss(psutil.Process()))
+    out["entries_at_open"] = cache.mirror.entries
+    found = 0
+    for query, want in zip(job["far_queries"], job["far_exact"], strict=True):
+        match = cache.mirror.search.best((key, tenant), query)
+        found += match is not None and match.id == record_id(key, tenant, f"bench prompt {want}")
+    out["recall_at_1_cos085"] = found / len(job["far_queries"])
+    rng = np.random.default_rng(1)
+    latent = rng.standard_normal((1, *job["latent_shape"])).astype(np.float32)
+    new = rng.standard_normal((2 * job["admissions"], dim)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    out["below_capacity"] = _admit_run(cache, new[:n], 0, latent, key, tenant, k)
+    out["at_capacity"] = _admit_run(cache, new[n:], n, latent, key, tenant, k)
+    out["at_capacity"].update(
+        capacity=config.max_entries, entries_after=cache.mirror.entries, evictions=cache.counters.evictions
+    )
+    out.update(_tree_rss(psutil.Process()) | {"after_admissions": True})
+    cache.close()
+    return out
+
+
+def restart_and_admit(
+    config: CacheConfig,
+    dim: int,
+    entries: int,
+    far_queries: np.ndarray,
+    far_exact: np.ndarray,
+    latent_shape: tuple[int, ...],
+    admissions: int,
+    names: tuple[str, str, int],
+) -> dict:
+    """Run `_restarted` in a spawned process on the bench's cache of `entries` rows, one entry each; `names`:
+    (cache key, tenant, K) of those rows."""
+    key, tenant, k = names
+    job = {
+        "config": config,
+        "dim": dim,
+        "entries": entries,
+        "far_queries": far_queries,
+        "far_exact": far_exact,
+        "latent_shape": latent_shape,
+        "admissions": admissions,
+        "cache_key": key,
+        "tenant": tenant,
+        "k": k,
+    }
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_restarted, job).result()
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of the files under `root` (the latent directory, Milvus's files)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def machine_memory() -> dict[str, float]:
+    memory = psutil.virtual_memory()
+    return {"total_mib": _mib(memory.total), "used_mib": _mib(memory.used), "available_mib": _mib(memory.available)}
