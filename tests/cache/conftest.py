@@ -65,6 +65,8 @@ def memory_cache(tmp_path: Path) -> MemoryCacheFactory:
         config = CacheConfig(dir=tmp_path / "cache", **{**defaults, **fields})
         latents = LatentStore(config.latent_dir, dtype=config.latent_dtype)
         extra = {} if clock is None else {"clock": clock}
-        return ApproximateCache(config, Mirror(dim, config.search, config.min_entries_per_prompt), latents, InMemoryIndex(), **extra)
+        return ApproximateCache(
+            config, Mirror(dim, config.search, config.min_entries_per_prompt), latents, InMemoryIndex(), **extra
+        )
 
     return make

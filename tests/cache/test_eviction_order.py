@@ -43,10 +43,31 @@ def _vector(prompt_id: int) -> np.ndarray:
     return v
 
 
+loaded = st.dictionaries(  # prompts loaded in bulk at open: id → {K: (hits, last access)}
+    st.integers(1, 6),
+    st.dictionaries(st.sampled_from([5, 10, 25]), st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1),
+    max_size=6,
+)
+
+
 @settings(max_examples=150, deadline=None)
-@given(ops, st.integers(0, 2))
-def test_kept_order_equals_the_policy_sorting_every_entry(operations, keep) -> None:
+@given(loaded, ops, st.integers(0, 2))
+def test_kept_order_equals_the_policy_sorting_every_entry(at_open, operations, keep) -> None:
     mirror = Mirror(DIM, keep_per_prompt=keep)
+    mirror.add_many(
+        [
+            PromptRecord(
+                prompt_id,
+                f"p{prompt_id}",
+                "key",
+                TENANTS[prompt_id % 2],
+                _vector(prompt_id),
+                0.0,
+                {k: EntryMeta(hits=h, last_access=float(t), nbytes=9) for k, (h, t) in entries.items()},
+            )
+            for prompt_id, entries in at_open.items()
+        ]
+    )
     for op, prompt_id, k, when in operations:
         record = mirror.get(prompt_id)
         if op == "admit":

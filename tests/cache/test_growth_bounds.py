@@ -58,7 +58,9 @@ def test_every_tenant_stays_within_its_budget_and_the_cache_within_the_global_on
             max_bytes_per_tenant=8_000,
         )
         latents = LatentStore(config.latent_dir)
-        cache = ApproximateCache(config, Mirror(DIM, config.search, config.min_entries_per_prompt), latents, in_memory_index())
+        cache = ApproximateCache(
+            config, Mirror(DIM, config.search, config.min_entries_per_prompt), latents, in_memory_index()
+        )
         for tenant, prompt, ks in sequence:
             cache.admit(f"prompt {prompt}", _vec(prompt), KEY, tenant, _states(sorted(ks)))
             for entries, nbytes in cache.mirror.tenants().values():

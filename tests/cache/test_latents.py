@@ -209,6 +209,7 @@ def test_stale_temp_files_are_removed_at_open(tmp_path: Path) -> None:
     os.utime(stale, (an_hour_ago, an_hour_ago))
 
     reopened = LatentStore(tmp_path)
+    reopened.wait_walked()  # the walk at open runs in the background, beside Milvus's open
     assert not stale.exists() and fresh.exists()  # a young temp file may be another process's put
     assert reopened.total_bytes == store.size_of("a")
     assert list(reopened.keys()) == ["a"]
@@ -225,6 +226,7 @@ def test_blobs_of_the_pre_safetensors_format_are_dropped_at_open(
         (shard / f"{name}{LEGACY_SUFFIX}").write_bytes(b"NLAT\x01\x00" + RNG.bytes(200))
     with caplog.at_level(logging.WARNING, logger="nirvana.cache.latents"):
         reopened = LatentStore(tmp_path)
+        reopened.wait_walked()  # the walk at open (which drops them) runs in the background
     dropped = [r.getMessage() for r in caplog.records if "pre-safetensors" in r.getMessage()]
     assert dropped == ["dropped 2 latents in the pre-safetensors format; they will be regenerated"]
     assert list(reopened.keys()) == ["kept"] and reopened.total_bytes == disk_bytes(tmp_path)

@@ -66,7 +66,7 @@ def _count_scandir(monkeypatch: pytest.MonkeyPatch, under: Path) -> list[str]:
 def test_open_walks_the_latent_directory_once(config, monkeypatch) -> None:
     _filled(config)
     calls = _count_scandir(monkeypatch, config.latent_dir)
-    LatentStore(config.latent_dir)
+    LatentStore(config.latent_dir).wait_walked()
     one_walk = len(calls)
     assert one_walk > 1
     calls.clear()

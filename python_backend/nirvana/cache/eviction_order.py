@@ -14,7 +14,7 @@ tells any two entries apart.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
@@ -41,6 +41,25 @@ class EvictionOrder:
         self._unlist(tenant, keys)
         keys[k] = (entry.hits * k, entry.last_access, prompt_id, k)
         self._list(tenant, keys)
+
+    def put_many(self, prompts: Iterable[tuple[str, int, dict[int, EntryMeta]]]) -> None:
+        """`put` every entry of each (tenant, prompt id, entries); into an empty order, one sort for all (a
+        million entries at open: seconds less than one insertion each)."""
+        if self._prompts:
+            for tenant, prompt_id, entries in prompts:
+                for k, entry in entries.items():
+                    self.put(tenant, prompt_id, k, entry)
+            return
+        lists: dict[tuple[str | None, bool], list[OrderKey]] = {}
+        for tenant, prompt_id, entries in prompts:
+            if not entries:
+                continue
+            keys = {k: (e.hits * k, e.last_access, prompt_id, k) for k, e in entries.items()}
+            self._prompts[prompt_id] = (tenant, keys)
+            for key, kept in self._classes(keys):
+                lists.setdefault((_ALL, kept), []).append(key)
+                lists.setdefault((tenant, kept), []).append(key)
+        self._lists = {owner: SortedList(keys) for owner, keys in lists.items()}
 
     def remove(self, prompt_id: int, k: int) -> None:
         found = self._prompts.get(prompt_id)

@@ -92,11 +92,31 @@ class LatentStore:
         self.dtype = dtype
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
         self._scanned: tuple[float, set[str]] | None = None  # (time.monotonic(), keys) of the walk at open
         self.old_format_dropped = 0  # blobs of an earlier format deleted at open
-        self._total_bytes = self._scan_at_open()
-        self.scan_s = time.perf_counter() - t0
+        self._total_bytes = 0
+        self.scan_s = 0.0  # how long the walk at open took (beside Milvus's open)
+        # The walk at open runs in the background, beside Milvus's open: at a million blobs each takes half a
+        # minute (`nirvana bench overhead`). Everything that reads or changes what it counts waits for it.
+        self._walk_error: BaseException | None = None
+        self._walked = threading.Event()
+        threading.Thread(target=self._walk, name="latent-scan", daemon=True).start()
+
+    def _walk(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._total_bytes = self._scan_at_open()
+        except BaseException as err:  # raised to every caller of `wait_walked`
+            self._walk_error = err
+        finally:
+            self.scan_s = time.perf_counter() - t0
+            self._walked.set()
+
+    def wait_walked(self) -> None:
+        """Block until the walk at open is done; re-raise what it raised (an unreadable directory)."""
+        self._walked.wait()
+        if self._walk_error is not None:
+            raise LatentStoreError(f"walk of {self.root} at open failed: {self._walk_error}") from self._walk_error
 
     def _scan_at_open(self) -> int:
         """The one walk of the directory at open (millions of files): returns the bytes of the blobs, keeps their
@@ -141,6 +161,7 @@ class LatentStore:
         walking the directory again); None once taken, or when the walk is older than ``max_age_s`` (a
         reconnect long after open): then walk with `keys`. Blobs put or deleted by this process since the walk
         are accounted for; another process's are not."""
+        self.wait_walked()
         with self._lock:
             scanned, self._scanned = self._scanned, None
         if scanned is None or time.monotonic() - scanned[0] > max_age_s:
@@ -157,6 +178,7 @@ class LatentStore:
 
         Atomic: the old blob stays readable until the new one is complete; on any error no partial file is left.
         """
+        self.wait_walked()
         path = self._path(key)
         data = encode_blob(tensors, meta or {}, self.dtype, binding)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +223,7 @@ class LatentStore:
 
     def delete(self, key: str) -> int:
         """Remove the blob under ``key``; returns the bytes freed (0 if it was absent)."""
+        self.wait_walked()
         path = self._path(key)
         with self._lock:
             size = _size_or_zero(path)
@@ -232,11 +255,13 @@ class LatentStore:
     @property
     def total_bytes(self) -> int:
         """Bytes on disk of all blobs, tracked in memory."""
+        self.wait_walked()
         with self._lock:
             return self._total_bytes
 
     def remove_temp_files(self, older_than_s: float = 0.0) -> int:
         """Delete temporary files of interrupted puts older than ``older_than_s`` seconds; returns how many."""
+        self.wait_walked()
         cutoff = time.time() - older_than_s
         return sum(_remove_if_older(entry, cutoff) for entry in self._files(TEMP_SUFFIX))
 

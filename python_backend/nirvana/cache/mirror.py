@@ -96,10 +96,6 @@ class Mirror:
             entry = self._records[prompt_id].entries[k]
             yield EntryStats(prompt_id, k, entry.hits, entry.last_access, entry.nbytes)
 
-    def entries_of(self, prompt_id: int) -> int:
-        record = self._records.get(prompt_id)
-        return len(record.entries) if record else 0
-
     def tenant_usage(self, tenant: str) -> tuple[int, int]:
         """(entries, bytes) the tenant partition holds."""
         with self.lock:
@@ -142,12 +138,12 @@ class Mirror:
         for record in records:
             by_partition.setdefault((record.cache_key, record.tenant), []).append(record)
         with self.lock:
+            self.order.put_many((r.tenant, r.id, r.entries) for r in records)
             for partition, group in by_partition.items():
                 self._records.update((r.id, r) for r in group)
                 self._entries += sum(len(r.entries) for r in group)
                 for record in group:
                     self._account(record, +1)
-                    self._order(record)
                 ids = np.fromiter((r.id for r in group), np.int64, len(group))
                 vectors = np.stack([r.vector for r in group])
                 self.search.add_many(partition, ids, vectors, (trained or {}).get(partition))

@@ -69,7 +69,7 @@ class Reconciler:
         self.snapshot = snapshot
         self.opened_at = time.monotonic()
         self._orphan_candidates: set[str] = set()  # unreferenced at open, on a shared cache
-        self.timings: dict[str, float] = {"latent_scan_s": latents.scan_s}
+        self.timings: dict[str, float] = {}
 
     def load(self, index: MilvusIndex) -> None:
         """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to.
@@ -78,14 +78,15 @@ class Reconciler:
         rows are read without their vectors, and only the vectors of the rows kept are read: from the snapshot
         where it has them, from Milvus for the rest.
         """
-        latent_scan_s = self.timings.get("latent_scan_s", 0.0)
         self.timings.clear()  # a reconnect's load reports its own phases
-        self.timings["latent_scan_s"] = latent_scan_s
         clock = _Phases(self.timings)
-        present = self.latents.take_scanned_keys()
+        present = self.latents.take_scanned_keys()  # waits for the walk at open, which ran beside Milvus's open
         if present is None:
             present = set(self.latents.keys())
             clock.lap("latent_rescan_s")
+        else:
+            clock.lap("latent_scan_wait_s")
+            self.timings["latent_scan_s"] = self.latents.scan_s  # the walk's own time (overlapped: not a phase)
         rows = list(index.scan_rows())
         clock.lap("milvus_rows_s")
         records, repairs = self._drop_dangling(rows, present)

@@ -15,7 +15,10 @@ Milvus is the store of record; this is the request path's copy of its vectors. M
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
@@ -204,6 +207,18 @@ def _add_assigned(ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lis
     ivf.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
+@contextlib.contextmanager
+def _every_core() -> Iterator[None]:
+    """faiss on every core for a bulk build at open (k-means and list assignment of a million rows take minutes
+    on one), back to one thread after: serving searches one query at a time beside the UNet. OMP_NUM_THREADS, when
+    set (a pod's CPU limit), caps it."""
+    faiss.omp_set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(1)
+
+
 class PartitionedSearch:
     """Top-1 inner-product search over unit vectors, one partition per (cache key, tenant). Thread-safe."""
 
@@ -242,7 +257,8 @@ class PartitionedSearch:
             if len(part) == 0 and len(row_ids) > part.exact_max_rows:
                 usable = trained is not None and trained.centroids.shape[1:] == (self.dim,)
                 usable = usable and 0 < len(trained.centroids) <= len(row_ids) < 2 * trained.rows
-                part._build((np.asarray(row_ids, np.int64), vectors), trained if usable else None)
+                with _every_core():
+                    part._build((np.asarray(row_ids, np.int64), vectors), trained if usable else None)
             else:
                 for row_id, vector in zip(row_ids, vectors, strict=True):
                     part.add(int(row_id), vector)

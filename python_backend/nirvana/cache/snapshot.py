@@ -10,7 +10,9 @@ missing, damaged or foreign snapshot (another dimension) is ignored. A training 
 not doubled since (as `search` would retrain it).
 
 Written at close and, when the open had to read many vectors from Milvus, at open: a crash costs at most the rows
-admitted since. One file per collection, written to a temporary name and renamed into place.
+admitted since. One file per collection, written to a temporary name and renamed into place. Vectors are written at
+float16, the precision the mirror keeps (half the file: at a million 768-d prompts 1.5 GB, loaded in half the
+time); a snapshot of float32 vectors, from an earlier version, is read too.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Snapshot:
 
     ids: np.ndarray  # [n] int64, ascending
     created: np.ndarray  # [n] float64
-    vectors: np.ndarray  # [n, dim] float32
+    vectors: np.ndarray  # [n, dim] float16 (float32 in a snapshot of an earlier version)
     trained: dict[PartitionKey, Trained] = field(default_factory=dict)
 
     @classmethod
@@ -72,7 +74,7 @@ def load_snapshot(path: Path, dim: int) -> Snapshot:
                 (key, tenant): Trained(data[f"centroids_{i}"], int(rows), data[f"ids_{i}"], data[f"lists_{i}"])
                 for i, (key, tenant, rows) in enumerate(partitions)
             }
-        ok = ids.dtype == np.int64 and vectors.dtype == np.float32 and vectors.shape == (len(ids), dim)
+        ok = ids.dtype == np.int64 and vectors.dtype in (np.float16, np.float32) and vectors.shape == (len(ids), dim)
         if not ok or created.shape != ids.shape or np.any(np.diff(ids) <= 0):
             raise ValueError(f"unexpected contents (vectors {vectors.dtype} {vectors.shape}, dim {dim})")
         if not all(_valid_training(t, dim) for t in trained.values()):
@@ -100,12 +102,12 @@ def save_snapshot(path: Path, mirror: Mirror) -> int:
         trained = mirror.search.trained()
     ids = np.fromiter((r.id for r in records), np.int64, len(records))
     created = np.fromiter((r.created for r in records), np.float64, len(records))
-    vectors = np.stack([r.vector for r in records]).astype(np.float32, copy=False) if records else None
+    vectors = np.stack([r.vector for r in records]).astype(np.float16, copy=False) if records else None
     order = np.argsort(ids)
     arrays: dict[str, np.ndarray] = {
         "ids": ids[order],
         "created": created[order],
-        "vectors": vectors[order] if vectors is not None else np.zeros((0, mirror.dim), np.float32),
+        "vectors": vectors[order] if vectors is not None else np.zeros((0, mirror.dim), np.float16),
         "partitions": np.array(json.dumps([[key, tenant, t.rows] for (key, tenant), t in trained.items()])),
     }
     for i, t in enumerate(trained.values()):

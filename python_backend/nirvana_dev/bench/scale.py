@@ -69,6 +69,23 @@ def _admit_run(cache, vectors: np.ndarray, start: int, latent: np.ndarray, key: 
     }
 
 
+def _lookups(cache, queries: np.ndarray, exact: np.ndarray, key: str, tenant: str) -> dict:
+    """The cache path (search, K choice, latent load) of near-duplicate queries on the restarted cache, and
+    recall@1 against exact search (`exact`: each query's nearest bench prompt)."""
+    stages: dict[str, list[float]] = {"search_ms": [], "latent_load_ms": [], "cache_path_ms": []}
+    found = 0
+    for query, want in zip(queries, exact, strict=True):
+        t = time.perf_counter()
+        lookup = cache.lookup(query, key, tenant, 50)
+        stages["cache_path_ms"].append((time.perf_counter() - t) * 1e3)
+        for name in ("search_ms", "latent_load_ms"):
+            stages[name].append(lookup.timings_ms.get(name, 0.0))
+        record = cache.record(key, tenant, lookup.matched_prompt) if lookup.matched_prompt else None
+        found += record is not None and record.id == record_id(key, tenant, f"bench prompt {want}")
+    out = {f"after_restart_{name}": _latencies(values) for name, values in stages.items()}
+    return {**out, "after_restart_recall_at_1": found / len(queries)}
+
+
 def _restarted(job: dict) -> dict:
     """The child process: open, measure, admit below and at capacity, close (see the module docstring)."""
     n = job["admissions"]
@@ -83,6 +100,7 @@ def _restarted(job: dict) -> dict:
     out: dict = {"open_s": round(open_s, 2), "open_phases_s": phases, "rss_before_open_mib": _mib(before)}
     out.update(_tree_rss(psutil.Process()))
     out["entries_at_open"] = cache.mirror.entries
+    out.update(_lookups(cache, job["queries"], job["exact"], key, tenant))
     found = 0
     for query, want in zip(job["far_queries"], job["far_exact"], strict=True):
         match = cache.mirror.search.best((key, tenant), query)
@@ -106,21 +124,20 @@ def restart_and_admit(
     config: CacheConfig,
     dim: int,
     entries: int,
-    far_queries: np.ndarray,
-    far_exact: np.ndarray,
+    queries: dict[str, np.ndarray],
     latent_shape: tuple[int, ...],
     admissions: int,
     names: tuple[str, str, int],
 ) -> dict:
-    """Run `_restarted` in a spawned process on the bench's cache of `entries` rows, one entry each; `names`:
-    (cache key, tenant, K) of those rows."""
+    """Run `_restarted` in a spawned process on the bench's cache of `entries` rows, one entry each; `queries`:
+    near (`queries`, `exact`) and far (`far_queries`, `far_exact`) ones with their nearest rows; `names`: (cache
+    key, tenant, K) of the rows."""
     key, tenant, k = names
     job = {
         "config": config,
         "dim": dim,
         "entries": entries,
-        "far_queries": far_queries,
-        "far_exact": far_exact,
+        **queries,
         "latent_shape": latent_shape,
         "admissions": admissions,
         "cache_key": key,
