@@ -198,3 +198,31 @@ def test_four_replica_processes_count_every_hit(tmp_path, milvus_uri) -> None:
     assert report["hits_counted"] == 400 and report["hits_stored"] == 400
     assert report["count_error"] == {"total": 0, "max_per_entry": 0}
     assert report["new_replica_entries"] == 200
+
+
+def test_a_new_replica_takes_vectors_from_the_shared_snapshot(tmp_path, milvus_uri, monkeypatch) -> None:
+    """Replica A closes (writing the mirror snapshot beside the shared latents); replica B, opened after, reads
+    no vector from the Milvus server and finds A's prompts."""
+    config = CacheConfig(
+        dir=tmp_path / "cache",
+        milvus_uri=milvus_uri,
+        collection=f"snap_{uuid.uuid4().hex}",
+        predictor=PredictorConfig(enabled=False),
+    )
+    vectors = np.eye(DIM, dtype=np.float32)
+    states = {25: {"latent": np.ones((1, 4, 8, 8), np.float32)}}
+    a = open_cache(config.model_copy(update={"replica_id": "a"}), DIM)
+    for i in range(8):
+        a.admit(f"prompt {i}", vectors[i], "key", "t", states)
+    a.close()
+
+    def no_vectors(self, ids):
+        raise AssertionError(f"vectors of {list(ids)} read from the Milvus server")
+
+    monkeypatch.setattr(MilvusIndex, "fetch_vectors", no_vectors)
+    b = open_cache(config.model_copy(update={"replica_id": "b"}), DIM)
+    try:
+        assert len(b) == 8
+        assert all(b.lookup(vectors[i], "key", "t", 50).matched_prompt == f"prompt {i}" for i in range(8))
+    finally:
+        b.close()

@@ -10,9 +10,13 @@ missing, damaged or foreign snapshot (another dimension) is ignored. A training 
 not doubled since (as `search` would retrain it).
 
 Written at close and, when the open had to read many vectors from Milvus, at open: a crash costs at most the rows
-admitted since. One file per collection, written to a temporary name and renamed into place. Vectors are written at
-float16, the precision the mirror keeps (half the file: at a million 768-d prompts 1.5 GB, loaded in half the
-time); a snapshot of float32 vectors, from an earlier version, is read too.
+admitted since. One file per collection, written to a temporary name and renamed into place. Replicas sharing a
+cache (a Milvus server, one latent volume) share the file: each writes it whole, the last rename wins, and since a
+vector is used only where its row still matches Milvus, an older replica's snapshot only costs reads. A new replica
+gains most: on a Milvus 2.3 server a vector read costs about 1 ms (20k prompts: 21 s to open without it).
+
+Vectors are written at float16, the precision the mirror keeps (half the file: 1.5 GB at a million 768-d prompts,
+loaded in half the time); a snapshot of float32 vectors, from an earlier version, is read too.
 """
 
 from __future__ import annotations
