@@ -7,9 +7,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nirvana.cache.budget import Budget
 from nirvana.cache.mirror import Mirror
 from nirvana.cache.policy import EntryStats, LCBFUPolicy
 from nirvana.cache.records import EntryMeta, PromptRecord
+from nirvana.config import CacheConfig
 
 DIM = 4
 TENANTS = ("a", "b")
@@ -97,3 +99,17 @@ def test_a_reset_mirror_has_no_order() -> None:
     assert list(mirror.order.first()) == [(1, 25)]
     mirror.reset()
     assert list(mirror.order.first()) == [] and len(mirror.order) == 0
+
+
+def test_eviction_stops_when_the_mirrors_own_bytes_fit() -> None:
+    """A replica's disk total also counts latents it holds no entry for (other replicas', orphans kept): it says
+    when to evict, but evicting stops once the entries this mirror holds fit, instead of emptying the mirror."""
+    mirror = Mirror(DIM)
+    for prompt_id in (1, 2, 3):
+        mirror.add(PromptRecord(prompt_id, f"p{prompt_id}", "key", "a", _vector(prompt_id), 0.0))
+        mirror.put_entry(mirror.get(prompt_id), 25, EntryMeta(last_access=float(prompt_id), nbytes=100))
+    budget = Budget(CacheConfig(max_bytes=1000, max_entries_per_tenant=None, max_bytes_per_tenant=None))
+    assert budget.victims(mirror, total_bytes=5000, tenant="a", incoming_entries=1, incoming_bytes=100) == []
+    tight = Budget(CacheConfig(max_bytes=250, max_entries_per_tenant=None, max_bytes_per_tenant=None))
+    victims = tight.victims(mirror, total_bytes=5000, tenant="a", incoming_entries=1, incoming_bytes=100)
+    assert [(v.prompt_id, v.k) for v in victims] == [(1, 25), (2, 25)]  # 300 + 100 incoming → 200: two go, LRU first

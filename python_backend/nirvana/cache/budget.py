@@ -45,9 +45,18 @@ class Budget:
                 ordered = mirror.in_eviction_order(tenant)
                 chosen = _take(self.tenant_policy, "per-tenant budget", ordered, (entries, nbytes), incoming)
             gone = {(v.prompt_id, v.k) for v in chosen}
-            held = (mirror.entries - len(chosen), total_bytes - sum(v.nbytes for v in chosen))
-            others = (e for e in mirror.in_eviction_order() if (e.prompt_id, e.k) not in gone)
-            chosen += _take(self.policy, "budget", others, held, incoming)
+            freed = sum(v.nbytes for v in chosen)
+            left = (mirror.entries - len(chosen) + incoming_entries, total_bytes - freed + incoming_bytes)
+            if self.policy.over_budget(*left):
+                # Whether to evict: the store's bytes on disk; how far: the bytes of the entries the mirror holds,
+                # the only ones eviction can free (a replica's disk total also counts other replicas' latents)
+                held = (mirror.entries - len(chosen), mirror.entry_bytes - freed)
+                others = (e for e in mirror.in_eviction_order() if (e.prompt_id, e.k) not in gone)
+                chosen += _take(self.policy, "budget", others, held, incoming)
+            elif self.policy.over_budget(*incoming):
+                raise BudgetInfeasible(
+                    f"incoming {incoming_entries} entries / {incoming_bytes} bytes exceed the budget"
+                )
         return chosen
 
 

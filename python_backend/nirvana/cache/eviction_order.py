@@ -42,6 +42,16 @@ class EvictionOrder:
         keys[k] = (entry.hits * k, entry.last_access, prompt_id, k)
         self._list(tenant, keys)
 
+    def replace(self, tenant: str, prompt_id: int, entries: dict[int, EntryMeta]) -> None:
+        """Replace all of a prompt's entries (a merge with what other replicas stored): listed once."""
+        found = self._prompts.pop(prompt_id, None)
+        if found is not None:
+            self._unlist(*found)
+        if entries:
+            keys = {k: (e.hits * k, e.last_access, prompt_id, k) for k, e in entries.items()}
+            self._prompts[prompt_id] = (tenant, keys)
+            self._list(tenant, keys)
+
     def put_many(self, prompts: Iterable[tuple[str, int, dict[int, EntryMeta]]]) -> None:
         """`put` every entry of each (tenant, prompt id, entries); into an empty order, one sort for all (a
         million entries at open: seconds less than one insertion each)."""
@@ -50,12 +60,14 @@ class EvictionOrder:
                 for k, entry in entries.items():
                     self.put(tenant, prompt_id, k, entry)
             return
+        for tenant, prompt_id, entries in prompts:  # a prompt id given twice: the last one, as in the mirror
+            if entries:
+                keys = {k: (e.hits * k, e.last_access, prompt_id, k) for k, e in entries.items()}
+                self._prompts[prompt_id] = (tenant, keys)
+            else:
+                self._prompts.pop(prompt_id, None)
         lists: dict[tuple[str | None, bool], list[OrderKey]] = {}
-        for tenant, prompt_id, entries in prompts:
-            if not entries:
-                continue
-            keys = {k: (e.hits * k, e.last_access, prompt_id, k) for k, e in entries.items()}
-            self._prompts[prompt_id] = (tenant, keys)
+        for tenant, keys in self._prompts.values():
             for key, kept in self._classes(keys):
                 lists.setdefault((_ALL, kept), []).append(key)
                 lists.setdefault((tenant, kept), []).append(key)

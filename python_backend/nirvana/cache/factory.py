@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from nirvana.cache.connection import MilvusConnection
-from nirvana.cache.latents import LatentStore
+from nirvana.cache.latents import LatentStore, LatentStoreError
 from nirvana.cache.manager import ApproximateCache, CacheCounters
 from nirvana.cache.mirror import Mirror
 from nirvana.cache.reconcile import Reconciler
@@ -52,6 +52,11 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
     MilvusConnection(
         config, dim, prepare=reconciler.load, discard=mirror.reset, publish=cache.attach, closed=cache.closed
     ).open()
+    try:  # an unreadable latent directory fails the open, as it did before the walk moved aside
+        latents.wait_walked()
+    except LatentStoreError:
+        cache.closed.set()  # stops the reconnect loop that the failed reconciliation may have started
+        raise
     if shared and config.refresh_interval_s > 0:
         replicas.start(lambda: cache.index, cache.closed)
     elif not shared and cache.index is not None:

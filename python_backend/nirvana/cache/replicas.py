@@ -121,7 +121,8 @@ class ReplicaSync:
                 counts["added"] += 1
             return
         changed = merged != local.entries
-        self.mirror.set_entries(local, merged)
+        if changed:  # most rows, most refreshes: nothing to change (and a change moves the row in the eviction order)
+            self.mirror.set_entries(local, merged)
         if not merged:
             counts["removed"] += 1
             return

@@ -210,13 +210,21 @@ def _add_assigned(ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lis
 @contextlib.contextmanager
 def _every_core() -> Iterator[None]:
     """faiss on every core for a bulk build at open (k-means and list assignment of a million rows take minutes
-    on one), back to one thread after: serving searches one query at a time beside the UNet. OMP_NUM_THREADS, when
-    set (a pod's CPU limit), caps it."""
-    faiss.omp_set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+    on one), back after: serving searches one query at a time beside the UNet. OMP_NUM_THREADS, when set (a pod's
+    CPU limit), caps it. The setting is the calling thread's: the one that opens the cache."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(_cores())
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(1)
+        faiss.omp_set_num_threads(before)
+
+
+def _cores() -> int:
+    configured = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class PartitionedSearch:

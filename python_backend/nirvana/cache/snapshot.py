@@ -21,10 +21,12 @@ loaded in half the time); a snapshot of float32 vectors, from an earlier version
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from nirvana.cache.search import PartitionKey, Trained
 log = logging.getLogger(__name__)
 
 SUFFIX = ".npz"
+STALE_TEMP_AGE_S = 3600.0
 
 
 def snapshot_path(cache_dir: Path, collection: str) -> Path:
@@ -67,7 +70,10 @@ class Snapshot:
 def load_snapshot(path: Path, dim: int) -> Snapshot:
     """The snapshot at `path`; an empty one if there is none or it cannot be used (logged)."""
     for temp in path.parent.glob(f".{path.name}.*.tmp"):  # left by a crash during a save
-        temp.unlink(missing_ok=True)
+        # an hour old at least: a younger one may be another replica's save in progress (the file is shared)
+        with contextlib.suppress(FileNotFoundError):
+            if temp.stat().st_mtime < time.time() - STALE_TEMP_AGE_S:
+                temp.unlink()
     if not path.is_file():
         return Snapshot.empty(dim)
     try:

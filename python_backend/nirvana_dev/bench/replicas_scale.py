@@ -23,6 +23,7 @@ import psutil
 
 from nirvana.cache.factory import open_cache
 from nirvana.cache.index import MilvusIndex
+from nirvana.cache.records import record_id
 from nirvana.config import CacheConfig, PredictorConfig
 from nirvana_dev.milvus_server import embedded_milvus_server
 
@@ -35,7 +36,15 @@ def _vectors(count: int, dim: int) -> np.ndarray:
 
 
 def _replica(index: int, job: dict, barrier, results) -> None:
-    """One replica's process (see the module docstring); puts its figures on `results`."""
+    """One replica's process (see the module docstring); puts its figures, or its error, on `results`."""
+    try:
+        results.put(_replica_run(index, job, barrier))
+    except BaseException as err:
+        barrier.abort()  # the others stop waiting for this one
+        results.put({"replica": index, "error": repr(err)})
+
+
+def _replica_run(index: int, job: dict, barrier) -> dict:
     config: CacheConfig = job["config"].model_copy(update={"replica_id": f"replica-{index}"})
     vectors = _vectors(job["prompts"], job["dim"])
     latent = np.random.default_rng(0).standard_normal((1, 4, 64, 64)).astype(np.float32)
@@ -66,13 +75,14 @@ def _replica(index: int, job: dict, barrier, results) -> None:
         time.sleep(0.5 * index)
     finally:
         cache.close()
-    results.put(out)
+    return out
 
 
-def _stored_hits(uri: str, collection: str, dim: int) -> dict[int, int]:
+def _stored_hits(uri: str, collection: str, dim: int, rows: list[int]) -> dict[int, int]:
+    """Milvus's hits of each of `rows`, read by id (a scan can miss rows: `replicas.ReplicaSync.refresh`)."""
     index = MilvusIndex(uri, collection, dim, flush_interval_s=3600)
     try:
-        return {row.id: row.entries[K].hits for row in index.load_all() if K in row.entries}
+        return {row_id: r.entries[K].hits for row_id, r in index.fetch(rows).items() if K in r.entries}
     finally:
         index.close()
 
@@ -99,8 +109,10 @@ def run_replicas(
         counted: Counter[int] = Counter()
         for figure in figures:
             counted.update(figure.pop("hits"))
-        stored = _stored_hits(uri, config.collection, dim)
-        errors = [abs(stored.get(row, 0) - n) for row, n in counted.items()]
+        # Every bench row: hits stored on a row nobody counted are an error too
+        rows = [record_id(KEY, TENANT, f"prompt {i}") for i in range(prompts)]
+        stored = _stored_hits(uri, config.collection, dim, rows)
+        errors = [abs(stored.get(row, 0) - counted.get(row, 0)) for row in rows]
         t = time.perf_counter()
         late = open_cache(config.model_copy(update={"replica_id": "late"}), dim)
         late_open_s, late_entries = time.perf_counter() - t, late.mirror.entries
@@ -120,12 +132,15 @@ def run_replicas(
 def _run_processes(replicas: int, job: dict) -> list[dict]:
     """Start the replicas, wait for each one's figures (bounded: 30 min), in replica order."""
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(replicas), context.Queue()
+    barrier, results = context.Barrier(replicas, timeout=900), context.Queue()
     workers = [context.Process(target=_replica, args=(i, job, barrier, results)) for i in range(replicas)]
     for worker in workers:
         worker.start()
     try:
         figures = [results.get(timeout=1800) for _ in workers]
+        failed = [f for f in figures if "error" in f]
+        if failed:
+            raise RuntimeError(f"replica processes failed: {failed}")
     finally:
         for worker in workers:
             worker.join(60)

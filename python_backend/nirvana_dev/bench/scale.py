@@ -7,8 +7,8 @@ as a restarted pod does, and reports:
 - recall@1 of queries at cosine ≈ 0.85 after the restart;
 - admissions through `ApproximateCache.admit` (the admission queue's writer calls the same), each a new prompt with
   one latent, first below capacity, then at capacity (`max_entries` = the entries held once the first ones are in),
-  where each admission evicts in LCBFU order: admissions/s, their latency, the worst one (an eviction scan), and
-  entries held at the end against the capacity. The flush of the queued rows to Milvus is timed with them.
+  where each admission evicts in LCBFU order: admissions/s, their latency, the worst one, and entries held at the
+  end against the capacity; the RSS again after them. The flush of the queued rows to Milvus is timed with them.
 """
 
 from __future__ import annotations
@@ -91,11 +91,19 @@ def _restarted(job: dict) -> dict:
     n = job["admissions"]
     # Capacity: what is held once the first `n` are in; every admission after that must evict (LCBFU) to fit
     config: CacheConfig = job["config"].model_copy(update={"max_entries": job["entries"] + n})
-    dim, key, tenant, k = job["dim"], job["cache_key"], job["tenant"], job["k"]
     before = psutil.Process().memory_info().rss  # the interpreter and the libraries, before the cache exists
     t0 = time.perf_counter()
-    cache = open_cache(config, dim)
+    cache = open_cache(config, job["dim"])
     open_s = time.perf_counter() - t0
+    try:
+        return _measure_restarted(cache, job, config, open_s, before)
+    finally:
+        cache.close()
+
+
+def _measure_restarted(cache, job: dict, config: CacheConfig, open_s: float, before: int) -> dict:
+    key, tenant, k = job["cache_key"], job["tenant"], job["k"]
+    n = job["admissions"]
     phases = {name: round(value, 2) for name, value in cache.open_timings.items()}
     out: dict = {"open_s": round(open_s, 2), "open_phases_s": phases, "rss_before_open_mib": _mib(before)}
     out.update(_tree_rss(psutil.Process()))
@@ -108,15 +116,14 @@ def _restarted(job: dict) -> dict:
     out["recall_at_1_cos085"] = found / len(job["far_queries"])
     rng = np.random.default_rng(1)
     latent = rng.standard_normal((1, *job["latent_shape"])).astype(np.float32)
-    new = rng.standard_normal((2 * job["admissions"], dim)).astype(np.float32)
+    new = rng.standard_normal((2 * n, job["dim"])).astype(np.float32)
     new /= np.linalg.norm(new, axis=1, keepdims=True)
     out["below_capacity"] = _admit_run(cache, new[:n], 0, latent, key, tenant, k)
     out["at_capacity"] = _admit_run(cache, new[n:], n, latent, key, tenant, k)
     out["at_capacity"].update(
         capacity=config.max_entries, entries_after=cache.mirror.entries, evictions=cache.counters.evictions
     )
-    out.update(_tree_rss(psutil.Process()) | {"after_admissions": True})
-    cache.close()
+    out.update({f"{name}_after_admissions": value for name, value in _tree_rss(psutil.Process()).items()})
     return out
 
 
