@@ -141,7 +141,7 @@ class Mirror:
             self._records[record.id] = record
             self._entries += len(record.entries)
             self._account(record, +1)
-            self._order(record)
+            self.order.replace(record.tenant, record.id, record.entries)
             self.search.add((record.cache_key, record.tenant), record.id, record.vector)
             record.vector = np.asarray(record.vector, np.float16)
 
@@ -209,10 +209,6 @@ class Mirror:
                 entry.count_hit(replica, when)
                 if self._records.get(record.id) is record:  # not a record the mirror has let go of since
                     self.order.put(record.tenant, record.id, k, entry)
-
-    def _order(self, record: PromptRecord) -> None:
-        for k, entry in record.entries.items():
-            self.order.put(record.tenant, record.id, k, entry)
 
     def _remove(self, row_id: int) -> None:
         record = self._records.pop(row_id)

@@ -10,7 +10,7 @@ Milvus is the store of record; this is the request path's copy of its vectors. M
   grows past `tail_max_rows`, and the IVF is retrained when the partition has doubled since training.
 * the IVF lists hold each vector at float16 (`IndexIVFScalarQuantizer`, QT_fp16): half the bytes of float32 and,
   measured at 100k × 768 on 2 cores, a search of 0.42 ms against 0.87 ms; the similarity it returns differs from
-  float32's by about 1e-4, far below the K table's steps. At a million prompts this copy is most of the process.
+  float32's by about 1e-4, far below the K table's steps.
 """
 
 from __future__ import annotations
@@ -209,9 +209,10 @@ def _add_assigned(ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lis
 
 @contextlib.contextmanager
 def _every_core() -> Iterator[None]:
-    """faiss on every core for a bulk build at open (k-means and list assignment of a million rows take minutes
-    on one), back after: serving searches one query at a time beside the UNet. OMP_NUM_THREADS, when set (a pod's
-    CPU limit), caps it. The setting is the calling thread's: the one that opens the cache."""
+    """faiss on every core for a bulk build at open (a first open of a million rows spent 86 s building the
+    mirror and its search on 2 cores), back after: serving searches one query at a time
+    beside the UNet. OMP_NUM_THREADS, when set (a pod's CPU limit), caps it. The setting is the calling thread's:
+    the one that opens the cache."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(_cores())
     try:

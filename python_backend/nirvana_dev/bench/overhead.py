@@ -35,7 +35,7 @@ from nirvana.cache.manager import ApproximateCache
 from nirvana.cache.records import EntryMeta, PromptRecord, blob_key, record_id
 from nirvana.config import CacheConfig, PredictorConfig
 from nirvana.embed import make_embedder
-from nirvana_dev.bench.scale import disk_usage, machine_memory, restart_and_admit
+from nirvana_dev.bench.scale import disk_usage, machine_memory, restart_and_admit, timed_lookups
 
 CACHE_KEY, TENANT, STEPS, K = "bench", "default", 50, 25
 
@@ -157,22 +157,12 @@ def _open(config: CacheConfig, dim: int) -> tuple[ApproximateCache, dict[str, fl
     return cache, {"total_s": round(total, 2), **{name: round(value, 2) for name, value in phases.items()}}
 
 
-def _measure(config: CacheConfig, vectors: np.ndarray, queries: np.ndarray, far_queries: np.ndarray) -> dict:
+def _measure(config: CacheConfig, vectors: np.ndarray, queries: np.ndarray) -> dict:
     # The first open after the bulk import has no mirror snapshot: every vector comes from Milvus and the search
     # is trained. Queries then run on it; the restart (`scale`) opens from the snapshot written at its close.
     cache, first_open = _open(config, vectors.shape[1])
-    exact = _exact_top1(queries, vectors)
-    stages: dict[str, list[float]] = {"search_ms": [], "select_ms": [], "latent_load_ms": [], "cache_path_ms": []}
-    found = 0
     try:
-        for q, want in zip(queries, exact, strict=True):
-            t = time.perf_counter()
-            lookup = cache.lookup(q, CACHE_KEY, TENANT, STEPS)
-            stages["cache_path_ms"].append((time.perf_counter() - t) * 1e3)
-            for name in ("search_ms", "select_ms", "latent_load_ms"):
-                stages[name].append(lookup.timings_ms.get(name, 0.0))
-            record = cache.record(CACHE_KEY, TENANT, lookup.matched_prompt) if lookup.matched_prompt else None
-            found += record is not None and record.id == record_id(CACHE_KEY, TENANT, f"bench prompt {want}")
+        stages, found = timed_lookups(cache, queries, _exact_top1(queries, vectors), CACHE_KEY, TENANT, STEPS)
         hit_rate = cache.counters.hits / len(queries)
     finally:
         cache.close()
@@ -192,7 +182,7 @@ def _fill_and_measure(job: dict) -> dict:
     t = time.perf_counter()
     _fill(config, vectors, latent_shape, rng)
     figures = {"fill_s": round(time.perf_counter() - t, 1)}
-    figures.update(_measure(config, vectors, queries, far_queries))
+    figures.update(_measure(config, vectors, queries))
     return {
         "figures": figures,
         "queries": queries,

@@ -69,20 +69,30 @@ def _admit_run(cache, vectors: np.ndarray, start: int, latent: np.ndarray, key: 
     }
 
 
-def _lookups(cache, queries: np.ndarray, exact: np.ndarray, key: str, tenant: str) -> dict:
-    """The cache path (search, K choice, latent load) of near-duplicate queries on the restarted cache, and
-    recall@1 against exact search (`exact`: each query's nearest bench prompt)."""
-    stages: dict[str, list[float]] = {"search_ms": [], "latent_load_ms": [], "cache_path_ms": []}
+def timed_lookups(
+    cache, queries: np.ndarray, exact: np.ndarray, key: str, tenant: str, steps: int
+) -> tuple[dict[str, list[float]], int]:
+    """Each query's cache path (`cache_path_ms`: search, K choice, latent load) and its stages in ms, and how many
+    matched their nearest bench prompt (`exact`: its index, from exact search)."""
+    stages: dict[str, list[float]] = {"search_ms": [], "select_ms": [], "latent_load_ms": [], "cache_path_ms": []}
     found = 0
     for query, want in zip(queries, exact, strict=True):
         t = time.perf_counter()
-        lookup = cache.lookup(query, key, tenant, 50)
+        lookup = cache.lookup(query, key, tenant, steps)
         stages["cache_path_ms"].append((time.perf_counter() - t) * 1e3)
-        for name in ("search_ms", "latent_load_ms"):
+        for name in ("search_ms", "select_ms", "latent_load_ms"):
             stages[name].append(lookup.timings_ms.get(name, 0.0))
         record = cache.record(key, tenant, lookup.matched_prompt) if lookup.matched_prompt else None
         found += record is not None and record.id == record_id(key, tenant, f"bench prompt {want}")
-    out = {f"after_restart_{name}": _latencies(values) for name, values in stages.items()}
+    return stages, found
+
+
+def _lookups(cache, queries: np.ndarray, exact: np.ndarray, key: str, tenant: str) -> dict:
+    """The cache path of near-duplicate queries on the restarted cache, and recall@1 against exact search."""
+    stages, found = timed_lookups(cache, queries, exact, key, tenant, 50)
+    out = {
+        f"after_restart_{name}": _latencies(stages[name]) for name in ("search_ms", "latent_load_ms", "cache_path_ms")
+    }
     return {**out, "after_restart_recall_at_1": found / len(queries)}
 
 
