@@ -37,3 +37,12 @@ def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SDXL's layout at toy size: two text encoders, text_time added conditioning, 32×32×4 latent, 128×128 image."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_sdxl"), seed=5, architecture="tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SD 3's and FLUX.1's layouts at toy size (16-channel 16×16 latent, 64×64 image, T5 of 32 tokens), by family."""
+    return {
+        "sd3": make_tiny_model(tmp_path_factory.mktemp("tiny_sd3"), seed=7, architecture="tiny-sd3"),
+        "flux": make_tiny_model(tmp_path_factory.mktemp("tiny_flux"), seed=8, architecture="tiny-flux"),
+    }

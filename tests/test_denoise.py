@@ -8,7 +8,7 @@ import torch
 from diffusers import LMSDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from nirvana.denoise import (
-    SCHEDULERS,
+    UNET_SCHEDULERS,
     ResumeState,
     StepRangeError,
     UnsupportedSchedulerError,
@@ -85,7 +85,7 @@ def _start(tiny_checkpoint, name: str, seed: int = SEED):
 def full_runs(tiny_checkpoint, models, embeddings) -> dict:
     """Uninterrupted N-step runs of prompt A per scheduler, states captured at K = 5 and 10."""
     runs = {}
-    for name in SCHEDULERS:
+    for name in UNET_SCHEDULERS:
         scheduler, generator, x_t = _start(tiny_checkpoint, name)
         result = denoise(
             models, scheduler, N, embeddings[PROMPT_A], GUIDANCE, generator=generator, latent=x_t, capture_at=(5, 10)
@@ -104,7 +104,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", list(UNET_SCHEDULERS))
 @pytest.mark.parametrize("guidance", [GUIDANCE, 1.0])
 def test_k0_matches_stable_diffusion_pipeline(name, guidance, pipe, tiny_checkpoint, models) -> None:
     steps = 8
@@ -145,7 +145,7 @@ def test_one_batched_text_encoder_call_matches_the_pipelines_two(prompt, tiny_ch
     assert _max_diff(batched, two_calls) <= 1e-6
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", list(UNET_SCHEDULERS))
 @pytest.mark.parametrize("k", [5, 10])
 def test_resume_at_k_equals_uninterrupted_run(name, k, full_runs, tiny_checkpoint, models, embeddings) -> None:
     _, full = full_runs[name]
@@ -182,7 +182,7 @@ def test_stateful_schedulers_are_rejected(scheduler_cls, tiny_checkpoint) -> Non
 
 
 def test_make_scheduler_names(tiny_checkpoint) -> None:
-    for name in SCHEDULERS:
+    for name in UNET_SCHEDULERS:
         assert scheduler_name(make_scheduler(name, tiny_checkpoint.scheduler_config)) == name
     assert scheduler_name(make_scheduler("auto", tiny_checkpoint.scheduler_config)) == "ddim"
     assert make_scheduler("dpmpp", tiny_checkpoint.scheduler_config).config.algorithm_type == "dpmsolver++"

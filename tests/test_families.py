@@ -114,8 +114,8 @@ def test_a_latent_never_crosses_checkpoints_or_resolutions(sd2, tiny_checkpoint,
 @pytest.mark.parametrize(
     ("class_name", "named"),
     [
-        ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
-        ("FluxPipeline", "FLUX"),
+        ("PixArtAlphaPipeline", "PixArt"),
+        ("StableCascadeCombinedPipeline", "Stable Cascade"),
         ("KandinskyPipeline", "unknown model family"),
     ],
 )

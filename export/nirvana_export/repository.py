@@ -28,6 +28,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from nirvana.contract.controlnet import CONTROLNET_PREFIX, UNET_CONTROL_MODEL
+from nirvana.contract.dit import DIT_MODEL_NAMES
 from nirvana.contract.specs import (
     ADAPTERS_MODEL,
     CACHE_MODEL,
@@ -58,7 +59,7 @@ TORCH_PY = (
     "from nirvana.serving.torch_model import TritonPythonModel  # noqa: F401\n"
 )
 # In the torch profile; the embedder stays ONNX.
-TORCH_MODELS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TORCH_MODELS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "vae_decoder")
 NIRVANA_PY = (
     '"""Triton python model `nirvana`: the BLS orchestrator (glue in nirvana.serving.bls_model)."""\n\n'
     "from nirvana.serving.bls_model import TritonPythonModel  # noqa: F401\n"
@@ -324,13 +325,18 @@ def write_repository(
     `instances`: `nirvana` orchestrator instances (default per profile, `DEFAULT_INSTANCES`); `unet_max_batch`:
     UNet rows per execution (8 requests' guidance pairs by default); `vae_fp16=False` builds the VAE engine in
     fp32 (SDXL's VAE overflows in fp16)."""
-    from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
+    from nirvana.checkpoint import CheckpointError, fingerprint_checkpoint, load_checkpoint_info
     from nirvana.contract.specs import submodel_specs
     from nirvana.embed import resolve_embedder
     from nirvana_export.controlnet_export import remove_stale, served_controlnets
 
     out = Path(out)
     checkpoint = load_checkpoint_info(checkpoint_dir)
+    if checkpoint.family in ("sd3", "flux") and profile != "torch":
+        raise CheckpointError(
+            f"{checkpoint_dir}: {checkpoint.family} (a transformer family) is served in the torch profile only so "
+            f"far (profile={profile!r}: its ONNX export and TensorRT engines are not built yet); use --profile torch"
+        )
     # Resolved once here, so the orchestrators and the cache model read the same name from engine.json.
     embedder = resolve_embedder(engine_config.get("embedder", "auto"), checkpoint)
     engine_config = {**engine_config, "embedder": embedder}
@@ -345,7 +351,7 @@ def write_repository(
     specs = submodel_specs(checkpoint, max_batch=max_batch, unet_max_batch=unet_max_batch)
     if fresh:
         manifest_path.unlink(missing_ok=True)  # a failed export must never look like a finished one
-        for name in SDXL_MODEL_NAMES:  # a model the new configuration does not serve must not stay loadable
+        for name in {*SDXL_MODEL_NAMES, *DIT_MODEL_NAMES}:  # a model not served any more must not stay loadable
             shutil.rmtree(out / name, ignore_errors=True)
         remove_stale(out)
         _export_weights(Path(checkpoint_dir), out, profile, specs, stamp, control)

@@ -26,6 +26,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from nirvana.schedulers import (
     SCHEDULERS,
+    UNET_SCHEDULERS,
     UnsupportedSchedulerError,
     check_resumable,
     make_scheduler,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEDULERS",
+    "UNET_SCHEDULERS",
     "DenoiseResult",
     "ResumeState",
     "ResumeStateError",
@@ -185,7 +187,8 @@ def initial_latent(
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("scheduler.set_timesteps(N) has not run; pass num_steps=N")
     noise = randn_tensor(tuple(shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-    return noise * scheduler.init_noise_sigma
+    # Flow matching starts from the noise itself (its schedulers have no init_noise_sigma).
+    return noise * getattr(scheduler, "init_noise_sigma", 1.0)
 
 
 def _check_steps(num_steps: int, start: ResumeState | None, capture_at: Iterable[int]) -> set[int]:
@@ -276,8 +279,9 @@ def denoise(
 
     # 2. Denoising loop.
     guided = guidance_scale > 1.0
-    text = embeddings if guided else embeddings[-1:]
-    added = {} if not added_cond else {"added_cond": {k: v if guided else v[-1:] for k, v in added_cond.items()}}
+    rows = x.shape[0]  # one per request here; a batch of B requests in calibration (rows [uncond×B, cond×B])
+    text = embeddings if guided else embeddings[-rows:]
+    added = {} if not added_cond else {"added_cond": {k: v if guided else v[-rows:] for k, v in added_cond.items()}}
     step_kwargs = _step_kwargs(scheduler, generator)
     captured: dict[int, ResumeState] = {}
     timesteps = scheduler.timesteps
@@ -285,7 +289,7 @@ def denoise(
         t = timesteps[i]
         if i in captures:
             captured[i] = _capture(scheduler, x, i, generator)
-        model_input = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
+        model_input = _scale(scheduler, torch.cat([x] * 2) if guided else x, t)
         timestep = t.expand(model_input.shape[0])
         extra = added if control is None else {**added, "residuals": control.residuals(model_input, timestep, text)}
         eps = models.unet(model_input, timestep, text, **extra)
@@ -298,8 +302,16 @@ def denoise(
     return DenoiseResult(latent=x, captured=captured, steps_run=len(timesteps) - first)
 
 
-def decode(models: SubModels, latent: torch.Tensor, scaling_factor: float) -> np.ndarray:
+def _scale(scheduler: SchedulerMixin, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # Flow-matching schedulers feed the latent to the transformer unscaled (they have no scale_model_input).
+    scale = getattr(scheduler, "scale_model_input", None)
+    return model_input if scale is None else scale(model_input, t)
+
+
+def decode(
+    models: SubModels, latent: torch.Tensor, scaling_factor: float, shift_factor: float | None = None
+) -> np.ndarray:
     """Final latent ``[1, C, h, w]`` (scheduler space) → image ``[H, W, 3]`` float32 in [0, 1], as the pipeline's
-    ``image_processor.postprocess(output_type="np")``."""
-    image = models.decode(latent / scaling_factor)
+    ``image_processor.postprocess(output_type="np")``. SD 3 and FLUX's VAEs also shift: ``latent / s + shift``."""
+    image = models.decode(latent / scaling_factor if shift_factor is None else latent / scaling_factor + shift_factor)
     return _IMAGE_PROCESSOR.postprocess(image, output_type="np")[0]

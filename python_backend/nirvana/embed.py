@@ -60,7 +60,7 @@ class Embedder(ABC):
         return None
 
 
-def _normalise(vectors: torch.Tensor) -> np.ndarray:
+def normalise(vectors: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy().astype(np.float32)
 
 
@@ -95,7 +95,7 @@ class MiniLMEmbedder(Embedder):
             )
             hidden = self._model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(_normalise((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)))
+            out.append(normalise((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -147,17 +147,17 @@ class ClipEmbedder(Embedder):
             return_tensors="pt",
         ).input_ids
         if self._encode_text is not None:
-            return _normalise(clip_pool(self._encode_text(ids), ids, self._eos_token_id))
+            return normalise(clip_pool(self._encode_text(ids), ids, self._eos_token_id))
         out = self._encoder(ids.to(self._encoder.device))
         pooled = out.text_embeds if self._has_projection else out.pooler_output
-        return _normalise(pooled)
+        return normalise(pooled)
 
     def embed_from_hidden(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray | None:
         """What :meth:`embed` gives for the prompts behind ``input_ids``, without another encoder call; None for
         an encoder with a projection (the SubModels output is not the state it projects)."""
         if self._has_projection:
             return None
-        return _normalise(clip_pool(last_hidden_state, input_ids, self._eos_token_id))
+        return normalise(clip_pool(last_hidden_state, input_ids, self._eos_token_id))
 
 
 class SdxlClipEmbedder(Embedder):
@@ -178,10 +178,37 @@ class SdxlClipEmbedder(Embedder):
         if self._encoder is None:
             raise EmbedderError("SDXL clip vectors outside a request need the loaded text_encoder_2")
         ids = self._tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt").input_ids
-        return _normalise(self._encoder(ids.to(self._encoder.device)).text_embeds)
+        return normalise(self._encoder(ids.to(self._encoder.device)).text_embeds)
 
     def embed_from_pooled(self, text_embeds: torch.Tensor) -> np.ndarray:
-        return _normalise(text_embeds)
+        return normalise(text_embeds)
+
+
+class DitClipEmbedder(Embedder):
+    """SD 3 and FLUX: the ``pooled_projections`` of the conditioning pass (SD 3: CLIP-L + CLIP-G projections;
+    FLUX: CLIP-L's pooled output), never T5's states (a sequence, 4,096 wide). See `nirvana.dit.conditioning`."""
+
+    name = "clip"
+    pools_from_conditioning = True
+
+    def __init__(self, checkpoint: Checkpoint | CheckpointInfo) -> None:
+        self._checkpoint, self.dim = checkpoint, int(checkpoint.unet_config["pooled_projection_dim"])
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        from nirvana.dit.conditioning import dit_tokens
+        from nirvana.dit.modules import call_dit_encoders
+
+        checkpoint = self._checkpoint
+        encoders = {name: getattr(checkpoint, name, None) for name in ("text_encoder", "text_encoder_2")}
+        encoders["text_encoder_3"] = getattr(checkpoint, "text_encoder_3", None)
+        if encoders["text_encoder"] is None:
+            raise EmbedderError("clip vectors of a transformer checkpoint outside a request need its loaded encoders")
+        tokens = dit_tokens(checkpoint, list(texts))
+        return normalise(call_dit_encoders(checkpoint.family, encoders, tokens)[1])
+
+    def embed_from_pooled(self, text_embeds: torch.Tensor) -> np.ndarray:
+        return normalise(text_embeds)
 
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
@@ -193,6 +220,8 @@ EMBEDDERS: dict[str, Callable[..., Embedder]] = {
 def _clip(checkpoint: Checkpoint | None) -> Embedder:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    if checkpoint.family in ("sd3", "flux"):
+        return DitClipEmbedder(checkpoint)
     if checkpoint.family == "sdxl":
         return SdxlClipEmbedder(checkpoint)
     return ClipEmbedder(checkpoint)
@@ -201,6 +230,8 @@ def _clip(checkpoint: Checkpoint | None) -> Embedder:
 def _clip_dim(checkpoint: CheckpointInfo | None) -> int:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
+    if checkpoint.family in ("sd3", "flux"):  # the transformer's pooled_projections
+        return int(checkpoint.unet_config["pooled_projection_dim"])
     if checkpoint.text_encoder_2_config is not None:  # SDXL: the second encoder's projection
         return int(checkpoint.text_encoder_2_config.projection_dim)
     config = checkpoint.text_encoder_config

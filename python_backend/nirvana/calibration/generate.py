@@ -25,9 +25,10 @@ from diffusers.image_processor import VaeImageProcessor
 from nirvana.cache.latent_codec import CODECS, roundtrip
 from nirvana.checkpoint import Checkpoint
 from nirvana.denoise import denoise, encode_prompts, initial_latent, make_scheduler
+from nirvana.dit.conditioning import family_conditioning
 from nirvana.k_choice import scale_k
-from nirvana.pipeline import resolve_scheduler
-from nirvana.runtime.torch_runtime import TorchSubModels
+from nirvana.runtime.torch_dit import in_process_models
+from nirvana.schedulers import resolve_scheduler
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_KS", "DEFAULT_STEPS", "PairGenerator", "PairImages", "PairSettings", "default_ks"]
 
@@ -90,34 +91,47 @@ class PairGenerator:
     def __init__(self, checkpoint: Checkpoint, settings: PairSettings) -> None:
         self.checkpoint = checkpoint
         self.settings = settings
-        self.models = TorchSubModels(checkpoint)
+        self.models = in_process_models(checkpoint)
+        # SDXL, SD 3, FLUX: their text encoders, added inputs and guidance, as `Pipeline.generate` uses them
+        self._family = family_conditioning(checkpoint, self.models)
         self.scheduler_name = resolve_scheduler(settings.scheduler, checkpoint.scheduler_config)
         if self.scheduler_name == "euler_a":  # one generator per batch would not give each pair its own noise
             raise ValueError("scheduler 'euler_a' draws noise in every step; evaluate with ddim, euler or dpmpp")
 
-    def _embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``[2B, L, D]`` = ``[uncond×B, cond×B]``, each row as ``encode_prompts`` builds it for one prompt."""
-        rows = [encode_prompts(self.checkpoint.tokenizer, self.models, p) for p in prompts]
-        return torch.cat([torch.cat([r[:1] for r in rows]), torch.cat([r[1:] for r in rows])])
+    def _embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``[2B, L, D]`` = ``[uncond×B, cond×B]`` (FLUX: ``[cond×B]``), each row as the request path builds it for
+        one prompt, and the family's added inputs in the same row order (None for SD 1.x/2.x)."""
+        if self._family is None:
+            rows = [encode_prompts(self.checkpoint.tokenizer, self.models, p) for p in prompts]
+            return _by_row([r for r in rows]), None
+        encoded = [self._family.encode(p) for p in prompts]
+        added = {name: _by_row([a[name] for _, a in encoded]) for name in encoded[0][1]}
+        return _by_row([text for text, _ in encoded]), added
 
     def _images(self, latent: torch.Tensor) -> np.ndarray:
         """Final latents ``[B, C, h, w]`` → uint8 ``[B, H, W, 3]``: ``denoise.decode`` on a batch, then
         ``Pipeline.generate``'s rounding."""
+        shift = self.checkpoint.shift_factor or 0.0  # SD 3, FLUX
         pixels = _IMAGE_PROCESSOR.postprocess(
-            self.models.decode(latent / self.checkpoint.scaling_factor), output_type="np"
+            self.models.decode(latent / self.checkpoint.scaling_factor + shift), output_type="np"
         )
         return (pixels * 255).round().clip(0, 255).astype(np.uint8)
 
-    def _denoise(self, embeddings: torch.Tensor, seeds: Sequence[int], **kwargs) -> object:
+    def _denoise(self, conditioning: tuple, seeds: Sequence[int], **kwargs) -> object:
         scheduler = make_scheduler(self.scheduler_name, self.checkpoint.scheduler_config)
         generator = torch.Generator().manual_seed(int(seeds[0]))  # DDIM (eta=0) never draws from it
+        embeddings, added = conditioning
+        scale = self.settings.guidance
+        if self._family is not None:
+            scale, added = self._family.loop_guidance(scale, added)
         return denoise(
             self.models,
             scheduler,
             self.settings.steps,
             embeddings,
-            self.settings.guidance,
+            scale,
             generator=generator,
+            added_cond=added,
             **kwargs,
         )
 
@@ -147,3 +161,9 @@ class PairGenerator:
             start.latent = stored_as(start.latent, self.settings.latent_dtype)
             cached[k] = self._images(self._denoise(new_embeddings, seeds, start=start).latent)
         return PairImages(self._images(source.latent), self._images(reference.latent), cached)
+
+
+def _by_row(rows: list[torch.Tensor]) -> torch.Tensor:
+    """One request's rows each (``[uncond, cond]`` or ``[cond]``) → ``[uncond×B, cond×B]``: row i of every request,
+    then row i + 1, as ``denoise`` reads a batch of B latents."""
+    return torch.cat([torch.cat([r[i : i + 1] for r in rows]) for i in range(rows[0].shape[0])])

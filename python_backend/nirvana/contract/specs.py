@@ -210,6 +210,10 @@ def submodel_specs(
     ``latent_size`` (h, w) overrides the checkpoint's default resolution; spatial axes stay fixed (one engine
     per resolution), since the cache key pins the resolution anyway.
     """
+    if checkpoint.family in ("sd3", "flux"):  # the transformer families' own models (`nirvana.contract.dit`)
+        from nirvana.contract.dit import dit_specs
+
+        return dit_specs(checkpoint, max_batch, unet_max_batch)  # type: ignore[arg-type]
     size = latent_size or checkpoint.latent_size
     seq_len, hidden = checkpoint.text_max_length, checkpoint.text_hidden_size
     second = checkpoint.text_encoder_2_config  # SDXL only

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from nirvana.contract.controlnet import UNET_CONTROL_MODEL
+from nirvana.contract.dit import LAST
 from nirvana.contract.specs import PENULTIMATE
+from nirvana.dit.modules import combine_sd3
 from nirvana.embed import MINILM_MAX_TOKENS, Embedder
 from nirvana.security.credential import INTERNAL_PARAMETER
 
@@ -161,6 +163,26 @@ class BlsSubModels:
         hidden = torch.cat([first.float(), second[PENULTIMATE].float()], dim=-1)
         return hidden, second["text_embeds"].float()
 
+    def encode_dit(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD 3, FLUX: token ids by tokenizer folder → ``(hidden [B, T, D], pooled_projections [B, P])`` on
+        `conditioning_device`, assembled from the served text encoders (`nirvana.contract.dit`)."""
+        device = self.conditioning_device
+
+        def ask(model: str, folder: str, outputs: list[str]) -> dict[str, torch.Tensor]:
+            ids = {"input_ids": tokens[folder].to(torch.int64)}
+            return bls_infer_torch(self._pb, model, ids, outputs, device)
+
+        if "tokenizer_3" not in tokens:  # FLUX: CLIP-L's pooled output, T5's states
+            pooled = ask("text_encoder", "tokenizer", ["text_embeds"])["text_embeds"]
+            return ask("text_encoder_2", "tokenizer_2", [LAST])[LAST].float(), pooled.float()
+        clip_l = ask("text_encoder", "tokenizer", [PENULTIMATE, "text_embeds"])
+        clip_g = ask("text_encoder_2", "tokenizer_2", [PENULTIMATE, "text_embeds"])
+        t5 = ask("text_encoder_3", "tokenizer_3", [LAST])[LAST]
+        hidden, pooled = combine_sd3(
+            clip_l[PENULTIMATE], clip_l["text_embeds"], clip_g[PENULTIMATE], clip_g["text_embeds"], t5
+        )
+        return hidden.float(), pooled.float()
+
     def unet(
         self,
         sample: torch.Tensor,
@@ -180,7 +202,11 @@ class BlsSubModels:
             "timestep": timestep.to(torch.float32),
             "encoder_hidden_states": encoder_hidden_states.to(torch.float32),
         }
-        inputs |= {name: value.to(torch.float32) for name, value in (added_cond or {}).items()}
+        # FLUX's guidance is one value per row too: [rows, 1] like the timestep
+        added = {
+            name: value.reshape(-1, 1) if value.dim() == 1 else value for name, value in (added_cond or {}).items()
+        }
+        inputs |= {name: value.to(torch.float32) for name, value in added.items()}
         inputs |= residuals or {}
         role = "unet_control" if residuals else "unet"
         try:

@@ -17,7 +17,7 @@ from nirvana.contract.specs import PENULTIMATE
 __all__ = ["TorchSubModels", "component_runner"]
 
 
-def _plain_fp32(tensor: torch.Tensor) -> torch.Tensor:
+def plain_fp32(tensor: torch.Tensor) -> torch.Tensor:
     # Cloned outside inference mode: callers (schedulers, the cache) may update it in place, which an
     # inference tensor forbids.
     return tensor.float().cpu().clone()
@@ -89,7 +89,7 @@ class TorchSubModels:
         """Token ids ``[B, L]`` int64 → last hidden state ``[B, L, D]`` float32."""
         mask = attention_mask if self.use_attention_mask else None
         with torch.inference_mode():
-            return _plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
+            return plain_fp32(call_text_encoder(self.text_encoder, input_ids, mask))
 
     def with_unet(self, unet: torch.nn.Module) -> TorchSubModels:
         """The same sub-models around another UNet (one with LoRA adapters fused in, `nirvana.addons.lora`)."""
@@ -103,7 +103,7 @@ class TorchSubModels:
             raise TypeError("encode_text_pair needs an SDXL checkpoint (text_encoder_2)")
         with torch.inference_mode():
             hidden, pooled = call_text_encoders_sdxl(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
-            return _plain_fp32(hidden), _plain_fp32(pooled)
+            return plain_fp32(hidden), plain_fp32(pooled)
 
     def unet(
         self,
@@ -115,14 +115,14 @@ class TorchSubModels:
     ) -> torch.Tensor:
         """Scaled latent ``[B, C, h, w]``, timestep ``[B]``, text ``[B, L, D]`` → noise prediction ``[B, C, h, w]``."""
         with torch.inference_mode():
-            return _plain_fp32(
+            return plain_fp32(
                 call_unet(self.unet_model, sample, timestep, encoder_hidden_states, added_cond, residuals)
             )
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent ``[B, C, h, w]`` → image ``[B, 3, H, W]`` in ≈[-1, 1], float32."""
         with torch.inference_mode():
-            return _plain_fp32(call_vae_decoder(self.vae, latent))
+            return plain_fp32(call_vae_decoder(self.vae, latent))
 
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -147,6 +147,10 @@ def component_runner(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint_dir)
+    if (root / "transformer").is_dir():  # SD 3.x, FLUX.1
+        from nirvana.runtime.torch_dit import dit_component_runner
+
+        return dit_component_runner(component, root, device, dtype)
     sdxl = (root / "text_encoder_2").is_dir()
     if component.startswith(CONTROLNET_PREFIX):
         if controlnet is None:

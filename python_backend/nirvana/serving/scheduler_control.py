@@ -31,7 +31,9 @@ class ControlRunner:
             residual_memory = "gpu" if torch.cuda.is_available() else "cpu"
         self._pb = pb
         self._memory = residual_memory
-        shapes = residual_shapes(checkpoint.unet_config, checkpoint.latent_size)
+        # A transformer checkpoint (SD 3, FLUX) has no ControlNet path: no residuals to name.
+        unet = "block_out_channels" in checkpoint.unet_config
+        shapes = residual_shapes(checkpoint.unet_config, checkpoint.latent_size) if unet else []
         self._outputs = residual_names(len(shapes))
 
     def __call__(self, controlnet: str, unet: str, rows: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from nirvana.families import DIT, FAMILIES, CheckpointError, model_family
 from nirvana.fingerprint import fingerprint_checkpoint
 
 __all__ = [
@@ -49,22 +50,7 @@ _REQUIRED_FILES = {
     "scheduler": "scheduler_config.json",
 }
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-# model_index.json's `_class_name` -> family. SD 1.x and 2.x share one pipeline class (2.x differs in its text
-# encoder, resolution and, for 768 px, v-prediction, all read from the component configs).
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-_FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
-# Families people will try, refused with what they are rather than a failure deep in a component loader.
-_KNOWN_UNSUPPORTED = {
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "FluxPipeline": "FLUX",
-    "PixArtAlphaPipeline": "PixArt-α",
-    "StableCascadeCombinedPipeline": "Stable Cascade",
-}
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint folder is incomplete or malformed; the message names the folder or file."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +112,12 @@ class CheckpointInfo:
         return float(self.vae_config["scaling_factor"])
 
     @property
+    def shift_factor(self) -> float | None:
+        """VAE latent shift (SD 3, FLUX: the transformer works on ``(vae_latent - shift) * scaling``); None for SD."""
+        shift = self.vae_config.get("shift_factor")
+        return None if shift is None else float(shift)
+
+    @property
     def text_max_length(self) -> int:
         """Token sequence length L every prompt is padded/truncated to (77 for CLIP)."""
         return int(self.tokenizer.model_max_length)
@@ -148,31 +140,17 @@ class Checkpoint(CheckpointInfo):
     text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection
 
 
-def _require(path: Path, what: str) -> Path:
+def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint is missing {what}: {path}")
     return path
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
-        return json.loads(_require(path, path.name).read_text())
+        return json.loads(require(path, path.name).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def model_family(root: Path, index: dict) -> str:
-    """The family of a checkpoint from its ``model_index.json`` ``_class_name``; refuses one this server cannot run,
-    naming it (a folder without the field is taken for SD 1.x, as diffusers itself does for old folders)."""
-    name = index.get("_class_name", "StableDiffusionPipeline")
-    if name in FAMILIES:
-        return FAMILIES[name]
-    what = _KNOWN_UNSUPPORTED.get(name, "an unknown model family")
-    supported = ", ".join(f"{cls} ({_FAMILY_NAMES[family]})" for cls, family in FAMILIES.items())
-    raise CheckpointError(
-        f"{root / 'model_index.json'}: _class_name {name!r} is {what}, which this server does not run; "
-        f"supported: {supported}"
-    )
 
 
 def _check_scheduler(root: Path, config: dict) -> dict:
@@ -186,13 +164,16 @@ def _check_scheduler(root: Path, config: dict) -> dict:
 def _check_layout(root: Path) -> dict:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder does not exist: {root}")
-    index = _read_json(root / "model_index.json")
-    sdxl = model_family(root, index) == "sdxl"
+    index = read_json(root / "model_index.json")
+    family = model_family(root, index)
+    if family in DIT:  # nirvana.checkpoint.dit checks its own layout
+        return index
+    sdxl = family == "sdxl"
     for component in COMPONENTS + (SDXL_COMPONENTS if sdxl else ()):
-        _require(root / component, f"folder '{component}/'")
+        require(root / component, f"folder '{component}/'")
     required = {**_REQUIRED_FILES, **({"text_encoder_2": "config.json"} if sdxl else {})}
     for component, name in required.items():
-        _require(root / component / name, f"'{component}/{name}'")
+        require(root / component / name, f"'{component}/{name}'")
     for folder in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
         tok = root / folder
         if not (tok / "tokenizer.json").exists() and not (
@@ -240,7 +221,7 @@ def _sdxl_info(root: Path, index: dict, family: str) -> dict:
     }
 
 
-def _module_config(root: Path, component: str, cls: type) -> FrozenDict:
+def module_config(root: Path, component: str, cls: type) -> FrozenDict:
     """``component/config.json`` over ``cls``'s constructor defaults: what ``cls.from_pretrained(...).config`` holds.
 
     Configs saved by older diffusers lack the arguments added since (``scaling_factor`` of the VAE, for one).
@@ -248,7 +229,7 @@ def _module_config(root: Path, component: str, cls: type) -> FrozenDict:
     defaults = {
         name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty
     }
-    return FrozenDict({**defaults, **_read_json(root / component / "config.json")})
+    return FrozenDict({**defaults, **read_json(root / component / "config.json")})
 
 
 def load_checkpoint_info(path: str | Path, fingerprint: str | None = None) -> CheckpointInfo:
@@ -259,16 +240,20 @@ def load_checkpoint_info(path: str | Path, fingerprint: str | None = None) -> Ch
     """
     root = Path(path)
     index = _check_layout(root)
-    _text_encoder_class(root, index)
     family = model_family(root, index)
+    if family in DIT:
+        from nirvana.checkpoint.dit import load_dit_info
+
+        return load_dit_info(root, index, family, fingerprint)
+    _text_encoder_class(root, index)
     return CheckpointInfo(
         **_sdxl_info(root, index, family),
         path=root,
         tokenizer=_load_tokenizer(root),
         text_encoder_config=_load_component(root, "text_encoder", transformers.AutoConfig.from_pretrained),
-        unet_config=_module_config(root, "unet", UNet2DConditionModel),
-        vae_config=_module_config(root, "vae", AutoencoderKL),
-        scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
+        unet_config=module_config(root, "unet", UNet2DConditionModel),
+        vae_config=module_config(root, "vae", AutoencoderKL),
+        scheduler_config=_check_scheduler(root, read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint or fingerprint_checkpoint(root),
         family=family,
     )
@@ -292,6 +277,10 @@ def load_checkpoint(
         return _load_some(Path(path), dtype, components, fingerprint)
     root = Path(path)
     index = _check_layout(root)
+    if model_family(root, index) in DIT:
+        from nirvana.checkpoint.dit import load_dit_checkpoint
+
+        return load_dit_checkpoint(root, index, model_family(root, index), dtype)
     encoder_cls = _text_encoder_class(root, index)
     text_encoder = _load_component(root, "text_encoder", encoder_cls.from_pretrained, dtype=dtype)
     unet = _load_component(root, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
@@ -312,7 +301,7 @@ def load_checkpoint(
         text_encoder_config=text_encoder.config,
         unet_config=unet.config,
         vae_config=vae.config,
-        scheduler_config=_check_scheduler(root, _read_json(root / "scheduler" / "scheduler_config.json")),
+        scheduler_config=_check_scheduler(root, read_json(root / "scheduler" / "scheduler_config.json")),
         fingerprint=fingerprint_checkpoint(root),
         family=family,
         text_encoder=text_encoder,
@@ -326,6 +315,13 @@ def _load_some(root: Path, dtype: torch.dtype, components: Collection[str], fing
     if unknown:
         raise ValueError(f"components={sorted(unknown)}: not modules of a checkpoint {MODULES}")
     info = load_checkpoint_info(root, fingerprint)
+    if info.family in DIT:  # served by the torch profile, which loads its modules itself (`runtime.torch_dit`)
+        if components:
+            raise CheckpointError(f"{root}: {info.family} models are not exported one component at a time yet")
+        from nirvana.checkpoint.dit import DitCheckpoint
+
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+        return DitCheckpoint(**fields, text_encoder=None, unet=None, vae=None)
     index = _check_layout(root)
     loaders = {
         "text_encoder": lambda: _load_component(
