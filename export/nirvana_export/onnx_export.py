@@ -30,6 +30,7 @@ from nirvana.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_info
 from nirvana.contract.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
+from nirvana_export.dit_export import rms_norm_as_ops
 from nirvana_export.isolated import ISOLATE_ABOVE_BYTES, peak_rss_bytes, run_isolated
 
 __all__ = [
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 TOLERANCES: dict[str, tuple[float, float]] = {
     "text_encoder": (1e-4, 1e-4),
     "text_encoder_2": (1e-4, 1e-4),
+    "text_encoder_3": (1e-4, 1e-4),  # SD 3's T5
     "prompt_embedder": (1e-5, 1e-4),  # unit-norm 384-d vectors: components ≈ 0.05
     "unet": (1e-4, 1e-3),
     "vae_decoder": (1e-4, 1e-3),
@@ -165,6 +167,10 @@ def load_minilm() -> nn.Module:
 
 def build_graph(checkpoint: Checkpoint, spec: ModelSpec) -> nn.Module:
     """The torch graph module for ``spec.name``, over the checkpoint's modules (MiniLM for the embedder)."""
+    if checkpoint.family in ("sd3", "flux") and spec.name != "prompt_embedder":
+        from nirvana_export.dit_export import dit_graph
+
+        return dit_graph(checkpoint, spec).eval()
     sdxl = checkpoint.family == "sdxl"
     factories = {
         "text_encoder": lambda: TextEncoderGraph(checkpoint.text_encoder, penultimate=sdxl),
@@ -213,7 +219,7 @@ def _write_onnx(graph: nn.Module, spec: ModelSpec, args: tuple[torch.Tensor, ...
         warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), rms_norm_as_ops():
             torch.onnx.export(
                 graph,
                 args,
@@ -315,6 +321,7 @@ def check_graph(graph: nn.Module, spec: ModelSpec, onnx_path: str | Path, atol: 
 
 # The checkpoint modules a sub-model's graph is built from (the embedder: MiniLM, from its own package).
 MODULES_OF = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",)}
+MODULES_OF |= {"text_encoder_3": ("text_encoder_3",)}  # SD 3's T5
 MODULES_OF |= {"vae_decoder": ("vae",), "prompt_embedder": ()}
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -44,6 +45,9 @@ from nirvana.contract.specs import (
 )
 from nirvana_export.model_config import SECRET_FILE, RepositoryError, model_config, render
 from nirvana_export.tensorrt_build import engine_profiles
+
+if TYPE_CHECKING:
+    from nirvana.checkpoint import CheckpointInfo
 
 PROFILES = ("cpu", "gpu", "torch")
 SUBMODEL_PY = (
@@ -325,18 +329,14 @@ def write_repository(
     `instances`: `nirvana` orchestrator instances (default per profile, `DEFAULT_INSTANCES`); `unet_max_batch`:
     UNet rows per execution (8 requests' guidance pairs by default); `vae_fp16=False` builds the VAE engine in
     fp32 (SDXL's VAE overflows in fp16)."""
-    from nirvana.checkpoint import CheckpointError, fingerprint_checkpoint, load_checkpoint_info
+    from nirvana.checkpoint import fingerprint_checkpoint, load_checkpoint_info
     from nirvana.contract.specs import submodel_specs
     from nirvana.embed import resolve_embedder
     from nirvana_export.controlnet_export import remove_stale, served_controlnets
 
     out = Path(out)
     checkpoint = load_checkpoint_info(checkpoint_dir)
-    if checkpoint.family in ("sd3", "flux") and profile != "torch":
-        raise CheckpointError(
-            f"{checkpoint_dir}: {checkpoint.family} (a transformer family) is served in the torch profile only so "
-            f"far (profile={profile!r}: its ONNX export and TensorRT engines are not built yet); use --profile torch"
-        )
+    _check_dit_profile(checkpoint, profile)
     # Resolved once here, so the orchestrators and the cache model read the same name from engine.json.
     embedder = resolve_embedder(engine_config.get("embedder", "auto"), checkpoint)
     engine_config = {**engine_config, "embedder": embedder}
@@ -377,6 +377,20 @@ def write_repository(
     place_secret(out, (engine_config.get("security") or {}).get("internal_secret_file"))
     manifest_path.write_text(json.dumps(stamp, indent=2) + "\n")
     return out
+
+
+def _check_dit_profile(checkpoint: CheckpointInfo, profile: str) -> None:
+    """The transformer families' profiles so far: SD 3 in cpu and torch, FLUX.1 in torch (see docs/serving.md)."""
+    from nirvana.checkpoint import CheckpointError
+
+    where = f"{checkpoint.path}: {checkpoint.family} (a transformer family)"
+    if checkpoint.family in ("sd3", "flux") and profile == "gpu":
+        raise CheckpointError(f"{where} has no TensorRT engines yet (profile='gpu'); use --profile torch on a GPU")
+    if checkpoint.family == "flux" and profile == "cpu":
+        raise CheckpointError(
+            f"{where} has no ONNX export yet (profile='cpu'): the traced transformer keeps the batch it was exported "
+            "at (its rotary attention), and the step scheduler sends any number of rows; use --profile torch"
+        )
 
 
 def place_secret(out: Path, configured: str | Path | None) -> Path:

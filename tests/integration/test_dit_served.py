@@ -1,5 +1,6 @@
-"""SD 3.x and FLUX.1 through the real server (torch profile, on the CPU here): the served image equals the in-process
-one, a paraphrase hits and skips steps, and requests in flight share transformer executions in the step scheduler."""
+"""SD 3.x and FLUX.1 through the real server (SD 3 in the cpu profile, FLUX.1 in the torch profile, on the CPU here;
+SD 3 in the torch profile as a slow test): the served image equals the in-process one, a paraphrase hits and skips
+steps, and requests in flight share transformer executions in the step scheduler."""
 
 from __future__ import annotations
 
@@ -29,20 +30,23 @@ def _scheduler_counters(url: str) -> dict[str, float]:
     return found
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_transformer_family_is_served_with_its_cache(family, tiny_dit_dirs, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("family", "profile"), [("sd3", "cpu"), ("flux", "torch"), pytest.param("sd3", "torch", marks=pytest.mark.slow)]
+)
+def test_a_transformer_family_is_served_with_its_cache(family, profile, tiny_dit_dirs, tmp_path) -> None:
     checkpoint = tiny_dit_dirs[family]
     options = ServeOptions(
         cache_dir=tmp_path / "serve",
         checkpoint=checkpoint,
         ports=ServerPorts(*free_ports(3)),
-        profile="torch",
+        profile=profile,
         instances=IN_FLIGHT,
         ready_timeout_s=240,
     )
     repo, _ = prepare(options)
     assert (repo / "unet" / "config.pbtxt").read_text().count("pooled_projections") == 1
     assert (repo / "text_encoder_3").is_dir() == (family == "sd3")
+    assert (repo / "unet" / "1" / "model.onnx").is_file() == (profile == "cpu")  # torch: the module itself
     guidance = GUIDANCE[family]
     with make_server(options, repo) as server:
         clients = [NirvanaClient(server.urls.grpc, "grpc") for _ in range(IN_FLIGHT)]
@@ -70,10 +74,10 @@ def test_a_transformer_family_is_served_with_its_cache(family, tiny_dit_dirs, tm
     executions = after["nirvana_scheduler_unet_executions_total"] - before["nirvana_scheduler_unet_executions_total"]
     per_request = 2 if family == "sd3" else 1  # SD 3's guidance pair; FLUX runs one row (guidance embedded)
     assert rows == per_request * STEPS * IN_FLIGHT
-    print(f"\n{family}: {IN_FLIGHT} in flight, {rows:.0f} rows in {executions:.0f} executions")
+    print(f"\n{family} ({profile}): {IN_FLIGHT} in flight, {rows:.0f} rows in {executions:.0f} executions")
     assert rows / executions > per_request * 1.5, "requests in their loops did not share transformer executions"
     # Sharing an execution changes an image by float rounding at most: torch's CPU kernels round differently at
-    # other batch sizes (measured: SD 3 bit-identical, FLUX one grey level), where onnxruntime's UNet does not.
+    # other batch sizes (measured: SD 3 bit-identical in both profiles, FLUX 0 or 1 grey level).
     shared_diff = np.abs(together[1].astype(int) - alone.astype(int)).max()
     print(f"{family}: max grey-level difference shared vs alone {shared_diff}")
     assert shared_diff <= 1

@@ -311,17 +311,14 @@ def load_checkpoint(
 
 
 def _load_some(root: Path, dtype: torch.dtype, components: Collection[str], fingerprint: str | None) -> Checkpoint:
+    info = load_checkpoint_info(root, fingerprint)
+    if info.family in DIT:  # its own modules (a transformer, up to three text encoders)
+        from nirvana.checkpoint.dit import load_dit_checkpoint
+
+        return load_dit_checkpoint(root, read_json(root / "model_index.json"), info.family, dtype, components)
     unknown = set(components) - set(MODULES)
     if unknown:
         raise ValueError(f"components={sorted(unknown)}: not modules of a checkpoint {MODULES}")
-    info = load_checkpoint_info(root, fingerprint)
-    if info.family in DIT:  # served by the torch profile, which loads its modules itself (`runtime.torch_dit`)
-        if components:
-            raise CheckpointError(f"{root}: {info.family} models are not exported one component at a time yet")
-        from nirvana.checkpoint.dit import DitCheckpoint
-
-        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
-        return DitCheckpoint(**fields, text_encoder=None, unet=None, vae=None)
     index = _check_layout(root)
     loaders = {
         "text_encoder": lambda: _load_component(

@@ -19,7 +19,7 @@ trajectory, so the cache key carries both.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,20 +219,33 @@ def _load(root: Path, folder: str, loader, **kwargs) -> torch.nn.Module:
         raise CheckpointError(f"cannot load '{folder}/' from {root}: {exc}") from exc
 
 
-def load_dit_checkpoint(root: Path, index: dict, family_name: str, dtype: torch.dtype) -> DitCheckpoint:
-    """:func:`load_dit_info` and the modules in ``dtype``, in eval mode on CPU."""
+def load_dit_checkpoint(
+    root: Path, index: dict, family_name: str, dtype: torch.dtype, components: Collection[str] | None = None
+) -> DitCheckpoint:
+    """:func:`load_dit_info` and the modules in ``dtype``, in eval mode on CPU; ``components``: only these of
+    ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``unet`` (the transformer) and ``vae`` (the others
+    None), what one served model's export needs."""
     info = load_dit_info(root, index, family_name)
     family = info.dit
-    encoders = {
-        folder: _load(root, folder, getattr(transformers, index[folder][1]).from_pretrained, dtype=dtype)
+    wanted = set(components) if components is not None else {*family.text_encoders, "unet", "vae"}
+    loaders = {
+        folder: lambda folder=folder: _load(
+            root, folder, getattr(transformers, index[folder][1]).from_pretrained, dtype=dtype
+        )
         for folder in family.text_encoders
     }
+    loaders["unet"] = lambda: _load(root, "transformer", family.transformer.from_pretrained, torch_dtype=dtype)
+    loaders["vae"] = lambda: _load(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    unknown = wanted - set(loaders)
+    if unknown:
+        raise CheckpointError(f"{root}: an {family.label} checkpoint has no {sorted(unknown)}")
+    modules = {name: loaders[name]() if name in wanted else None for name in loaders}
     fields = {name: getattr(info, name) for name in info.__dataclass_fields__}
     return DitCheckpoint(
         **fields,
-        text_encoder=encoders["text_encoder"],
-        text_encoder_2=encoders.get("text_encoder_2"),
-        text_encoder_3=encoders.get("text_encoder_3"),
-        unet=_load(root, "transformer", family.transformer.from_pretrained, torch_dtype=dtype),
-        vae=_load(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype),
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules.get("text_encoder_2"),
+        text_encoder_3=modules.get("text_encoder_3"),
+        unet=modules["unet"],
+        vae=modules["vae"],
     )
