@@ -25,58 +25,15 @@ from pathlib import Path
 import torch
 
 from nirvana.dit.modules import call_transformer
+from nirvana_dev.tiny_dit import TRANSFORMERS
 
-# transformer/config.json of stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev (the fields
-# that differ from diffusers' defaults), the latent side and the text tokens × width each attends to.
+# The transformers of `make-tiny-model --architecture …` (`nirvana_dev.tiny_dit.TRANSFORMERS`), with the latent side
+# and the text tokens × width each attends to at its image size.
 ARCHITECTURES = {
-    "sd35m": dict(
-        family="sd3",
-        config=dict(
-            sample_size=128,
-            num_layers=24,
-            num_attention_heads=24,
-            caption_projection_dim=1536,
-            pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)),
-            qk_norm="rms_norm",
-        ),
-        latent=128,
-        text=(77 + 256, 4096),
-        pooled=2048,
-    ),
-    "flux1": dict(family="flux", config=dict(guidance_embeds=True), latent=128, text=(512, 4096), pooled=768),
-    "tiny-sd3": dict(
-        family="sd3",
-        config=dict(
-            sample_size=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=64,
-            caption_projection_dim=32,
-            pooled_projection_dim=64,
-            pos_embed_max_size=16,
-        ),
-        latent=16,
-        text=(77 + 32, 64),
-        pooled=64,
-    ),
-    "tiny-flux": dict(
-        family="flux",
-        config=dict(
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=64,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ),
-        latent=16,
-        text=(32, 64),
-        pooled=32,
-    ),
+    "sd35m": dict(family="sd3", latent=128, text=(77 + 256, 4096), pooled=2048),
+    "flux1": dict(family="flux", latent=128, text=(512, 4096), pooled=768),
+    "tiny-sd3": dict(family="sd3", latent=16, text=(77 + 32, 64), pooled=64),
+    "tiny-flux": dict(family="flux", latent=16, text=(32, 64), pooled=32),
 }
 
 
@@ -98,7 +55,7 @@ def build(arch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     cls = FluxTransformer2DModel if spec["family"] == "flux" else SD3Transformer2DModel
     torch.manual_seed(0)
     with torch.device(device):  # built on the GPU: random init of 12B parameters on a CPU takes many minutes
-        return cls(**spec["config"]).to(dtype).eval()
+        return cls(**TRANSFORMERS[arch]).to(dtype).eval()
 
 
 def inputs(arch: str, rows: int, device: str, dtype: torch.dtype) -> tuple:
@@ -144,7 +101,7 @@ def time_transformer(arch: str, rows_list: list[int], iterations: int, warmup: i
         row |= {"min_ms": round(min(times), 2), "ms_per_row": round(mean / rows, 2)}
         print(json.dumps(row), flush=True)
         out.append(row)
-    del model, run
+    del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return out

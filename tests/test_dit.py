@@ -20,7 +20,7 @@ from nirvana.embed import make_embedder
 from nirvana.pipeline import Pipeline
 from nirvana.request import RequestError
 from nirvana.runtime.torch_dit import TorchDitModels
-from nirvana.schedulers import UnsupportedSchedulerError, check_resumable
+from nirvana.schedulers import UnsupportedSchedulerError, resolve_scheduler
 
 STEPS = 10
 PROMPT = "a red fox in the snow, photograph"
@@ -127,14 +127,14 @@ def test_a_paraphrase_hits_and_skips_steps(family, checkpoints, embedder, tmp_pa
     assert hit.cache_hit and hit.skipped_steps > 0 and hit.image.std() > 2
 
 
-def _variant(path: Path, tmp_path: Path, name: str, settings: dict | None = None, shift: float | None = None) -> Path:
+def _variant(path: Path, tmp_path: Path, name: str, settings: dict | None = None, schedule: dict | None = None) -> Path:
     copy = Path(shutil.copytree(path, tmp_path / name))
     if settings:
         current = json.loads((copy / "nirvana.json").read_text())
         (copy / "nirvana.json").write_text(json.dumps({**current, **settings}))
-    if shift is not None:
+    if schedule:
         config_path = copy / "scheduler" / "scheduler_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "shift": shift}))
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **schedule}))
     return copy
 
 
@@ -145,7 +145,8 @@ def test_a_latent_never_crosses_resolutions_shifts_or_t5_lengths(family, tiny_di
         "base": base,
         "resolution": _variant(base, tmp_path, "res", {"image_size": [96, 64]}),
         "t5_length": _variant(base, tmp_path, "t5", {"max_sequence_length": 16}),
-        "shift": _variant(base, tmp_path, "shift", shift=2.0),
+        # SD 3's static shift; FLUX's comes from mu (max_shift at its largest images, `shift` is unused there)
+        "shift": _variant(base, tmp_path, "shift", schedule={"shift": 2.0} if family == "sd3" else {"max_shift": 1.3}),
     }
     shared = tmp_path / "shared-cache"
     keys, results = {}, {}
@@ -178,7 +179,7 @@ def test_other_families_latents_are_not_used(tiny_dit_dirs, checkpoints, embedde
 def test_a_flux_negative_prompt_is_refused_naming_the_field(checkpoints, embedder, tmp_path) -> None:
     pipe = _pipe(checkpoints["flux"], embedder, tmp_path / "cache")
     try:
-        with pytest.raises(RequestError, match=r"negative_prompt='blurry'.*FLUX"):
+        with pytest.raises(RequestError, match=r"NEGATIVE_PROMPT='blurry'.*FLUX"):
             pipe.generate(PROMPT, negative_prompt="blurry")
     finally:
         pipe.close()
@@ -190,9 +191,13 @@ def test_schedulers_never_cross_unet_and_flow_matching(tiny_dit_dirs, tiny_check
         make_scheduler("dpmpp", flow)
     with pytest.raises(UnsupportedSchedulerError, match="'flow_euler' cannot run a UNet"):
         make_scheduler("flow_euler", tiny_checkpoint.scheduler_config)
-    stochastic = make_scheduler("flow_euler", {**flow, "stochastic_sampling": True})
-    with pytest.raises(UnsupportedSchedulerError, match="stochastic_sampling=True"):
-        check_resumable(stochastic)  # fresh noise in every step: not a state a cached latent could carry
+    # fresh noise in every step is not a state a cached latent could carry: refused at start, with no fallback
+    stochastic = {**flow, "stochastic_sampling": True}
+    for name in ("flow_euler", "auto"):
+        with pytest.raises(UnsupportedSchedulerError, match=r"stochastic_sampling=True.*'flow_euler'"):
+            resolve_scheduler(name, stochastic)
+    with pytest.raises(UnsupportedSchedulerError, match=r"'lms' cannot run a flow-matching .*\['flow_euler'\]$"):
+        make_scheduler("lms", flow)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -223,18 +228,21 @@ def test_a_profile_a_transformer_family_lacks_is_refused_naming_it(tiny_dit_dirs
     assert not (tmp_path / "repo" / "unet").exists()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family",
+    [
+        "sd3",
+        # refused by the repository (see the refusal's message): passes once the export keeps a dynamic batch
+        pytest.param("flux", marks=pytest.mark.xfail(strict=True, reason="FLUX's traced export keeps its batch")),
+    ],
+)
 def test_the_onnx_export_matches_the_torch_modules(family, tiny_dit_dirs, tmp_path) -> None:
     from nirvana_export.onnx_export import export_all
 
-    if family == "flux":  # refused by the repository: the export keeps its batch (see the refusal's message)
-        with pytest.raises(Exception, match="broadcast"):
-            export_all(tiny_dit_dirs[family], tmp_path / "onnx", names=["unet"])
-        return
     export_all(tiny_dit_dirs[family], tmp_path / "onnx")
     manifest = json.loads((tmp_path / "onnx" / "export_manifest.json").read_text())
-    assert set(manifest["models"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "prompt_embedder", "unet",
-                                       "vae_decoder"}  # fmt: skip
+    served = {"text_encoder", "text_encoder_2", "prompt_embedder", "unet", "vae_decoder"}
+    assert set(manifest["models"]) == served | ({"text_encoder_3"} if family == "sd3" else set())
     assert all(entry["max_abs_diff"] <= entry["atol"] for entry in manifest["models"].values())
 
 
@@ -281,3 +289,29 @@ def test_the_gpu_timing_script_times_the_served_transformer_call_on_the_tiny_lay
     results = json.loads(out.read_text())["results"]
     assert [(r["arch"], r["rows"]) for r in results] == [(a, n) for a in ("tiny-sd3", "tiny-flux") for n in (1, 2)]
     assert all(r["mean_ms"] > 0 and r["params_m"] > 0 for r in results)
+
+
+@pytest.mark.parametrize("folder", ["transformer", "text_encoder_3"])
+def test_the_fingerprint_covers_the_transformer_and_t5(folder, tiny_dit_dirs, tmp_path) -> None:
+    from nirvana.fingerprint import fingerprint_checkpoint
+
+    copy = Path(shutil.copytree(tiny_dit_dirs["sd3"], tmp_path / "model"))
+    weights = next((copy / folder).glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: a fine-tune that differs only there
+    weights.write_bytes(bytes(data))
+    assert fingerprint_checkpoint(copy) != fingerprint_checkpoint(tiny_dit_dirs["sd3"])
+
+
+def test_add_ons_are_refused_for_a_transformer_family_naming_it(checkpoints, embedder, tmp_path) -> None:
+    from nirvana.addons.lora import AdapterError
+
+    config = load_config(
+        {
+            "checkpoint": str(checkpoints["flux"].path),
+            "adapters": {"dir": str(tmp_path / "adapters")},
+            "cache": {"dir": str(tmp_path / "cache"), "predictor": {"enabled": False}},
+        }
+    )
+    with pytest.raises(AdapterError, match=r"flux \(a transformer family\) runs without add-ons"):
+        Pipeline(config, checkpoint=checkpoints["flux"], embedder=embedder)

@@ -27,6 +27,8 @@ class DitTextEncoderGraph(nn.Module):
     """``input_ids`` → SD 3's CLIPs: ``(penultimate_hidden_state, text_embeds)``; FLUX's CLIP-L: ``text_embeds`` (its
     pooled output); T5: ``last_hidden_state``."""
 
+    traces_rms_norm_as_ops = True  # `rms_norm_as_ops` while it is traced
+
     def __init__(self, encoder: nn.Module, answer: str) -> None:
         super().__init__()
         self.encoder, self.answer = encoder, answer
@@ -44,6 +46,8 @@ class DitTextEncoderGraph(nn.Module):
 class TransformerGraph(nn.Module):
     """``sample``, ``timestep``, ``encoder_hidden_states``, ``pooled_projections`` (FLUX: ``guidance``) →
     ``noise_pred``, all float32 and per row."""
+
+    traces_rms_norm_as_ops = True
 
     def __init__(self, family: str, transformer: nn.Module) -> None:
         super().__init__()

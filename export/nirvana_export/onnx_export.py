@@ -11,6 +11,7 @@ from the graph) keep the same Triton contract.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -28,6 +29,7 @@ from torch import nn
 
 from nirvana.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_info
 from nirvana.contract.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_specs
+from nirvana.families import DIT
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
 from nirvana_export.dit_export import rms_norm_as_ops
@@ -167,7 +169,7 @@ def load_minilm() -> nn.Module:
 
 def build_graph(checkpoint: Checkpoint, spec: ModelSpec) -> nn.Module:
     """The torch graph module for ``spec.name``, over the checkpoint's modules (MiniLM for the embedder)."""
-    if checkpoint.family in ("sd3", "flux") and spec.name != "prompt_embedder":
+    if checkpoint.family in DIT and spec.name != "prompt_embedder":
         from nirvana_export.dit_export import dit_graph
 
         return dit_graph(checkpoint, spec).eval()
@@ -219,7 +221,9 @@ def _write_onnx(graph: nn.Module, spec: ModelSpec, args: tuple[torch.Tensor, ...
         warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        with torch.inference_mode(False), torch.no_grad(), rms_norm_as_ops():
+        # SD 3.5's and FLUX's q/k norms only (`nirvana_export.dit_export`)
+        ops = rms_norm_as_ops() if getattr(graph, "traces_rms_norm_as_ops", False) else contextlib.nullcontext()
+        with torch.inference_mode(False), torch.no_grad(), ops:
             torch.onnx.export(
                 graph,
                 args,

@@ -254,7 +254,8 @@ def denoise(
 ) -> DenoiseResult:
     """Run an N-step schedule from x_T (``latent``) or from ``start`` (steps K..N-1 only), with CFG.
 
-    ``embeddings`` ``[2, L, D]`` = ``[uncond, cond]``; guidance applies when g > 1 (else only cond is used, as
+    ``embeddings`` ``[2, L, D]`` = ``[uncond, cond]`` (a batch of B latents: ``[uncond×B, cond×B]``; FLUX: the cond
+    rows only, run at g = 1); guidance applies when g > 1 (else only the cond rows are used, as
     in the pipeline). ``generator`` is the CPU generator the pipeline would pass to ``step()``; resuming an
     ancestral sampler overwrites its state with ``start.generator_state``. States before each step in
     ``capture_at`` are returned cloned. ``on_step(i, x)`` runs after step i (0-based) with x after it; what it

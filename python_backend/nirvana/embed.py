@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nirvana.families import DIT
+
 if TYPE_CHECKING:
     from nirvana.checkpoint import Checkpoint, CheckpointInfo
 
@@ -220,7 +222,7 @@ EMBEDDERS: dict[str, Callable[..., Embedder]] = {
 def _clip(checkpoint: Checkpoint | None) -> Embedder:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
-    if checkpoint.family in ("sd3", "flux"):
+    if checkpoint.family in DIT:
         return DitClipEmbedder(checkpoint)
     if checkpoint.family == "sdxl":
         return SdxlClipEmbedder(checkpoint)
@@ -230,7 +232,7 @@ def _clip(checkpoint: Checkpoint | None) -> Embedder:
 def _clip_dim(checkpoint: CheckpointInfo | None) -> int:
     if checkpoint is None:
         raise EmbedderError("embedder='clip' needs a checkpoint with a text_encoder")
-    if checkpoint.family in ("sd3", "flux"):  # the transformer's pooled_projections
+    if checkpoint.family in DIT:  # the transformer's pooled_projections
         return int(checkpoint.unet_config["pooled_projection_dim"])
     if checkpoint.text_encoder_2_config is not None:  # SDXL: the second encoder's projection
         return int(checkpoint.text_encoder_2_config.projection_dim)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 __all__ = ["FINGERPRINT_CACHE", "fingerprint_checkpoint"]
 
-# model_index.json and these folders (SDXL's two where present): what diffusers loads
+# model_index.json and these folders, those present (SDXL's second encoder; SD 3's and FLUX's transformer, SD 3's
+# T5): what diffusers loads. An absent folder adds nothing, so a UNet checkpoint's fingerprint is what it was.
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+COMPONENT_FOLDERS += ("transformer", "text_encoder_3", "tokenizer_3")
 # Every byte of every file is hashed (a sample let a same-size fine-tune be served the old model's latents); the
 # digests are kept beside the checkpoint, keyed by (path, size, mtime_ns), so only a changed file is hashed again.
 FINGERPRINT_CACHE = ".nirvana-fingerprint.json"
@@ -34,7 +36,8 @@ def _component_files(root: Path) -> list[Path]:
 
 
 def fingerprint_checkpoint(root: str | Path) -> str:
-    """sha256 hex over every file of model_index.json and the component folders (five, seven for SDXL).
+    """sha256 hex over every file of model_index.json and the component folders (five for SD 1.x/2.x, seven for
+    SDXL and FLUX, nine for SD 3).
 
     Each file contributes its relative path, its size and the sha256 of all its bytes. The per-file digests are
     cached in `FINGERPRINT_CACHE` in the checkpoint folder, keyed by (path, size, mtime_ns): a file changed since

@@ -93,6 +93,8 @@ class Pipeline:
         self.models = models or in_process_models(self.checkpoint)
         self.embedder = embedder or make_embedder(config.embedder, self.checkpoint)
         self.scheduler_name = resolve_scheduler(config.scheduler, self.checkpoint.scheduler_config)
+        in_process = isinstance(self.models, TorchSubModels)  # add-ons are checked before the cache is opened
+        self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters, served_controlnets)
         # served: a client of the one `cache` model; in process: the cache itself
         if cache is None:  # in-process: this process owns Milvus. Served, `cache` is the BLS client of the `cache`
             # model, and the orchestrators never load pymilvus (nor the pandas it imports).
@@ -105,8 +107,6 @@ class Pipeline:
         self._empty_uncond: torch.Tensor | None = None  # text embedding of the empty negative prompt [1, L, D]
         # SDXL, SD 3 and FLUX: their text encoders, added inputs and guidance (None: SD 1.x/2.x, encoded here)
         self._family = family_conditioning(self.checkpoint, self.models)
-        in_process = isinstance(self.models, TorchSubModels)
-        self.addons = AddOnRegistry(config, self.checkpoint, in_process, served_adapters, served_controlnets)
         # side calls: MiniLM beside the text encoder, admission beside the VAE decode
         self._side_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nirvana-side")
         # served: the board the server's stubs share; in process: this pipeline's own
@@ -121,7 +121,8 @@ class Pipeline:
 
     def cache_key(self, steps: int, guidance: float, addons: AddOns = NO_ADDONS) -> str:
         """Latents are only reusable under the same checkpoint, scheduler, resolution, steps and guidance (and for
-        SDXL the same micro-conditioning; with add-ons the same adapter files and scales, ControlNet and image)."""
+        SDXL the same micro-conditioning, for SD 3 and FLUX the same T5 length and image token count; with add-ons
+        the same adapter files and scales, ControlNet and image)."""
         base = self._base_keys(steps, round(guidance, 4))
         if addons == NO_ADDONS:
             return base

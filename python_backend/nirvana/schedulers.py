@@ -80,8 +80,9 @@ class UnsupportedSchedulerError(ValueError):
     """The scheduler cannot be resumed at step K (or the name is unknown); the message lists the supported names."""
 
 
-def _supported() -> str:
-    return ", ".join(repr(name) for name in SCHEDULERS)
+def _supported(flow: bool = False) -> str:
+    """The names a checkpoint of this kind can run (flow matching: `flow_euler`; a UNet: the others)."""
+    return ", ".join(repr(name) for name in (_FLOW.values() if flow else UNET_SCHEDULERS))
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:
@@ -101,7 +102,7 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
         detail = " with " + ", ".join(f"{k}={scheduler.config.get(k)!r}" for k in overrides)
     raise UnsupportedSchedulerError(
         f"{type(scheduler).__name__}{detail} cannot be resumed at step K (its between-step state is not cached); "
-        f"use one of {_supported()}"
+        f"use one of {_supported(isinstance(scheduler, FlowMatchEulerDiscreteScheduler))}"
     )
 
 
@@ -117,7 +118,7 @@ def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
         kind = "a flow-matching (transformer) checkpoint" if flow else "a UNet checkpoint"
         allowed = list(_FLOW.values()) if flow else list(UNET_SCHEDULERS)
         raise UnsupportedSchedulerError(f"scheduler {name!r} cannot run {kind}; use 'auto' or one of {allowed}")
-    if name == "auto" and flow:
+    if name == "auto" and flow:  # the checkpoint's own class: the same checks as a named one
         name = _FLOW[base_config["_class_name"]]
     if name == "auto":
         class_name = base_config.get("_class_name")
@@ -130,17 +131,20 @@ def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
             f"the checkpoint's scheduler {class_name} cannot be resumed at step K; choose one of {_supported()}"
         )
     if name not in SCHEDULERS:
-        raise UnsupportedSchedulerError(f"unknown scheduler {name!r}; use 'auto' or one of {_supported()}")
-    return SCHEDULERS[name].from_config(base_config, **_CONFIG_OVERRIDES.get(name, {}))
+        raise UnsupportedSchedulerError(f"unknown scheduler {name!r}; use 'auto' or one of {_supported(flow)}")
+    scheduler = SCHEDULERS[name].from_config(base_config, **_CONFIG_OVERRIDES.get(name, {}))
+    check_resumable(scheduler)  # e.g. flow matching with stochastic_sampling: refused at start, not at a miss
+    return scheduler
 
 
 def resolve_scheduler(name: str, base_config: dict) -> str:
     """Validate the scheduler once at start. `auto` keeps the checkpoint's own scheduler when it can resume at K;
-    otherwise (SD 1.5 ships PNDM, which cannot) it falls back to DPM-Solver++ with a warning."""
+    otherwise (SD 1.5 ships PNDM, which cannot) it falls back to DPM-Solver++ with a warning. A flow-matching
+    checkpoint has no fallback: its one scheduler is refused with the reason."""
     try:
         make_scheduler(name, base_config)
     except UnsupportedSchedulerError as err:
-        if name != "auto":
+        if name != "auto" or base_config.get("_class_name") in _FLOW:
             raise
         log.warning("%s; using scheduler=%r instead", err, FALLBACK_SCHEDULER)
         return FALLBACK_SCHEDULER

@@ -34,11 +34,49 @@ from transformers import (
     T5TokenizerFast,
 )
 
-__all__ = ["DIT_ARCHITECTURES", "t5_tokenizer"]
+__all__ = ["DIT_ARCHITECTURES", "TRANSFORMERS", "t5_tokenizer"]
 
 # SD 3's VAE (16 channels) and FLUX.1's: their latent scaling and shift, from the released vae/config.json files.
 _VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
 _T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+# The transformers, by architecture: what differs from diffusers' defaults (for SD 3.5 Medium and FLUX.1 dev, their
+# released transformer/config.json). `export/gpu_dit_timing.py` times these same ones.
+TRANSFORMERS: dict[str, dict] = {
+    "tiny-sd3": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    ),
+    "sd35m": dict(
+        sample_size=128,
+        num_layers=24,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    ),
+    "tiny-flux": dict(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "flux1": dict(guidance_embeds=True),
+}
 
 
 def t5_tokenizer(words: list[str], max_length: int) -> T5TokenizerFast:
@@ -143,19 +181,7 @@ def _tiny_sd3(clip: CLIPTokenizer, t5: T5TokenizerFast) -> DiffusionPipeline:
     width 64, a 2-layer MMDiT over a 16×16×16 latent in 2×2 patches, a VAE with ×4 upsampling (64×64 images)."""
     text_encoder = _clip(clip, 32, 2, 2, 37, "quick_gelu")
     text_encoder_2 = _clip(clip, 32, 2, 2, 37, "gelu")
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=16,
-    )
+    transformer = SD3Transformer2DModel(**TRANSFORMERS["tiny-sd3"])
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=_sd3_scheduler(),
@@ -173,15 +199,7 @@ def _sd35_medium(clip: CLIPTokenizer, t5: T5TokenizerFast) -> DiffusionPipeline:
     """Random weights in SD 3.5 Medium's architecture (1024×1024, 128×128×16 latent): CLIP-L (768, 12 layers),
     OpenCLIP bigG (1280, 32 layers), T5-XXL (4096, 24 layers), the MMDiT-X (24 layers, 24 heads of 64, dual
     attention in layers 0–12, RMS qk-norm) and the 16-channel VAE. For GPU timings."""
-    transformer = SD3Transformer2DModel(
-        sample_size=128,
-        num_layers=24,
-        num_attention_heads=24,
-        caption_projection_dim=1536,
-        pos_embed_max_size=384,
-        dual_attention_layers=tuple(range(13)),
-        qk_norm="rms_norm",
-    )
+    transformer = SD3Transformer2DModel(**TRANSFORMERS["sd35m"])
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=_sd3_scheduler(),
@@ -198,17 +216,7 @@ def _sd35_medium(clip: CLIPTokenizer, t5: T5TokenizerFast) -> DiffusionPipeline:
 def _tiny_flux(clip: CLIPTokenizer, t5: T5TokenizerFast) -> DiffusionPipeline:
     """FLUX.1 dev's layout at toy size: CLIP-L (32), T5 of width 64, one double and one single stream block with
     2 heads of 16 (RoPE axes 4+6+6), guidance embedding, a 16-channel VAE with ×4 upsampling (64×64 images)."""
-    transformer = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
+    transformer = FluxTransformer2DModel(**TRANSFORMERS["tiny-flux"])
     text_encoder = _clip(clip, 32, 2, 2, 37, "quick_gelu", projection=False)
     return FluxPipeline(
         transformer=transformer,
@@ -225,7 +233,7 @@ def _flux1_dev(clip: CLIPTokenizer, t5: T5TokenizerFast) -> DiffusionPipeline:
     """Random weights in FLUX.1 dev's architecture (1024×1024): 19 double and 38 single stream blocks, 24 heads of
     128, guidance embedding, CLIP-L and T5-XXL, the 16-channel VAE. 12B parameters in the transformer: GPU only."""
     return FluxPipeline(
-        transformer=FluxTransformer2DModel(guidance_embeds=True),
+        transformer=FluxTransformer2DModel(**TRANSFORMERS["flux1"]),
         scheduler=_flux_scheduler(),
         vae=_vae("flux", (128, 256, 512, 512), 2, 1024),
         text_encoder=_clip(clip, 768, 12, 12, 3072, "quick_gelu", projection=False),

@@ -18,7 +18,11 @@ from nirvana_dev.launch import ServeOptions, make_server, prepare
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
-@pytest.mark.parametrize("checkpoint_fixture", ["tiny_checkpoint_dir", "tiny_sdxl_dir"])
+# SDXL's torch path (its two encoders through the torch runner) is slow: SDXL is served in the default run's cpu
+# profile, and the torch profile with SD 1.x and FLUX.1 (test_dit_served).
+@pytest.mark.parametrize(
+    "checkpoint_fixture", ["tiny_checkpoint_dir", pytest.param("tiny_sdxl_dir", marks=pytest.mark.slow)]
+)
 def test_torch_profile_serves_the_in_process_image(checkpoint_fixture, request, tmp_path) -> None:
     checkpoint_dir = request.getfixturevalue(checkpoint_fixture)
     options = ServeOptions(

@@ -12,6 +12,7 @@ from nirvana.addons.controlnet import Control, ControlNetCatalog, ControlNetErro
 from nirvana.addons.lora import AdapterBusy, AdapterError, AdapterLibrary, AdapterSet, format_adapters
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.config import EngineConfig
+from nirvana.families import DIT
 from nirvana.request import GenerationRequest, RequestError
 from nirvana.submodels import SubModels
 
@@ -53,6 +54,11 @@ class AddOnRegistry:
         """``served_adapters``: the orchestrator's client of the ``adapters`` model (`nirvana.runtime.bls_adapters`),
         which merges sets into UNet models of their own; in-process, sets are merged here. ``served_controlnets``:
         the ControlNets as Triton models (`nirvana.runtime.bls_control`); in-process, they run here."""
+        if checkpoint.family in DIT and (config.adapters.dir is not None or config.controlnets.dir is not None):
+            raise AdapterError(
+                f"{checkpoint.family} (a transformer family) runs without add-ons so far: LoRA adapters and "
+                "ControlNets are built for UNets; unset [adapters] dir and [controlnets] dir"
+            )
         if config.controlnets.dir is not None and not in_process and served_controlnets is None:
             raise ControlNetError("served ControlNets need their models (nirvana export renders them)")
         if config.adapters.dir is not None and not in_process and served_adapters is None:

@@ -103,7 +103,7 @@ class PairGenerator:
         one prompt, and the family's added inputs in the same row order (None for SD 1.x/2.x)."""
         if self._family is None:
             rows = [encode_prompts(self.checkpoint.tokenizer, self.models, p) for p in prompts]
-            return _by_row([r for r in rows]), None
+            return _by_row(rows), None
         encoded = [self._family.encode(p) for p in prompts]
         added = {name: _by_row([a[name] for _, a in encoded]) for name in encoded[0][1]}
         return _by_row([text for text, _ in encoded]), added

@@ -68,7 +68,7 @@ class CheckpointInfo:
     vae_config: Mapping[str, Any]
     scheduler_config: dict
     fingerprint: str
-    family: str  # "sd" (SD 1.x and 2.x) or "sdxl", from model_index.json
+    family: str  # "sd" (SD 1.x and 2.x), "sdxl", "sd3" or "flux" (`nirvana.families`), from model_index.json
     # SDXL only: the second tokenizer and text encoder, and whether an empty negative prompt is all zeros.
     tokenizer_2: PreTrainedTokenizerBase | None = None
     text_encoder_2_config: PretrainedConfig | None = None
@@ -311,15 +311,15 @@ def load_checkpoint(
 
 
 def _load_some(root: Path, dtype: torch.dtype, components: Collection[str], fingerprint: str | None) -> Checkpoint:
-    info = load_checkpoint_info(root, fingerprint)
-    if info.family in DIT:  # its own modules (a transformer, up to three text encoders)
+    index = _check_layout(root)
+    if model_family(root, index) in DIT:  # its own modules (a transformer, up to three text encoders)
         from nirvana.checkpoint.dit import load_dit_checkpoint
 
-        return load_dit_checkpoint(root, read_json(root / "model_index.json"), info.family, dtype, components)
+        return load_dit_checkpoint(root, index, model_family(root, index), dtype, components, fingerprint)
     unknown = set(components) - set(MODULES)
     if unknown:
         raise ValueError(f"components={sorted(unknown)}: not modules of a checkpoint {MODULES}")
-    index = _check_layout(root)
+    info = load_checkpoint_info(root, fingerprint)
     loaders = {
         "text_encoder": lambda: _load_component(
             root, "text_encoder", _text_encoder_class(root, index).from_pretrained, dtype=dtype

@@ -184,7 +184,8 @@ def load_dit_info(root: Path, index: dict, family_name: str, fingerprint: str | 
     vae = module_config(root, "vae", AutoencoderKL)
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     size = _image_size(root, family, transformer, scale)
-    tokens = (size[0] // scale // family.patch) * (size[1] // scale // family.patch)
+    patch = int(transformer.get("patch_size") or 1) if family_name == "sd3" else family.patch  # FLUX packs 2×2
+    tokens = (size[0] // scale // patch) * (size[1] // scale // patch)
     tokenizers = {
         folder.replace("text_encoder", "tokenizer"): _tokenizer(
             root, folder.replace("text_encoder", "tokenizer"), folder == family.t5
@@ -220,14 +221,17 @@ def _load(root: Path, folder: str, loader, **kwargs) -> torch.nn.Module:
 
 
 def load_dit_checkpoint(
-    root: Path, index: dict, family_name: str, dtype: torch.dtype, components: Collection[str] | None = None
+    root: Path,
+    index: dict,
+    family_name: str,
+    dtype: torch.dtype,
+    components: Collection[str] | None = None,
+    fingerprint: str | None = None,
 ) -> DitCheckpoint:
     """:func:`load_dit_info` and the modules in ``dtype``, in eval mode on CPU; ``components``: only these of
     ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``unet`` (the transformer) and ``vae`` (the others
-    None), what one served model's export needs."""
-    info = load_dit_info(root, index, family_name)
-    family = info.dit
-    wanted = set(components) if components is not None else {*family.text_encoders, "unet", "vae"}
+    None), what one served model's export needs; a known ``fingerprint`` saves hashing the weights again."""
+    family = DIT_FAMILIES[family_name]
     loaders = {
         folder: lambda folder=folder: _load(
             root, folder, getattr(transformers, index[folder][1]).from_pretrained, dtype=dtype
@@ -236,9 +240,10 @@ def load_dit_checkpoint(
     }
     loaders["unet"] = lambda: _load(root, "transformer", family.transformer.from_pretrained, torch_dtype=dtype)
     loaders["vae"] = lambda: _load(root, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
-    unknown = wanted - set(loaders)
-    if unknown:
-        raise CheckpointError(f"{root}: an {family.label} checkpoint has no {sorted(unknown)}")
+    wanted = set(loaders) if components is None else set(components)
+    if wanted - set(loaders):  # before anything is read or hashed
+        raise CheckpointError(f"{root}: an {family.label} checkpoint has no {sorted(wanted - set(loaders))}")
+    info = load_dit_info(root, index, family_name, fingerprint)
     modules = {name: loaders[name]() if name in wanted else None for name in loaders}
     fields = {name: getattr(info, name) for name in info.__dataclass_fields__}
     return DitCheckpoint(

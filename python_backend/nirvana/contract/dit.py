@@ -1,10 +1,10 @@
 """Tensor contracts of the transformer families' (SD 3.x, FLUX.1) Triton models.
 
 The transformer is served under the denoiser's model name, ``unet``, so the step scheduler, the batcher and the
-repository treat it as they treat a UNet: ``sample [rows, 16, h, w]``, ``timestep [rows]`` (the scheduler's, 0..1000),
-``encoder_hidden_states [rows, T, D]`` and ``pooled_projections [rows, P]`` (FLUX.1 dev: also ``guidance [rows]``) →
-``noise_pred`` (the velocity). FLUX's 2×2 packing happens inside the model, so the latent has one layout for every
-family. The text encoders are one model each:
+repository treat it as they treat a UNet: ``sample [rows, C, h, w]`` (the VAE's 16 channels), ``timestep [rows]``
+(the scheduler's, 0..1000), ``encoder_hidden_states [rows, T, D]`` and ``pooled_projections [rows, P]`` (FLUX.1 dev:
+also ``guidance [rows]``) → ``noise_pred`` (the velocity). FLUX's 2×2 packing happens inside the model, so the latent
+has one layout for every family. The text encoders are one model each:
 
 - SD 3: ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (CLIP-G) answer ``penultimate_hidden_state`` and their
   projection ``text_embeds``; ``text_encoder_3`` (T5) answers ``last_hidden_state`` ``[b, T, 4096]``.
@@ -46,21 +46,21 @@ def _encoder(name: str, seq: int, outputs: tuple[tuple[str, tuple[int, ...]], ..
 
 
 def transformer_spec(
-    latent_size: tuple[int, int], seq: int, hidden: int, pooled: int, guidance: bool, max_batch: int
+    channels: int, latent_size: tuple[int, int], seq: int, hidden: int, pooled: int, guidance: bool, max_batch: int
 ) -> ModelSpec:
     """The transformer under the name ``unet`` (see the module docstring); batched across requests like the UNet."""
     if max_batch < 2:
         raise SpecError(f"unet max_batch must be ≥ 2, got {max_batch}")
     h, w = latent_size
     inputs = (
-        TensorSpec("sample", "float32", ("batch", 16, h, w)),
+        TensorSpec("sample", "float32", ("batch", channels, h, w)),
         TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", "float32", ("batch", seq, hidden)),
         TensorSpec("pooled_projections", "float32", ("batch", pooled)),
     )
     if guidance:
         inputs += (TensorSpec("guidance", "float32", ("batch",)),)
-    out = TensorSpec("noise_pred", "float32", ("batch", 16, h, w))
+    out = TensorSpec("noise_pred", "float32", ("batch", channels, h, w))
     opt = min(UNET_OPT_BATCH, max_batch)
     profile = {t.name: ((1, *t.shape[1:]), (opt, *t.shape[1:]), (max_batch, *t.shape[1:])) for t in inputs}
     return ModelSpec("unet", inputs, (out,), profile, max_batch_size=max_batch)
@@ -96,7 +96,15 @@ def dit_specs(
     specs = (
         *encoders,
         prompt_embedder_spec(128, max_batch),
-        transformer_spec(size, seq, checkpoint.text_hidden_size, checkpoint.pooled_size, guidance, unet_max_batch),
+        transformer_spec(
+            checkpoint.latent_channels,
+            size,
+            seq,
+            checkpoint.text_hidden_size,
+            checkpoint.pooled_size,
+            guidance,
+            unet_max_batch,
+        ),
         vae_decoder_spec(checkpoint.vae_latent_channels, size, checkpoint.vae_scale_factor, max_batch),
     )
     return {spec.name: spec for spec in specs}

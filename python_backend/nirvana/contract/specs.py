@@ -29,6 +29,7 @@ from nirvana.contract.tensors import (
     needs_reshape,
     triton_dims,
 )
+from nirvana.families import DIT
 
 if TYPE_CHECKING:
     from nirvana.checkpoint import CheckpointInfo
@@ -208,9 +209,10 @@ def submodel_specs(
     UNet's ``max_batch_size`` in rows (requests merged by Triton's dynamic batcher).
 
     ``latent_size`` (h, w) overrides the checkpoint's default resolution; spatial axes stay fixed (one engine
-    per resolution), since the cache key pins the resolution anyway.
+    per resolution), since the cache key pins the resolution anyway. SD 3 and FLUX (`nirvana.contract.dit`) take
+    theirs from the checkpoint's ``nirvana.json`` only.
     """
-    if checkpoint.family in ("sd3", "flux"):  # the transformer families' own models (`nirvana.contract.dit`)
+    if checkpoint.family in DIT:  # the transformer families' own models (`nirvana.contract.dit`)
         from nirvana.contract.dit import dit_specs
 
         return dit_specs(checkpoint, max_batch, unet_max_batch)  # type: ignore[arg-type]

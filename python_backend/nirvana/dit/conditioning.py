@@ -16,6 +16,7 @@ import torch
 from nirvana.checkpoint import CheckpointInfo
 from nirvana.checkpoint.dit import DitCheckpointInfo
 from nirvana.request import RequestError
+from nirvana.schedulers import IMAGE_SEQ_LEN
 from nirvana.sdxl import SdxlConditioning
 from nirvana.submodels import SubModels
 
@@ -52,7 +53,10 @@ class DitConditioning:
         if self.family == "flux":
             if negative_prompt:
                 raise RequestError(
-                    "negative_prompt", negative_prompt, "FLUX.1 has no classifier-free guidance; leave it empty"
+                    "NEGATIVE_PROMPT",
+                    negative_prompt,
+                    "FLUX.1 is served without classifier-free guidance (its guidance is a transformer input); leave it "
+                    "empty",
                 )
             texts = [prompt]
         else:
@@ -76,7 +80,7 @@ class DitConditioning:
         return {
             "family": self.family,
             "max_sequence_length": self.checkpoint.max_sequence_length,
-            "image_seq_len": self.checkpoint.scheduler_config.get("_image_seq_len"),
+            "image_seq_len": self.checkpoint.scheduler_config.get(IMAGE_SEQ_LEN),
         }
 
 

@@ -21,6 +21,7 @@ from nirvana.checkpoint import CheckpointInfo, load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.contract.specs import STEP_SCHEDULER_MODEL, ModelSpec, nirvana_spec
 from nirvana.embed import ClipEmbedder, DitClipEmbedder, SdxlClipEmbedder, resolve_embedder
+from nirvana.families import DIT
 from nirvana.pipeline import NonFiniteError, Pipeline
 from nirvana.progress import EventCallback
 from nirvana.request import RequestError
@@ -128,7 +129,7 @@ def served_pipeline(pb_utils: Any, args: dict[str, Any]) -> ServedEngine:
         embedder = BlsEmbedder(pb_utils)
     elif checkpoint.family == "sdxl":  # pooled text_embeds come with every conditioning pass
         embedder = SdxlClipEmbedder(checkpoint)
-    elif checkpoint.family in ("sd3", "flux"):  # so do their pooled_projections
+    elif checkpoint.family in DIT:  # so do their pooled_projections
         embedder = DitClipEmbedder(checkpoint)
     else:
         embedder = ClipEmbedder(checkpoint, models.encode_text)

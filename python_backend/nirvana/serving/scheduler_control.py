@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from nirvana.contract.controlnet import residual_names, residual_shapes
+from nirvana.families import DIT
 from nirvana.runtime.bls import bls_execute, cpu_memory
 
 __all__ = ["ControlRunner"]
@@ -32,7 +33,7 @@ class ControlRunner:
         self._pb = pb
         self._memory = residual_memory
         # A transformer checkpoint (SD 3, FLUX) has no ControlNet path: no residuals to name.
-        unet = "block_out_channels" in checkpoint.unet_config
+        unet = checkpoint.family not in DIT
         shapes = residual_shapes(checkpoint.unet_config, checkpoint.latent_size) if unet else []
         self._outputs = residual_names(len(shapes))
 

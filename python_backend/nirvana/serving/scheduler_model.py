@@ -29,6 +29,7 @@ from nirvana.cache.wire import bytes_array
 from nirvana.checkpoint import load_checkpoint_info
 from nirvana.config import load_config
 from nirvana.denoise import denoise, make_scheduler
+from nirvana.families import DIT
 from nirvana.handoff import DenoiseJob, HandoffError, decode_job, encode_final, encode_step
 from nirvana.progress import Cancelled
 from nirvana.runtime.bls import use_credential
@@ -243,7 +244,9 @@ def unet_runner(kind: str, repository: Path, checkpoint: Any, params: dict[str, 
     from nirvana.runtime.torch_runtime import component_runner
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    # fp16 on a GPU; bf16 for SD 3 and FLUX, trained and run in bf16 (FLUX overflows fp16)
+    half = torch.bfloat16 if checkpoint.family in DIT else torch.float16
+    dtype = half if device == "cuda" else torch.float32
     runner = torch.inference_mode()(component_runner("unet", checkpoint.path, device, dtype))
     if device == "cuda" and params.get("cuda_graphs", "true") == "true":  # eager fp16 steps are launch-bound
         from nirvana.runtime.cuda_graphs import GraphedRunner

@@ -35,9 +35,11 @@ class TritonPythonModel:
         self.gate = InternalGate(pb_utils, args, params)
         device = params.get("device", "auto")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        # fp16 on a GPU, but the VAE in fp32 unless told otherwise: SDXL's VAE overflows in fp16.
+        # fp16 on a GPU (bf16 for SD 3 and FLUX, trained in bf16), but the VAE in fp32 unless told otherwise: SDXL's
+        # VAE overflows in fp16.
         half = self.device.startswith("cuda") and config["name"] != "vae_decoder"
-        dtype = DTYPES[params.get("dtype", "float16" if half else "float32")]
+        bf16 = (Path(params["checkpoint"]) / "transformer").is_dir()
+        dtype = DTYPES[params.get("dtype", ("bfloat16" if bf16 else "float16") if half else "float32")]
         component = params.get("component", config["name"])  # a LoRA set's model runs its base's component
         runner = component_runner(component, params["checkpoint"], self.device, dtype, **_addons(args, params))
         self.run = torch.inference_mode()(runner)
