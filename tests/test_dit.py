@@ -216,7 +216,6 @@ def test_clip_retrieval_is_the_pooled_projection(family, checkpoints) -> None:
     [
         ("sd3", "gpu", "has no TensorRT engines"),
         ("flux", "gpu", "has no TensorRT engines"),
-        ("flux", "cpu", "has no ONNX"),
     ],
 )
 def test_a_profile_a_transformer_family_lacks_is_refused_naming_it(tiny_dit_dirs, tmp_path, family, profile, says):
@@ -228,14 +227,7 @@ def test_a_profile_a_transformer_family_lacks_is_refused_naming_it(tiny_dit_dirs
     assert not (tmp_path / "repo" / "unet").exists()
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        "sd3",
-        # refused by the repository (see the refusal's message): passes once the export keeps a dynamic batch
-        pytest.param("flux", marks=pytest.mark.xfail(strict=True, reason="FLUX's traced export keeps its batch")),
-    ],
-)
+@pytest.mark.parametrize("family", FAMILIES)  # checked at 1 and 2 rows: FLUX's export once kept its traced batch
 def test_the_onnx_export_matches_the_torch_modules(family, tiny_dit_dirs, tmp_path) -> None:
     from nirvana_export.onnx_export import export_all
 

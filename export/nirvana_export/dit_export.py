@@ -2,9 +2,14 @@
 
 The transformer's graph is the call the server makes in process (`nirvana.dit.modules.call_transformer`), FLUX's
 2×2 packing and RoPE ids included, so the ONNX file takes the unpacked latent like every other family's denoiser.
-The legacy (TorchScript) exporter has no symbolic for ``aten::rms_norm`` (FLUX's and SD 3.5's q/k norms,
-``torch.nn.RMSNorm``): while a graph is traced, `rms_norm_as_ops` swaps ``torch.nn.functional.rms_norm`` for the
-same arithmetic in plain ops; the numerical check against the unpatched module then decides as for every graph.
+Two things the legacy (TorchScript) exporter gets wrong are swapped for the same arithmetic while a DiT graph is
+traced (`traceable`); the numerical check against the unpatched module then decides as for every graph:
+
+- it has no symbolic for ``aten::rms_norm`` (FLUX's and SD 3.5's q/k norms, ``torch.nn.RMSNorm``): plain ops instead;
+- diffusers' ``apply_rotary_emb`` reshapes with ``*x.shape[:-1]``, which the tracer writes into the graph as
+  constants: FLUX's transformer exported at 2 rows failed at 1 and 3 in onnxruntime ("Attempting to broadcast an
+  axis by a dimension other than 1"). The same rotation written with ``unflatten`` keeps the batch dynamic
+  (max |onnx − torch| 6e-7 at 1, 2, 3 and 5 rows on the tiny model).
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ from nirvana.contract.dit import LAST
 from nirvana.contract.specs import ModelSpec
 from nirvana.dit.modules import call_transformer
 
-__all__ = ["DitTextEncoderGraph", "TransformerGraph", "dit_graph", "rms_norm_as_ops"]
+__all__ = ["DitTextEncoderGraph", "TransformerGraph", "dit_graph", "traceable"]
 
 
 class DitTextEncoderGraph(nn.Module):
     """``input_ids`` → SD 3's CLIPs: ``(penultimate_hidden_state, text_embeds)``; FLUX's CLIP-L: ``text_embeds`` (its
     pooled output); T5: ``last_hidden_state``."""
 
-    traces_rms_norm_as_ops = True  # `rms_norm_as_ops` while it is traced
+    traced_with_swaps = True  # `traceable` while it is traced
 
     def __init__(self, encoder: nn.Module, answer: str) -> None:
         super().__init__()
@@ -47,7 +52,7 @@ class TransformerGraph(nn.Module):
     """``sample``, ``timestep``, ``encoder_hidden_states``, ``pooled_projections`` (FLUX: ``guidance``) →
     ``noise_pred``, all float32 and per row."""
 
-    traces_rms_norm_as_ops = True
+    traced_with_swaps = True
 
     def __init__(self, family: str, transformer: nn.Module) -> None:
         super().__init__()
@@ -89,12 +94,27 @@ def _rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch
     return y if weight is None else y * weight
 
 
+def _rotary(x: torch.Tensor, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1, sequence_dim: int = 2):
+    """diffusers' ``apply_rotary_emb`` for FLUX (real, unbind dim -1), with no shape read off ``x``."""
+    if not use_real or use_real_unbind_dim != -1:
+        raise NotImplementedError("only FLUX's rotary embedding (use_real, unbind dim -1) is traced")
+    cos, sin = freqs_cis  # [S, D]
+    shape = (1, -1, 1, cos.shape[-1]) if sequence_dim == 1 else (1, 1, -1, cos.shape[-1])
+    cos, sin = cos.reshape(shape).to(x.device), sin.reshape(shape).to(x.device)
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
 @contextlib.contextmanager
-def rms_norm_as_ops() -> Iterator[None]:
-    """``torch.nn.functional.rms_norm`` as mul/mean/rsqrt while a graph is traced (see the module docstring)."""
-    original = torch.nn.functional.rms_norm
-    torch.nn.functional.rms_norm = _rms_norm
+def traceable() -> Iterator[None]:
+    """``rms_norm`` as mul/mean/rsqrt and FLUX's rotary embedding without baked shapes, while a DiT graph is traced
+    (see the module docstring)."""
+    import diffusers.models.transformers.transformer_flux as flux
+
+    originals = torch.nn.functional.rms_norm, flux.apply_rotary_emb
+    torch.nn.functional.rms_norm, flux.apply_rotary_emb = _rms_norm, _rotary
     try:
         yield
     finally:
-        torch.nn.functional.rms_norm = original
+        torch.nn.functional.rms_norm, flux.apply_rotary_emb = originals

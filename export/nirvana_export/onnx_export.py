@@ -32,7 +32,7 @@ from nirvana.contract.specs import DEFAULT_UNET_MAX_BATCH, ModelSpec, submodel_s
 from nirvana.families import DIT
 from nirvana.runtime import onnx_runtime
 from nirvana.runtime.onnx_runtime import MANIFEST_NAME, OnnxModel
-from nirvana_export.dit_export import rms_norm_as_ops
+from nirvana_export.dit_export import traceable
 from nirvana_export.isolated import ISOLATE_ABOVE_BYTES, peak_rss_bytes, run_isolated
 
 __all__ = [
@@ -221,8 +221,8 @@ def _write_onnx(graph: nn.Module, spec: ModelSpec, args: tuple[torch.Tensor, ...
         warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        # SD 3.5's and FLUX's q/k norms only (`nirvana_export.dit_export`)
-        ops = rms_norm_as_ops() if getattr(graph, "traces_rms_norm_as_ops", False) else contextlib.nullcontext()
+        # DiT graphs only: rms_norm and FLUX's rotary embedding in traceable form (`nirvana_export.dit_export`)
+        ops = traceable() if getattr(graph, "traced_with_swaps", False) else contextlib.nullcontext()
         with torch.inference_mode(False), torch.no_grad(), ops:
             torch.onnx.export(
                 graph,

@@ -380,18 +380,13 @@ def write_repository(
 
 
 def _check_dit_profile(checkpoint: CheckpointInfo, profile: str) -> None:
-    """The transformer families' profiles so far: SD 3 in cpu and torch, FLUX.1 in torch (see docs/serving.md)."""
+    """The transformer families' profiles so far: cpu and torch (see docs/serving.md)."""
     from nirvana.checkpoint import CheckpointError
     from nirvana.families import DIT
 
     where = f"{checkpoint.path}: {checkpoint.family} (a transformer family)"
     if checkpoint.family in DIT and profile == "gpu":
         raise CheckpointError(f"{where} has no TensorRT engines yet (profile='gpu'); use --profile torch on a GPU")
-    if checkpoint.family == "flux" and profile == "cpu":
-        raise CheckpointError(
-            f"{where} has no ONNX export yet (profile='cpu'): the traced transformer keeps the batch it was exported "
-            "at (its rotary attention), and the step scheduler sends any number of rows; use --profile torch"
-        )
 
 
 def place_secret(out: Path, configured: str | Path | None) -> Path:
