@@ -25,7 +25,6 @@ from diffusers import (
 )
 from tokenizers import SentencePieceUnigramTokenizer
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
@@ -33,6 +32,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from nirvana_dev.tiny_model import clip_config
 
 __all__ = ["DIT_ARCHITECTURES", "TRANSFORMERS", "t5_tokenizer"]
 
@@ -99,19 +100,7 @@ def t5_tokenizer(words: list[str], max_length: int) -> T5TokenizerFast:
 
 def _clip(tokenizer: CLIPTokenizer, hidden: int, layers: int, heads: int, ff: int, act: str, projection: bool = True):
     """CLIP-L/G as SD 3 ships them (with the projection its pooled vector comes from); FLUX's CLIP-L has none."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=ff,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        hidden_act=act,
-        projection_dim=hidden,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = clip_config(tokenizer, hidden, ff, heads, layers, act, projection_dim=hidden)
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from nirvana.checkpoint import Checkpoint, load_checkpoint_info
-from nirvana.checkpoint.dit import DitCheckpoint
+from nirvana.checkpoint import Checkpoint, model_family, read_json
+from nirvana.checkpoint.dit import DIT_FAMILIES, DitCheckpoint
 from nirvana.contract.dit import LAST
 from nirvana.contract.specs import PENULTIMATE
 from nirvana.dit.modules import call_dit_encoders, call_transformer
@@ -63,16 +63,20 @@ def dit_component_runner(component: str, root: Path, device: str, dtype: torch.d
     import transformers
     from diffusers import AutoencoderKL
 
-    info = load_checkpoint_info(root)
+    # The family from model_index.json alone: each served model loads this, and the full info would hash every
+    # weight file of the checkpoint (tens of GB for FLUX.1) and load every tokenizer, per model.
+    index = read_json(root / "model_index.json")
+    family_name = model_family(root, index)
+    family = DIT_FAMILIES[family_name]
     if component == "vae_decoder":
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
         return lambda feeds: {"image": call_vae_decoder(vae, feeds["latent"]).float()}
     if component == "unet":
-        model = info.dit.transformer.from_pretrained(root / "transformer", torch_dtype=dtype).to(device).eval()
+        model = family.transformer.from_pretrained(root / "transformer", torch_dtype=dtype).to(device).eval()
         per_row = ("timestep", "guidance")  # Triton sends one value per row as [rows, 1]
         return lambda feeds: {
             "noise_pred": call_transformer(
-                info.family,
+                family_name,
                 model,
                 feeds["sample"],
                 feeds["timestep"].reshape(-1),
@@ -84,15 +88,13 @@ def dit_component_runner(component: str, root: Path, device: str, dtype: torch.d
                 },
             ).float()
         }
-    if component not in info.dit.text_encoders:
-        raise ValueError(
-            f"component={component!r}: an {info.family} checkpoint serves {sorted(info.dit.text_encoders)}"
-        )
-    cls = getattr(transformers, info.dit.text_encoders[component][0])
+    if component not in family.text_encoders:
+        raise ValueError(f"component={component!r}: an {family_name} checkpoint serves {sorted(family.text_encoders)}")
+    cls = getattr(transformers, family.text_encoders[component][0])
     encoder = cls.from_pretrained(root / component, torch_dtype=dtype).to(device).eval()
-    if component == info.dit.t5:
+    if component == family.t5:
         return lambda feeds: {LAST: encoder(feeds["input_ids"].to(device))[0].float()}
-    if info.family == "flux":  # CLIP-L's pooled output is all FLUX takes from it
+    if family_name == "flux":  # CLIP-L's pooled output is all FLUX takes from it
         return lambda feeds: {"text_embeds": encoder(feeds["input_ids"].to(device)).pooler_output.float()}
 
     def clip(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
