@@ -108,6 +108,10 @@ class CacheConfig(_Strict):
     # Reconciliation at open deletes latents no Milvus row refers to; when that would be most of them (Milvus looks
     # empty or foreign: a wrong URI/collection, a fresh server) it refuses and logs an error unless this is set.
     reconcile_allow_mass_delete: bool = False
+    # A restart with a snapshot of at least this many prompts is ready once the snapshot fills the mirror and Milvus
+    # answers; it then catches up with Milvus (rows written since the snapshot, missing latents, orphans) in the
+    # background. Smaller caches catch up before the open returns (a second or so).
+    catch_up_in_background_from: int = Field(50_000, ge=0)
     # Hit counts of a replica (replica_id) that counted nothing for this long are folded into one anonymous count
     replica_retire_s: float = Field(7 * 86400.0, gt=0)
     selection: SelectionConfig = SelectionConfig()

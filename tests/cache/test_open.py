@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from nirvana.cache import index as index_module
 from nirvana.cache.factory import open_cache
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
+from nirvana.cache.mirror_image import MirrorImage
 from nirvana.cache.records import blob_key
+from nirvana.cache.replicas import ReplicaSync
 from nirvana.cache.search import PartitionedSearch
 from nirvana.cache.snapshot import load_snapshot, snapshot_path
 from nirvana.config import CacheConfig, PredictorConfig, SearchConfig
@@ -88,39 +91,98 @@ def test_scanned_keys_follow_puts_and_deletes_and_are_handed_out_once(tmp_path: 
     assert LatentStore(tmp_path).take_scanned_keys(max_age_s=-1) is None  # too old: walk again
 
 
-def test_reopen_reads_vectors_from_the_snapshot_not_milvus(config, monkeypatch) -> None:
+def test_reopen_fills_the_mirror_from_the_snapshot_without_reading_milvus(config, monkeypatch) -> None:
     _filled(config)
     assert snapshot_path(config.dir, config.collection).is_file()  # written at close
 
-    def no_vectors(self, ids):
-        raise AssertionError(f"vectors of {list(ids)} read from Milvus")
+    def refused(self, *args, **kwargs):
+        raise AssertionError("the open read rows or vectors from Milvus")
 
-    monkeypatch.setattr(MilvusIndex, "fetch_vectors", no_vectors)
+    monkeypatch.setattr(MilvusIndex, "fetch_vectors", refused)
+    monkeypatch.setattr(MilvusIndex, "scan_rows", refused)
     cache = open_cache(config, DIM)
-    assert len(cache) == 6 and cache.open_timings["milvus_vectors_s"] < 0.5
+    assert len(cache) == 6 and cache.entries == 12 and cache.caught_up.is_set()  # small: caught up in line
+    assert "image_restore_s" in cache.open_timings and "milvus_rows_s" not in cache.open_timings
     for i in range(6):
         lookup = cache.lookup(_vec(i, 0.1), KEY, "t", STEPS)
         assert lookup.hit and lookup.matched_prompt == f"prompt {i}" and lookup.similarity > 0.999
     cache.close()
 
 
-def test_snapshot_rows_that_do_not_match_milvus_are_read_from_milvus(config) -> None:
+def _stale_snapshot(config: CacheConfig) -> tuple[bytes, int]:
+    """A snapshot of prompts 0-2, then (as if the process had crashed before writing another) prompts 3-4 admitted,
+    prompt 0 evicted and a hit on prompt 1 counted, in Milvus only. Returns the old snapshot and prompt 0's id."""
     _filled(config, prompts=3)
-    cache = open_cache(config, DIM)
-    record = cache.record(KEY, "t", "prompt 1")
-    cache.close()
     path = snapshot_path(config.dir, config.collection)
-    with np.load(path) as data:  # a stale snapshot: prompt 1's row was removed and admitted again since
-        arrays = dict(data)
-    at = int(np.searchsorted(arrays["ids"], record.id))
-    arrays["created"][at] -= 1.0
-    arrays["vectors"][at] = _vec(9)
-    np.savez(path, **arrays)
+    old = path.read_bytes()
+    cache = open_cache(config, DIM)
+    for i in (3, 4):
+        cache.admit(f"prompt {i}", _vec(i, 0.1), KEY, "t", _states())
+    gone = cache.record(KEY, "t", "prompt 0").id
+    for k in (5, 25):
+        cache._drop_entry(gone, k)
+    assert cache.lookup(_vec(1, 0.1), KEY, "t", STEPS).hit
+    cache.close()
+    path.write_bytes(old)
+    return old, gone
+
+
+def test_a_stale_snapshot_catches_up_with_milvus(config) -> None:
+    _, gone = _stale_snapshot(config)
+    cache = open_cache(config, DIM)
+    assert cache.caught_up.is_set() and len(cache) == 4 and gone not in cache.mirror
+    assert sum(e.hits for e in cache.record(KEY, "t", "prompt 1").entries.values()) == 1
+    for i in (1, 2, 3, 4):
+        assert cache.lookup(_vec(i, 0.1), KEY, "t", STEPS).matched_prompt == f"prompt {i}"
+    assert not cache.lookup(_vec(0, 0.1), KEY, "t", STEPS).hit
+    cache.close()
+
+
+def test_a_large_restart_is_ready_before_it_catches_up(config, monkeypatch) -> None:
+    """Past `catch_up_in_background_from` prompts the open returns once the snapshot fills the mirror: lookups are
+    served from it, and what Milvus holds beyond it arrives with the catch-up."""
+    _stale_snapshot(config)
+    release = threading.Event()
+    real_refresh = ReplicaSync.refresh
+
+    def held_refresh(self, index):
+        assert release.wait(30)
+        return real_refresh(self, index)
+
+    monkeypatch.setattr(ReplicaSync, "refresh", held_refresh)
+    cache = open_cache(config.model_copy(update={"catch_up_in_background_from": 0}), DIM)
+    assert not cache.caught_up.is_set() and cache.available and len(cache) == 3  # the snapshot's prompts
+    assert cache.lookup(_vec(2, 0.1), KEY, "t", STEPS).matched_prompt == "prompt 2"
+    release.set()
+    assert cache.caught_up.wait(30)
+    assert len(cache) == 4 and cache.lookup(_vec(4, 0.1), KEY, "t", STEPS).matched_prompt == "prompt 4"
+    cache.close()
+
+
+def test_a_format1_snapshot_still_spares_the_vector_reads(config, monkeypatch) -> None:
+    """A snapshot written by the version before (vectors and trainings, no records): rows come from Milvus, vectors
+    from it where its (id, created) still match, from Milvus for the rest."""
+    _filled(config, prompts=4)
+    cache = open_cache(config, DIM)
+    records = sorted((cache.record(KEY, "t", f"prompt {i}") for i in range(4)), key=lambda r: r.id)
+    cache.close()
+    stale = records[1].id  # its row was removed and admitted again since: Milvus's vector counts
+    np.savez(
+        snapshot_path(config.dir, config.collection),
+        ids=np.array([r.id for r in records], np.int64),
+        created=np.array([r.created - (r.id == stale) for r in records], np.float64),
+        vectors=np.stack([_vec(9) if r.id == stale else cache.mirror.vector_of(r.id) for r in records]),
+        partitions=np.array("[]"),
+    )
+    asked: list[int] = []
+    real = MilvusIndex.fetch_vectors
+    monkeypatch.setattr(MilvusIndex, "fetch_vectors", lambda self, ids: asked.extend(ids) or real(self, ids))
     reopened = open_cache(config, DIM)
-    # Milvus's vector, not the snapshot's: equal to the mirror's float16 precision
-    np.testing.assert_allclose(reopened.record(KEY, "t", "prompt 1").vector, _vec(1, 0.1), atol=1e-3)
-    assert reopened.lookup(_vec(1, 0.1), KEY, "t", STEPS).hit
+    assert asked == [stale] and "milvus_rows_s" in reopened.open_timings
+    for i in range(4):
+        assert reopened.lookup(_vec(i, 0.1), KEY, "t", STEPS).matched_prompt == f"prompt {i}"
     reopened.close()
+    assert isinstance(load_snapshot(snapshot_path(config.dir, config.collection), DIM), MirrorImage)  # format 2
 
 
 def test_damaged_snapshot_is_ignored(config, caplog) -> None:
@@ -128,10 +190,11 @@ def test_damaged_snapshot_is_ignored(config, caplog) -> None:
     snapshot_path(config.dir, config.collection).write_bytes(b"not a snapshot")
     with caplog.at_level(logging.WARNING, logger="nirvana.cache.snapshot"):
         cache = open_cache(config, DIM)
-    assert any("ignored" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]  # logged
     assert len(cache) == 3 and cache.lookup(_vec(2, 0.1), KEY, "t", STEPS).hit
     cache.close()
-    assert len(load_snapshot(snapshot_path(config.dir, config.collection), DIM).ids) == 3  # rewritten at close
+    image = load_snapshot(snapshot_path(config.dir, config.collection), DIM)  # rewritten at close
+    assert isinstance(image, MirrorImage) and len(image.records) == 3
 
 
 def test_reopen_reconciles_with_the_snapshot(config) -> None:

@@ -138,5 +138,5 @@ class Admission:
                 old = record.entries.get(k)
                 hits = dict(old.replica_hits) if old else {}  # a rewrite (refresh) keeps the hit counts
                 self.mirror.put_entry(record, k, EntryMeta(last_access=now, nbytes=nbytes, replica_hits=hits))
-            index.put(record, added=written)
+            index.put(self.mirror.stored(record), added=written)
             self.counters.admitted += len(written)

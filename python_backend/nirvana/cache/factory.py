@@ -9,10 +9,13 @@ Milvus server, a background refresh of the mirror from what other replicas wrote
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 
 from nirvana.cache.connection import MilvusConnection
+from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore, LatentStoreError
 from nirvana.cache.manager import ApproximateCache, CacheCounters
 from nirvana.cache.mirror import Mirror
@@ -21,6 +24,8 @@ from nirvana.cache.records import is_server_uri
 from nirvana.cache.replicas import ReplicaSync
 from nirvana.cache.snapshot import snapshot_path
 from nirvana.config import CacheConfig
+
+log = logging.getLogger(__name__)
 
 
 def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.time) -> ApproximateCache:
@@ -49,17 +54,53 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
         on_close=reconciler.save_snapshot,
         open_timings=reconciler.timings,
     )
+    cache.caught_up = reconciler.caught_up
+    reconciler.preload()  # the snapshot fills the mirror while Milvus opens
+
+    def publish(index: MilvusIndex) -> bool:
+        if not cache.attach(index):
+            return False
+        if reconciler.catch_up_due and len(mirror) >= config.catch_up_in_background_from:
+            args = (cache, reconciler, index)
+            threading.Thread(target=_catch_up, args=args, name="cache-catch-up", daemon=True).start()
+        elif reconciler.catch_up_due:
+            _catch_up(cache, reconciler, index)
+        elif not index.shared:
+            _retire_others(cache, index)
+        return True
+
     MilvusConnection(
-        config, dim, prepare=reconciler.load, discard=mirror.reset, publish=cache.attach, closed=cache.closed
+        config, dim, prepare=reconciler.load, discard=reconciler.discard, publish=publish, closed=cache.closed
     ).open()
     try:  # an unreadable latent directory fails the open, as it did before the walk moved aside
-        latents.wait_walked()
+        latents.wait_walked() if reconciler.caught_up.is_set() else latents.check_readable()
     except LatentStoreError:
         cache.closed.set()  # stops the reconnect loop that the failed reconciliation may have started
         raise
     if shared and config.refresh_interval_s > 0:
         replicas.start(lambda: cache.index, cache.closed)
-    elif not shared and cache.index is not None:
-        # A milvus-lite file admits one process: the hit counts of any other replica id are final (`replicas`)
-        replicas.retire(cache.index, everyone_else=True)
     return cache
+
+
+def _retire_others(cache: ApproximateCache, index: MilvusIndex) -> None:
+    """A milvus-lite file admits one process: the hit counts of any other replica id are final (`replicas`)."""
+    cache.replicas.retire(index, everyone_else=True)
+
+
+def _catch_up(cache: ApproximateCache, reconciler: Reconciler, index: MilvusIndex) -> None:
+    """`Reconciler.catch_up` until it succeeds or the cache closes (Milvus may fail a call meanwhile)."""
+    while not cache.closed.is_set():
+        try:
+            reconciler.catch_up(index, cache.replicas.refresh)
+            if not index.shared:
+                _retire_others(cache, index)
+            return
+        except LatentStoreError as err:  # the directory walk failed: nothing to retry
+            log.error("cache catch-up with the latent directory failed: %s", err)
+            return
+        except Exception as err:
+            if cache.closed.is_set():
+                return
+            retry_s = cache.config.reconnect_interval_s
+            log.warning("cache catch-up with Milvus failed (%s): retrying in %.0f s", err, retry_s)
+            cache.closed.wait(retry_s)

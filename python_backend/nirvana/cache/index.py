@@ -220,7 +220,12 @@ class MilvusIndex:
         # Most flushed changes are hit counts: read the stored rows without their vectors (the vector of a row never
         # changes, and this process holds it), except for a row another replica re-created since (another `created`).
         stored = self.fetch((row_id for row_id, change in batch.items() if change.record is not None), vectors=False)
-        recreated = [row_id for row_id, old in stored.items() if old.created != batch[row_id].record.created]
+        # ... and of a row this process no longer holds (its last K removed) that another replica still fills
+        recreated = [
+            row_id
+            for row_id, old in stored.items()
+            if old.created != batch[row_id].record.created or batch[row_id].record.vector is None
+        ]
         stored_vectors = self.fetch_vectors(recreated) if recreated else {}
         upserts, deletes = [], []
         for row_id, change in batch.items():
@@ -229,9 +234,9 @@ class MilvusIndex:
                 deletes.append(row_id)
                 continue
             entries = merge_entries(old.entries if old else None, change.record.entries, change)
-            if entries:
+            vector = stored_vectors.get(row_id, change.record.vector)
+            if entries and vector is not None:
                 base = old if old is not None else change.record
-                vector = stored_vectors.get(row_id, change.record.vector)
                 merged = PromptRecord(base.id, base.prompt, base.cache_key, base.tenant, vector, base.created)
                 merged.entries = entries
                 upserts.append(merged.to_row())

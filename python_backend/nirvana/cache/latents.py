@@ -118,6 +118,18 @@ class LatentStore:
         if self._walk_error is not None:
             raise LatentStoreError(f"walk of {self.root} at open failed: {self._walk_error}") from self._walk_error
 
+    def check_readable(self) -> None:
+        """LatentStoreError unless the directory can be listed, without waiting for the walk at open (a restart from
+        the mirror snapshot is ready before the walk ends); what the walk raises, if it has ended."""
+        if self._walked.is_set():
+            self.wait_walked()
+            return
+        try:
+            with os.scandir(self.root) as entries:
+                next(entries, None)
+        except OSError as err:
+            raise LatentStoreError(f"latent directory {self.root} cannot be read: {err}") from err
+
     def _scan_at_open(self) -> int:
         """The one walk of the directory at open (millions of files): returns the bytes of the blobs, keeps their
         keys for the reconciliation (`take_scanned_keys`), and removes stale temporary files and blobs of the

@@ -89,6 +89,10 @@ class ApproximateCache:
         self._admission = Admission(mirror, latents, self.budget, self.counters, clock, self._drop_entry)
         self._lock = mirror.lock  # one lock for the mirror and the counters
         self.closed = threading.Event()  # background parts (reconnect, refresh) stop when it is set
+        # Set once the mirror agrees with the store of record (`open_cache` replaces it: a large restart from the
+        # snapshot is published before it has caught up with Milvus)
+        self.caught_up = threading.Event()
+        self.caught_up.set()
         self.index: PromptIndex | None = None  # None while unreachable: requests are served uncached
         if index is not None:
             self.attach(index)
@@ -96,12 +100,16 @@ class ApproximateCache:
     def attach(self, index: PromptIndex) -> bool:
         """Start using the store of record, once the mirror holds what it stores. False if the cache was closed
         meanwhile (the caller then closes the index)."""
-        self.predictor.maybe_refit(len(self.mirror), self.mirror.vectors)
+        self.predictor.maybe_refit(len(self.mirror), self._predictor_sample)
         with self._lock:
             if self.closed.is_set():
                 return False
             self.index = index  # published last: lookups start using the cache only once it is complete
         return True
+
+    def _predictor_sample(self) -> np.ndarray:
+        """The hit predictor's training sample, drawn by the mirror (not every vector: a million is 3 GB)."""
+        return self.mirror.vectors(self.predictor.max_fit_samples)
 
     @property
     def available(self) -> bool:
@@ -181,7 +189,7 @@ class ApproximateCache:
         """Queue a hit count or removal; a row the store refuses (one stored by an earlier version, say) is logged,
         never the request's failure."""
         try:
-            self.index.put(record, removed=removed or ())
+            self.index.put(self.mirror.stored(record), removed=removed or ())
         except InvalidRow as err:
             log.warning("cache row %016x not written back: %s", record.id, err)
 
@@ -236,7 +244,7 @@ class ApproximateCache:
         return written
 
     def _refit_predictor(self) -> None:
-        self.predictor.refit_in_background(lambda: len(self.mirror), self.mirror.vectors)
+        self.predictor.refit_in_background(lambda: len(self.mirror), self._predictor_sample)
 
     def _drop_entry(self, row_id: int, k: int) -> None:
         """Remove one latent; the prompt leaves the index with its last latent."""

@@ -5,11 +5,11 @@ id, entries with their LCBFU state) and searches their vectors in a `Partitioned
 (cache key, tenant). `reconcile` fills the mirror at open, the request path (`manager`) changes it on admission,
 hit and eviction, and `replicas` brings it up to date with what other processes wrote.
 
-Each record's vector is kept at float16 once its prompt is in the mirror: with the search's float16 lists that is
-4.7 KB per prompt of 768 dims against 8.2 KB at float32 (measured at 100k). At a million prompts the whole cache
-owner measured 6.3 GB, 2.15× the raw float32 vectors (docs/caching.md, "A million prompts"). What leaves the
-mirror (rows written to Milvus, the snapshot, the predictor's training set) is cast back to float32: the values are
-the float16 ones, a cosine change of about 1e-4.
+A record's vector lives only in the search (float16 IVF codes, or the exact rows of a small partition or tail):
+the record itself drops it once the mirror holds it, and `stored` gives it back for a write to Milvus. At a million
+prompts of 768 dims the record's own float16 copy was 1.5 KB of the 6.3 KB a prompt the cache owner held (2.15× the
+raw float32 vectors; docs/caching.md, "A million prompts"). What leaves the mirror (rows written to Milvus, the
+snapshot, the predictor's sample) carries the float16 values: a cosine change of about 1e-4.
 
 One reentrant lock, `lock`, guards the mirror; callers hold it too when they read or change a record's entries,
 so a hit count and the entry count never disagree.
@@ -27,7 +27,7 @@ import numpy as np
 from nirvana.cache.eviction_order import EvictionOrder
 from nirvana.cache.policy import EntryStats
 from nirvana.cache.records import EntryMeta, PromptRecord, blob_key
-from nirvana.cache.search import Match, PartitionedSearch, PartitionKey, Trained
+from nirvana.cache.search import Match, PartitionedSearch, PartitionKey, PartitionState, Trained
 from nirvana.config import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Mirror:
         self._tenant_entries: Counter[str] = Counter()
         self._tenant_bytes: Counter[str] = Counter()
         self.search = self._new_search()
+        self._rng = np.random.default_rng(0)
 
     def _new_search(self) -> PartitionedSearch:
         s = self._search_config
@@ -87,11 +88,21 @@ class Mirror:
         """The `k` nearest prompts of the partition, best first."""
         return self.search.top(partition, vector, k)
 
-    def vectors(self) -> np.ndarray:
-        """[prompts, dim] float32: every prompt's vector (the hit predictor's training set)."""
-        with self.lock:
-            rows = [r.vector for r in self._records.values()]
-        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
+    def vectors(self, limit: int) -> np.ndarray:
+        """[≤ limit, dim] float32: the vectors of up to `limit` prompts drawn at random (the hit predictor's fit)."""
+        return self.search.sample_vectors(limit, self._rng)
+
+    def vector_of(self, row_id: int) -> np.ndarray | None:
+        """A held prompt's vector ([dim] float32), from the search."""
+        return self.search.vector(row_id)
+
+    def stored(self, record: PromptRecord) -> PromptRecord:
+        """A copy of a held record to write to the store of record: with its vector (the mirror's records have
+        none) and entries that later hits do not change."""
+        copy = record.snapshot()
+        if copy.vector is None:
+            copy.vector = self.vector_of(record.id)
+        return copy
 
     def in_eviction_order(self, tenant: str | None = None) -> Iterator[EntryStats]:
         """Entries (of one tenant partition's prompts, if given), the first to evict first (`EvictionOrder`).
@@ -143,7 +154,7 @@ class Mirror:
             self._account(record, +1)
             self.order.replace(record.tenant, record.id, record.entries)
             self.search.add((record.cache_key, record.tenant), record.id, record.vector)
-            record.vector = np.asarray(record.vector, np.float16)
+            record.vector = None  # the search holds it
 
     def add_many(self, records: list[PromptRecord], trained: dict[PartitionKey, Trained] | None = None) -> None:
         """Prompts new to the mirror, in bulk (at open: one index build per partition, not one per row);
@@ -161,9 +172,20 @@ class Mirror:
                 ids = np.fromiter((r.id for r in group), np.int64, len(group))
                 vectors = np.stack([r.vector for r in group])
                 self.search.add_many(partition, ids, vectors, (trained or {}).get(partition))
-                # One float16 block per group, each record a view of its row: no per-record allocation
-                for record, half in zip(group, vectors.astype(np.float16), strict=True):
-                    record.vector = half
+                for record in group:
+                    record.vector = None  # the search holds it
+
+    def restore(self, records: list[PromptRecord], states: dict[PartitionKey, PartitionState]) -> None:
+        """Fill an empty mirror from a snapshot: the records (without vectors) and the search's partitions."""
+        with self.lock:
+            if self._records:
+                raise RuntimeError("restore into a mirror that holds prompts")
+            self.search.restore(states)
+            self.order.put_many((r.tenant, r.id, r.entries) for r in records)
+            self._records = {r.id: r for r in records}
+            self._entries = sum(len(r.entries) for r in records)
+            for record in records:
+                self._account(record, +1)
 
     def put_entry(self, record: PromptRecord, k: int, entry: EntryMeta) -> None:
         """Set one entry of a prompt the mirror holds (a new K, or a rewritten one)."""

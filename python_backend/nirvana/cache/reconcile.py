@@ -6,6 +6,16 @@ On a shared cache (a Milvus server, several replicas) a latent no row refers to 
 is not flushed yet: such candidates are removed only after a grace period (`remove_orphans`, run by the replicas'
 mirror refresh), and only if a read by id confirms no row refers to them.
 
+**Open from the snapshot.** With a format-2 snapshot (`mirror_image`) the mirror is filled from it in a thread
+started before Milvus's open (`preload`), so the two overlap; `load` then only waits for it, and the cache is
+published. What the snapshot cannot know (rows written since it was saved, by this process before a crash or by
+other replicas; latents gone since) is caught up after (`catch_up`): a replica refresh (`replicas.ReplicaSync`),
+then the missing latents and orphans, against the directory walk. A large cache does that in the background, so a
+restart is ready in the time of the slower of Milvus's open and the snapshot's load. Until it is done a lookup may
+match an entry whose latent is gone: a miss that removes the entry, as for any missing latent. On a milvus-lite
+file (one writer) orphans go at once. A latent this process writes during the catch-up, in the moment between its
+write and its entry in the mirror, can be taken for an orphan: that entry is then a miss, and dropped.
+
 **Mass deletion is refused.** A deployment pointed at an empty or foreign Milvus (a wrong URI or collection, a fresh
 server) would see every latent as an orphan, and one whose latent volume is missing would see every row as
 dangling. When most of what would be removed is removed (`looks_foreign`), the reconciliation logs an error and
@@ -15,7 +25,9 @@ keeps the files (and the rows) unless `CacheConfig.reconcile_allow_mass_delete` 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +35,7 @@ import numpy as np
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
 from nirvana.cache.mirror import Mirror
+from nirvana.cache.mirror_image import MirrorImage
 from nirvana.cache.outcome import CacheCounters
 from nirvana.cache.records import PromptRecord, blob_key, row_of
 from nirvana.cache.snapshot import Snapshot, load_snapshot, save_snapshot
@@ -36,6 +49,8 @@ MIN_ORPHAN_GRACE_S = 10.0
 MASS_DELETE_MIN, MASS_DELETE_FRACTION = 32, 0.5
 SNAPSHOT_REWRITE_FRACTION = 0.05  # rewrite the snapshot at open when more of the vectors than this came from Milvus
 _NO_VECTOR = np.zeros(0, np.float32)  # a record's vector until `_attach_vectors` gives it the real one
+# Phases of the open that ran beside the others (the directory walk; the snapshot's preload beside Milvus's open)
+BESIDE = frozenset({"latent_scan_s", "image_load_s", "image_restore_s"})
 
 
 class _Phases:
@@ -70,16 +85,70 @@ class Reconciler:
         self.opened_at = time.monotonic()
         self._orphan_candidates: set[str] = set()  # unreferenced at open, on a shared cache
         self.timings: dict[str, float] = {}
+        self._preload: threading.Thread | None = None
+        self._preloaded = False  # the mirror holds a snapshot's image that `load` has not taken yet
+        self._format1 = Snapshot.empty(mirror.dim)  # what a snapshot of format 1 holds, for the open from Milvus
+        self.catch_up_due = False  # the mirror came from the snapshot: `catch_up` has to run
+        self.caught_up = threading.Event()  # set once the mirror agrees with Milvus and the directory
+
+    def preload(self) -> None:
+        """Start filling the mirror from a format-2 snapshot, beside Milvus's open (`load` waits for it)."""
+        if self.snapshot is not None:
+            self._preload = threading.Thread(target=self._fill_from_image, name="cache-preload", daemon=True)
+            self._preload.start()
+
+    def _fill_from_image(self) -> None:
+        clock = _Phases(self.timings)
+        image = load_snapshot(self.snapshot, self.mirror.dim) if self.snapshot else Snapshot.empty(self.mirror.dim)
+        clock.lap("image_load_s")
+        if not isinstance(image, MirrorImage):
+            self._format1 = image  # vectors and trainings for `_load_from_milvus` (empty: none or damaged)
+            return
+        self._format1 = Snapshot.empty(self.mirror.dim)
+        try:
+            self.mirror.restore(image.records, image.states)
+            self._preloaded = True
+        except Exception as err:  # a snapshot that does not fit costs the slower open, never a failed one
+            log.warning("mirror snapshot %s not used (%s): the mirror is read from Milvus", self.snapshot, err)
+            self.mirror.reset()
+        clock.lap("image_restore_s")
+
+    def discard(self) -> None:
+        """Empty the mirror after a failed open (Milvus unreachable); the next `load` starts again."""
+        self._preloaded = False
+        self.mirror.reset()
 
     def load(self, index: MilvusIndex) -> None:
-        """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to.
+        """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to. With the snapshot's
+        image in the mirror (`preload`) only take it: `catch_up` does the rest once the cache is published.
 
-        The latent directory is walked once (by `LatentStore` at open; again only for a reconnect long after),
-        rows are read without their vectors, and only the vectors of the rows kept are read: from the snapshot
-        where it has them, from Milvus for the rest.
+        Without it, the latent directory is walked once (by `LatentStore` at open; again only for a reconnect long
+        after), rows are read without their vectors, and only the vectors of the rows kept are read: from a format-1
+        snapshot where it has them, from Milvus for the rest.
         """
-        self.timings.clear()  # a reconnect's load reports its own phases
         clock = _Phases(self.timings)
+        if self._preload is not None:  # the preload's phases are in `timings` already
+            self._preload.join()
+            self._preload = None
+            clock.lap("preload_wait_s")
+        elif not self._preloaded:  # a reconnect after a failed open: its own phases
+            self.timings.clear()
+            self._fill_from_image()
+            clock = _Phases(self.timings)
+        if self._preloaded:
+            self._preloaded, self.catch_up_due = False, True
+            self.caught_up.clear()
+            log.info(
+                "cache open from the snapshot: %d prompts, %d entries; catching up with Milvus next",
+                len(self.mirror),
+                self.mirror.entries,
+            )
+            return
+        self._load_from_milvus(index, clock)
+        self.caught_up.set()
+
+    def _load_from_milvus(self, index: MilvusIndex, clock: _Phases) -> None:
+        """`load` without a usable snapshot image: rows from Milvus, vectors from a format-1 snapshot or Milvus."""
         present = self.latents.take_scanned_keys()  # waits for the walk at open, which ran beside Milvus's open
         if present is None:
             present = set(self.latents.keys())
@@ -105,12 +174,7 @@ class Reconciler:
             dangling = 0  # kept in Milvus (not served: they have no latent here)
         self.mirror.add_many(records, trained)
         clock.lap("mirror_fill_s")
-        unreferenced = sorted(present - self.mirror.blob_keys())
-        if not self._may_delete("latents no Milvus row refers to", len(unreferenced), len(present)):
-            unreferenced = []
-        if index.shared:  # another replica may have written a latent whose row it has not flushed yet
-            self._orphan_candidates, unreferenced = set(unreferenced), []
-        orphans = sum(self.latents.delete(key) > 0 for key in unreferenced)
+        orphans = self._remove_unreferenced(index, present)
         clock.lap("orphans_s")
         if dangling or orphans:
             level = logging.INFO if self.latents.old_format_dropped else logging.WARNING
@@ -133,6 +197,60 @@ class Reconciler:
             from_milvus,
             ", ".join(f"{name} {value:.2f}" for name, value in self.timings.items()),
         )
+
+    def catch_up(self, index: MilvusIndex, refresh: Callable[[MilvusIndex], dict[str, int]]) -> None:
+        """After an open from the snapshot: `refresh` (the replicas' refresh) brings in what Milvus holds that the
+        snapshot does not, then entries whose latent is gone leave and latents no entry refers to go."""
+        clock = _Phases(self.timings)
+        counts = refresh(index)
+        clock.lap("catch_up_milvus_s")
+        present = self.latents.take_scanned_keys()
+        if present is None:
+            present = set(self.latents.keys())
+        dangling = self._drop_missing_latents(index, present)
+        orphans = self._remove_unreferenced(index, present)
+        clock.lap("catch_up_latents_s")
+        self.catch_up_due = False
+        self.caught_up.set()
+        with self.mirror.lock:
+            self.counters.repaired += dangling + orphans
+        log.info(
+            "cache caught up with Milvus: %s; %d entries without a latent dropped, %d orphan latents removed; %s",
+            counts,
+            dangling,
+            orphans,
+            ", ".join(f"{name} {self.timings[name]:.2f}" for name in ("catch_up_milvus_s", "catch_up_latents_s")),
+        )
+
+    def _drop_missing_latents(self, index: MilvusIndex, present: set[str]) -> int:
+        """Drop the mirror's entries whose latent is not on disk (`present`, then the file itself); returns how many."""
+        keys = ((r.id, k, blob_key(r.id, k)) for r in self.mirror.records() for k in list(r.entries))
+        missing = [(row_id, k) for row_id, k, key in keys if key not in present and key not in self.latents]
+        if not missing:
+            return 0
+        # After an old-format drop (`latents`, logged there) every entry is missing: that is expected
+        if not self.latents.old_format_dropped and not self._may_delete(
+            "entries without a latent", len(missing), self.mirror.entries
+        ):
+            return 0
+        with self.mirror.lock:
+            for row_id, k in missing:
+                if (record := self.mirror.pop_entry(row_id, k)) is not None:
+                    try:
+                        index.put(self.mirror.stored(record), removed=[k])
+                    except InvalidRow as err:
+                        log.warning("cache row %016x not repaired: %s", row_id, err)
+        return len(missing)
+
+    def _remove_unreferenced(self, index: MilvusIndex, present: set[str]) -> int:
+        """Delete the latents in `present` no entry of the mirror refers to (on a shared cache: mark them, for
+        `remove_orphans`); returns how many were deleted."""
+        unreferenced = sorted(present - self.mirror.blob_keys())
+        if not self._may_delete("latents no Milvus row refers to", len(unreferenced), len(present)):
+            unreferenced = []
+        if index.shared:  # another replica may have written a latent whose row it has not flushed yet
+            self._orphan_candidates, unreferenced = set(unreferenced), []
+        return sum(self.latents.delete(key) > 0 for key in unreferenced)
 
     def _drop_dangling(
         self, rows: list[dict], present: set[str]
@@ -159,11 +277,12 @@ class Reconciler:
     ) -> tuple[list[PromptRecord], int, dict]:
         """Give each record its vector, from the snapshot or Milvus; leaves out rows Milvus no longer has.
         Returns the records, how many vectors came from Milvus, and the snapshot's trainings."""
-        snapshot = load_snapshot(self.snapshot, self.mirror.dim) if self.snapshot else Snapshot.empty(self.mirror.dim)
+        snapshot = self._format1
         ids = np.fromiter((r.id for r in records), np.int64, len(records))
         created = np.fromiter((r.created for r in records), np.float64, len(records))
         at = snapshot.positions(ids, created)
-        clock.lap("snapshot_load_s")
+        self._format1 = Snapshot.empty(self.mirror.dim)  # used once: its vectors go into the search
+        clock.lap("snapshot_match_s")
         fetched = index.fetch_vectors(ids[at < 0].tolist()) if np.any(at < 0) else {}
         clock.lap("milvus_vectors_s")
         kept = []

@@ -102,7 +102,7 @@ class PromptRecord:
     prompt: str
     cache_key: str
     tenant: str
-    vector: np.ndarray  # [dim] float32, unit norm (float16 once the mirror holds the record)
+    vector: np.ndarray | None  # [dim] float32, unit norm; None once the mirror holds the record (`Mirror.stored`)
     created: float
     entries: dict[int, EntryMeta] = field(default_factory=dict)
 

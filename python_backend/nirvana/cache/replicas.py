@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # At close on a shared Milvus: wait flush_interval_s + this for racing flushes of other replicas to land, then check.
 SETTLE_MARGIN_S, SETTLE_ROUNDS = 1.0, 3
+# Rows merged (refresh) or counted (retire) per hold of the mirror lock: ~10k rows take tens of ms, where a million
+# in one hold would stop every lookup for seconds
+CHUNK_ROWS = 10_000
 
 
 def _ahead(mine: EntryMeta, stored: EntryMeta) -> bool:
@@ -90,12 +93,14 @@ class ReplicaSync:
             # 6,677 of 8,000 rows): a row is gone only if a read by id does not find it either.
             unseen = [row_id for row_id in held if row_id not in stored]
             stored.update((row_id, r.entries) for row_id, r in (index.fetch(unseen) if unseen else {}).items())
-            with self.mirror.lock:
-                pending = index.pending_changes()
-                for row_id in set(stored) | self.mirror.ids():
-                    self._refresh_row(
-                        index, row_id, stored.get(row_id), fetched.get(row_id), pending.get(row_id), counts
-                    )
+            row_ids = list(set(stored) | self.mirror.ids())
+            for start in range(0, len(row_ids), CHUNK_ROWS):
+                with self.mirror.lock:  # a chunk at a time: a lookup waits for one chunk, not for every row
+                    pending = index.pending_changes()  # read again: puts go on between chunks (flushes do not)
+                    for row_id in row_ids[start : start + CHUNK_ROWS]:
+                        self._refresh_row(
+                            index, row_id, stored.get(row_id), fetched.get(row_id), pending.get(row_id), counts
+                        )
             self.reconciler.remove_orphans(index)
         counts["retired"] = self.retire(index)
         if any(counts.values()):
@@ -128,30 +133,35 @@ class ReplicaSync:
             return
         counts["updated"] += changed
         if stored is not None and _any_ahead(merged, stored):
-            index.put(local)  # Milvus holds a count lower than one we have seen: write the larger one back
+            # Milvus holds a count lower than one we have seen: write the larger one back
+            index.put(self.mirror.stored(local))
             counts["rewritten"] += 1
 
     def retire(self, index: MilvusIndex, everyone_else: bool = False, now: float | None = None) -> int:
         """Fold the hit counts of replicas not seen for `replica_retire_s` (every other one with `everyone_else`)
         into one anonymous count per entry; returns how many replica ids were retired."""
         now = time.time() if now is None else now
-        with self.mirror.lock:
-            totals: dict[str, int] = {}
-            for record in self.mirror.records():
-                for entry in record.entries.values():
-                    for replica, n in entry.replica_hits.items():
-                        if n >= 0:  # tombstones: retired already
-                            totals[replica] = totals.get(replica, 0) + n
-            for replica, total in totals.items():
-                if total > self._totals.get(replica, -1) or replica == self.replica:
-                    self._seen[replica] = now
-            horizon = now - self.config.replica_retire_s
-            gone = {r for r, at in self._seen.items() if everyone_else or at < horizon} - {self.replica, UNATTRIBUTED}
-            for record in self.mirror.records():
-                if any(e.retire(gone, now) for e in list(record.entries.values())):
-                    index.put(record)
-            self._totals = {r: n for r, n in totals.items() if r not in gone}
-            self._seen = {r: at for r, at in self._seen.items() if r in self._totals}
+        records = self.mirror.records()
+        totals: dict[str, int] = {}
+        for start in range(0, len(records), CHUNK_ROWS):
+            with self.mirror.lock:  # a chunk at a time, as in `refresh`
+                for record in records[start : start + CHUNK_ROWS]:
+                    for entry in record.entries.values():
+                        for replica, n in entry.replica_hits.items():
+                            if n >= 0:  # tombstones: retired already
+                                totals[replica] = totals.get(replica, 0) + n
+        for replica, total in totals.items():
+            if total > self._totals.get(replica, -1) or replica == self.replica:
+                self._seen[replica] = now
+        horizon = now - self.config.replica_retire_s
+        gone = {r for r, at in self._seen.items() if everyone_else or at < horizon} - {self.replica, UNATTRIBUTED}
+        for start in range(0, len(records), CHUNK_ROWS):
+            with self.mirror.lock:
+                for record in records[start : start + CHUNK_ROWS]:
+                    if any(e.retire(gone, now) for e in list(record.entries.values())):
+                        index.put(self.mirror.stored(record))
+        self._totals = {r: n for r, n in totals.items() if r not in gone}
+        self._seen = {r: at for r, at in self._seen.items() if r in self._totals}
         self.retired += len(gone)
         if gone:
             log.info("hit counts of %d replicas not seen since %.0f s folded: %s", len(gone), horizon, sorted(gone)[:5])
@@ -180,6 +190,6 @@ class ReplicaSync:
             for row_id, row in stored.items():
                 local = self.mirror.get(row_id)
                 if local and _any_ahead(local.entries, row.entries):
-                    index.put(local)
+                    index.put(self.mirror.stored(local))
                     queued += 1
         return queued

@@ -24,16 +24,12 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from nirvana.cache.exact_rows import ExactRows, Match
+
 PartitionKey = tuple[str, str]  # (cache_key, tenant)
 
 
 TRAIN_POINTS_PER_LIST = 40  # k-means sample per IVF list; faiss warns below 39 (64 took 9 s at 100k rows, 2 cores)
-
-
-@dataclass(frozen=True)
-class Match:
-    id: int
-    similarity: float
 
 
 @dataclass(frozen=True)
@@ -54,48 +50,16 @@ class Trained:
         return np.where(self.ids[at] == ids, self.lists[at], -1).astype(np.int64)
 
 
-class _ExactRows:
-    """Growable matrix of rows with O(1) delete (swap with last)."""
+@dataclass(frozen=True)
+class PartitionState:
+    """What a partition holds, for the mirror snapshot: its exact rows (ids, float16 vectors) and its IVF, serialized
+    by faiss (lists, centroids and direct map: restoring it needs no k-means and no assignment), with its ids."""
 
-    def __init__(self, dim: int) -> None:
-        self.vectors = np.zeros((64, dim), np.float32)
-        self.ids = np.zeros(64, np.int64)
-        self.pos: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.pos)
-
-    def add(self, row_id: int, vector: np.ndarray) -> None:
-        n = len(self.pos)
-        if n == len(self.ids):
-            self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors)])
-            self.ids = np.concatenate([self.ids, np.zeros_like(self.ids)])
-        self.vectors[n] = vector
-        self.ids[n] = row_id
-        self.pos[row_id] = n
-
-    def remove(self, row_id: int) -> bool:
-        at = self.pos.pop(row_id, None)
-        if at is None:
-            return False
-        last = len(self.pos)
-        if at != last:
-            self.vectors[at] = self.vectors[last]
-            self.ids[at] = self.ids[last]
-            self.pos[int(self.ids[at])] = at
-        return True
-
-    def top(self, query: np.ndarray, k: int) -> list[Match]:
-        n = len(self.pos)
-        if n == 0:
-            return []
-        scores = self.vectors[:n] @ query
-        at = [int(np.argmax(scores))] if k == 1 else np.argpartition(-scores, min(k, n) - 1)[:k]
-        return [Match(int(self.ids[i]), float(scores[i])) for i in at]
-
-    def take_all(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.pos)
-        return self.ids[:n].copy(), self.vectors[:n].copy()
+    tail_ids: np.ndarray
+    tail_vectors: np.ndarray
+    ivf: np.ndarray | None  # uint8, `faiss.serialize_index`
+    ivf_ids: np.ndarray
+    trained_at: int
 
 
 class _Partition:
@@ -104,7 +68,7 @@ class _Partition:
         self.exact_max_rows = exact_max_rows
         self.nprobe = nprobe
         self.tail_max_rows = tail_max_rows
-        self.tail = _ExactRows(dim)  # every row while the partition is small; recent rows after that
+        self.tail = ExactRows(dim)  # every row while the partition is small; recent rows after that
         self.ivf: faiss.IndexIVF | None = None
         self.ivf_ids: set[int] = set()
         self.trained_at = 0
@@ -122,7 +86,7 @@ class _Partition:
             ids, vectors = self.tail.take_all()
             self.ivf.add_with_ids(vectors, ids)
             self.ivf_ids.update(ids.tolist())
-            self.tail = _ExactRows(self.dim)
+            self.tail = ExactRows(self.dim)
 
     def remove(self, row_id: int) -> None:
         if self.tail.remove(row_id):
@@ -137,6 +101,28 @@ class _Partition:
             scores, ids = self.ivf.search(query[None, :], k)
             found += [Match(int(i), float(d)) for d, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         return sorted(found, key=lambda m: -m.similarity)[:k]
+
+    def vector(self, row_id: int) -> np.ndarray | None:
+        found = self.tail.vector(row_id)
+        if found is None and self.ivf is not None and row_id in self.ivf_ids:
+            found = self.ivf.reconstruct(row_id)  # the float16 code: within 1e-4 of the vector added
+        return found
+
+    def state(self) -> PartitionState:
+        ids, vectors = self.tail.take_all()
+        blob = faiss.serialize_index(self.ivf) if self.ivf is not None else None
+        ivf_ids = np.sort(np.fromiter(self.ivf_ids, np.int64, len(self.ivf_ids)))
+        return PartitionState(ids, vectors.astype(np.float16), blob, ivf_ids, self.trained_at)
+
+    def restore(self, state: PartitionState) -> None:
+        """Take the rows and IVF of `state` (an empty partition only)."""
+        if state.ivf is not None:
+            ivf = faiss.deserialize_index(state.ivf)
+            if not isinstance(ivf, faiss.IndexIVF) or ivf.d != self.dim or ivf.ntotal != len(state.ivf_ids):
+                raise ValueError(f"snapshot IVF of {ivf.ntotal} rows × {ivf.d} does not fit {len(state.ivf_ids)} ids")
+            ivf.nprobe = min(self.nprobe, ivf.nlist)
+            self.ivf, self.ivf_ids, self.trained_at = ivf, set(state.ivf_ids.tolist()), state.trained_at
+        self.tail.add_many(state.tail_ids, state.tail_vectors.astype(np.float32))
 
     def _all_rows(self) -> tuple[np.ndarray, np.ndarray]:
         ids, vectors = self.tail.take_all()
@@ -171,7 +157,7 @@ class _Partition:
         ivf.nprobe = min(self.nprobe, nlist)
         self.ivf, self.ivf_ids = ivf, set(ids.tolist())
         self.trained_at = trained.rows if trained is not None else len(ids)
-        self.tail = _ExactRows(self.dim)
+        self.tail = ExactRows(self.dim)
 
     def trained(self) -> Trained | None:
         """The IVF's centroids and the rows it was trained on (None while the partition is searched exactly)."""
@@ -296,6 +282,36 @@ class PartitionedSearch:
     def best(self, partition: PartitionKey, query: np.ndarray) -> Match | None:
         found = self.top(partition, query, 1)
         return found[0] if found else None
+
+    def vector(self, row_id: int) -> np.ndarray | None:
+        """The row's vector ([dim] float32; an IVF row's is its float16 code), or None if not held."""
+        with self._lock:
+            partition = self._where.get(row_id)
+            return None if partition is None else self._partitions[partition].vector(row_id)
+
+    def sample_vectors(self, limit: int, rng: np.random.Generator) -> np.ndarray:
+        """[≤ limit, dim] float32: the vectors of up to `limit` rows drawn at random (the hit predictor's fit)."""
+        with self._lock:
+            ids = np.fromiter(self._where, np.int64, len(self._where))
+            picked = ids if len(ids) <= limit else rng.choice(ids, limit, replace=False)
+            rows = [self._partitions[self._where[int(i)]].vector(int(i)) for i in picked]
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
+
+    def states(self) -> dict[PartitionKey, PartitionState]:
+        """Every partition's rows and IVF (the mirror snapshot; `restore` takes them back)."""
+        with self._lock:
+            return {key: part.state() for key, part in self._partitions.items()}
+
+    def restore(self, states: dict[PartitionKey, PartitionState]) -> None:
+        """Load `states` into this empty search."""
+        with self._lock:
+            if self._where:
+                raise RuntimeError("restore into a search that holds rows")
+            for key, state in states.items():
+                part = self._partitions[key] = _Partition(self.dim, *self._params)
+                part.restore(state)
+                ids = np.concatenate([state.tail_ids, state.ivf_ids]).tolist()
+                self._where.update(dict.fromkeys(ids, key))
 
     def trained(self) -> dict[PartitionKey, Trained]:
         """The IVF training of each partition that has one (kept across restarts: `add_many`)."""

@@ -15,8 +15,10 @@ cache (a Milvus server, one latent volume) share the file: each writes it whole,
 vector is used only where its row still matches Milvus, an older replica's snapshot only costs reads. A new replica
 gains most: on a Milvus 2.3 server a vector read costs about 1 ms (20k prompts: 21 s to open without it).
 
-Vectors are written at float16, the precision the mirror keeps (half the file: 1.5 GB at a million 768-d prompts,
-loaded in half the time); a snapshot of float32 vectors, from an earlier version, is read too.
+Format 2 (written since the mirror's records carry no vectors) holds the whole mirror: every record with its
+entries and each search partition with its serialized IVF (`mirror_image`). An open with it fills the mirror
+before Milvus has answered and catches up with Milvus after (`reconcile`). A format-1 file (vectors at float16 or
+float32 and IVF trainings, of an earlier version) still spares the vector reads of the open that reads Milvus first.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from nirvana.cache import mirror_image
 from nirvana.cache.mirror import Mirror
+from nirvana.cache.mirror_image import MirrorImage
 from nirvana.cache.search import PartitionKey, Trained
 
 log = logging.getLogger(__name__)
@@ -67,31 +72,40 @@ class Snapshot:
         return np.where(same, at, -1)
 
 
-def load_snapshot(path: Path, dim: int) -> Snapshot:
-    """The snapshot at `path`; an empty one if there is none or it cannot be used (logged)."""
+def _remove_stale_temps(path: Path) -> None:
     for temp in path.parent.glob(f".{path.name}.*.tmp"):  # left by a crash during a save
         # an hour old at least: a younger one may be another replica's save in progress (the file is shared)
         with contextlib.suppress(FileNotFoundError):
             if temp.stat().st_mtime < time.time() - STALE_TEMP_AGE_S:
                 temp.unlink()
+
+
+def load_snapshot(path: Path, dim: int) -> MirrorImage | Snapshot:
+    """The snapshot at `path`: the whole mirror (format 2), or the vectors and trainings of a format-1 file; an
+    empty `Snapshot` if there is none or it cannot be used (logged)."""
+    _remove_stale_temps(path)
     if not path.is_file():
         return Snapshot.empty(dim)
     try:
         with np.load(path, allow_pickle=False) as data:
-            ids, created, vectors = data["ids"], data["created"], data["vectors"]
-            partitions = json.loads(str(data["partitions"]))
-            trained = {
-                (key, tenant): Trained(data[f"centroids_{i}"], int(rows), data[f"ids_{i}"], data[f"lists_{i}"])
-                for i, (key, tenant, rows) in enumerate(partitions)
-            }
-        ok = ids.dtype == np.int64 and vectors.dtype in (np.float16, np.float32) and vectors.shape == (len(ids), dim)
-        if not ok or created.shape != ids.shape or np.any(np.diff(ids) <= 0):
-            raise ValueError(f"unexpected contents (vectors {vectors.dtype} {vectors.shape}, dim {dim})")
-        if not all(_valid_training(t, dim) for t in trained.values()):
-            raise ValueError("unexpected search training")
+            return mirror_image.decode(data, dim) if "format" in data.files else _format1(data, dim)
     except Exception as err:  # a damaged or foreign file costs a slower open, never a failed one
-        log.warning("mirror snapshot %s ignored (%s): vectors are read from Milvus", path, err)
+        log.warning("mirror snapshot %s ignored (%s): the mirror is read from Milvus", path, err)
         return Snapshot.empty(dim)
+
+
+def _format1(data: Mapping[str, np.ndarray], dim: int) -> Snapshot:
+    ids, created, vectors = data["ids"], data["created"], data["vectors"]
+    partitions = json.loads(str(data["partitions"]))
+    trained = {
+        (key, tenant): Trained(data[f"centroids_{i}"], int(rows), data[f"ids_{i}"], data[f"lists_{i}"])
+        for i, (key, tenant, rows) in enumerate(partitions)
+    }
+    ok = ids.dtype == np.int64 and vectors.dtype in (np.float16, np.float32) and vectors.shape == (len(ids), dim)
+    if not ok or created.shape != ids.shape or np.any(np.diff(ids) <= 0):
+        raise ValueError(f"unexpected contents (vectors {vectors.dtype} {vectors.shape}, dim {dim})")
+    if not all(_valid_training(t, dim) for t in trained.values()):
+        raise ValueError("unexpected search training")
     return Snapshot(ids, created.astype(np.float64), vectors, trained)
 
 
@@ -106,22 +120,10 @@ def _valid_training(t: Trained, dim: int) -> bool:
 
 
 def save_snapshot(path: Path, mirror: Mirror) -> int:
-    """Write the mirror's vectors and trainings to `path` (atomically); returns the prompts written."""
+    """Write the whole mirror to `path` (format 2, atomically); returns the prompts written."""
     with mirror.lock:
         records = mirror.records()
-        trained = mirror.search.trained()
-    ids = np.fromiter((r.id for r in records), np.int64, len(records))
-    created = np.fromiter((r.created for r in records), np.float64, len(records))
-    vectors = np.stack([r.vector for r in records]).astype(np.float16, copy=False) if records else None
-    order = np.argsort(ids)
-    arrays: dict[str, np.ndarray] = {
-        "ids": ids[order],
-        "created": created[order],
-        "vectors": vectors[order] if vectors is not None else np.zeros((0, mirror.dim), np.float16),
-        "partitions": np.array(json.dumps([[key, tenant, t.rows] for (key, tenant), t in trained.items()])),
-    }
-    for i, t in enumerate(trained.values()):
-        arrays.update({f"centroids_{i}": t.centroids, f"ids_{i}": t.ids, f"lists_{i}": t.lists})
+        arrays = mirror_image.encode(records, mirror.search.states())
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         with open(temp, "wb") as handle:

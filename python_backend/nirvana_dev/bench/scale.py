@@ -4,6 +4,8 @@ The restart is a child process (spawned: no memory inherited from the bench) tha
 as a restarted pod does, and reports:
 - the open's phases and the process's RSS once open (the cache owner: mirror, search, latent directory state), and
   that of the milvus-lite server it started (a child of its own);
+- for a restart from the snapshot that is ready before it has caught up with Milvus (`reconcile`): the cache path
+  of lookups served meanwhile, and how long after the open it had caught up;
 - recall@1 of queries at cosine ≈ 0.85 after the restart;
 - admissions through `ApproximateCache.admit` (the admission queue's writer calls the same), each a new prompt with
   one latent, first below capacity, then at capacity (`max_entries` = the entries held once the first ones are in),
@@ -114,10 +116,19 @@ def _restarted(job: dict) -> dict:
 def _measure_restarted(cache, job: dict, config: CacheConfig, open_s: float, before: int) -> dict:
     key, tenant, k = job["cache_key"], job["tenant"], job["k"]
     n = job["admissions"]
-    phases = {name: round(value, 2) for name, value in cache.open_timings.items()}
-    out: dict = {"open_s": round(open_s, 2), "open_phases_s": phases, "rss_before_open_mib": _mib(before)}
+    opened_at = time.perf_counter()
+    out: dict = {"open_s": round(open_s, 2), "rss_before_open_mib": _mib(before)}
     out.update(_tree_rss(psutil.Process()))
     out["entries_at_open"] = cache.mirror.entries
+    # A large restart from the snapshot is ready before it has caught up with Milvus (`reconcile`): lookups served
+    # meanwhile, then the time until it had, and the steady-state figures after
+    if not cache.caught_up.is_set():
+        stages, _ = timed_lookups(cache, job["queries"][:200], job["exact"][:200], key, tenant, 50)
+        out["during_catch_up_cache_path_ms"] = _latencies(stages["cache_path_ms"])
+    cache.caught_up.wait()
+    out["caught_up_after_open_s"] = round(time.perf_counter() - opened_at, 2)
+    out["open_phases_s"] = {name: round(value, 2) for name, value in cache.open_timings.items()}
+    out.update({f"{name}_caught_up": value for name, value in _tree_rss(psutil.Process()).items()})
     out.update(_lookups(cache, job["queries"], job["exact"], key, tenant))
     found = 0
     for query, want in zip(job["far_queries"], job["far_exact"], strict=True):
