@@ -68,7 +68,12 @@ class Admission:
         blob_meta = {k: {**(meta or {}), "k": k} for k in ks}
         bindings = {k: Binding(row_id, cache_key, partition, k) for k in ks}
         new_ks = [k for k in ks if k not in have]  # a rewrite (refresh) takes no more entries
-        incoming = sum(self.latents.encoded_size(states[k], blob_meta[k], bindings[k]) for k in new_ks)
+        try:  # encoded once, for the budget and for the write
+            blobs = {k: self.latents.encode(states[k], blob_meta[k], bindings[k]) for k in ks}
+        except (TypeError, ValueError) as err:  # e.g. fp16 overflow: the image is served, the admission dropped
+            log.warning("admission of %r dropped: %s", prompt[:80], err)
+            return 0
+        incoming = sum(len(blobs[k]) for k in new_ks)
         try:
             self.evict(partition, len(new_ks), incoming)
         except BudgetInfeasible as err:
@@ -77,7 +82,7 @@ class Admission:
         written: dict[int, int] = {}
         try:
             for k in ks:
-                written[k] = self.latents.put(blob_key(row_id, k), states[k], blob_meta[k], bindings[k])
+                written[k] = self.latents.put_encoded(blob_key(row_id, k), blobs[k])
         except Exception as err:  # e.g. disk full, fp16 overflow: the image is served, the admission dropped
             for k in set(written) - have:
                 self.latents.delete(blob_key(row_id, k))
