@@ -202,15 +202,15 @@ def test_disk_full_during_admission_leaves_no_partial_entry(config, monkeypatch)
     cache = open_cache(config, DIM)
     cache.admit("kept", _vec(1), KEY, "t", _states(ks=(5,)))
     files_before = sorted(cache.latents.keys())
-    real_put, calls = cache.latents.put, []
+    real_put, calls = cache.latents.put_encoded, []
 
-    def put_until_full(key, tensors, meta=None):
+    def put_until_full(key, data):
         calls.append(key)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(key, tensors, meta)
+        return real_put(key, data)
 
-    monkeypatch.setattr(cache.latents, "put", put_until_full)
+    monkeypatch.setattr(cache.latents, "put_encoded", put_until_full)
     assert cache.admit("a red fox", _vec(0), KEY, "t", _states()) == 0
     assert sorted(cache.latents.keys()) == files_before  # the two latents written before the failure are gone
     assert cache.record(KEY, "t", "a red fox") is None and cache.entries == 1

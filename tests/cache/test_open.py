@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from nirvana.cache import index as index_module
 from nirvana.cache.factory import open_cache
 from nirvana.cache.index import MilvusIndex
-from nirvana.cache.latents import LatentStore
+from nirvana.cache.latents import LatentStore, LatentStoreError
 from nirvana.cache.mirror_image import MirrorImage
 from nirvana.cache.records import blob_key
 from nirvana.cache.replicas import ReplicaSync
@@ -127,7 +128,9 @@ def _stale_snapshot(config: CacheConfig) -> tuple[bytes, int]:
     return old, gone
 
 
-def test_a_stale_snapshot_catches_up_with_milvus(config) -> None:
+@pytest.mark.parametrize("chunk_rows", [10_000, 1])
+def test_a_stale_snapshot_catches_up_with_milvus(config, monkeypatch, chunk_rows) -> None:
+    monkeypatch.setattr("nirvana.cache.replicas.CHUNK_ROWS", chunk_rows)  # 1: a lock hold per row
     _, gone = _stale_snapshot(config)
     cache = open_cache(config, DIM)
     assert cache.caught_up.is_set() and len(cache) == 4 and gone not in cache.mirror
@@ -142,11 +145,12 @@ def test_a_large_restart_is_ready_before_it_catches_up(config, monkeypatch) -> N
     """Past `catch_up_in_background_from` prompts the open returns once the snapshot fills the mirror: lookups are
     served from it, and what Milvus holds beyond it arrives with the catch-up."""
     _stale_snapshot(config)
-    release = threading.Event()
+    release, callers = threading.Event(), []
     real_refresh = ReplicaSync.refresh
 
     def held_refresh(self, index):
-        assert release.wait(30)
+        callers.append(threading.current_thread().name)
+        release.wait(30)
         return real_refresh(self, index)
 
     monkeypatch.setattr(ReplicaSync, "refresh", held_refresh)
@@ -154,9 +158,79 @@ def test_a_large_restart_is_ready_before_it_catches_up(config, monkeypatch) -> N
     assert not cache.caught_up.is_set() and cache.available and len(cache) == 3  # the snapshot's prompts
     assert cache.lookup(_vec(2, 0.1), KEY, "t", STEPS).matched_prompt == "prompt 2"
     release.set()
-    assert cache.caught_up.wait(30)
+    assert cache.caught_up.wait(30) and callers == ["cache-catch-up"]  # never in line
     assert len(cache) == 4 and cache.lookup(_vec(4, 0.1), KEY, "t", STEPS).matched_prompt == "prompt 4"
     cache.close()
+
+
+def test_a_failed_catch_up_goes_on_in_the_background(config, monkeypatch) -> None:
+    _stale_snapshot(config)
+    real_refresh, calls = ReplicaSync.refresh, []
+
+    def failing_once(self, index):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise ConnectionError("milvus went away")
+        return real_refresh(self, index)
+
+    monkeypatch.setattr(ReplicaSync, "refresh", failing_once)
+    cache = open_cache(config.model_copy(update={"reconnect_interval_s": 0.1}), DIM)  # returns: not stuck retrying
+    assert cache.caught_up.wait(30) and calls[1:] == ["cache-catch-up"] and len(cache) == 4
+    cache.close()
+
+
+def test_a_failed_first_connect_keeps_the_snapshot_for_the_reconnect(config, monkeypatch) -> None:
+    _filled(config, prompts=3)
+    real_init, attempts = MilvusIndex.__init__, []
+
+    def down_once(self, *args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("milvus not up yet")
+        real_init(self, *args, **kwargs)
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("rows read from Milvus: the snapshot was dropped")
+
+    monkeypatch.setattr(MilvusIndex, "__init__", down_once)
+    monkeypatch.setattr(MilvusIndex, "scan_rows", refused)
+    cache = open_cache(config.model_copy(update={"reconnect_interval_s": 0.2}), DIM)
+    assert not cache.available
+    deadline = time.monotonic() + 30
+    while not cache.caught_up.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.available and len(cache) == 3 and cache.lookup(_vec(1, 0.1), KEY, "t", STEPS).hit
+    cache.close()
+
+
+def test_a_snapshot_far_smaller_than_milvus_is_not_caught_up_row_by_row(config, monkeypatch) -> None:
+    _filled(config, prompts=1)
+    path = snapshot_path(config.dir, config.collection)
+    one_prompt = path.read_bytes()
+    cache = open_cache(config, DIM)
+    for i in range(1, 5):
+        cache.admit(f"prompt {i}", _vec(i, 0.1), KEY, "t", _states())
+    cache.close()
+    path.write_bytes(one_prompt)  # an old file: Milvus holds 5 prompts, more than twice its 1 (slack 0)
+    monkeypatch.setattr("nirvana.cache.reconcile.STALE_IMAGE_SLACK", 0)
+    reopened = open_cache(config, DIM)
+    assert "milvus_rows_s" in reopened.open_timings and len(reopened) == 5
+    reopened.close()
+
+
+def test_a_failed_directory_walk_fails_the_open_and_releases_milvus(config, monkeypatch) -> None:
+    _filled(config, prompts=2)
+
+    def unreadable(self):
+        raise PermissionError("latent shard folder unreadable")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LatentStore, "_scan_at_open", unreadable)
+        with pytest.raises(LatentStoreError, match="unreadable"):
+            open_cache(config, DIM)
+    again = open_cache(config, DIM)  # the milvus-lite file was let go: it opens again in this process
+    assert len(again) == 2
+    again.close()
 
 
 def test_a_format1_snapshot_still_spares_the_vector_reads(config, monkeypatch) -> None:

@@ -60,13 +60,14 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
     def publish(index: MilvusIndex) -> bool:
         if not cache.attach(index):
             return False
-        if reconciler.catch_up_due and len(mirror) >= config.catch_up_in_background_from:
+        if not reconciler.catch_up_due:
+            if not index.shared:
+                _retire_others(cache, index)
+            return True
+        in_line = len(mirror) < config.catch_up_in_background_from
+        if not (in_line and _catch_up_once(cache, reconciler, index)):  # a failed in-line try goes on in background
             args = (cache, reconciler, index)
             threading.Thread(target=_catch_up, args=args, name="cache-catch-up", daemon=True).start()
-        elif reconciler.catch_up_due:
-            _catch_up(cache, reconciler, index)
-        elif not index.shared:
-            _retire_others(cache, index)
         return True
 
     MilvusConnection(
@@ -76,6 +77,7 @@ def open_cache(config: CacheConfig, dim: int, clock: Callable[[], float] = time.
         latents.wait_walked() if reconciler.caught_up.is_set() else latents.check_readable()
     except LatentStoreError:
         cache.closed.set()  # stops the reconnect loop that the failed reconciliation may have started
+        cache.detach()  # an index the catch-up published
         raise
     if shared and config.refresh_interval_s > 0:
         replicas.start(lambda: cache.index, cache.closed)
@@ -87,20 +89,24 @@ def _retire_others(cache: ApproximateCache, index: MilvusIndex) -> None:
     cache.replicas.retire(index, everyone_else=True)
 
 
+def _catch_up_once(cache: ApproximateCache, reconciler: Reconciler, index: MilvusIndex) -> bool:
+    """One try of `Reconciler.catch_up`; False if Milvus failed it (to try again)."""
+    try:
+        reconciler.catch_up(index, cache.replicas.refresh)
+        if not index.shared:
+            _retire_others(cache, index)
+        reconciler.caught_up.set()
+    except LatentStoreError as err:  # the directory walk failed: the cache cannot be trusted, nothing to retry
+        log.error("latent directory unreadable (%s): the cache is not used until a restart", err)
+        cache.detach()
+    except Exception as err:
+        if not cache.closed.is_set():
+            log.warning("cache catch-up with Milvus failed (%s): retrying", err)
+            return False
+    return True
+
+
 def _catch_up(cache: ApproximateCache, reconciler: Reconciler, index: MilvusIndex) -> None:
-    """`Reconciler.catch_up` until it succeeds or the cache closes (Milvus may fail a call meanwhile)."""
-    while not cache.closed.is_set():
-        try:
-            reconciler.catch_up(index, cache.replicas.refresh)
-            if not index.shared:
-                _retire_others(cache, index)
-            return
-        except LatentStoreError as err:  # the directory walk failed: nothing to retry
-            log.error("cache catch-up with the latent directory failed: %s", err)
-            return
-        except Exception as err:
-            if cache.closed.is_set():
-                return
-            retry_s = cache.config.reconnect_interval_s
-            log.warning("cache catch-up with Milvus failed (%s): retrying in %.0f s", err, retry_s)
-            cache.closed.wait(retry_s)
+    """`_catch_up_once` until it succeeds or the cache closes (the background thread)."""
+    while not cache.closed.is_set() and not _catch_up_once(cache, reconciler, index):
+        cache.closed.wait(cache.config.reconnect_interval_s)

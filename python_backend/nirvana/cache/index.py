@@ -145,8 +145,11 @@ class MilvusIndex:
         return found
 
     def scan_entries(self) -> dict[int, dict[int, EntryMeta]]:
-        """Every row's id and entries, without vectors (the mirror's periodic refresh)."""
-        return {int(row["id"]): entries_from_json(row["entries"]) for row in self._scan(["id", "entries"])}
+        """Every row's id and entries, without vectors (the mirror's periodic refresh, the catch-up after an open from
+        the snapshot). In pages as large as `scan_rows`': milvus-lite answers each page of the query iterator in
+        ~0.12 s however small (a million rows in pages of 1,000 took 137 s)."""
+        rows = self._scan(["id", "entries"], batch_size=_SCAN_BATCH)
+        return {int(row["id"]): entries_from_json(row["entries"]) for row in rows}
 
     def fetch(self, ids: Iterable[int], vectors: bool = True) -> dict[int, PromptRecord]:
         """The stored rows with these ids (absent ids are left out), read consistently with every acknowledged write.

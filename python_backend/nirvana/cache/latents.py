@@ -216,9 +216,7 @@ class LatentStore:
             raise
         return len(data)
 
-    def encode(
-        self, tensors: dict[str, np.ndarray], meta: dict | None = None, binding: Binding | None = None
-    ) -> bytes:
+    def encode(self, tensors: dict[str, np.ndarray], meta: dict | None = None, binding: Binding | None = None) -> bytes:
         """The blob ``put`` writes for these tensors, meta and binding in this store's codec. Raises as ``put``
         does (ValueError, TypeError) for tensors it cannot store."""
         return encode_blob(tensors, meta or {}, self.dtype, binding)

@@ -107,6 +107,14 @@ class ApproximateCache:
             self.index = index  # published last: lookups start using the cache only once it is complete
         return True
 
+    def detach(self) -> None:
+        """Stop using the store of record (the latent directory turned out unreadable): requests are served uncached;
+        the index is closed."""
+        with self._lock:
+            index, self.index = self.index, None
+        if index is not None:
+            index.close()
+
     def _predictor_sample(self) -> np.ndarray:
         """The hit predictor's training sample, drawn by the mirror (not every vector: a million is 3 GB)."""
         return self.mirror.vectors(self.predictor.max_fit_samples)

@@ -32,6 +32,8 @@ from nirvana.config import SearchConfig
 
 log = logging.getLogger(__name__)
 
+KEYS_CHUNK = 10_000
+
 
 class Mirror:
     """Prompt records by id, a search over their vectors ([dim], unit norm) and their entries in eviction
@@ -141,9 +143,14 @@ class Mirror:
             self._tenant_bytes.pop(tenant, None)
 
     def blob_keys(self) -> set[str]:
-        """The latent store keys every entry refers to."""
-        with self.lock:
-            return {blob_key(r.id, k) for r in self._records.values() for k in r.entries}
+        """The latent store keys every entry refers to. The lock is taken per `KEYS_CHUNK` prompts (a million keys
+        in one hold stopped lookups for a second): an entry added meanwhile to a prompt already read is left out."""
+        records = self.records()
+        keys: set[str] = set()
+        for start in range(0, len(records), KEYS_CHUNK):
+            with self.lock:
+                keys.update(blob_key(r.id, k) for r in records[start : start + KEYS_CHUNK] for k in r.entries)
+        return keys
 
     # -- changing ------------------------------------------------------------------------------------
     def add(self, record: PromptRecord) -> None:

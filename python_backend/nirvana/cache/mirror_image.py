@@ -78,6 +78,8 @@ def decode(data: Mapping[str, np.ndarray], dim: int) -> MirrorImage:
     if len(partition_of) and not 0 <= int(partition_of.min()) <= int(partition_of.max()) < len(partitions):
         raise ValueError("record partition out of range")
     states = _states(data, dim)
+    if not set(states) <= set(partitions):
+        raise ValueError("search partitions without records")
     for i, key in enumerate(partitions):
         state = states.get(key)
         held = np.sort(np.concatenate([state.tail_ids, state.ivf_ids])) if state else np.zeros(0, np.int64)
@@ -106,6 +108,8 @@ def _records(data: Mapping[str, np.ndarray], partitions: list[tuple], replicas: 
     hit_counts, hit_replica, hit_n = (data[n].tolist() for n in ("entry_hit_counts", "hit_replica", "hit_n"))
     if not len(ends) == len(ids) == len(entry_counts) or sum(entry_counts) != len(ks) or sum(hit_counts) != len(hit_n):
         raise ValueError("record, entry or hit columns of inconsistent lengths")
+    if ends and (ends[-1] != len(blob) or np.any(np.diff(data["prompt_ends"]) < 0) or ends[0] < 0):
+        raise ValueError("prompt offsets do not cover the prompt bytes")
     records, entry, hit, start = [], 0, 0, 0
     for row_id, made, part, end, count in zip(ids, created, partition_of, ends, entry_counts, strict=True):
         entries = {}

@@ -51,6 +51,8 @@ SNAPSHOT_REWRITE_FRACTION = 0.05  # rewrite the snapshot at open when more of th
 _NO_VECTOR = np.zeros(0, np.float32)  # a record's vector until `_attach_vectors` gives it the real one
 # Phases of the open that ran beside the others (the directory walk; the snapshot's preload beside Milvus's open)
 BESIDE = frozenset({"latent_scan_s", "image_load_s", "image_restore_s"})
+# A snapshot image is caught up with row by row unless Milvus holds more than twice its prompts and this many
+STALE_IMAGE_SLACK = 1000
 
 
 class _Phases:
@@ -89,7 +91,8 @@ class Reconciler:
         self._preloaded = False  # the mirror holds a snapshot's image that `load` has not taken yet
         self._format1 = Snapshot.empty(mirror.dim)  # what a snapshot of format 1 holds, for the open from Milvus
         self.catch_up_due = False  # the mirror came from the snapshot: `catch_up` has to run
-        self.caught_up = threading.Event()  # set once the mirror agrees with Milvus and the directory
+        # Set once the mirror agrees with Milvus and the directory: at the end of `load`, or after `catch_up`
+        self.caught_up = threading.Event()
 
     def preload(self) -> None:
         """Start filling the mirror from a format-2 snapshot, beside Milvus's open (`load` waits for it)."""
@@ -114,9 +117,10 @@ class Reconciler:
         clock.lap("image_restore_s")
 
     def discard(self) -> None:
-        """Empty the mirror after a failed open (Milvus unreachable); the next `load` starts again."""
-        self._preloaded = False
-        self.mirror.reset()
+        """After a failed open (Milvus unreachable): empty what `load` filled; an image it has not taken yet (still
+        loading, or loaded) stays for the next `load`."""
+        if self._preload is None and not self._preloaded:
+            self.mirror.reset()
 
     def load(self, index: MilvusIndex) -> None:
         """Mirror Milvus in memory; drop entries whose blob is gone and blobs no entry refers to. With the snapshot's
@@ -135,8 +139,8 @@ class Reconciler:
             self.timings.clear()
             self._fill_from_image()
             clock = _Phases(self.timings)
-        if self._preloaded:
-            self._preloaded, self.catch_up_due = False, True
+        if self._preloaded and self._fits(index, clock):
+            self.catch_up_due = True
             self.caught_up.clear()
             log.info(
                 "cache open from the snapshot: %d prompts, %d entries; catching up with Milvus next",
@@ -146,6 +150,23 @@ class Reconciler:
             return
         self._load_from_milvus(index, clock)
         self.caught_up.set()
+
+    def _fits(self, index: MilvusIndex, clock: _Phases) -> bool:
+        """Whether the snapshot's image is close enough to Milvus to catch up with it row by row; one much smaller
+        (an old file, rows imported since) is dropped, and Milvus read in bulk instead."""
+        stored = index.count()
+        clock.lap("milvus_count_s")
+        self._preloaded = False
+        if stored <= 2 * len(self.mirror) + STALE_IMAGE_SLACK:
+            return True
+        log.warning(
+            "mirror snapshot %s holds %d prompts, Milvus %d: the mirror is read from Milvus",
+            self.snapshot,
+            len(self.mirror),
+            stored,
+        )
+        self.mirror.reset()
+        return False
 
     def _load_from_milvus(self, index: MilvusIndex, clock: _Phases) -> None:
         """`load` without a usable snapshot image: rows from Milvus, vectors from a format-1 snapshot or Milvus."""
@@ -202,16 +223,15 @@ class Reconciler:
         """After an open from the snapshot: `refresh` (the replicas' refresh) brings in what Milvus holds that the
         snapshot does not, then entries whose latent is gone leave and latents no entry refers to go."""
         clock = _Phases(self.timings)
-        counts = refresh(index)
-        clock.lap("catch_up_milvus_s")
-        present = self.latents.take_scanned_keys()
+        present = self.latents.take_scanned_keys()  # first: the walk's keys are handed out for a minute only
         if present is None:
             present = set(self.latents.keys())
+        counts = refresh(index)
+        clock.lap("catch_up_milvus_s")
         dangling = self._drop_missing_latents(index, present)
         orphans = self._remove_unreferenced(index, present)
         clock.lap("catch_up_latents_s")
-        self.catch_up_due = False
-        self.caught_up.set()
+        self.catch_up_due = False  # `caught_up` is set by the caller, once its own part is done too
         with self.mirror.lock:
             self.counters.repaired += dangling + orphans
         log.info(

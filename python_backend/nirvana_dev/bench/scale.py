@@ -28,6 +28,8 @@ from nirvana.cache.factory import open_cache
 from nirvana.cache.records import record_id
 from nirvana.config import CacheConfig
 
+CATCH_UP_TIMEOUT_S = 1800.0  # a restart not caught up with Milvus by then reports None
+
 
 def _mib(nbytes: float) -> float:
     return round(nbytes / 2**20, 1)
@@ -125,8 +127,8 @@ def _measure_restarted(cache, job: dict, config: CacheConfig, open_s: float, bef
     if not cache.caught_up.is_set():
         stages, _ = timed_lookups(cache, job["queries"][:200], job["exact"][:200], key, tenant, 50)
         out["during_catch_up_cache_path_ms"] = _latencies(stages["cache_path_ms"])
-    cache.caught_up.wait()
-    out["caught_up_after_open_s"] = round(time.perf_counter() - opened_at, 2)
+    caught_up = cache.caught_up.wait(CATCH_UP_TIMEOUT_S)
+    out["caught_up_after_open_s"] = round(time.perf_counter() - opened_at, 2) if caught_up else None
     out["open_phases_s"] = {name: round(value, 2) for name, value in cache.open_timings.items()}
     out.update({f"{name}_caught_up": value for name, value in _tree_rss(psutil.Process()).items()})
     out.update(_lookups(cache, job["queries"], job["exact"], key, tenant))
@@ -139,8 +141,9 @@ def _measure_restarted(cache, job: dict, config: CacheConfig, open_s: float, bef
     latent = rng.standard_normal((1, *job["latent_shape"])).astype(np.float32)
     new = rng.standard_normal((2 * n, job["dim"])).astype(np.float32)
     new /= np.linalg.norm(new, axis=1, keepdims=True)
-    out["below_capacity"] = _admit_run(cache, new[:n], 0, latent, key, tenant, k)
-    out["at_capacity"] = _admit_run(cache, new[n:], n, latent, key, tenant, k)
+    first = job.get("first_admitted", 0)  # another restart of the same cache admits prompts of its own
+    out["below_capacity"] = _admit_run(cache, new[:n], first, latent, key, tenant, k)
+    out["at_capacity"] = _admit_run(cache, new[n:], first + n, latent, key, tenant, k)
     out["at_capacity"].update(
         capacity=config.max_entries, entries_after=cache.mirror.entries, evictions=cache.counters.evictions
     )
@@ -156,10 +159,11 @@ def restart_and_admit(
     latent_shape: tuple[int, ...],
     admissions: int,
     names: tuple[str, str, int],
+    first_admitted: int = 0,
 ) -> dict:
     """Run `_restarted` in a spawned process on the bench's cache of `entries` rows, one entry each; `queries`:
     near (`queries`, `exact`) and far (`far_queries`, `far_exact`) ones with their nearest rows; `names`: (cache
-    key, tenant, K) of the rows."""
+    key, tenant, K) of the rows; `first_admitted`: the number of its first admitted prompt ("admitted prompt N")."""
     key, tenant, k = names
     job = {
         "config": config,
@@ -171,6 +175,7 @@ def restart_and_admit(
         "cache_key": key,
         "tenant": tenant,
         "k": k,
+        "first_admitted": first_admitted,
     }
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_restarted, job).result()
