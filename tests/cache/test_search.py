@@ -77,3 +77,40 @@ def test_bulk_load_finds_nearest_and_takes_later_rows() -> None:
     found = np.array([bulk.best(("k", "t"), q).id for q in queries])
     assert np.mean(found == np.argmax(queries @ rows.T, axis=1)) >= 0.99
     assert bulk.best(("k", "t"), -rows[0]).id == 5000
+
+
+def test_a_tail_merge_assigns_its_rows_without_holding_up_searches(monkeypatch) -> None:
+    """The tail's move into the IVF finds each row's list outside the search's lock (about a second for 4,096 rows
+    at a million prompts): searches answer meanwhile, and a row removed meanwhile stays removed."""
+    import threading
+
+    from nirvana.cache import search as search_module
+
+    dim, key = 16, ("k", "t")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((120, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    search = PartitionedSearch(dim, exact_max_rows=64, nprobe=64, tail_max_rows=8)
+    search.add_many(key, np.arange(100, dtype=np.int64), vectors[:100])  # > 64 rows: an IVF
+    for i in range(100, 108):
+        search.add(key, i, vectors[i])  # the tail, at its limit
+    entered, release = threading.Event(), threading.Event()
+    real_assign = search_module.assign
+
+    def held_assign(ivf, rows):
+        entered.set()
+        assert release.wait(10)
+        return real_assign(ivf, rows)
+
+    monkeypatch.setattr(search_module, "assign", held_assign)
+    adder = threading.Thread(target=search.add, args=(key, 108, vectors[108]))
+    adder.start()
+    assert entered.wait(10)
+    assert search.best(key, vectors[50]).id == 50  # not blocked by the merge
+    search.remove(103)
+    release.set()
+    adder.join(10)
+    part = search._partitions[key]
+    assert len(part.tail) == 0 and not part.merging
+    assert part.ivf_ids == set(range(109)) - {103}
+    assert search.best(key, vectors[105]).id == 105 and search.best(key, vectors[103]).id != 103

@@ -15,16 +15,14 @@ Milvus is the store of record; this is the request path's copy of its vectors. M
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from nirvana.cache.exact_rows import ExactRows, Match
+from nirvana.cache.ivf import add_assigned, assign, every_core, new_ivf
 
 PartitionKey = tuple[str, str]  # (cache_key, tenant)
 
@@ -72,21 +70,35 @@ class _Partition:
         self.ivf: faiss.IndexIVF | None = None
         self.ivf_ids: set[int] = set()
         self.trained_at = 0
+        self.merging = False  # a tail merge is being assigned (outside the search's lock)
 
     def __len__(self) -> int:
         return len(self.tail) + len(self.ivf_ids)
 
-    def add(self, row_id: int, vector: np.ndarray) -> None:
+    def add(self, row_id: int, vector: np.ndarray) -> bool:
+        """Add a row to the tail (building the IVF when the partition outgrows exact search or doubles); returns
+        whether the tail is due to move into the IVF (`merge_assigned`), which no other call is doing."""
         self.tail.add(row_id, vector)
         if self.ivf is None and len(self) > self.exact_max_rows:
             self._build(self.tail.take_all())
         elif self.ivf is not None and len(self) >= 2 * self.trained_at:
             self._build(self._all_rows())
-        elif self.ivf is not None and len(self.tail) > self.tail_max_rows:
-            ids, vectors = self.tail.take_all()
-            self.ivf.add_with_ids(vectors, ids)
-            self.ivf_ids.update(ids.tolist())
-            self.tail = ExactRows(self.dim)
+        return self.ivf is not None and len(self.tail) > self.tail_max_rows and not self.merging
+
+    def merge_assigned(self, ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> None:
+        """Move the rows of `ids` (with these vectors) that are still in the tail into `ivf`, at the lists they were
+        assigned, if `ivf` is still this partition's (a rebuild took every row)."""
+        self.merging = False
+        if ivf is not self.ivf:
+            return
+        # still there with the same vector (not removed, nor removed and added again meanwhile)
+        at = [self.tail.pos.get(i) for i in ids.tolist()]
+        same = (p is not None and np.array_equal(self.tail.vectors[p], v) for p, v in zip(at, vectors, strict=True))
+        keep = np.fromiter(same, bool, len(ids))
+        add_assigned(ivf, ids[keep], vectors[keep], lists[keep])
+        self.ivf_ids.update(ids[keep].tolist())
+        for row_id in ids[keep].tolist():
+            self.tail.remove(row_id)
 
     def remove(self, row_id: int) -> None:
         if self.tail.remove(row_id):
@@ -138,15 +150,15 @@ class _Partition:
         quantizer = faiss.IndexFlatIP(self.dim)
         if trained is not None:
             nlist = len(trained.centroids)
-            ivf = _new_ivf(quantizer, self.dim, nlist)
+            ivf = new_ivf(quantizer, self.dim, nlist)
             quantizer.add(np.ascontiguousarray(trained.centroids, np.float32))
             ivf.is_trained = True
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-            _add_assigned(ivf, ids, vectors, trained.lists_of(ids))
+            add_assigned(ivf, ids, vectors, trained.lists_of(ids))
         else:
             # 4·sqrt(n) lists (faiss guideline), but at least ~40 training points per list
             nlist = int(np.clip(min(4 * np.sqrt(len(ids)), len(ids) / 40), 16, 4096))
-            ivf = _new_ivf(quantizer, self.dim, nlist)
+            ivf = new_ivf(quantizer, self.dim, nlist)
             sample = vectors
             if len(vectors) > TRAIN_POINTS_PER_LIST * nlist:
                 picked = np.random.default_rng(0).choice(len(vectors), TRAIN_POINTS_PER_LIST * nlist, replace=False)
@@ -175,45 +187,6 @@ class _Partition:
         return Trained(centroids, self.trained_at, ids_all[order], lists_all[order])
 
 
-def _new_ivf(quantizer: faiss.Index, dim: int, nlist: int) -> faiss.IndexIVF:
-    """Inner-product IVF whose lists store float16 codes (training it only trains the quantizer: fp16 has no
-    parameters, so an IVF given earlier centroids is ready to add to)."""
-    return faiss.IndexIVFScalarQuantizer(
-        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-    )
-
-
-def _add_assigned(ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> None:
-    """Add rows whose list is known (-1: not known, assigned here) without searching the quantizer for them."""
-    unknown = lists < 0
-    if np.any(unknown):
-        lists[unknown] = ivf.quantizer.assign(np.ascontiguousarray(vectors[unknown]), 1)[:, 0]
-    # faiss reads through these pointers during the call: keep the arrays referenced until it returns
-    vectors, ids, lists = (np.ascontiguousarray(a) for a in (vectors, np.asarray(ids, np.int64), lists))
-    ivf.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-
-
-@contextlib.contextmanager
-def _every_core() -> Iterator[None]:
-    """faiss on every core for a bulk build at open (a first open of a million rows spent 86 s building the
-    mirror and its search on 2 cores), back after: serving searches one query at a time
-    beside the UNet. OMP_NUM_THREADS, when set (a pod's CPU limit), caps it. The setting is the calling thread's:
-    the one that opens the cache."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(_cores())
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def _cores() -> int:
-    configured = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class PartitionedSearch:
     """Top-1 inner-product search over unit vectors, one partition per (cache key, tenant). Thread-safe."""
 
@@ -236,8 +209,21 @@ class PartitionedSearch:
             part = self._partitions.get(partition)
             if part is None:
                 part = self._partitions[partition] = _Partition(self.dim, *self._params)
-            part.add(row_id, vector)
+            merge = part.add(row_id, vector)
             self._where[row_id] = partition
+            if merge:
+                part.merging = True
+                ivf, (ids, vectors) = part.ivf, part.tail.take_all()
+        if merge:  # the rows' lists are found without the lock (4,096 rows at 4,000 lists: about a second)
+            lists = None
+            try:
+                lists = assign(ivf, vectors)
+            finally:
+                with self._lock:
+                    if lists is None:
+                        part.merging = False
+                    else:
+                        part.merge_assigned(ivf, ids, vectors, lists)
 
     def add_many(
         self, partition: PartitionKey, row_ids: np.ndarray, vectors: np.ndarray, trained: Trained | None = None
@@ -252,11 +238,13 @@ class PartitionedSearch:
             if len(part) == 0 and len(row_ids) > part.exact_max_rows:
                 usable = trained is not None and trained.centroids.shape[1:] == (self.dim,)
                 usable = usable and 0 < len(trained.centroids) <= len(row_ids) < 2 * trained.rows
-                with _every_core():
+                with every_core():
                     part._build((np.asarray(row_ids, np.int64), vectors), trained if usable else None)
             else:
                 for row_id, vector in zip(row_ids, vectors, strict=True):
-                    part.add(int(row_id), vector)
+                    if part.add(int(row_id), vector):
+                        ivf, (ids, tail) = part.ivf, part.tail.take_all()
+                        part.merge_assigned(ivf, ids, tail, assign(ivf, tail))
             self._where.update(dict.fromkeys((int(i) for i in row_ids), partition))
 
     def remove(self, row_id: int) -> None:
