@@ -24,7 +24,6 @@ keeps the files (and the rows) unless `CacheConfig.reconcile_allow_mass_delete` 
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -36,10 +35,10 @@ import numpy as np
 from nirvana.cache.index import MilvusIndex
 from nirvana.cache.latents import LatentStore
 from nirvana.cache.mirror import Mirror
-from nirvana.cache.mirror_image import MirrorImage
 from nirvana.cache.outcome import CacheCounters
+from nirvana.cache.preload import Phases, SnapshotPreload, settle_objects
 from nirvana.cache.records import PromptRecord, blob_key, row_of
-from nirvana.cache.snapshot import Snapshot, load_snapshot, save_snapshot
+from nirvana.cache.snapshot import save_snapshot
 from nirvana.cache.validation import InvalidRow
 from nirvana.config import CacheConfig
 
@@ -54,18 +53,6 @@ _NO_VECTOR = np.zeros(0, np.float32)  # a record's vector until `_attach_vectors
 BESIDE = frozenset({"latent_scan_s", "image_load_s", "image_restore_s"})
 # A snapshot image is caught up with row by row unless Milvus holds more than twice its prompts and this many
 STALE_IMAGE_SLACK = 1000
-
-
-class _Phases:
-    """Seconds per phase of the open, written into `timings` as each phase ends."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings, self.at = timings, time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = self.timings.get(name, 0.0) + now - self.at
-        self.at = now
 
 
 class Reconciler:
@@ -88,40 +75,19 @@ class Reconciler:
         self.opened_at = time.monotonic()
         self._orphan_candidates: set[str] = set()  # unreferenced at open, on a shared cache
         self.timings: dict[str, float] = {}
-        self._preload: threading.Thread | None = None
-        self._preloaded = False  # the mirror holds a snapshot's image that `load` has not taken yet
-        self._format1 = Snapshot.empty(mirror.dim)  # what a snapshot of format 1 holds, for the open from Milvus
+        self._preload = SnapshotPreload(snapshot, mirror, self.timings)
         self.catch_up_due = False  # the mirror came from the snapshot: `catch_up` has to run
         # Set once the mirror agrees with Milvus and the directory: at the end of `load`, or after `catch_up`
         self.caught_up = threading.Event()
 
     def preload(self) -> None:
         """Start filling the mirror from a format-2 snapshot, beside Milvus's open (`load` waits for it)."""
-        if self.snapshot is not None:
-            self._preload = threading.Thread(target=self._fill_from_image, name="cache-preload", daemon=True)
-            self._preload.start()
-
-    def _fill_from_image(self) -> None:
-        clock = _Phases(self.timings)
-        image = load_snapshot(self.snapshot, self.mirror.dim) if self.snapshot else Snapshot.empty(self.mirror.dim)
-        clock.lap("image_load_s")
-        if not isinstance(image, MirrorImage):
-            self._format1 = image  # vectors and trainings for `_load_from_milvus` (empty: none or damaged)
-            return
-        self._format1 = Snapshot.empty(self.mirror.dim)
-        try:
-            self.mirror.restore(image.records, image.states)
-            self._preloaded = True
-            _settle_objects()
-        except Exception as err:  # a snapshot that does not fit costs the slower open, never a failed one
-            log.warning("mirror snapshot %s not used (%s): the mirror is read from Milvus", self.snapshot, err)
-            self.mirror.reset()
-        clock.lap("image_restore_s")
+        self._preload.start()
 
     def discard(self) -> None:
         """After a failed open (Milvus unreachable): empty what `load` filled; an image it has not taken yet (still
         loading, or loaded) stays for the next `load`."""
-        if self._preload is None and not self._preloaded:
+        if not self._preload.pending:
             self.mirror.reset()
 
     def load(self, index: MilvusIndex) -> None:
@@ -132,16 +98,14 @@ class Reconciler:
         after), rows are read without their vectors, and only the vectors of the rows kept are read: from a format-1
         snapshot where it has them, from Milvus for the rest.
         """
-        clock = _Phases(self.timings)
-        if self._preload is not None:  # the preload's phases are in `timings` already
-            self._preload.join()
-            self._preload = None
+        clock = Phases(self.timings)
+        if self._preload.wait():  # the preload's phases are in `timings` already
             clock.lap("preload_wait_s")
-        elif not self._preloaded:  # a reconnect after a failed open: its own phases
+        elif not self._preload.loaded:  # a reconnect after a failed open: its own phases
             self.timings.clear()
-            self._fill_from_image()
-            clock = _Phases(self.timings)
-        if self._preloaded and self._fits(index, clock):
+            self._preload.fill()
+            clock = Phases(self.timings)
+        if self._preload.loaded and self._fits(index, clock):
             self.catch_up_due = True
             self.caught_up.clear()
             log.info(
@@ -153,12 +117,12 @@ class Reconciler:
         self._load_from_milvus(index, clock)
         self.caught_up.set()
 
-    def _fits(self, index: MilvusIndex, clock: _Phases) -> bool:
+    def _fits(self, index: MilvusIndex, clock: Phases) -> bool:
         """Whether the snapshot's image is close enough to Milvus to catch up with it row by row; one much smaller
         (an old file, rows imported since) is dropped, and Milvus read in bulk instead."""
         stored = index.count()
         clock.lap("milvus_count_s")
-        self._preloaded = False
+        self._preload.loaded = False
         if stored <= 2 * len(self.mirror) + STALE_IMAGE_SLACK:
             return True
         log.warning(
@@ -170,7 +134,7 @@ class Reconciler:
         self.mirror.reset()
         return False
 
-    def _load_from_milvus(self, index: MilvusIndex, clock: _Phases) -> None:
+    def _load_from_milvus(self, index: MilvusIndex, clock: Phases) -> None:
         """`load` without a usable snapshot image: rows from Milvus, vectors from a format-1 snapshot or Milvus."""
         present = self.latents.take_scanned_keys()  # waits for the walk at open, which ran beside Milvus's open
         if present is None:
@@ -196,7 +160,7 @@ class Reconciler:
         else:
             dangling = 0  # kept in Milvus (not served: they have no latent here)
         self.mirror.add_many(records, trained)
-        _settle_objects()
+        settle_objects()
         clock.lap("mirror_fill_s")
         orphans = self._remove_unreferenced(index, present)
         clock.lap("orphans_s")
@@ -225,7 +189,7 @@ class Reconciler:
     def catch_up(self, index: MilvusIndex, refresh: Callable[[MilvusIndex], dict[str, int]]) -> None:
         """After an open from the snapshot: `refresh` (the replicas' refresh) brings in what Milvus holds that the
         snapshot does not, then entries whose latent is gone leave and latents no entry refers to go."""
-        clock = _Phases(self.timings)
+        clock = Phases(self.timings)
         present = self.latents.take_scanned_keys()  # first: the walk's keys are handed out for a minute only
         if present is None:
             present = set(self.latents.keys())
@@ -296,15 +260,14 @@ class Reconciler:
         return records, repairs
 
     def _attach_vectors(
-        self, index: MilvusIndex, records: list[PromptRecord], clock: _Phases
+        self, index: MilvusIndex, records: list[PromptRecord], clock: Phases
     ) -> tuple[list[PromptRecord], int, dict]:
         """Give each record its vector, from the snapshot or Milvus; leaves out rows Milvus no longer has.
         Returns the records, how many vectors came from Milvus, and the snapshot's trainings."""
-        snapshot = self._format1
+        snapshot = self._preload.take_format1()
         ids = np.fromiter((r.id for r in records), np.int64, len(records))
         created = np.fromiter((r.created for r in records), np.float64, len(records))
         at = snapshot.positions(ids, created)
-        self._format1 = Snapshot.empty(self.mirror.dim)  # used once: its vectors go into the search
         clock.lap("snapshot_match_s")
         fetched = index.fetch_vectors(ids[at < 0].tolist()) if np.any(at < 0) else {}
         clock.lap("milvus_vectors_s")
@@ -359,14 +322,6 @@ class Reconciler:
             log.warning("cache reconciled: %d orphan latents removed", orphans)
             with self.mirror.lock:
                 self.counters.repaired += orphans
-
-
-def _settle_objects() -> None:
-    """Move what the open allocated (a million records, entries and their dicts) out of the garbage collector's
-    reach: they live as long as the process, and a full collection walking them stopped every thread for about a
-    second (measured at 1M: the worst lookup and the worst admission after a restart)."""
-    gc.collect()
-    gc.freeze()
 
 
 def looks_foreign(doomed: int, present: int) -> bool:
