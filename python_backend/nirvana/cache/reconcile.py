@@ -160,7 +160,7 @@ class Reconciler:
         else:
             dangling = 0  # kept in Milvus (not served: they have no latent here)
         self.mirror.add_many(records, trained)
-        settle_objects()
+        settle_objects(len(self.mirror))
         clock.lap("mirror_fill_s")
         orphans = self._remove_unreferenced(index, present)
         clock.lap("orphans_s")
